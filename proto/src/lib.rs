@@ -1,0 +1,16 @@
+//! The `tabby.v1` API: messages, tonic clients and servers, and the encoded
+//! file descriptor set that the controller and node client serve for reflection.
+
+/// Generated code for package `tabby.v1`.
+pub mod v1 {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("tabby.v1");
+}
+
+/// Encoded `FileDescriptorSet` of every tabby proto file, for gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/tabby_descriptor.bin"));
+
+/// gRPC metadata key that carries the calling node's name on node-facing calls
+/// until mTLS identities replace it. Read in exactly one place in the controller.
+pub const NODE_IDENTITY_HEADER: &str = "tabby-node";

@@ -1,0 +1,396 @@
+//! Durable typed state of the tabby controller.
+//!
+//! Everything lives in one sled tree so that a [`Mutation`] (any mix of
+//! pools, blocks, allocations, handles, nodes and config) is applied as one
+//! atomic batch. [`Store::commit`] takes several mutations at once (group
+//! commit), gives each its own revision, writes one batch and flushes it to
+//! disk before returning: a caller may acknowledge only after that.
+//!
+//! Key layout (point reads only; sled transactions cannot scan):
+//! `m/rev`, `p/<pool>`, `b/<block cidr>`, `a/<address>`, `r/<address>`
+//! (release order of a free address), `h/<handle>`, `n/<node>`, `c/ipam`,
+//! and `l/<revision, 8 bytes BE>` for the change log.
+
+mod types;
+
+pub use types::*;
+
+use serde::{de::DeserializeOwned, Serialize};
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::Path,
+    sync::{Arc, Mutex},
+};
+use tokio::sync::broadcast;
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database failed (I/O, corruption detected by sled).
+    #[error("store: {0}")]
+    Db(#[from] sled::Error),
+    /// A record could not be encoded or decoded.
+    #[error("store: record codec: {0}")]
+    Codec(#[from] postcard::Error),
+    /// A key or value does not have the expected shape.
+    #[error("store: corrupt entry {key:?}: {why}")]
+    Corrupt {
+        /// The offending key.
+        key: String,
+        /// What is wrong with it.
+        why: String,
+    },
+}
+
+/// Result type of the store.
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// How many commits the change log keeps for watchers that resume.
+pub const DEFAULT_LOG_RETENTION: u64 = 100_000;
+
+/// One change to durable state. A [`Mutation`] is a list of these.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    /// Create or replace a pool.
+    PutPool(Pool),
+    /// Remove a pool by name.
+    DeletePool(String),
+    /// Create or replace a block.
+    PutBlock(Block),
+    /// Remove a block by CIDR.
+    DeleteBlock(ipnet::IpNet),
+    /// Record an address as allocated.
+    PutAllocation(IpAddr, Allocation),
+    /// Mark an address as free again.
+    DeleteAllocation(IpAddr),
+    /// Remember when a free address was released (FIFO reuse order).
+    SetReleased(IpAddr, u64),
+    /// Forget the release order of an address (it is allocated again).
+    ClearReleased(IpAddr),
+    /// Create or replace a handle.
+    PutHandle(String, Handle),
+    /// Remove a handle.
+    DeleteHandle(String),
+    /// Create or replace a node.
+    PutNode(Node),
+    /// Remove a node.
+    DeleteNode(String),
+    /// Replace the IPAM configuration.
+    PutConfig(IpamConfig),
+}
+
+/// What a committed [`Op`] touched: the change feed carries these.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub enum Key {
+    /// A pool, by name.
+    Pool(String),
+    /// A block, by CIDR.
+    Block(ipnet::IpNet),
+    /// An address (allocation or release order).
+    Address(IpAddr),
+    /// A handle.
+    Handle(String),
+    /// A node.
+    Node(String),
+    /// The IPAM configuration.
+    Config,
+}
+
+impl Op {
+    /// The key this op changes.
+    pub fn key(&self) -> Key {
+        match self {
+            Op::PutPool(p) => Key::Pool(p.name.clone()),
+            Op::DeletePool(n) => Key::Pool(n.clone()),
+            Op::PutBlock(b) => Key::Block(b.cidr),
+            Op::DeleteBlock(c) => Key::Block(*c),
+            Op::PutAllocation(a, _)
+            | Op::DeleteAllocation(a)
+            | Op::SetReleased(a, _)
+            | Op::ClearReleased(a) => Key::Address(*a),
+            Op::PutHandle(h, _) | Op::DeleteHandle(h) => Key::Handle(h.clone()),
+            Op::PutNode(n) => Key::Node(n.name.clone()),
+            Op::DeleteNode(n) => Key::Node(n.clone()),
+            Op::PutConfig(_) => Key::Config,
+        }
+    }
+}
+
+/// A set of ops applied atomically under one revision.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Mutation {
+    /// The ops, applied in order.
+    pub ops: Vec<Op>,
+}
+
+impl Mutation {
+    /// True when there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+/// One committed mutation, as the change feed reports it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Commit {
+    /// The revision the mutation was stored under.
+    pub revision: u64,
+    /// Every key it touched, deduplicated, sorted.
+    pub keys: Vec<Key>,
+}
+
+/// Everything in the store, as loaded at start-up.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot {
+    /// Revision of the last committed mutation (0 for an empty store).
+    pub revision: u64,
+    /// Pools by name.
+    pub pools: BTreeMap<String, Pool>,
+    /// Blocks by CIDR.
+    pub blocks: BTreeMap<ipnet::IpNet, Block>,
+    /// Allocated addresses.
+    pub allocations: BTreeMap<IpAddr, Allocation>,
+    /// Release order of free addresses that were ever released.
+    pub released: BTreeMap<IpAddr, u64>,
+    /// Handles by id.
+    pub handles: BTreeMap<String, Handle>,
+    /// Nodes by name.
+    pub nodes: BTreeMap<String, Node>,
+    /// IPAM configuration.
+    pub config: IpamConfig,
+}
+
+/// The durable store. Cheap to share behind an `Arc`; commits are serialized.
+pub struct Store {
+    db: sled::Db,
+    tree: sled::Tree,
+    /// Last committed revision; the lock also serializes commits.
+    revision: Mutex<u64>,
+    feed: broadcast::Sender<Arc<Commit>>,
+    log_retention: u64,
+}
+
+const REV_KEY: &[u8] = b"m/rev";
+const CONFIG_KEY: &[u8] = b"c/ipam";
+
+fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+    Ok(postcard::to_allocvec(v)?)
+}
+
+fn dec<T: DeserializeOwned>(key: &[u8], v: &[u8]) -> Result<T> {
+    postcard::from_bytes(v).map_err(|e| StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        why: e.to_string(),
+    })
+}
+
+fn log_key(rev: u64) -> Vec<u8> {
+    let mut k = b"l/".to_vec();
+    k.extend_from_slice(&rev.to_be_bytes());
+    k
+}
+
+fn op_key(op: &Op) -> Vec<u8> {
+    match op.key() {
+        Key::Pool(n) => format!("p/{n}"),
+        Key::Block(c) => format!("b/{c}"),
+        Key::Address(a) => match op {
+            Op::SetReleased(..) | Op::ClearReleased(_) => format!("r/{a}"),
+            _ => format!("a/{a}"),
+        },
+        Key::Handle(h) => format!("h/{h}"),
+        Key::Node(n) => format!("n/{n}"),
+        Key::Config => return CONFIG_KEY.to_vec(),
+    }
+    .into_bytes()
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Store> {
+        Self::open_with_retention(dir, DEFAULT_LOG_RETENTION)
+    }
+
+    /// Opens the store keeping the last `log_retention` commits in the change log.
+    pub fn open_with_retention(dir: impl AsRef<Path>, log_retention: u64) -> Result<Store> {
+        let db = sled::Config::new()
+            .path(dir.as_ref())
+            // Durability comes from our explicit flush after each group commit.
+            .flush_every_ms(None)
+            .open()?;
+        let tree = db.open_tree("state")?;
+        let revision = match tree.get(REV_KEY)? {
+            Some(v) => u64::from_be_bytes(v.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+                key: "m/rev".into(),
+                why: format!("{} bytes, want 8", v.len()),
+            })?),
+            None => 0,
+        };
+        let (feed, _) = broadcast::channel(4096);
+        Ok(Store {
+            db,
+            tree,
+            revision: Mutex::new(revision),
+            feed,
+            log_retention: log_retention.max(1),
+        })
+    }
+
+    /// Revision of the last committed mutation.
+    pub fn revision(&self) -> u64 {
+        *self.revision.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Subscribes to commits made from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Commit>> {
+        self.feed.subscribe()
+    }
+
+    /// Reads every record.
+    pub fn load(&self) -> Result<Snapshot> {
+        let mut s = Snapshot {
+            revision: self.revision(),
+            ..Default::default()
+        };
+        for kv in self.tree.iter() {
+            let (k, v) = kv?;
+            let corrupt = |why: &str| StoreError::Corrupt {
+                key: String::from_utf8_lossy(&k).into_owned(),
+                why: why.to_string(),
+            };
+            let (prefix, rest) = match k.split_first() {
+                Some((p, r)) if r.first() == Some(&b'/') => (*p, &r[1..]),
+                _ => return Err(corrupt("no prefix")),
+            };
+            if prefix == b'l' || prefix == b'm' {
+                continue;
+            }
+            let rest = std::str::from_utf8(rest).map_err(|_| corrupt("key is not UTF-8"))?;
+            match prefix {
+                b'p' => {
+                    s.pools.insert(rest.to_string(), dec(&k, &v)?);
+                }
+                b'b' => {
+                    let b: Block = dec(&k, &v)?;
+                    s.blocks.insert(b.cidr, b);
+                }
+                b'a' => {
+                    let ip = rest.parse().map_err(|_| corrupt("bad address"))?;
+                    s.allocations.insert(ip, dec(&k, &v)?);
+                }
+                b'r' => {
+                    let ip = rest.parse().map_err(|_| corrupt("bad address"))?;
+                    s.released.insert(ip, dec(&k, &v)?);
+                }
+                b'h' => {
+                    s.handles.insert(rest.to_string(), dec(&k, &v)?);
+                }
+                b'n' => {
+                    s.nodes.insert(rest.to_string(), dec(&k, &v)?);
+                }
+                b'c' => s.config = dec(&k, &v)?,
+                _ => return Err(corrupt("unknown prefix")),
+            }
+        }
+        Ok(s)
+    }
+
+    /// Applies `mutations` as one atomic batch, each under its own revision,
+    /// and returns once the batch is durable on disk. Returns the revision of
+    /// each mutation (an empty mutation gets the current revision and writes
+    /// nothing).
+    pub fn commit(&self, mutations: &[Mutation]) -> Result<Vec<u64>> {
+        let mut rev_guard = self.revision.lock().unwrap_or_else(|e| e.into_inner());
+        let mut rev = *rev_guard;
+        let mut batch = sled::Batch::default();
+        let mut revs = Vec::with_capacity(mutations.len());
+        let mut commits = Vec::new();
+        for m in mutations {
+            if m.is_empty() {
+                revs.push(rev);
+                continue;
+            }
+            rev += 1;
+            let mut keys = Vec::with_capacity(m.ops.len());
+            for op in &m.ops {
+                let k = op_key(op);
+                match op {
+                    Op::PutPool(p) => batch.insert(k, enc(p)?),
+                    Op::PutBlock(b) => batch.insert(k, enc(b)?),
+                    Op::PutAllocation(_, a) => batch.insert(k, enc(a)?),
+                    Op::SetReleased(_, seq) => batch.insert(k, enc(seq)?),
+                    Op::PutHandle(_, h) => batch.insert(k, enc(h)?),
+                    Op::PutNode(n) => batch.insert(k, enc(n)?),
+                    Op::PutConfig(c) => batch.insert(k, enc(c)?),
+                    Op::DeletePool(_)
+                    | Op::DeleteBlock(_)
+                    | Op::DeleteAllocation(_)
+                    | Op::ClearReleased(_)
+                    | Op::DeleteHandle(_)
+                    | Op::DeleteNode(_) => batch.remove(k),
+                }
+                keys.push(op.key());
+            }
+            keys.sort();
+            keys.dedup();
+            let c = Commit {
+                revision: rev,
+                keys,
+            };
+            batch.insert(log_key(rev), enc(&c.keys)?);
+            if rev > self.log_retention {
+                batch.remove(log_key(rev - self.log_retention));
+            }
+            revs.push(rev);
+            commits.push(c);
+        }
+        if commits.is_empty() {
+            return Ok(revs);
+        }
+        batch.insert(REV_KEY, &rev.to_be_bytes());
+        self.tree.apply_batch(batch)?;
+        self.db.flush()?;
+        *rev_guard = rev;
+        for c in commits {
+            // No receivers is fine: the feed is for whoever listens.
+            let _ = self.feed.send(Arc::new(c));
+        }
+        Ok(revs)
+    }
+
+    /// Commits after `since`, oldest first, or `None` when the log no longer
+    /// reaches back that far (the caller must take a fresh snapshot).
+    pub fn changes_since(&self, since: u64) -> Result<Option<Vec<Commit>>> {
+        let now = self.revision();
+        if since >= now {
+            return Ok(Some(Vec::new()));
+        }
+        let mut out = Vec::new();
+        for kv in self.tree.range(log_key(since + 1)..=log_key(now)) {
+            let (k, v) = kv?;
+            let revision = u64::from_be_bytes(k[2..].try_into().map_err(|_| StoreError::Corrupt {
+                key: String::from_utf8_lossy(&k).into_owned(),
+                why: "bad log key".into(),
+            })?);
+            out.push(Commit {
+                revision,
+                keys: dec(&k, &v)?,
+            });
+        }
+        // A gap at the start means the history was trimmed.
+        if out.first().map(|c| c.revision) != Some(since + 1) {
+            return Ok(None);
+        }
+        Ok(Some(out))
+    }
+
+    /// Flushes everything to disk (used at shutdown).
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,91 @@
+//! The typed records kept in the store.
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use std::{collections::BTreeMap, net::IpAddr};
+
+/// How inter-node traffic of a pool is carried.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Encapsulation {
+    /// Plain routes via the node address.
+    #[default]
+    None,
+    /// VXLAN to every node.
+    Vxlan,
+    /// VXLAN only across subnets.
+    VxlanCrossSubnet,
+    /// IP-in-IP to every node.
+    Ipip,
+    /// IP-in-IP only across subnets.
+    IpipCrossSubnet,
+}
+
+/// An IP pool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pool {
+    /// Unique name.
+    pub name: String,
+    /// The pool's network (host bits zero).
+    pub cidr: IpNet,
+    /// Prefix length of its blocks.
+    pub block_size: u8,
+    /// Masquerade egress to outside all pools.
+    pub nat_outgoing: bool,
+    /// Inter-node transport.
+    pub encapsulation: Encapsulation,
+    /// No new assignments when set.
+    pub disabled: bool,
+    /// Selector over node labels; empty selects every node.
+    pub node_selector: String,
+}
+
+/// A block carved from a pool. Which of its addresses are allocated is kept
+/// in [`Allocation`] records, so an assignment rewrites no block.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Block {
+    /// The block's network.
+    pub cidr: IpNet,
+    /// Name of the pool it belongs to.
+    pub pool: String,
+    /// Node the block is affine to, if any.
+    pub affinity: Option<String>,
+}
+
+/// One allocated address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Allocation {
+    /// The handle holding it.
+    pub handle: String,
+    /// The node holding it.
+    pub node: String,
+}
+
+/// A handle: what one workload holds.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Handle {
+    /// The node the workload runs on.
+    pub node: String,
+    /// Its addresses.
+    pub addresses: Vec<IpAddr>,
+    /// Attributes given at assignment (pod namespace, name, ...).
+    pub attributes: BTreeMap<String, String>,
+}
+
+/// A registered node.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Node {
+    /// Node name.
+    pub name: String,
+    /// Addresses other nodes route to.
+    pub addresses: Vec<IpAddr>,
+    /// Labels matched by pool selectors.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// IPAM-wide configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct IpamConfig {
+    /// Never borrow from other nodes' blocks.
+    pub strict_affinity: bool,
+    /// Limit of blocks per node; 0 is unlimited.
+    pub max_blocks_per_node: u32,
+}

@@ -1,1 +1,131 @@
-fn main() {}
+//! `tabby-controller`: IPAM and the control plane of tabby.
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use std::{path::PathBuf, sync::Arc};
+use tabby_controller::{ipam::parse_cidr, owner::Ipam, server, Error};
+use tabby_store::{Encapsulation, Pool, Store};
+use tokio::signal::unix::{signal, SignalKind};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+/// tabby controller: owns IPAM and routes, serves gRPC (admin + node-facing),
+/// reflection v1/v1alpha and grpc.health.v1.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Address to serve gRPC on.
+    #[arg(long, env = "TABBY_LISTEN", default_value = "127.0.0.1:5151")]
+    listen: String,
+    /// Directory of the embedded store (sled). Created if missing.
+    #[arg(long, env = "TABBY_DATA_DIR", default_value = "./tabby-data")]
+    data_dir: PathBuf,
+    /// Create this pool at start-up if no pool has that CIDR (e.g. 10.244.0.0/16).
+    #[arg(long, env = "TABBY_BOOTSTRAP_POOL")]
+    bootstrap_pool: Option<String>,
+    /// Name of the bootstrap pool.
+    #[arg(
+        long,
+        env = "TABBY_BOOTSTRAP_POOL_NAME",
+        default_value = "default-pool"
+    )]
+    bootstrap_pool_name: String,
+    /// Block size of the bootstrap pool (0: the family default, /26 or /122).
+    #[arg(long, env = "TABBY_BOOTSTRAP_BLOCK_SIZE", default_value_t = 0)]
+    bootstrap_block_size: u8,
+    /// nat_outgoing of the bootstrap pool.
+    #[arg(long, env = "TABBY_BOOTSTRAP_NAT_OUTGOING", default_value_t = true, action = clap::ArgAction::Set)]
+    bootstrap_nat_outgoing: bool,
+    /// Log format.
+    #[arg(long, env = "TABBY_LOG_FORMAT", value_enum, default_value = "human")]
+    log_format: LogFormat,
+    /// Log filter (tracing EnvFilter syntax, e.g. "info,tabby_controller=debug").
+    #[arg(long, env = "TABBY_LOG", default_value = "info")]
+    log: String,
+}
+
+fn init_logging(a: &Args) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&a.log).context("--log")?;
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match a.log_format {
+        LogFormat::Human => b.init(),
+        LogFormat::Json => b.json().init(),
+    }
+    Ok(())
+}
+
+async fn bootstrap(ipam: &Ipam, a: &Args) -> anyhow::Result<()> {
+    let Some(cidr) = &a.bootstrap_pool else {
+        return Ok(());
+    };
+    let cidr = parse_cidr(cidr).context("--bootstrap-pool")?;
+    let pool = Pool {
+        name: a.bootstrap_pool_name.clone(),
+        cidr,
+        block_size: a.bootstrap_block_size,
+        nat_outgoing: a.bootstrap_nat_outgoing,
+        encapsulation: Encapsulation::None,
+        disabled: false,
+        node_selector: String::new(),
+    };
+    let r = ipam
+        .call(move |s| {
+            if s.pools().iter().any(|p| p.cidr == pool.cidr) {
+                return Ok((false, Default::default()));
+            }
+            s.create_pool(pool).map(|(_, m)| (true, m))
+        })
+        .await;
+    match r {
+        Ok((true, _)) => tracing::info!(%cidr, "bootstrap pool created"),
+        Ok((false, _)) => tracing::info!(%cidr, "bootstrap pool exists"),
+        Err(e @ Error::InvalidArgument(_)) | Err(e @ Error::AlreadyExists(_)) => {
+            anyhow::bail!("--bootstrap-pool {cidr}: {e}")
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_logging(&args)?;
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating --data-dir {}", args.data_dir.display()))?;
+    let store = Arc::new(
+        Store::open(&args.data_dir)
+            .with_context(|| format!("opening store in {}", args.data_dir.display()))?,
+    );
+    tracing::info!(data_dir = %args.data_dir.display(), revision = store.revision(), "store open");
+    let (ipam, owner) = Ipam::start(store.clone())?;
+    bootstrap(&ipam, &args).await?;
+
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("binding --listen {}", args.listen))?;
+    tracing::info!(listen = %listener.local_addr()?, "serving gRPC");
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+    };
+    server::serve(listener, ipam, shutdown).await?;
+    // The server dropped its Ipam handles: the owner answers what is queued,
+    // flushes and exits.
+    owner.join();
+    store.flush()?;
+    tracing::info!(
+        revision = store.revision(),
+        "shutdown complete, store flushed"
+    );
+    Ok(())
+}

@@ -81,7 +81,9 @@ pub enum Op {
 }
 
 /// What a committed [`Op`] touched: the change feed carries these.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum Key {
     /// A pool, by name.
     Pool(String),
@@ -161,6 +163,58 @@ pub struct Snapshot {
     pub config: IpamConfig,
 }
 
+impl Snapshot {
+    /// Applies a mutation in memory exactly as [`Store::commit`] applies it on
+    /// disk (revision included). Lets tests and tools replay mutations.
+    pub fn apply(&mut self, m: &Mutation) {
+        if m.is_empty() {
+            return;
+        }
+        self.revision += 1;
+        for op in &m.ops {
+            match op.clone() {
+                Op::PutPool(p) => {
+                    self.pools.insert(p.name.clone(), p);
+                }
+                Op::DeletePool(n) => {
+                    self.pools.remove(&n);
+                }
+                Op::PutBlock(b) => {
+                    self.blocks.insert(b.cidr, b);
+                }
+                Op::DeleteBlock(c) => {
+                    self.blocks.remove(&c);
+                }
+                Op::PutAllocation(a, al) => {
+                    self.allocations.insert(a, al);
+                }
+                Op::DeleteAllocation(a) => {
+                    self.allocations.remove(&a);
+                }
+                Op::SetReleased(a, seq) => {
+                    self.released.insert(a, seq);
+                }
+                Op::ClearReleased(a) => {
+                    self.released.remove(&a);
+                }
+                Op::PutHandle(h, r) => {
+                    self.handles.insert(h, r);
+                }
+                Op::DeleteHandle(h) => {
+                    self.handles.remove(&h);
+                }
+                Op::PutNode(n) => {
+                    self.nodes.insert(n.name.clone(), n);
+                }
+                Op::DeleteNode(n) => {
+                    self.nodes.remove(&n);
+                }
+                Op::PutConfig(c) => self.config = c,
+            }
+        }
+    }
+}
+
 /// The durable store. Cheap to share behind an `Arc`; commits are serialized.
 pub struct Store {
     db: sled::Db,
@@ -221,10 +275,12 @@ impl Store {
             .open()?;
         let tree = db.open_tree("state")?;
         let revision = match tree.get(REV_KEY)? {
-            Some(v) => u64::from_be_bytes(v.as_ref().try_into().map_err(|_| StoreError::Corrupt {
-                key: "m/rev".into(),
-                why: format!("{} bytes, want 8", v.len()),
-            })?),
+            Some(v) => {
+                u64::from_be_bytes(v.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+                    key: "m/rev".into(),
+                    why: format!("{} bytes, want 8", v.len()),
+                })?)
+            }
             None => 0,
         };
         let (feed, _) = broadcast::channel(4096);
@@ -369,10 +425,11 @@ impl Store {
         let mut out = Vec::new();
         for kv in self.tree.range(log_key(since + 1)..=log_key(now)) {
             let (k, v) = kv?;
-            let revision = u64::from_be_bytes(k[2..].try_into().map_err(|_| StoreError::Corrupt {
-                key: String::from_utf8_lossy(&k).into_owned(),
-                why: "bad log key".into(),
-            })?);
+            let revision =
+                u64::from_be_bytes(k[2..].try_into().map_err(|_| StoreError::Corrupt {
+                    key: String::from_utf8_lossy(&k).into_owned(),
+                    why: "bad log key".into(),
+                })?);
             out.push(Commit {
                 revision,
                 keys: dec(&k, &v)?,

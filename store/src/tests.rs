@@ -97,7 +97,10 @@ fn change_log_resumes_and_reports_trimmed_history() {
         .unwrap();
     }
     let c = s.changes_since(7).unwrap().unwrap();
-    assert_eq!(c.iter().map(|c| c.revision).collect::<Vec<_>>(), vec![8, 9, 10]);
+    assert_eq!(
+        c.iter().map(|c| c.revision).collect::<Vec<_>>(),
+        vec![8, 9, 10]
+    );
     assert_eq!(c[0].keys, vec![Key::Address(ip("10.0.0.7"))]);
     assert_eq!(s.changes_since(10).unwrap().unwrap(), vec![]);
     // Revisions 1..=5 were trimmed: resuming from 2 needs a snapshot.

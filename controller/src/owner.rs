@@ -1,0 +1,143 @@
+//! The one owner of IPAM state.
+//!
+//! A dedicated OS thread holds the [`IpamState`] and the [`Store`]. Callers
+//! send it closures; it runs every queued closure against the state, commits
+//! all resulting mutations as one durable batch (group commit), and only then
+//! answers each caller. An answer therefore never reveals state that is not
+//! on disk, and a crash loses nothing that was acknowledged.
+use crate::{
+    error::{Error, Result},
+    ipam::IpamState,
+};
+use std::{sync::Arc, thread};
+use tabby_store::{Mutation, Store};
+use tokio::sync::{mpsc, oneshot};
+
+type Finish = Box<dyn FnOnce(std::result::Result<u64, &Error>) + Send>;
+type Job = Box<dyn FnOnce(&mut IpamState) -> (Mutation, Finish) + Send>;
+
+/// Most jobs folded into one group commit.
+const MAX_GROUP: usize = 512;
+
+/// Handle to the owner thread. Cloning is cheap.
+#[derive(Clone)]
+pub struct Ipam {
+    tx: mpsc::Sender<Job>,
+    store: Arc<Store>,
+}
+
+/// Joins the owner thread at shutdown.
+pub struct OwnerThread(thread::JoinHandle<()>);
+
+impl OwnerThread {
+    /// Waits until every queued job is answered and the store is flushed.
+    /// All [`Ipam`] handles must have been dropped first.
+    pub fn join(self) {
+        let _ = self.0.join();
+    }
+}
+
+impl Ipam {
+    /// Loads state from `store` and starts the owner thread.
+    pub fn start(store: Arc<Store>) -> Result<(Ipam, OwnerThread)> {
+        let state = IpamState::from_snapshot(store.load()?);
+        let (tx, rx) = mpsc::channel::<Job>(4096);
+        let s2 = store.clone();
+        let t = thread::Builder::new()
+            .name("ipam-owner".into())
+            .spawn(move || run(state, s2, rx))
+            .map_err(|e| Error::Internal(format!("cannot start the IPAM owner thread: {e}")))?;
+        Ok((Ipam { tx, store }, OwnerThread(t)))
+    }
+
+    /// The store (for revision and change feed).
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// Runs `f` on the state; answers with its output and the revision at
+    /// which its mutation (if any) is durable.
+    pub async fn call<T, F>(&self, f: F) -> Result<(T, u64)>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut IpamState) -> Result<(T, Mutation)> + Send + 'static,
+    {
+        let (otx, orx) = oneshot::channel::<Result<(T, u64)>>();
+        let job: Job = Box::new(move |st| match f(st) {
+            Ok((t, m)) => (
+                m,
+                Box::new(move |r: std::result::Result<u64, &Error>| {
+                    let _ = otx.send(match r {
+                        Ok(rev) => Ok((t, rev)),
+                        Err(e) => Err(Error::FailedPrecondition(format!(
+                            "not stored, nothing changed: {e}"
+                        ))),
+                    });
+                }),
+            ),
+            Err(e) => (
+                Mutation::default(),
+                Box::new(move |_| {
+                    let _ = otx.send(Err(e));
+                }),
+            ),
+        });
+        self.tx.send(job).await.map_err(|_| Error::Unavailable)?;
+        orx.await.map_err(|_| Error::Unavailable)?
+    }
+
+    /// Runs a read-only `f` (it still waits for earlier writes to be durable).
+    pub async fn read<T, F>(&self, f: F) -> Result<(T, u64)>
+    where
+        T: Send + 'static,
+        F: FnOnce(&IpamState) -> T + Send + 'static,
+    {
+        self.call(move |st| Ok((f(st), Mutation::default()))).await
+    }
+}
+
+fn run(mut state: IpamState, store: Arc<Store>, mut rx: mpsc::Receiver<Job>) {
+    let mut mutations = Vec::with_capacity(MAX_GROUP);
+    let mut finishes: Vec<Finish> = Vec::with_capacity(MAX_GROUP);
+    while let Some(job) = rx.blocking_recv() {
+        let (m, f) = job(&mut state);
+        mutations.push(m);
+        finishes.push(f);
+        while mutations.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(job) => {
+                    let (m, f) = job(&mut state);
+                    mutations.push(m);
+                    finishes.push(f);
+                }
+                Err(_) => break,
+            }
+        }
+        match store.commit(&mutations) {
+            Ok(revs) => {
+                for (f, rev) in finishes.drain(..).zip(revs) {
+                    f(Ok(rev));
+                }
+            }
+            Err(e) => {
+                let e = Error::Store(e);
+                tracing::error!(error = %e, jobs = finishes.len(), "group commit failed; reloading state from the store");
+                for f in finishes.drain(..) {
+                    f(Err(&e));
+                }
+                // Memory ran ahead of disk: go back to what is durable.
+                match store.load() {
+                    Ok(s) => state = IpamState::from_snapshot(s),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot reload the store; IPAM stops");
+                        return;
+                    }
+                }
+            }
+        }
+        mutations.clear();
+    }
+    if let Err(e) = store.flush() {
+        tracing::error!(error = %e, "final flush failed");
+    }
+}

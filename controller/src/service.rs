@@ -1,0 +1,486 @@
+//! gRPC services: translate protobuf to IPAM calls and back. No logic lives
+//! here beyond parsing; every decision is in [`crate::ipam`].
+use crate::{
+    error::{Error, Result},
+    ipam::{parse_addr, parse_cidr, AllocationView, AssignRequest, PoolUpdate, ProblemKind},
+    owner::Ipam,
+};
+use std::{collections::BTreeMap, net::IpAddr};
+use tabby_proto::v1 as pb;
+use tabby_store::{Encapsulation, Node, Pool};
+use tonic::{Request, Response, Status};
+
+/// The calling node's identity, put into request extensions by exactly one
+/// layer ([`node_identity_interceptor`]); handlers read nothing else.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeIdentity(pub String);
+
+/// Sets [`NodeIdentity`] from the `tabby-node` metadata header. When mTLS
+/// arrives, only this function changes (to read the peer certificate).
+pub fn node_identity_interceptor(mut req: Request<()>) -> std::result::Result<Request<()>, Status> {
+    let name = req
+        .metadata()
+        .get(tabby_proto::NODE_IDENTITY_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| {
+            Status::unauthenticated(format!(
+                "node-facing calls need the caller's node name in metadata {:?}",
+                tabby_proto::NODE_IDENTITY_HEADER
+            ))
+        })?;
+    req.extensions_mut().insert(NodeIdentity(name));
+    Ok(req)
+}
+
+fn caller<T>(req: &Request<T>) -> Result<String> {
+    req.extensions()
+        .get::<NodeIdentity>()
+        .map(|n| n.0.clone())
+        .ok_or_else(|| Error::Unauthenticated("no node identity on this call".into()))
+}
+
+fn encap_from_pb(v: i32) -> Result<Encapsulation> {
+    Ok(match pb::Encapsulation::try_from(v) {
+        Ok(pb::Encapsulation::None) => Encapsulation::None,
+        Ok(pb::Encapsulation::Vxlan) => Encapsulation::Vxlan,
+        Ok(pb::Encapsulation::VxlanCrossSubnet) => Encapsulation::VxlanCrossSubnet,
+        Ok(pb::Encapsulation::Ipip) => Encapsulation::Ipip,
+        Ok(pb::Encapsulation::IpipCrossSubnet) => Encapsulation::IpipCrossSubnet,
+        Err(_) => {
+            return Err(Error::InvalidArgument(format!(
+                "encapsulation {v} is unknown: use ENCAPSULATION_NONE, _VXLAN, _VXLAN_CROSS_SUBNET, _IPIP or _IPIP_CROSS_SUBNET"
+            )))
+        }
+    })
+}
+
+/// Converts a stored encapsulation to its protobuf enum.
+pub fn encap_to_pb(e: Encapsulation) -> pb::Encapsulation {
+    match e {
+        Encapsulation::None => pb::Encapsulation::None,
+        Encapsulation::Vxlan => pb::Encapsulation::Vxlan,
+        Encapsulation::VxlanCrossSubnet => pb::Encapsulation::VxlanCrossSubnet,
+        Encapsulation::Ipip => pb::Encapsulation::Ipip,
+        Encapsulation::IpipCrossSubnet => pb::Encapsulation::IpipCrossSubnet,
+    }
+}
+
+/// Converts a stored pool to protobuf.
+pub fn pool_to_pb(p: &Pool) -> pb::Pool {
+    pb::Pool {
+        name: p.name.clone(),
+        cidr: p.cidr.to_string(),
+        block_size: p.block_size as u32,
+        nat_outgoing: p.nat_outgoing,
+        encapsulation: encap_to_pb(p.encapsulation) as i32,
+        disabled: p.disabled,
+        node_selector: p.node_selector.clone(),
+    }
+}
+
+fn pool_from_pb(p: pb::Pool) -> Result<Pool> {
+    let block_size = u8::try_from(p.block_size).map_err(|_| {
+        Error::InvalidArgument(format!("block size /{} is out of range", p.block_size))
+    })?;
+    Ok(Pool {
+        cidr: parse_cidr(&p.cidr)?,
+        name: p.name,
+        block_size,
+        nat_outgoing: p.nat_outgoing,
+        encapsulation: encap_from_pb(p.encapsulation)?,
+        disabled: p.disabled,
+        node_selector: p.node_selector,
+    })
+}
+
+fn node_to_pb(n: &Node) -> pb::Node {
+    pb::Node {
+        name: n.name.clone(),
+        addresses: n.addresses.iter().map(ToString::to_string).collect(),
+        labels: n.labels.clone().into_iter().collect(),
+    }
+}
+
+fn alloc_to_pb(a: &AllocationView) -> pb::Allocation {
+    pb::Allocation {
+        address: a.address.to_string(),
+        handle: a.handle.clone(),
+        node: a.node.clone(),
+        block: a.block.to_string(),
+        block_affinity: a.block_affinity.clone().unwrap_or_default(),
+        borrowed: a.borrowed(),
+    }
+}
+
+fn parse_addrs(v: &[String]) -> Result<Vec<IpAddr>> {
+    v.iter().map(|s| parse_addr(s)).collect()
+}
+
+/// `tabby.v1.IpamAdmin`.
+#[derive(Clone)]
+pub struct AdminService {
+    ipam: Ipam,
+}
+
+impl AdminService {
+    /// Wraps the IPAM owner.
+    pub fn new(ipam: Ipam) -> Self {
+        AdminService { ipam }
+    }
+}
+
+type Res<T> = std::result::Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl pb::ipam_admin_server::IpamAdmin for AdminService {
+    async fn list_pools(&self, _: Request<pb::ListPoolsRequest>) -> Res<pb::ListPoolsResponse> {
+        let (pools, _) = self.ipam.read(|s| s.pools()).await?;
+        Ok(Response::new(pb::ListPoolsResponse {
+            pools: pools.iter().map(pool_to_pb).collect(),
+        }))
+    }
+
+    async fn create_pool(&self, req: Request<pb::CreatePoolRequest>) -> Res<pb::Pool> {
+        let p = req
+            .into_inner()
+            .pool
+            .ok_or_else(|| Error::InvalidArgument("pool is required".into()))?;
+        let p = pool_from_pb(p)?;
+        let (p, _) = self.ipam.call(move |s| s.create_pool(p)).await?;
+        tracing::info!(pool = %p.name, cidr = %p.cidr, "pool created");
+        Ok(Response::new(pool_to_pb(&p)))
+    }
+
+    async fn update_pool(&self, req: Request<pb::UpdatePoolRequest>) -> Res<pb::Pool> {
+        let r = req.into_inner();
+        let u = PoolUpdate {
+            nat_outgoing: r.nat_outgoing,
+            encapsulation: r.encapsulation.map(encap_from_pb).transpose()?,
+            disabled: r.disabled,
+            node_selector: r.node_selector,
+            cidr: r.cidr,
+            block_size: r.block_size,
+        };
+        let name = r.name;
+        let (p, _) = self.ipam.call(move |s| s.update_pool(&name, u)).await?;
+        tracing::info!(pool = %p.name, "pool updated");
+        Ok(Response::new(pool_to_pb(&p)))
+    }
+
+    async fn delete_pool(
+        &self,
+        req: Request<pb::DeletePoolRequest>,
+    ) -> Res<pb::DeletePoolResponse> {
+        let name = req.into_inner().name;
+        let ((p, n), _) = self.ipam.call(move |s| s.delete_pool(&name)).await?;
+        tracing::info!(pool = %p.name, blocks = n, "pool deleted");
+        Ok(Response::new(pb::DeletePoolResponse {
+            pool: Some(pool_to_pb(&p)),
+            blocks_removed: n,
+        }))
+    }
+
+    async fn show_ipam(&self, req: Request<pb::ShowIpamRequest>) -> Res<pb::ShowIpamResponse> {
+        let show_blocks = req.into_inner().show_blocks;
+        let (u, rev) = self.ipam.read(|s| s.usage()).await?;
+        Ok(Response::new(pb::ShowIpamResponse {
+            pools: u
+                .pools
+                .iter()
+                .map(|p| pb::PoolUsage {
+                    name: p.pool.name.clone(),
+                    cidr: p.pool.cidr.to_string(),
+                    size: p.size,
+                    blocks: p.blocks,
+                    used: p.used,
+                    free: p.size.saturating_sub(p.used),
+                    disabled: p.pool.disabled,
+                })
+                .collect(),
+            nodes: u
+                .nodes
+                .iter()
+                .map(|n| pb::NodeUsage {
+                    name: n.name.clone(),
+                    blocks: n.blocks.iter().map(ToString::to_string).collect(),
+                    addresses: n.addresses,
+                    borrowed: n.borrowed,
+                })
+                .collect(),
+            blocks: if show_blocks {
+                u.blocks
+                    .iter()
+                    .map(|b| pb::BlockUsage {
+                        cidr: b.block.cidr.to_string(),
+                        pool: b.block.pool.clone(),
+                        affinity: b.block.affinity.clone().unwrap_or_default(),
+                        size: b.size,
+                        used: b.used,
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            },
+            revision: rev,
+        }))
+    }
+
+    async fn get_allocation(
+        &self,
+        req: Request<pb::GetAllocationRequest>,
+    ) -> Res<pb::GetAllocationResponse> {
+        let r = req.into_inner();
+        let resp = match (r.address.is_empty(), r.handle.is_empty()) {
+            (false, true) => {
+                let a = parse_addr(&r.address)?;
+                let (v, _) = self.ipam.read(move |s| s.allocation_of(a)).await?;
+                let v = v.ok_or_else(|| Error::NotFound(format!("{a} is not allocated")))?;
+                let (attrs, _) = {
+                    let h = v.handle.clone();
+                    self.ipam
+                        .read(move |s| {
+                            s.handle(&h)
+                                .map(|h| h.attributes.clone())
+                                .unwrap_or_default()
+                        })
+                        .await?
+                };
+                pb::GetAllocationResponse {
+                    allocations: vec![alloc_to_pb(&v)],
+                    attributes: attrs.into_iter().collect(),
+                }
+            }
+            (true, false) => {
+                let h = r.handle;
+                let (found, _) = self
+                    .ipam
+                    .read(move |s| {
+                        s.handle(&h).map(|rec| {
+                            let v: Vec<AllocationView> = rec
+                                .addresses
+                                .iter()
+                                .filter_map(|a| s.allocation_of(*a))
+                                .collect();
+                            (v, rec.attributes.clone())
+                        })
+                    })
+                    .await?;
+                let (v, attrs) =
+                    found.ok_or_else(|| Error::NotFound("handle does not exist".into()))?;
+                pb::GetAllocationResponse {
+                    allocations: v.iter().map(alloc_to_pb).collect(),
+                    attributes: attrs.into_iter().collect(),
+                }
+            }
+            _ => {
+                return Err(
+                    Error::InvalidArgument("give exactly one of address or handle".into()).into(),
+                )
+            }
+        };
+        Ok(Response::new(resp))
+    }
+
+    async fn check_ipam(&self, _: Request<pb::CheckIpamRequest>) -> Res<pb::CheckIpamResponse> {
+        let ((problems, (alloc, handles)), rev) =
+            self.ipam.read(|s| (s.check(), s.counts())).await?;
+        Ok(Response::new(pb::CheckIpamResponse {
+            problems: problems
+                .into_iter()
+                .map(|p| pb::IpamProblem {
+                    kind: match p.kind {
+                        ProblemKind::AddressWithoutHandle => {
+                            pb::ipam_problem::Kind::AddressWithoutHandle
+                        }
+                        ProblemKind::HandlePointsNowhere => {
+                            pb::ipam_problem::Kind::HandlePointsNowhere
+                        }
+                        ProblemKind::BlockOutsidePools => pb::ipam_problem::Kind::BlockOutsidePools,
+                        ProblemKind::BlockOfUnknownNode => {
+                            pb::ipam_problem::Kind::BlockOfUnknownNode
+                        }
+                        ProblemKind::BorrowedAddress => pb::ipam_problem::Kind::BorrowedAddress,
+                    } as i32,
+                    address: p.address.map(|a| a.to_string()).unwrap_or_default(),
+                    handle: p.handle.unwrap_or_default(),
+                    block: p.block.map(|b| b.to_string()).unwrap_or_default(),
+                    detail: p.detail,
+                    repairable: p.repairable,
+                })
+                .collect(),
+            allocated: alloc,
+            handles,
+            revision: rev,
+        }))
+    }
+
+    async fn release_addresses(
+        &self,
+        req: Request<pb::ReleaseAddressesRequest>,
+    ) -> Res<pb::ReleaseAddressesResponse> {
+        let r = req.into_inner();
+        let addrs = parse_addrs(&r.addresses)?;
+        let repair = r.repair;
+        let (out, _) = self
+            .ipam
+            .call(move |s| s.release_leaked(&addrs, repair))
+            .await?;
+        tracing::info!(
+            released = out.released.len(),
+            handles_removed = out.handles_removed.len(),
+            "admin release"
+        );
+        Ok(Response::new(pb::ReleaseAddressesResponse {
+            released: out.released.iter().map(ToString::to_string).collect(),
+            not_allocated: out.not_allocated.iter().map(ToString::to_string).collect(),
+            handles_removed: out.handles_removed,
+        }))
+    }
+
+    async fn get_ipam_config(&self, _: Request<pb::GetIpamConfigRequest>) -> Res<pb::IpamConfig> {
+        let (c, _) = self.ipam.read(|s| s.config()).await?;
+        Ok(Response::new(pb::IpamConfig {
+            strict_affinity: c.strict_affinity,
+            max_blocks_per_node: c.max_blocks_per_node,
+        }))
+    }
+
+    async fn set_ipam_config(&self, req: Request<pb::SetIpamConfigRequest>) -> Res<pb::IpamConfig> {
+        let r = req.into_inner();
+        let (c, _) = self
+            .ipam
+            .call(move |s| s.set_config(r.strict_affinity, r.max_blocks_per_node))
+            .await?;
+        tracing::info!(
+            strict_affinity = c.strict_affinity,
+            max_blocks_per_node = c.max_blocks_per_node,
+            "IPAM config set"
+        );
+        Ok(Response::new(pb::IpamConfig {
+            strict_affinity: c.strict_affinity,
+            max_blocks_per_node: c.max_blocks_per_node,
+        }))
+    }
+
+    async fn list_nodes(&self, _: Request<pb::ListNodesRequest>) -> Res<pb::ListNodesResponse> {
+        let (nodes, _) = self.ipam.read(|s| s.nodes()).await?;
+        Ok(Response::new(pb::ListNodesResponse {
+            nodes: nodes.iter().map(node_to_pb).collect(),
+        }))
+    }
+
+    async fn delete_node(
+        &self,
+        req: Request<pb::DeleteNodeRequest>,
+    ) -> Res<pb::DeleteNodeResponse> {
+        let name = req.into_inner().name;
+        let (d, _) = self.ipam.call(move |s| s.delete_node(&name)).await?;
+        Ok(Response::new(pb::DeleteNodeResponse {
+            blocks_freed: d.blocks_freed.iter().map(ToString::to_string).collect(),
+            blocks_in_use: d.blocks_in_use.iter().map(ToString::to_string).collect(),
+        }))
+    }
+}
+
+/// `tabby.v1.NodeAgent`. Must be served behind [`node_identity_interceptor`].
+#[derive(Clone)]
+pub struct NodeService {
+    ipam: Ipam,
+}
+
+impl NodeService {
+    /// Wraps the IPAM owner.
+    pub fn new(ipam: Ipam) -> Self {
+        NodeService { ipam }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::node_agent_server::NodeAgent for NodeService {
+    async fn register_node(
+        &self,
+        req: Request<pb::RegisterNodeRequest>,
+    ) -> Res<pb::RegisterNodeResponse> {
+        let me = caller(&req)?;
+        let n = req.into_inner().node.unwrap_or_default();
+        if !n.name.is_empty() && n.name != me {
+            return Err(Error::PermissionDenied(format!(
+                "node {me:?} cannot register as {:?}",
+                n.name
+            ))
+            .into());
+        }
+        let node = Node {
+            name: me,
+            addresses: parse_addrs(&n.addresses)?,
+            labels: n.labels.into_iter().collect::<BTreeMap<_, _>>(),
+        };
+        let (node, rev) = self.ipam.call(move |s| s.register_node(node)).await?;
+        tracing::info!(node = %node.name, "node registered");
+        Ok(Response::new(pb::RegisterNodeResponse {
+            node: Some(node_to_pb(&node)),
+            revision: rev,
+        }))
+    }
+
+    async fn assign(&self, req: Request<pb::AssignRequest>) -> Res<pb::AssignResponse> {
+        let me = caller(&req)?;
+        let r = req.into_inner();
+        let a = AssignRequest {
+            handle: r.handle,
+            attributes: r.attributes.into_iter().collect(),
+            num_v4: r.num_v4,
+            num_v6: r.num_v6,
+            requested: parse_addrs(&r.requested)?,
+        };
+        let (v, rev) = self.ipam.call(move |s| s.assign(&me, a)).await?;
+        Ok(Response::new(pb::AssignResponse {
+            allocations: v.iter().map(alloc_to_pb).collect(),
+            revision: rev,
+        }))
+    }
+
+    async fn release_handle(
+        &self,
+        req: Request<pb::ReleaseHandleRequest>,
+    ) -> Res<pb::ReleaseResponse> {
+        let me = caller(&req)?;
+        let h = req.into_inner().handle;
+        let (v, rev) = self
+            .ipam
+            .call(move |s| s.release_handle(Some(&me), &h))
+            .await?;
+        Ok(Response::new(release_to_pb(v, rev)))
+    }
+
+    async fn release_address(
+        &self,
+        req: Request<pb::ReleaseAddressRequest>,
+    ) -> Res<pb::ReleaseResponse> {
+        let me = caller(&req)?;
+        let a = parse_addr(&req.into_inner().address)?;
+        let (v, rev) = self
+            .ipam
+            .call(move |s| s.release_address(Some(&me), a))
+            .await?;
+        Ok(Response::new(release_to_pb(v, rev)))
+    }
+
+    async fn list_handles(
+        &self,
+        req: Request<pb::ListHandlesRequest>,
+    ) -> Res<pb::ListHandlesResponse> {
+        let me = caller(&req)?;
+        let (handles, _) = self.ipam.read(move |s| s.handles_of(&me)).await?;
+        Ok(Response::new(pb::ListHandlesResponse { handles }))
+    }
+}
+
+fn release_to_pb(v: Vec<IpAddr>, rev: u64) -> pb::ReleaseResponse {
+    pb::ReleaseResponse {
+        released: v.iter().map(ToString::to_string).collect(),
+        revision: rev,
+    }
+}

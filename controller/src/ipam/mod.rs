@@ -504,6 +504,21 @@ impl IpamState {
         }
     }
 
+    /// Every block record, by CIDR.
+    pub fn blocks(&self) -> impl Iterator<Item = &Block> {
+        self.blocks.values().map(|b| &b.rec)
+    }
+
+    /// A block record.
+    pub fn block(&self, cidr: &IpNet) -> Option<&Block> {
+        self.blocks.get(cidr).map(|b| &b.rec)
+    }
+
+    /// A node.
+    pub fn node(&self, name: &str) -> Option<&Node> {
+        self.nodes.get(name)
+    }
+
     /// Who holds an address, if anyone.
     pub fn allocation_of(&self, a: IpAddr) -> Option<AllocationView> {
         let k = self.block_key_containing(a)?;

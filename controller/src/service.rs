@@ -371,6 +371,22 @@ impl pb::ipam_admin_server::IpamAdmin for AdminService {
         }))
     }
 
+    async fn show_routes(&self, _: Request<pb::ShowRoutesRequest>) -> Res<pb::ShowRoutesResponse> {
+        let (routes, rev) = self.ipam.read(|s| s.routes()).await?;
+        Ok(Response::new(pb::ShowRoutesResponse {
+            routes: routes
+                .into_iter()
+                .map(|(dst, node, hop, borrowed)| pb::ClusterRoute {
+                    destination: dst.to_string(),
+                    node,
+                    next_hop: hop.map(|h| h.to_string()).unwrap_or_default(),
+                    kind: if borrowed { "borrowed" } else { "block" }.into(),
+                })
+                .collect(),
+            revision: rev,
+        }))
+    }
+
     async fn delete_node(
         &self,
         req: Request<pb::DeleteNodeRequest>,

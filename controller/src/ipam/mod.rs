@@ -1154,6 +1154,28 @@ impl IpamState {
         }
     }
 
+    /// The cluster route table: (destination, node, next hop, borrowed).
+    pub fn routes(&self) -> Vec<(IpNet, String, Option<IpAddr>, bool)> {
+        let hop = |node: &str, fam: Family| {
+            self.nodes
+                .get(node)
+                .and_then(|n| n.addresses.iter().find(|a| Family::of(a) == fam).copied())
+        };
+        let mut v = Vec::new();
+        for b in self.blocks.values() {
+            if let Some(n) = &b.rec.affinity {
+                v.push((b.rec.cidr, n.clone(), hop(n, Family::of_net(&b.rec.cidr)), false));
+            }
+        }
+        for a in self.allocations() {
+            if a.borrowed() {
+                v.push((host_net(a.address), a.node.clone(), hop(&a.node, Family::of(&a.address)), true));
+            }
+        }
+        v.sort();
+        v
+    }
+
     // ----- inspection and repair ------------------------------------------
 
     /// Utilization per pool, node and block.

@@ -1,0 +1,137 @@
+//! `tabby-lab`: the three-node lab of the Calico walkthrough, in network
+//! namespaces on this machine (`make lab`, `make lab-down`).
+use anyhow::{bail, Context, Result};
+use std::{net::SocketAddr, path::PathBuf, process::Command};
+use tabby_integration::{
+    echo,
+    lab::{self, Lab, LabConfig, LabState, OUTSIDE},
+    netns,
+};
+
+const USAGE: &str = "usage: tabby-lab up|down|show [--dir DIR] | echo-server ADDR [COUNT] | echo-client ADDR";
+const PREFIX: &str = "tlab";
+
+fn dir_arg(args: &[String]) -> PathBuf {
+    args.windows(2)
+        .find(|w| w[0] == "--dir")
+        .map(|w| PathBuf::from(&w[1]))
+        .unwrap_or_else(|| PathBuf::from("/run/tabby-lab"))
+}
+
+fn load(dir: &std::path::Path) -> Option<LabState> {
+    let s = std::fs::read_to_string(dir.join("state.json")).ok()?;
+    serde_json::from_str(&s).ok()
+}
+
+fn section(title: &str, cmd: &str, out: &str) {
+    println!("\n### {title}\n$ {cmd}\n{}", out.trim_end());
+}
+
+fn shell(ns: &str, cmd: &str) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "sh", "-c", cmd])
+        .output()
+        .map(|o| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))
+        .unwrap_or_else(|e| format!("({e})"));
+    out
+}
+
+fn show(state: &LabState) -> Result<()> {
+    let pod = |node: &str, i: usize| state.pods.iter().filter(|p| p.node == node).nth(i).cloned();
+    let (Some(p), Some(remote)) = (pod("worker2", 0), pod("control-plane", 0)) else {
+        bail!("lab has no pods on worker2 and control-plane");
+    };
+    let node_ns = format!("{PREFIX}-worker2");
+    let fabric = format!("{PREFIX}-fabric");
+    println!("tabby lab: nodes control-plane 172.18.0.5, worker 172.18.0.4, worker2 172.18.0.3 on 172.18.0.0/16 (router 172.18.0.1); pool 10.244.0.0/16");
+    println!("pods: {}", state.pods.iter().map(|p| format!("{}@{}={}", p.name, p.node, p.ip)).collect::<Vec<_>>().join(", "));
+    section(&format!("1. pod {} on worker2: address", p.name), "ip -4 -br addr show dev eth0", &shell(&p.ns, "ip -4 -br addr show dev eth0"));
+    section("   pod routes", "ip route", &shell(&p.ns, "ip route"));
+    section("   pod neighbours", "ip neigh", &shell(&p.ns, "ip neigh"));
+    section("2. worker2's routing table", "ip route", &shell(&node_ns, "ip route"));
+    section("   worker2's NAT table", "nft list table ip tabby", &shell(&node_ns, "nft list table ip tabby"));
+    let g = lab::grpcurl().display().to_string();
+    section(
+        "3. the controller's cluster route table",
+        "grpcurl -plaintext 172.18.0.1:5151 tabby.v1.IpamAdmin/ShowRoutes",
+        &shell(&fabric, &format!("{g} -plaintext 172.18.0.1:5151 tabby.v1.IpamAdmin/ShowRoutes")),
+    );
+    section(
+        "   IPAM summary",
+        "grpcurl -plaintext 172.18.0.1:5151 tabby.v1.IpamAdmin/ShowIpam",
+        &shell(&fabric, &format!("{g} -plaintext 172.18.0.1:5151 tabby.v1.IpamAdmin/ShowIpam")),
+    );
+    section(
+        &format!("4. cross-node ping {} (worker2) -> {} (control-plane)", p.name, remote.name),
+        &format!("ping -c 3 {}", remote.ip),
+        &shell(&p.ns, &format!("ping -c 3 -i 0.2 -W 1 {}", remote.ip)),
+    );
+    let addr: SocketAddr = format!("{OUTSIDE}:8080").parse()?;
+    let server = netns::spawn_within(&format!("{PREFIX}-outside"), move || {
+        let l = std::net::TcpListener::bind(addr)?;
+        echo::serve(l, Some(1))
+    })?;
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let seen = netns::within(&p.ns, move || echo::ask(addr))?;
+    let _ = server.join();
+    section(
+        &format!("5. egress: {} ({}) connects to the outside host {OUTSIDE}", p.name, p.ip),
+        "the outside host saw the source address",
+        &match seen {
+            Ok(s) => format!("{s}   (worker2's address: masqueraded by table ip tabby)"),
+            Err(e) => format!("failed: {e}"),
+        },
+    );
+    println!("\nExplore: ip netns exec {node_ns} ip route   |   ip netns exec {} sh   |   ip netns list | grep {PREFIX}", p.ns);
+    println!("Logs: {}/*.log     Remove everything: make lab-down", state.dir.display());
+    Ok(())
+}
+
+fn up(dir: PathBuf) -> Result<()> {
+    if let Some(s) = load(&dir) {
+        if s.namespaces.iter().any(|n| netns::exists(n)) {
+            println!("the lab is already up (state in {}); showing it. `make lab-down` removes it.", dir.display());
+            return show(&s);
+        }
+        lab::teardown_state(&s);
+    }
+    let mut lab = Lab::up(LabConfig::walkthrough(PREFIX, dir.clone())).context("building the lab")?;
+    for node in ["control-plane", "worker", "worker2"] {
+        for i in 1..=2 {
+            lab.add_pod(node, &format!("net-tshoot-{}-{i}", node.replace("control-plane", "cp")))?;
+        }
+    }
+    lab.persist()?;
+    let s = load(&dir).context("reading lab state")?;
+    show(&s)
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("up") => up(dir_arg(&args)),
+        Some("show") => show(&load(&dir_arg(&args)).context("no lab is up")?),
+        Some("down") => {
+            let dir = dir_arg(&args);
+            match load(&dir) {
+                Some(s) => {
+                    lab::teardown_state(&s);
+                    println!("lab removed: {} processes, {} namespaces, {}", s.procs.len(), s.namespaces.len(), dir.display());
+                }
+                None => println!("no lab state in {}; nothing to remove", dir.display()),
+            }
+            Ok(())
+        }
+        Some("echo-server") => {
+            let addr: SocketAddr = args.get(1).context(USAGE)?.parse()?;
+            let count = args.get(2).map(|c| c.parse()).transpose()?;
+            echo::serve(std::net::TcpListener::bind(addr)?, count)
+        }
+        Some("echo-client") => {
+            let addr: SocketAddr = args.get(1).context(USAGE)?.parse()?;
+            println!("{}", echo::ask(addr)?);
+            Ok(())
+        }
+        _ => bail!(USAGE),
+    }
+}

@@ -1,0 +1,519 @@
+//! A kind-like cluster in network namespaces: a fabric namespace with a bridge
+//! (the "docker network" 172.18.0.0/16, router 172.18.0.1), node namespaces, an
+//! "outside" host beyond the fabric router, the controller on the fabric, a
+//! `tabby-node` per node, and pods made by running the real `tabby` CNI plugin.
+use crate::netns;
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::{
+    collections::BTreeMap,
+    fs,
+    net::{IpAddr, Ipv4Addr},
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+/// The fabric router address: every node's default gateway.
+pub const ROUTER: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 1);
+/// Where the controller listens (on the fabric bridge).
+pub const CONTROLLER: &str = "172.18.0.1:5151";
+/// The outside host's address.
+pub const OUTSIDE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+/// The CNI network name.
+pub const NETWORK: &str = "k8s-pod-network";
+
+/// The walkthrough's nodes and addresses.
+pub fn walkthrough_nodes() -> Vec<(String, Ipv4Addr)> {
+    vec![
+        ("control-plane".into(), Ipv4Addr::new(172, 18, 0, 5)),
+        ("worker".into(), Ipv4Addr::new(172, 18, 0, 4)),
+        ("worker2".into(), Ipv4Addr::new(172, 18, 0, 3)),
+    ]
+}
+
+/// How to build a lab.
+#[derive(Debug, Clone)]
+pub struct LabConfig {
+    /// Prefix of every namespace name; unique per lab.
+    pub prefix: String,
+    /// Nodes and their fabric addresses.
+    pub nodes: Vec<(String, Ipv4Addr)>,
+    /// Bootstrap pool (nat_outgoing on), e.g. "10.244.0.0/16".
+    pub pool: String,
+    /// Block size of the pool.
+    pub block_size: u8,
+    /// Directory for logs, sockets and the controller's store.
+    pub dir: PathBuf,
+    /// Directory holding tabby-controller, tabby-node, tabby and grpcurl.
+    pub bin_dir: PathBuf,
+    /// grpcurl binary.
+    pub grpcurl: PathBuf,
+    /// tabby-node resync interval.
+    pub resync: String,
+}
+
+impl LabConfig {
+    /// A walkthrough-shaped lab with a unique prefix under `dir`.
+    pub fn walkthrough(prefix: &str, dir: PathBuf) -> LabConfig {
+        LabConfig {
+            prefix: prefix.to_string(),
+            nodes: walkthrough_nodes(),
+            pool: "10.244.0.0/16".into(),
+            block_size: 26,
+            dir,
+            bin_dir: bin_dir(),
+            grpcurl: grpcurl(),
+            resync: "1s".into(),
+        }
+    }
+}
+
+/// Directory of the workspace binaries (TABBY_BIN_DIR, else next to the
+/// running test or binary).
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("TABBY_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    let mut d = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if d.ends_with("deps") {
+        d.pop();
+    }
+    d
+}
+
+/// grpcurl from `make deps` (TABBY_GRPCURL overrides).
+pub fn grpcurl() -> PathBuf {
+    std::env::var_os("TABBY_GRPCURL").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/tools/grpcurl-venv/bin/grpcurl")
+    })
+}
+
+/// A process the lab started.
+#[derive(Debug, Serialize, Deserialize, Clone)]
+pub struct ProcInfo {
+    /// What it is ("controller", "node:worker").
+    pub role: String,
+    /// Its pid.
+    pub pid: u32,
+}
+
+/// A pod the lab made.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Pod {
+    /// Pod name.
+    pub name: String,
+    /// Node it runs on.
+    pub node: String,
+    /// Its network namespace.
+    pub ns: String,
+    /// CNI container id.
+    pub container_id: String,
+    /// Its address.
+    pub ip: IpAddr,
+    /// The CNI ADD result.
+    pub result: serde_json::Value,
+}
+
+/// What `tabby-lab down` needs to remove a lab it did not create in-process.
+#[derive(Debug, Serialize, Deserialize, Default)]
+pub struct LabState {
+    /// Namespaces, in creation order.
+    pub namespaces: Vec<String>,
+    /// Processes.
+    pub procs: Vec<ProcInfo>,
+    /// Pods.
+    pub pods: Vec<Pod>,
+    /// Lab directory.
+    pub dir: PathBuf,
+}
+
+/// A running lab. Dropping it removes everything unless [`Lab::persist`] was called.
+pub struct Lab {
+    /// Its configuration.
+    pub cfg: LabConfig,
+    state: LabState,
+    children: BTreeMap<String, Child>,
+    node_ips: BTreeMap<String, Ipv4Addr>,
+    persist: bool,
+}
+
+impl Lab {
+    /// Builds the lab: fabric, outside host, nodes, controller, node clients.
+    pub fn up(cfg: LabConfig) -> Result<Lab> {
+        netns::require_root();
+        for b in ["tabby-controller", "tabby-node", "tabby"] {
+            if !cfg.bin_dir.join(b).exists() {
+                bail!("{} not found in {} (build the workspace first)", b, cfg.bin_dir.display());
+            }
+        }
+        fs::create_dir_all(&cfg.dir)?;
+        let mut lab = Lab {
+            state: LabState { dir: cfg.dir.clone(), ..Default::default() },
+            cfg,
+            children: BTreeMap::new(),
+            node_ips: BTreeMap::new(),
+            persist: false,
+        };
+        lab.build_fabric()?;
+        lab.start_controller()?;
+        for (n, ip) in lab.cfg.nodes.clone() {
+            lab.add_node(&n, ip)?;
+        }
+        for (n, _) in lab.cfg.nodes.clone() {
+            lab.wait_node_synced(&n, Duration::from_secs(20))?;
+        }
+        lab.save()?;
+        Ok(lab)
+    }
+
+    /// Name of the fabric namespace.
+    pub fn fabric(&self) -> String {
+        format!("{}-fabric", self.cfg.prefix)
+    }
+    /// Name of the outside host's namespace.
+    pub fn outside(&self) -> String {
+        format!("{}-outside", self.cfg.prefix)
+    }
+    /// Name of a node's namespace.
+    pub fn node_ns(&self, node: &str) -> String {
+        format!("{}-{}", self.cfg.prefix, node)
+    }
+    /// A node's fabric address.
+    pub fn node_ip(&self, node: &str) -> Ipv4Addr {
+        self.node_ips[node]
+    }
+    /// The node's CNI socket.
+    pub fn socket(&self, node: &str) -> PathBuf {
+        self.cfg.dir.join(format!("{node}.sock"))
+    }
+    /// A node client's log file.
+    pub fn node_log(&self, node: &str) -> PathBuf {
+        self.cfg.dir.join(format!("{node}.log"))
+    }
+    /// Pods made so far.
+    pub fn pods(&self) -> &[Pod] {
+        &self.state.pods
+    }
+    /// A pod by name.
+    pub fn pod(&self, name: &str) -> Result<&Pod> {
+        self.state.pods.iter().find(|p| p.name == name).ok_or_else(|| anyhow!("no pod {name}"))
+    }
+
+    fn add_ns(&mut self, ns: &str) -> Result<()> {
+        netns::add(ns)?;
+        self.state.namespaces.push(ns.to_string());
+        Ok(())
+    }
+
+    fn build_fabric(&mut self) -> Result<()> {
+        let f = self.fabric();
+        let o = self.outside();
+        self.add_ns(&f)?;
+        netns::ip(&f, "link add br0 type bridge")?;
+        netns::ip(&f, &format!("addr add {ROUTER}/16 dev br0"))?;
+        netns::ip(&f, "link set br0 up")?;
+        netns::exec(&f, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        // The outside host: reachable through the fabric router, with a route
+        // back to node addresses only (pod addresses must be masqueraded).
+        self.add_ns(&o)?;
+        netns::ip(&f, &format!("link add out0 type veth peer name eth0 netns {o}"))?;
+        netns::ip(&f, "addr add 198.51.100.1/24 dev out0")?;
+        netns::ip(&f, "link set out0 up")?;
+        netns::ip(&o, &format!("addr add {OUTSIDE}/24 dev eth0"))?;
+        netns::ip(&o, "link set eth0 up")?;
+        netns::ip(&o, "route add 172.18.0.0/16 via 198.51.100.1")?;
+        Ok(())
+    }
+
+    fn spawn(&mut self, role: &str, ns: &str, bin: &str, args: &[String], log: &Path) -> Result<()> {
+        let logf = fs::OpenOptions::new().create(true).append(true).open(log)?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(self.cfg.bin_dir.join(bin))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone()?)
+            .stderr(logf)
+            // Own process group: a Ctrl-C on `make lab` does not reach the daemons.
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("starting {bin}"))?;
+        self.state.procs.retain(|p| p.role != role);
+        self.state.procs.push(ProcInfo { role: role.into(), pid: child.id() });
+        self.children.insert(role.to_string(), child);
+        Ok(())
+    }
+
+    /// Starts (or restarts) the controller on the fabric.
+    pub fn start_controller(&mut self) -> Result<()> {
+        let log = self.cfg.dir.join("controller.log");
+        let args = vec![
+            "--listen".into(),
+            CONTROLLER.into(),
+            "--data-dir".into(),
+            self.cfg.dir.join("controller-data").display().to_string(),
+            "--bootstrap-pool".into(),
+            self.cfg.pool.clone(),
+            "--bootstrap-block-size".into(),
+            self.cfg.block_size.to_string(),
+        ];
+        let mark = log_len(&log);
+        let f = self.fabric();
+        self.spawn("controller", &f, "tabby-controller", &args, &log)?;
+        wait_log(&log, mark, "serving gRPC", Duration::from_secs(20))?;
+        self.save()
+    }
+
+    /// Kills a lab process with `sig` and waits for it.
+    pub fn signal(&mut self, role: &str, sig: i32) -> Result<()> {
+        let mut c = self.children.remove(role).ok_or_else(|| anyhow!("{role} is not running"))?;
+        // SAFETY: the pid is our own child, not yet reaped.
+        unsafe { libc::kill(c.id() as i32, sig) };
+        c.wait()?;
+        self.state.procs.retain(|p| p.role != role);
+        self.save()
+    }
+
+    /// Stops the controller (SIGKILL: an outage, not a shutdown).
+    pub fn kill_controller(&mut self) -> Result<()> {
+        self.signal("controller", libc::SIGKILL)
+    }
+
+    /// Adds a node: namespace, fabric link, address, default route, tabby-node.
+    pub fn add_node(&mut self, node: &str, ip: Ipv4Addr) -> Result<()> {
+        let ns = self.node_ns(node);
+        let f = self.fabric();
+        self.add_ns(&ns)?;
+        let port = format!("v-{}", short(node));
+        netns::ip(&f, &format!("link add {port} type veth peer name eth0 netns {ns}"))?;
+        netns::ip(&f, &format!("link set {port} master br0 up"))?;
+        netns::ip(&ns, &format!("addr add {ip}/16 dev eth0"))?;
+        netns::ip(&ns, "link set eth0 up")?;
+        netns::ip(&ns, &format!("route add default via {ROUTER}"))?;
+        self.node_ips.insert(node.to_string(), ip);
+        self.start_node(node)
+    }
+
+    /// Starts (or restarts) a node's tabby-node.
+    pub fn start_node(&mut self, node: &str) -> Result<()> {
+        let ns = self.node_ns(node);
+        let args = vec![
+            "--controller".into(),
+            CONTROLLER.into(),
+            "--node-name".into(),
+            node.into(),
+            "--cni-socket".into(),
+            self.socket(node).display().to_string(),
+            "--resync-interval".into(),
+            self.cfg.resync.clone(),
+        ];
+        let log = self.node_log(node);
+        self.spawn(&format!("node:{node}"), &ns, "tabby-node", &args, &log)?;
+        self.save()
+    }
+
+    /// Waits until a node client has applied a full sync since `mark` (log offset).
+    pub fn wait_node_synced(&self, node: &str, timeout: Duration) -> Result<()> {
+        wait_log(&self.node_log(node), 0, "first full intent sync", timeout)
+    }
+
+    /// Log length now, to wait for lines written after it.
+    pub fn log_mark(&self, node: &str) -> u64 {
+        log_len(&self.node_log(node))
+    }
+
+    /// Waits for `needle` in a node's log after `mark`.
+    pub fn wait_node_log(&self, node: &str, mark: u64, needle: &str, timeout: Duration) -> Result<()> {
+        wait_log(&self.node_log(node), mark, needle, timeout)
+    }
+
+    /// Kills a node's tabby-node with SIGKILL.
+    pub fn kill_node(&mut self, node: &str) -> Result<()> {
+        self.signal(&format!("node:{node}"), libc::SIGKILL)
+    }
+
+    /// The network config the lab gives the plugin.
+    pub fn cni_config(&self, node: &str) -> serde_json::Value {
+        serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": NETWORK,
+            "type": "tabby",
+            "socket": self.socket(node),
+            "mtu": 1500,
+            "log_file": self.cfg.dir.join(format!("cni-{node}.log")),
+        })
+    }
+
+    /// Runs the real `tabby` plugin on `node` exactly as a runtime does.
+    /// Returns (exit success, stdout JSON).
+    pub fn cni(&self, node: &str, verb: &str, container_id: &str, netns_path: &str, args: &str, config: &serde_json::Value) -> Result<(bool, serde_json::Value)> {
+        use std::io::Write;
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.node_ns(node)])
+            .arg(self.cfg.bin_dir.join("tabby"))
+            .env("CNI_COMMAND", verb)
+            .env("CNI_CONTAINERID", container_id)
+            .env("CNI_NETNS", netns_path)
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", &self.cfg.bin_dir)
+            .env("CNI_ARGS", args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        child.stdin.take().expect("piped").write_all(config.to_string().as_bytes())?;
+        let out = child.wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let v = if text.trim().is_empty() { serde_json::Value::Null } else {
+            serde_json::from_str(&text).with_context(|| format!("plugin printed non-JSON: {text:?}; stderr {}", String::from_utf8_lossy(&out.stderr)))?
+        };
+        Ok((out.status.success(), v))
+    }
+
+    /// Makes a pod: a namespace plus CNI ADD through the real plugin.
+    pub fn add_pod(&mut self, node: &str, name: &str) -> Result<Pod> {
+        let ns = format!("{}-p-{}-{}", self.cfg.prefix, short(node), name);
+        self.add_ns(&ns)?;
+        let container_id = format!("{}{}{}", self.cfg.prefix, short(node), name).replace('-', "");
+        let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={name};K8S_POD_INFRA_CONTAINER_ID={container_id}");
+        let cfg = self.cni_config(node);
+        let (ok, result) = self.cni(node, "ADD", &container_id, &netns::path(&ns).display().to_string(), &args, &cfg)?;
+        if !ok {
+            bail!("CNI ADD for {name} on {node} failed: {result}");
+        }
+        let addr = result["ips"][0]["address"].as_str().ok_or_else(|| anyhow!("no ips in {result}"))?;
+        let ip: IpAddr = addr.split('/').next().unwrap_or_default().parse()?;
+        let pod = Pod { name: name.into(), node: node.into(), ns, container_id, ip, result };
+        self.state.pods.push(pod.clone());
+        self.save()?;
+        Ok(pod)
+    }
+
+    /// CNI DEL of a pod (keeps its namespace unless `remove_ns`).
+    pub fn del_pod(&mut self, name: &str, remove_ns: bool) -> Result<()> {
+        let p = self.pod(name)?.clone();
+        let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={}", p.name);
+        let mut cfg = self.cni_config(&p.node);
+        cfg["prevResult"] = p.result.clone();
+        let (ok, out) = self.cni(&p.node, "DEL", &p.container_id, &netns::path(&p.ns).display().to_string(), &args, &cfg)?;
+        if !ok {
+            bail!("CNI DEL for {name} failed: {out}");
+        }
+        self.state.pods.retain(|x| x.name != name);
+        if remove_ns {
+            netns::del(&p.ns);
+            self.state.namespaces.retain(|n| *n != p.ns);
+        }
+        self.save()
+    }
+
+    /// Runs grpcurl against the controller from inside the fabric.
+    pub fn grpcurl(&self, args: &[&str]) -> Result<String> {
+        let g = self.cfg.grpcurl.display().to_string();
+        let mut cmd = vec![g.as_str(), "-plaintext"];
+        let last = args.len().saturating_sub(1);
+        cmd.extend_from_slice(&args[..last]);
+        cmd.push(CONTROLLER);
+        cmd.extend_from_slice(&args[last..]);
+        netns::exec(&self.fabric(), &cmd)
+    }
+
+    /// Polls `f` until it returns true or `timeout` passes.
+    pub fn wait_until(&self, what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Result<Duration> {
+        let t = Instant::now();
+        loop {
+            if f() {
+                return Ok(t.elapsed());
+            }
+            if t.elapsed() > timeout {
+                bail!("timed out after {timeout:?} waiting for {what}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Keeps the lab after this value is dropped (for `make lab`).
+    pub fn persist(mut self) -> Result<()> {
+        self.save()?;
+        self.persist = true;
+        // Children keep running; forget the handles without killing.
+        self.children.clear();
+        Ok(())
+    }
+
+    fn save(&self) -> Result<()> {
+        let s = serde_json::to_string_pretty(&self.state)?;
+        fs::write(self.cfg.dir.join("state.json"), s)?;
+        Ok(())
+    }
+
+    /// Removes every process, namespace and file of the lab.
+    pub fn teardown(&mut self) {
+        for (_, mut c) in std::mem::take(&mut self.children) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        teardown_state(&self.state);
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if !self.persist {
+            self.teardown();
+        }
+    }
+}
+
+/// Removes what a saved lab state lists: processes (only if the pid still
+/// runs one of our binaries), namespaces (pods first), and the lab directory.
+pub fn teardown_state(s: &LabState) {
+    for p in &s.procs {
+        let cmdline = fs::read(format!("/proc/{}/cmdline", p.pid)).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains("tabby") {
+            // SAFETY: plain kill(2) of a pid we started (checked by its cmdline).
+            unsafe { libc::kill(p.pid as i32, libc::SIGKILL) };
+            for _ in 0..100 {
+                if !Path::new(&format!("/proc/{}", p.pid)).exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+    for ns in s.namespaces.iter().rev() {
+        netns::del(ns);
+    }
+    if !s.dir.as_os_str().is_empty() {
+        let _ = fs::remove_dir_all(&s.dir);
+    }
+}
+
+fn short(node: &str) -> String {
+    match node {
+        "control-plane" => "cp".into(),
+        n => n.chars().filter(|c| c.is_ascii_alphanumeric()).collect(),
+    }
+}
+
+fn log_len(p: &Path) -> u64 {
+    fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+}
+
+fn wait_log(p: &Path, from: u64, needle: &str, timeout: Duration) -> Result<()> {
+    let t = Instant::now();
+    loop {
+        let s = fs::read(p).unwrap_or_default();
+        let tail = String::from_utf8_lossy(s.get(from as usize..).unwrap_or(&[]));
+        if tail.contains(needle) {
+            return Ok(());
+        }
+        if t.elapsed() > timeout {
+            bail!("timed out waiting for {needle:?} in {}:\n{}", p.display(), tail);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

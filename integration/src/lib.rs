@@ -1,0 +1,6 @@
+//! tabby's multi-node labs in network namespaces, shared by the end-to-end
+//! tests and the `tabby-lab` binary behind `make lab`. Never needed at run time.
+
+pub mod echo;
+pub mod lab;
+pub mod netns;

@@ -19,8 +19,14 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
     let reflection = |b: tonic_reflection::server::Builder<'static>| {
+        // The descriptor set also holds tabby-node's PodNetwork: list only
+        // what this server serves.
         b.register_encoded_file_descriptor_set(tabby_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name("tabby.v1.IpamAdmin")
+            .with_service_name("tabby.v1.NodeAgent")
+            .with_service_name("tabby.v1.IntentStream")
+            .with_service_name("grpc.health.v1.Health")
     };
     let refl_v1 = reflection(tonic_reflection::server::Builder::configure())
         .build_v1()

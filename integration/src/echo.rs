@@ -9,13 +9,11 @@ use std::{
 
 /// Serves forever (or `count` connections): replies "<peer ip>\n".
 pub fn serve(listener: TcpListener, count: Option<usize>) -> Result<()> {
-    let mut n = 0;
-    for conn in listener.incoming() {
+    for (n, conn) in listener.incoming().enumerate() {
         let mut c = conn?;
         let peer = c.peer_addr()?;
         let _ = writeln!(c, "{}", peer.ip());
-        n += 1;
-        if count.is_some_and(|max| n >= max) {
+        if count.is_some_and(|max| n + 1 >= max) {
             break;
         }
     }
@@ -24,7 +22,8 @@ pub fn serve(listener: TcpListener, count: Option<usize>) -> Result<()> {
 
 /// Connects and returns the address the server saw.
 pub fn ask(addr: SocketAddr) -> Result<String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).with_context(|| format!("connecting to {addr}"))?;
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+        .with_context(|| format!("connecting to {addr}"))?;
     s.set_read_timeout(Some(Duration::from_secs(3)))?;
     let mut out = String::new();
     s.read_to_string(&mut out)?;

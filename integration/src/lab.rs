@@ -86,9 +86,12 @@ pub fn bin_dir() -> PathBuf {
 
 /// grpcurl from `make deps` (TABBY_GRPCURL overrides).
 pub fn grpcurl() -> PathBuf {
-    std::env::var_os("TABBY_GRPCURL").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/tools/grpcurl-venv/bin/grpcurl")
-    })
+    std::env::var_os("TABBY_GRPCURL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/tools/grpcurl-venv/bin/grpcurl")
+        })
 }
 
 /// A process the lab started.
@@ -146,12 +149,19 @@ impl Lab {
         netns::require_root();
         for b in ["tabby-controller", "tabby-node", "tabby"] {
             if !cfg.bin_dir.join(b).exists() {
-                bail!("{} not found in {} (build the workspace first)", b, cfg.bin_dir.display());
+                bail!(
+                    "{} not found in {} (build the workspace first)",
+                    b,
+                    cfg.bin_dir.display()
+                );
             }
         }
         fs::create_dir_all(&cfg.dir)?;
         let mut lab = Lab {
-            state: LabState { dir: cfg.dir.clone(), ..Default::default() },
+            state: LabState {
+                dir: cfg.dir.clone(),
+                ..Default::default()
+            },
             cfg,
             children: BTreeMap::new(),
             node_ips: BTreeMap::new(),
@@ -199,7 +209,11 @@ impl Lab {
     }
     /// A pod by name.
     pub fn pod(&self, name: &str) -> Result<&Pod> {
-        self.state.pods.iter().find(|p| p.name == name).ok_or_else(|| anyhow!("no pod {name}"))
+        self.state
+            .pods
+            .iter()
+            .find(|p| p.name == name)
+            .ok_or_else(|| anyhow!("no pod {name}"))
     }
 
     fn add_ns(&mut self, ns: &str) -> Result<()> {
@@ -219,7 +233,10 @@ impl Lab {
         // The outside host: reachable through the fabric router, with a route
         // back to node addresses only (pod addresses must be masqueraded).
         self.add_ns(&o)?;
-        netns::ip(&f, &format!("link add out0 type veth peer name eth0 netns {o}"))?;
+        netns::ip(
+            &f,
+            &format!("link add out0 type veth peer name eth0 netns {o}"),
+        )?;
         netns::ip(&f, "addr add 198.51.100.1/24 dev out0")?;
         netns::ip(&f, "link set out0 up")?;
         netns::ip(&o, &format!("addr add {OUTSIDE}/24 dev eth0"))?;
@@ -228,7 +245,14 @@ impl Lab {
         Ok(())
     }
 
-    fn spawn(&mut self, role: &str, ns: &str, bin: &str, args: &[String], log: &Path) -> Result<()> {
+    fn spawn(
+        &mut self,
+        role: &str,
+        ns: &str,
+        bin: &str,
+        args: &[String],
+        log: &Path,
+    ) -> Result<()> {
         let logf = fs::OpenOptions::new().create(true).append(true).open(log)?;
         let child = Command::new("ip")
             .args(["netns", "exec", ns])
@@ -242,7 +266,10 @@ impl Lab {
             .spawn()
             .with_context(|| format!("starting {bin}"))?;
         self.state.procs.retain(|p| p.role != role);
-        self.state.procs.push(ProcInfo { role: role.into(), pid: child.id() });
+        self.state.procs.push(ProcInfo {
+            role: role.into(),
+            pid: child.id(),
+        });
         self.children.insert(role.to_string(), child);
         Ok(())
     }
@@ -269,7 +296,10 @@ impl Lab {
 
     /// Kills a lab process with `sig` and waits for it.
     pub fn signal(&mut self, role: &str, sig: i32) -> Result<()> {
-        let mut c = self.children.remove(role).ok_or_else(|| anyhow!("{role} is not running"))?;
+        let mut c = self
+            .children
+            .remove(role)
+            .ok_or_else(|| anyhow!("{role} is not running"))?;
         // SAFETY: the pid is our own child, not yet reaped.
         unsafe { libc::kill(c.id() as i32, sig) };
         c.wait()?;
@@ -288,7 +318,10 @@ impl Lab {
         let f = self.fabric();
         self.add_ns(&ns)?;
         let port = format!("v-{}", short(node));
-        netns::ip(&f, &format!("link add {port} type veth peer name eth0 netns {ns}"))?;
+        netns::ip(
+            &f,
+            &format!("link add {port} type veth peer name eth0 netns {ns}"),
+        )?;
         netns::ip(&f, &format!("link set {port} master br0 up"))?;
         netns::ip(&ns, &format!("addr add {ip}/16 dev eth0"))?;
         netns::ip(&ns, "link set eth0 up")?;
@@ -326,7 +359,13 @@ impl Lab {
     }
 
     /// Waits for `needle` in a node's log after `mark`.
-    pub fn wait_node_log(&self, node: &str, mark: u64, needle: &str, timeout: Duration) -> Result<()> {
+    pub fn wait_node_log(
+        &self,
+        node: &str,
+        mark: u64,
+        needle: &str,
+        timeout: Duration,
+    ) -> Result<()> {
         wait_log(&self.node_log(node), mark, needle, timeout)
     }
 
@@ -349,7 +388,15 @@ impl Lab {
 
     /// Runs the real `tabby` plugin on `node` exactly as a runtime does.
     /// Returns (exit success, stdout JSON).
-    pub fn cni(&self, node: &str, verb: &str, container_id: &str, netns_path: &str, args: &str, config: &serde_json::Value) -> Result<(bool, serde_json::Value)> {
+    pub fn cni(
+        &self,
+        node: &str,
+        verb: &str,
+        container_id: &str,
+        netns_path: &str,
+        args: &str,
+        config: &serde_json::Value,
+    ) -> Result<(bool, serde_json::Value)> {
         use std::io::Write;
         let mut child = Command::new("ip")
             .args(["netns", "exec", &self.node_ns(node)])
@@ -364,11 +411,22 @@ impl Lab {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()?;
-        child.stdin.take().expect("piped").write_all(config.to_string().as_bytes())?;
+        child
+            .stdin
+            .take()
+            .expect("piped")
+            .write_all(config.to_string().as_bytes())?;
         let out = child.wait_with_output()?;
         let text = String::from_utf8_lossy(&out.stdout);
-        let v = if text.trim().is_empty() { serde_json::Value::Null } else {
-            serde_json::from_str(&text).with_context(|| format!("plugin printed non-JSON: {text:?}; stderr {}", String::from_utf8_lossy(&out.stderr)))?
+        let v = if text.trim().is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_str(&text).with_context(|| {
+                format!(
+                    "plugin printed non-JSON: {text:?}; stderr {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })?
         };
         Ok((out.status.success(), v))
     }
@@ -380,13 +438,29 @@ impl Lab {
         let container_id = format!("{}{}{}", self.cfg.prefix, short(node), name).replace('-', "");
         let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={name};K8S_POD_INFRA_CONTAINER_ID={container_id}");
         let cfg = self.cni_config(node);
-        let (ok, result) = self.cni(node, "ADD", &container_id, &netns::path(&ns).display().to_string(), &args, &cfg)?;
+        let (ok, result) = self.cni(
+            node,
+            "ADD",
+            &container_id,
+            &netns::path(&ns).display().to_string(),
+            &args,
+            &cfg,
+        )?;
         if !ok {
             bail!("CNI ADD for {name} on {node} failed: {result}");
         }
-        let addr = result["ips"][0]["address"].as_str().ok_or_else(|| anyhow!("no ips in {result}"))?;
+        let addr = result["ips"][0]["address"]
+            .as_str()
+            .ok_or_else(|| anyhow!("no ips in {result}"))?;
         let ip: IpAddr = addr.split('/').next().unwrap_or_default().parse()?;
-        let pod = Pod { name: name.into(), node: node.into(), ns, container_id, ip, result };
+        let pod = Pod {
+            name: name.into(),
+            node: node.into(),
+            ns,
+            container_id,
+            ip,
+            result,
+        };
         self.state.pods.push(pod.clone());
         self.save()?;
         Ok(pod)
@@ -395,10 +469,20 @@ impl Lab {
     /// CNI DEL of a pod (keeps its namespace unless `remove_ns`).
     pub fn del_pod(&mut self, name: &str, remove_ns: bool) -> Result<()> {
         let p = self.pod(name)?.clone();
-        let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={}", p.name);
+        let args = format!(
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={}",
+            p.name
+        );
         let mut cfg = self.cni_config(&p.node);
         cfg["prevResult"] = p.result.clone();
-        let (ok, out) = self.cni(&p.node, "DEL", &p.container_id, &netns::path(&p.ns).display().to_string(), &args, &cfg)?;
+        let (ok, out) = self.cni(
+            &p.node,
+            "DEL",
+            &p.container_id,
+            &netns::path(&p.ns).display().to_string(),
+            &args,
+            &cfg,
+        )?;
         if !ok {
             bail!("CNI DEL for {name} failed: {out}");
         }
@@ -422,7 +506,12 @@ impl Lab {
     }
 
     /// Polls `f` until it returns true or `timeout` passes.
-    pub fn wait_until(&self, what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Result<Duration> {
+    pub fn wait_until(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut f: impl FnMut() -> bool,
+    ) -> Result<Duration> {
         let t = Instant::now();
         loop {
             if f() {
@@ -512,7 +601,11 @@ fn wait_log(p: &Path, from: u64, needle: &str, timeout: Duration) -> Result<()> 
             return Ok(());
         }
         if t.elapsed() > timeout {
-            bail!("timed out waiting for {needle:?} in {}:\n{}", p.display(), tail);
+            bail!(
+                "timed out waiting for {needle:?} in {}:\n{}",
+                p.display(),
+                tail
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     }

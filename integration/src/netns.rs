@@ -28,7 +28,11 @@ pub fn run_stdin(cmd: &str, args: &[&str], stdin: &str) -> Result<String> {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .with_context(|| format!("running {cmd}"))?;
-    child.stdin.take().expect("piped").write_all(stdin.as_bytes())?;
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(stdin.as_bytes())?;
     check(cmd, args, child.wait_with_output()?)
 }
 

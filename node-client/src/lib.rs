@@ -5,6 +5,10 @@
 //! out); [`kernel`] defines what the executor can do, with the real netlink
 //! implementation in [`netlink`] and the nftables one in [`nft`].
 
+pub mod cni_server;
+pub mod controller;
+pub mod daemon;
+pub mod detect;
 pub mod error;
 pub mod kernel;
 pub mod netlink;

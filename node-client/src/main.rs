@@ -1,1 +1,218 @@
-fn main() {}
+//! `tabby-node`: the per-node client of tabby.
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use std::{
+    io::IsTerminal,
+    net::IpAddr,
+    os::unix::fs::PermissionsExt,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, AtomicU64},
+        mpsc, Arc, Mutex,
+    },
+    time::Duration,
+};
+use tabby_node::{
+    cni_server::PodNetworkService,
+    controller::Controller,
+    daemon::{self, lock_status, Event, NodeStatus, Reconciler, Sysctl},
+    detect, netlink,
+    nft::Nft,
+};
+use tabby_proto::v1::pod_network_server::PodNetworkServer;
+use tokio::signal::unix::{signal, SignalKind};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+/// tabby node client: registers this node, applies the controller's route and
+/// NAT intent, and wires pods for the `tabby` CNI plugin.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Controller gRPC address (host:port).
+    #[arg(long, env = "TABBY_CONTROLLER")]
+    controller: String,
+    /// This node's name (Kubernetes node name).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// This node's address(es); autodetected from the default route's interface when absent.
+    #[arg(long, env = "TABBY_NODE_IP", value_delimiter = ',')]
+    node_ip: Vec<IpAddr>,
+    /// Node label for pool selectors, `key=value` (repeatable).
+    #[arg(long = "node-label", env = "TABBY_NODE_LABELS", value_delimiter = ',')]
+    node_labels: Vec<String>,
+    /// Unix socket the CNI plugin calls (mode 0600).
+    #[arg(long, env = "TABBY_CNI_SOCKET", default_value = "/run/tabby/cni.sock")]
+    cni_socket: PathBuf,
+    /// Pod MTU when the network config does not set one.
+    #[arg(long, env = "TABBY_MTU", default_value_t = 1500)]
+    mtu: u32,
+    /// Full reconcile period (also restores tabby routes deleted by hand).
+    #[arg(long, env = "TABBY_RESYNC_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    resync_interval: Duration,
+    /// Log format.
+    #[arg(long, env = "TABBY_LOG_FORMAT", value_enum, default_value = "human")]
+    log_format: LogFormat,
+    /// Log filter (tracing EnvFilter syntax).
+    #[arg(long, env = "TABBY_LOG", default_value = "info")]
+    log: String,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?}: want e.g. 500ms, 2s"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" | "" => Ok(Duration::from_secs(n)),
+        _ => Err(format!("{s:?}: unit must be ms or s")),
+    }
+}
+
+struct ProcSysctl;
+
+impl Sysctl for ProcSysctl {
+    fn set(&mut self, path: &str, value: &str) -> tabby_node::Result<()> {
+        netlink::set_sysctl(path, value)
+    }
+}
+
+fn labels(v: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    v.iter()
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.split_once('=')
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                .with_context(|| format!("--node-label {s:?}: want key=value"))
+        })
+        .collect()
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&a.log).context("--log")?;
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match a.log_format {
+        LogFormat::Human => b.init(),
+        LogFormat::Json => b.json().init(),
+    }
+    if !(68..=65535).contains(&a.mtu) {
+        anyhow::bail!("--mtu {} is out of range (68..65535)", a.mtu);
+    }
+    let addrs = if a.node_ip.is_empty() {
+        detect::node_addresses().context("autodetecting --node-ip")?
+    } else {
+        a.node_ip.clone()
+    };
+    let node = daemon::node_record(&a.node_name, &addrs, &labels(&a.node_labels)?);
+    let ctl = Controller::new(&a.controller, &a.node_name)?;
+    let st = Arc::new(Mutex::new(NodeStatus::default()));
+    let resume = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    tracing::info!(node = %a.node_name, addresses = ?addrs, controller = %a.controller, "tabby-node starting");
+
+    // The reconciler owns intent and kernel programming on its own thread.
+    let (tx, rx) = mpsc::channel::<Event>();
+    let table = netlink::NetlinkRoutes::new().context("opening netlink")?;
+    let rec = Reconciler::new(
+        a.node_name.clone(),
+        table,
+        Nft::new(),
+        Box::new(ProcSysctl),
+        st.clone(),
+        resume.clone(),
+    );
+    let interval = a.resync_interval;
+    let rec_thread = std::thread::Builder::new()
+        .name("reconciler".into())
+        .spawn(move || rec.run(rx, interval))?;
+    // Route deletions by others wake the reconciler at once.
+    {
+        let tx = tx.clone();
+        let _ = std::thread::Builder::new().name("route-monitor".into()).spawn(move || {
+            if let Err(e) = netlink::monitor_route_deletions(move || tx.send(Event::Poke).is_ok()) {
+                tracing::warn!(error = %e, "route monitor unavailable; relying on the periodic resync");
+            }
+        });
+    }
+    tokio::spawn(daemon::watch(
+        ctl.clone(),
+        node,
+        tx.clone(),
+        resume,
+        st.clone(),
+        stop.clone(),
+    ));
+
+    // The CNI socket.
+    if let Some(dir) = a.cni_socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    match std::fs::remove_file(&a.cni_socket) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(e).with_context(|| format!("removing stale {}", a.cni_socket.display()))
+        }
+    }
+    let listener = tokio::net::UnixListener::bind(&a.cni_socket)
+        .with_context(|| format!("binding {}", a.cni_socket.display()))?;
+    std::fs::set_permissions(&a.cni_socket, std::fs::Permissions::from_mode(0o600))?;
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    {
+        let st = st.clone();
+        tokio::spawn(async move {
+            loop {
+                let ready = {
+                    let s = lock_status(&st);
+                    s.registered && s.watching
+                };
+                if ready {
+                    health
+                        .set_serving::<PodNetworkServer<PodNetworkService>>()
+                        .await;
+                } else {
+                    health
+                        .set_not_serving::<PodNetworkServer<PodNetworkService>>()
+                        .await;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+    }
+    tracing::info!(socket = %a.cni_socket.display(), "serving the CNI socket");
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+    };
+    tonic::transport::Server::builder()
+        .add_service(health_svc)
+        .add_service(PodNetworkServer::new(PodNetworkService::new(
+            ctl, st, a.mtu,
+        )))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::UnixListenerStream::new(listener),
+            shutdown,
+        )
+        .await?;
+    // Routes and NAT stay in place: pods keep working while we are away.
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = tx.send(Event::Shutdown);
+    let _ = rec_thread.join();
+    let _ = std::fs::remove_file(&a.cni_socket);
+    tracing::info!("tabby-node stopped");
+    Ok(())
+}

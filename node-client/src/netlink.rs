@@ -1,1 +1,26 @@
-//! netlink (placeholder until implemented)
+//! The real kernel: tabby's routes over rtnetlink, the route monitor, pod
+//! wiring (veth pairs across namespaces), namespaces and sysctls.
+//!
+//! Everything here is synchronous and blocking except [`RouteMonitor::next`]
+//! (async, tokio): from tokio, run it with `tokio::task::spawn_blocking`, or
+//! on a dedicated thread ([`monitor_route_deletions`] is a blocking loop made
+//! for one). Netlink sockets are
+//! bound to the network namespace of the thread that opens them, so all
+//! functions act on the calling thread's namespace (the node's, for any
+//! ordinary thread of `tabby-node`). Nothing here calls `setns` on the
+//! caller's thread: [`in_netns`] enters a namespace on a fresh thread.
+//!
+//! Kernel replies map to errors as EEXIST -> [`crate::Error::Exists`],
+//! ESRCH/ENOENT/ENODEV -> [`crate::Error::NotFound`], anything else ->
+//! [`crate::Error::Netlink`], with the object in the message.
+
+mod ns;
+mod pod;
+mod routes;
+mod socket;
+
+pub use ns::{get_sysctl, in_netns, set_sysctl};
+pub use pod::{
+    check_pod, format_mac, host_veth_name, link_exists, unwire_pod, wire_pod, PodSpec, WiredPod,
+};
+pub use routes::{monitor_route_deletions, NetlinkRoutes, RouteEvent, RouteMonitor};

@@ -21,14 +21,21 @@ pub struct NatSets {
 }
 
 fn elements(v: &[IpNet]) -> String {
-    v.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+    v.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Renders the transaction that makes table `<family> tabby` match `sets`.
 /// `family` is "ip" or "ip6". Idempotent: creating what exists is a no-op,
 /// the rule is rewritten and both sets are flushed and refilled, all at once.
 pub fn render(family: &str, sets: &NatSets) -> String {
-    let ty = if family == "ip6" { "ipv6_addr" } else { "ipv4_addr" };
+    let ty = if family == "ip6" {
+        "ipv6_addr"
+    } else {
+        "ipv4_addr"
+    };
     let saddr = if family == "ip6" { "ip6" } else { "ip" };
     let mut s = format!(
         "add table {family} {TABLE}\n\
@@ -41,10 +48,16 @@ pub fn render(family: &str, sets: &NatSets) -> String {
          flush set {family} {TABLE} all-pools\n"
     );
     if !sets.masq.is_empty() {
-        s.push_str(&format!("add element {family} {TABLE} masq-pools {{ {} }}\n", elements(&sets.masq)));
+        s.push_str(&format!(
+            "add element {family} {TABLE} masq-pools {{ {} }}\n",
+            elements(&sets.masq)
+        ));
     }
     if !sets.all.is_empty() {
-        s.push_str(&format!("add element {family} {TABLE} all-pools {{ {} }}\n", elements(&sets.all)));
+        s.push_str(&format!(
+            "add element {family} {TABLE} all-pools {{ {} }}\n",
+            elements(&sets.all)
+        ));
     }
     s
 }
@@ -114,7 +127,9 @@ impl Nft {
     /// Removes `<family> tabby` if present.
     pub fn remove(&self, family: &str) -> Result<()> {
         // "add" first makes the delete succeed whether or not it existed.
-        self.apply(&format!("add table {family} {TABLE}\ndelete table {family} {TABLE}\n"))
+        self.apply(&format!(
+            "add table {family} {TABLE}\ndelete table {family} {TABLE}\n"
+        ))
     }
 
     /// `nft list table <family> tabby` as text.
@@ -125,7 +140,9 @@ impl Nft {
             .output()
             .map_err(|e| Error::Io("running nft".into(), e))?;
         if !out.status.success() {
-            return Err(Error::Nft(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+            return Err(Error::Nft(
+                String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            ));
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -141,14 +158,20 @@ mod tests {
             "ip",
             &NatSets {
                 masq: vec!["10.244.0.0/16".parse().unwrap()],
-                all: vec!["10.244.0.0/16".parse().unwrap(), "10.96.0.0/16".parse().unwrap()],
+                all: vec![
+                    "10.244.0.0/16".parse().unwrap(),
+                    "10.96.0.0/16".parse().unwrap(),
+                ],
             },
         );
         assert!(s.contains("priority srcnat"));
         assert!(s.contains("ip saddr @masq-pools ip daddr != @all-pools masquerade fully-random"));
         assert!(s.contains("add element ip tabby all-pools { 10.244.0.0/16, 10.96.0.0/16 }"));
         let empty = render("ip6", &NatSets::default());
-        assert!(!empty.contains("add element"), "empty sets have no element line");
+        assert!(
+            !empty.contains("add element"),
+            "empty sets have no element line"
+        );
         assert!(empty.contains("ip6 saddr @masq-pools") && empty.contains("type ipv6_addr"));
     }
 }

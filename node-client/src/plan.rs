@@ -49,17 +49,23 @@ pub struct Intent {
 }
 
 fn net(s: &str) -> Result<IpNet> {
-    s.parse().map_err(|_| Error::Invalid(format!("intent: bad CIDR {s:?}")))
+    s.parse()
+        .map_err(|_| Error::Invalid(format!("intent: bad CIDR {s:?}")))
 }
 
 fn addr(s: &str) -> Result<IpAddr> {
-    s.parse().map_err(|_| Error::Invalid(format!("intent: bad address {s:?}")))
+    s.parse()
+        .map_err(|_| Error::Invalid(format!("intent: bad address {s:?}")))
 }
 
 impl Intent {
     /// Applies one stream message. On error the intent is unchanged.
     pub fn apply(&mut self, u: &pb::IntentUpdate) -> Result<()> {
-        let mut next = if u.snapshot { Intent::default() } else { self.clone() };
+        let mut next = if u.snapshot {
+            Intent::default()
+        } else {
+            self.clone()
+        };
         for c in &u.removed_blocks {
             next.blocks.remove(&net(c)?);
         }
@@ -96,7 +102,11 @@ impl Intent {
             next.nodes.remove(n);
         }
         for n in &u.nodes {
-            let addrs = n.addresses.iter().map(|a| addr(a)).collect::<Result<Vec<_>>>()?;
+            let addrs = n
+                .addresses
+                .iter()
+                .map(|a| addr(a))
+                .collect::<Result<Vec<_>>>()?;
             next.nodes.insert(n.name.clone(), addrs);
         }
         next.revision = u.revision;
@@ -123,11 +133,19 @@ pub struct Desired {
 }
 
 fn same_family(a: &IpAddr, n: &IpNet) -> bool {
-    matches!((a, n), (IpAddr::V4(_), IpNet::V4(_)) | (IpAddr::V6(_), IpNet::V6(_)))
+    matches!(
+        (a, n),
+        (IpAddr::V4(_), IpNet::V4(_)) | (IpAddr::V6(_), IpNet::V6(_))
+    )
 }
 
 fn node_addr(intent: &Intent, node: &str, dst: &IpNet) -> Option<IpAddr> {
-    intent.nodes.get(node)?.iter().find(|a| same_family(a, dst)).copied()
+    intent
+        .nodes
+        .get(node)?
+        .iter()
+        .find(|a| same_family(a, dst))
+        .copied()
 }
 
 fn pool_of<'a>(intent: &'a Intent, a: &IpNet) -> Option<(&'a String, &'a PoolIntent)> {
@@ -146,7 +164,11 @@ pub fn desired(intent: &Intent, me: &str) -> Desired {
                 p.encapsulation.as_str_name()
             ));
         }
-        let sets = if p.cidr.addr().is_ipv4() { &mut d.nat_v4 } else { &mut d.nat_v6 };
+        let sets = if p.cidr.addr().is_ipv4() {
+            &mut d.nat_v4
+        } else {
+            &mut d.nat_v6
+        };
         sets.all.push(p.cidr);
         if p.nat_outgoing {
             sets.masq.push(p.cidr);
@@ -160,13 +182,21 @@ pub fn desired(intent: &Intent, me: &str) -> Desired {
     for (cidr, b) in &intent.blocks {
         match b.node.as_deref() {
             Some(n) if n == me => {
-                d.routes.insert(Route { dst: *cidr, target: RouteTarget::Blackhole });
+                d.routes.insert(Route {
+                    dst: *cidr,
+                    target: RouteTarget::Blackhole,
+                });
             }
             Some(n) if plain(cidr) => match node_addr(intent, n, cidr) {
                 Some(gw) => {
-                    d.routes.insert(Route { dst: *cidr, target: RouteTarget::Via(gw) });
+                    d.routes.insert(Route {
+                        dst: *cidr,
+                        target: RouteTarget::Via(gw),
+                    });
                 }
-                None => d.unroutable.push(format!("block {cidr}: node {n} has no address of its family")),
+                None => d.unroutable.push(format!(
+                    "block {cidr}: node {n} has no address of its family"
+                )),
             },
             _ => {}
         }
@@ -178,9 +208,14 @@ pub fn desired(intent: &Intent, me: &str) -> Desired {
         }
         match node_addr(intent, holder, &dst) {
             Some(gw) => {
-                d.routes.insert(Route { dst, target: RouteTarget::Via(gw) });
+                d.routes.insert(Route {
+                    dst,
+                    target: RouteTarget::Via(gw),
+                });
             }
-            None => d.unroutable.push(format!("borrowed {a}: node {holder} has no address of its family")),
+            None => d.unroutable.push(format!(
+                "borrowed {a}: node {holder} has no address of its family"
+            )),
         }
     }
     d
@@ -253,13 +288,17 @@ pub fn apply_plan(table: &mut dyn RouteTable, plan: &RoutePlan) -> ApplyReport {
                     if now.contains(&r) {
                         rep.applied += 1;
                     } else {
-                        rep.failed.push((r, Error::Exists(format!("{r}: another route holds this destination"))));
+                        rep.failed.push((
+                            r,
+                            Error::Exists(format!("{r}: another route holds this destination")),
+                        ));
                     }
                 }
             }
             Err(e) => {
                 for r in retry {
-                    rep.failed.push((r, Error::Netlink(format!("listing after EEXIST: {e}"))));
+                    rep.failed
+                        .push((r, Error::Netlink(format!("listing after EEXIST: {e}"))));
                 }
             }
         }

@@ -825,20 +825,20 @@ impl IpamState {
             )));
         }
         let pool_names: BTreeSet<&str> = pools.iter().map(|p| p.rec.name.as_str()).collect();
-        // 1. The node's own blocks.
+        // 1. The node's own blocks: the least recently released free address
+        // over all of them (never-used ones first), so a just-freed address
+        // waits while any other is free.
         let own = self.node_blocks.get(&node.name);
-        if let Some(own) = own {
-            for c in own {
-                let b = &self.blocks[c];
-                if pool_names.contains(b.rec.pool.as_str()) && Family::of_net(c) == fam {
-                    if let Some((_, o)) = b.free.first() {
-                        return Ok(Pick::Existing {
-                            block: *c,
-                            ordinal: *o,
-                        });
-                    }
-                }
-            }
+        let best = own
+            .into_iter()
+            .flatten()
+            .filter(|c| {
+                Family::of_net(c) == fam && pool_names.contains(self.blocks[*c].rec.pool.as_str())
+            })
+            .filter_map(|c| self.blocks[c].free.first().map(|f| (*f, *c)))
+            .min();
+        if let Some(((_, ordinal), block)) = best {
+            return Ok(Pick::Existing { block, ordinal });
         }
         // 2. A new block, unless the node reached its limit.
         let owned = own.map_or(0, |s| s.len()) as u32;
@@ -1164,12 +1164,22 @@ impl IpamState {
         let mut v = Vec::new();
         for b in self.blocks.values() {
             if let Some(n) = &b.rec.affinity {
-                v.push((b.rec.cidr, n.clone(), hop(n, Family::of_net(&b.rec.cidr)), false));
+                v.push((
+                    b.rec.cidr,
+                    n.clone(),
+                    hop(n, Family::of_net(&b.rec.cidr)),
+                    false,
+                ));
             }
         }
         for a in self.allocations() {
             if a.borrowed() {
-                v.push((host_net(a.address), a.node.clone(), hop(&a.node, Family::of(&a.address)), true));
+                v.push((
+                    host_net(a.address),
+                    a.node.clone(),
+                    hop(&a.node, Family::of(&a.address)),
+                    true,
+                ));
             }
         }
         v.sort();
@@ -1389,10 +1399,10 @@ impl IpamState {
                     continue;
                 }
                 match (p.kind, p.address, p.handle) {
-                    (ProblemKind::AddressWithoutHandle, Some(a), _) => {
-                        if self.free_slot(a, &mut ops) {
-                            out.released.push(a);
-                        }
+                    (ProblemKind::AddressWithoutHandle, Some(a), _)
+                        if self.free_slot(a, &mut ops) =>
+                    {
+                        out.released.push(a);
                     }
                     (ProblemKind::HandlePointsNowhere, Some(a), Some(h)) => {
                         let before = self.handles.contains_key(&h);

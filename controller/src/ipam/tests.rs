@@ -636,7 +636,31 @@ fn route_table_lists_blocks_and_borrowed_addresses_via_their_nodes() {
     let borrowed = h.assign("n1", "a16").unwrap()[0].address;
     let r = h.st.routes();
     assert_eq!(r.len(), 3, "{r:?}");
-    assert_eq!(r[0], ("10.0.0.0/28".parse().unwrap(), "n1".into(), Some(ip("172.18.0.2")), false));
-    assert_eq!(r[1], ("10.0.0.16/28".parse().unwrap(), "n2".into(), Some(ip("172.18.0.3")), false));
-    assert_eq!(r[2], (IpNet::from(borrowed), "n1".into(), Some(ip("172.18.0.2")), true));
+    assert_eq!(
+        r[0],
+        (
+            "10.0.0.0/28".parse().unwrap(),
+            "n1".into(),
+            Some(ip("172.18.0.2")),
+            false
+        )
+    );
+    assert_eq!(
+        r[1],
+        (
+            "10.0.0.16/28".parse().unwrap(),
+            "n2".into(),
+            Some(ip("172.18.0.3")),
+            false
+        )
+    );
+    assert_eq!(
+        r[2],
+        (
+            IpNet::from(borrowed),
+            "n1".into(),
+            Some(ip("172.18.0.2")),
+            true
+        )
+    );
 }

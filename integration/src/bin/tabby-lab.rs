@@ -8,7 +8,8 @@ use tabby_integration::{
     netns,
 };
 
-const USAGE: &str = "usage: tabby-lab up|down|show [--dir DIR] | echo-server ADDR [COUNT] | echo-client ADDR";
+const USAGE: &str =
+    "usage: tabby-lab up|down|show [--dir DIR] | echo-server ADDR [COUNT] | echo-client ADDR";
 const PREFIX: &str = "tlab";
 
 fn dir_arg(args: &[String]) -> PathBuf {
@@ -31,7 +32,13 @@ fn shell(ns: &str, cmd: &str) -> String {
     let out = Command::new("ip")
         .args(["netns", "exec", ns, "sh", "-c", cmd])
         .output()
-        .map(|o| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))
+        .map(|o| {
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            )
+        })
         .unwrap_or_else(|e| format!("({e})"));
     out
 }
@@ -44,25 +51,54 @@ fn show(state: &LabState) -> Result<()> {
     let node_ns = format!("{PREFIX}-worker2");
     let fabric = format!("{PREFIX}-fabric");
     println!("tabby lab: nodes control-plane 172.18.0.5, worker 172.18.0.4, worker2 172.18.0.3 on 172.18.0.0/16 (router 172.18.0.1); pool 10.244.0.0/16");
-    println!("pods: {}", state.pods.iter().map(|p| format!("{}@{}={}", p.name, p.node, p.ip)).collect::<Vec<_>>().join(", "));
-    section(&format!("1. pod {} on worker2: address", p.name), "ip -4 -br addr show dev eth0", &shell(&p.ns, "ip -4 -br addr show dev eth0"));
+    println!(
+        "pods: {}",
+        state
+            .pods
+            .iter()
+            .map(|p| format!("{}@{}={}", p.name, p.node, p.ip))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    section(
+        &format!("1. pod {} on worker2: address", p.name),
+        "ip -4 -br addr show dev eth0",
+        &shell(&p.ns, "ip -4 -br addr show dev eth0"),
+    );
     section("   pod routes", "ip route", &shell(&p.ns, "ip route"));
     section("   pod neighbours", "ip neigh", &shell(&p.ns, "ip neigh"));
-    section("2. worker2's routing table", "ip route", &shell(&node_ns, "ip route"));
-    section("   worker2's NAT table", "nft list table ip tabby", &shell(&node_ns, "nft list table ip tabby"));
+    section(
+        "2. worker2's routing table",
+        "ip route",
+        &shell(&node_ns, "ip route"),
+    );
+    section(
+        "   worker2's NAT table",
+        "nft list table ip tabby",
+        &shell(&node_ns, "nft list table ip tabby"),
+    );
     let g = lab::grpcurl().display().to_string();
     section(
         "3. the controller's cluster route table",
         "grpcurl -plaintext 172.18.0.1:5151 tabby.v1.IpamAdmin/ShowRoutes",
-        &shell(&fabric, &format!("{g} -plaintext 172.18.0.1:5151 tabby.v1.IpamAdmin/ShowRoutes")),
+        &shell(
+            &fabric,
+            &format!("{g} -plaintext 172.18.0.1:5151 tabby.v1.IpamAdmin/ShowRoutes"),
+        ),
     );
     section(
         "   IPAM summary",
         "grpcurl -plaintext 172.18.0.1:5151 tabby.v1.IpamAdmin/ShowIpam",
-        &shell(&fabric, &format!("{g} -plaintext 172.18.0.1:5151 tabby.v1.IpamAdmin/ShowIpam")),
+        &shell(
+            &fabric,
+            &format!("{g} -plaintext 172.18.0.1:5151 tabby.v1.IpamAdmin/ShowIpam"),
+        ),
     );
     section(
-        &format!("4. cross-node ping {} (worker2) -> {} (control-plane)", p.name, remote.name),
+        &format!(
+            "4. cross-node ping {} (worker2) -> {} (control-plane)",
+            p.name, remote.name
+        ),
         &format!("ping -c 3 {}", remote.ip),
         &shell(&p.ns, &format!("ping -c 3 -i 0.2 -W 1 {}", remote.ip)),
     );
@@ -75,7 +111,10 @@ fn show(state: &LabState) -> Result<()> {
     let seen = netns::within(&p.ns, move || echo::ask(addr))?;
     let _ = server.join();
     section(
-        &format!("5. egress: {} ({}) connects to the outside host {OUTSIDE}", p.name, p.ip),
+        &format!(
+            "5. egress: {} ({}) connects to the outside host {OUTSIDE}",
+            p.name, p.ip
+        ),
         "the outside host saw the source address",
         &match seen {
             Ok(s) => format!("{s}   (worker2's address: masqueraded by table ip tabby)"),
@@ -83,22 +122,32 @@ fn show(state: &LabState) -> Result<()> {
         },
     );
     println!("\nExplore: ip netns exec {node_ns} ip route   |   ip netns exec {} sh   |   ip netns list | grep {PREFIX}", p.ns);
-    println!("Logs: {}/*.log     Remove everything: make lab-down", state.dir.display());
+    println!(
+        "Logs: {}/*.log     Remove everything: make lab-down",
+        state.dir.display()
+    );
     Ok(())
 }
 
 fn up(dir: PathBuf) -> Result<()> {
     if let Some(s) = load(&dir) {
         if s.namespaces.iter().any(|n| netns::exists(n)) {
-            println!("the lab is already up (state in {}); showing it. `make lab-down` removes it.", dir.display());
+            println!(
+                "the lab is already up (state in {}); showing it. `make lab-down` removes it.",
+                dir.display()
+            );
             return show(&s);
         }
         lab::teardown_state(&s);
     }
-    let mut lab = Lab::up(LabConfig::walkthrough(PREFIX, dir.clone())).context("building the lab")?;
+    let mut lab =
+        Lab::up(LabConfig::walkthrough(PREFIX, dir.clone())).context("building the lab")?;
     for node in ["control-plane", "worker", "worker2"] {
         for i in 1..=2 {
-            lab.add_pod(node, &format!("net-tshoot-{}-{i}", node.replace("control-plane", "cp")))?;
+            lab.add_pod(
+                node,
+                &format!("net-tshoot-{}-{i}", node.replace("control-plane", "cp")),
+            )?;
         }
     }
     lab.persist()?;
@@ -116,7 +165,12 @@ fn main() -> Result<()> {
             match load(&dir) {
                 Some(s) => {
                     lab::teardown_state(&s);
-                    println!("lab removed: {} processes, {} namespaces, {}", s.procs.len(), s.namespaces.len(), dir.display());
+                    println!(
+                        "lab removed: {} processes, {} namespaces, {}",
+                        s.procs.len(),
+                        s.namespaces.len(),
+                        dir.display()
+                    );
                 }
                 None => println!("no lab state in {}; nothing to remove", dir.display()),
             }

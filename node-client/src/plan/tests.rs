@@ -68,15 +68,29 @@ fn a(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 fn via(dst: &str, gw: &str) -> Route {
-    Route { dst: n(dst), target: RouteTarget::Via(a(gw)) }
+    Route {
+        dst: n(dst),
+        target: RouteTarget::Via(a(gw)),
+    }
 }
 fn bh(dst: &str) -> Route {
-    Route { dst: n(dst), target: RouteTarget::Blackhole }
+    Route {
+        dst: n(dst),
+        target: RouteTarget::Blackhole,
+    }
 }
 
 fn snapshot() -> pb::IntentUpdate {
-    let block = |cidr: &str, node: &str| pb::IntentBlock { cidr: cidr.into(), node: node.into(), pool: "p".into() };
-    let node = |name: &str, ip: &str| pb::Node { name: name.into(), addresses: vec![ip.into()], labels: Default::default() };
+    let block = |cidr: &str, node: &str| pb::IntentBlock {
+        cidr: cidr.into(),
+        node: node.into(),
+        pool: "p".into(),
+    };
+    let node = |name: &str, ip: &str| pb::Node {
+        name: name.into(),
+        addresses: vec![ip.into()],
+        labels: Default::default(),
+    };
     pb::IntentUpdate {
         revision: 10,
         snapshot: true,
@@ -86,8 +100,14 @@ fn snapshot() -> pb::IntentUpdate {
             block("10.244.0.128/26", "worker2"),
         ],
         borrowed: vec![
-            pb::IntentBorrowed { address: "10.244.0.70".into(), node: "worker2".into() },
-            pb::IntentBorrowed { address: "10.244.0.130".into(), node: "worker".into() },
+            pb::IntentBorrowed {
+                address: "10.244.0.70".into(),
+                node: "worker2".into(),
+            },
+            pb::IntentBorrowed {
+                address: "10.244.0.130".into(),
+                node: "worker".into(),
+            },
         ],
         pools: vec![pb::IntentPool {
             name: "p".into(),
@@ -134,22 +154,48 @@ fn deltas_update_and_snapshot_replaces() {
         revision: 11,
         removed_blocks: vec!["10.244.0.0/26".into()],
         removed_borrowed: vec!["10.244.0.70".into()],
-        blocks: vec![pb::IntentBlock { cidr: "10.244.1.0/26".into(), node: "worker3".into(), pool: "p".into() }],
-        nodes: vec![pb::Node { name: "worker3".into(), addresses: vec!["172.18.0.9".into()], labels: Default::default() }],
+        blocks: vec![pb::IntentBlock {
+            cidr: "10.244.1.0/26".into(),
+            node: "worker3".into(),
+            pool: "p".into(),
+        }],
+        nodes: vec![pb::Node {
+            name: "worker3".into(),
+            addresses: vec!["172.18.0.9".into()],
+            labels: Default::default(),
+        }],
         ..Default::default()
     })
     .unwrap();
     assert_eq!(i.revision, 11);
     let d = desired(&i, "worker");
     assert!(d.routes.contains(&via("10.244.1.0/26", "172.18.0.9")));
-    assert!(!d.routes.iter().any(|r| r.dst == n("10.244.0.0/26") || r.dst == n("10.244.0.70/32")));
-    assert_eq!(d.nat_v4.all.len(), 1, "pools unchanged by a delta without pools_changed");
+    assert!(!d
+        .routes
+        .iter()
+        .any(|r| r.dst == n("10.244.0.0/26") || r.dst == n("10.244.0.70/32")));
+    assert_eq!(
+        d.nat_v4.all.len(),
+        1,
+        "pools unchanged by a delta without pools_changed"
+    );
     // Bad input changes nothing.
     let before = i.clone();
-    assert!(i.apply(&pb::IntentUpdate { blocks: vec![pb::IntentBlock { cidr: "nope".into(), ..Default::default() }], ..Default::default() }).is_err());
+    assert!(i
+        .apply(&pb::IntentUpdate {
+            blocks: vec![pb::IntentBlock {
+                cidr: "nope".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .is_err());
     assert_eq!(i, before);
     i.apply(&snapshot()).unwrap();
-    assert!(!i.blocks.contains_key(&n("10.244.1.0/26")), "snapshot drops what it does not list");
+    assert!(
+        !i.blocks.contains_key(&n("10.244.1.0/26")),
+        "snapshot drops what it does not list"
+    );
 }
 
 #[test]
@@ -159,7 +205,11 @@ fn encapsulated_pools_get_no_remote_routes_and_are_reported() {
     let mut i = Intent::default();
     i.apply(&u).unwrap();
     let d = desired(&i, "worker");
-    assert_eq!(d.routes, [bh("10.244.0.64/26")].into(), "only our own blackhole");
+    assert_eq!(
+        d.routes,
+        [bh("10.244.0.64/26")].into(),
+        "only our own blackhole"
+    );
     assert_eq!(d.unsupported.len(), 1);
     assert!(d.unsupported[0].contains("ENCAPSULATION_VXLAN"));
 }
@@ -167,9 +217,16 @@ fn encapsulated_pools_get_no_remote_routes_and_are_reported() {
 #[test]
 fn stale_routes_removed_only_after_full_sync() {
     let want: BTreeSet<Route> = [via("10.0.1.0/26", "172.18.0.3"), bh("10.0.0.0/26")].into();
-    let actual = vec![via("10.0.9.0/26", "172.18.0.9"), via("10.0.1.0/26", "172.18.0.99")];
+    let actual = vec![
+        via("10.0.9.0/26", "172.18.0.9"),
+        via("10.0.1.0/26", "172.18.0.99"),
+    ];
     let p = plan_routes(&want, &actual, false);
-    assert_eq!(p.del, vec![via("10.0.1.0/26", "172.18.0.99")], "only the changed one before sync");
+    assert_eq!(
+        p.del,
+        vec![via("10.0.1.0/26", "172.18.0.99")],
+        "only the changed one before sync"
+    );
     assert_eq!(p.add.len(), 2);
     let p = plan_routes(&want, &actual, true);
     assert_eq!(p.del.len(), 2);
@@ -178,7 +235,9 @@ fn stale_routes_removed_only_after_full_sync() {
 
 #[test]
 fn apply_converges_through_injected_failures() {
-    let want: BTreeSet<Route> = (0..20).map(|i| via(&format!("10.1.{i}.0/26"), "172.18.0.3")).collect();
+    let want: BTreeSet<Route> = (0..20)
+        .map(|i| via(&format!("10.1.{i}.0/26"), "172.18.0.3"))
+        .collect();
     let mut k = FakeKernel::default();
     k.ours.insert(via("10.9.0.0/26", "172.18.0.9")); // stale
     k.foreign.insert(n("10.1.5.0/26")); // another protocol holds it
@@ -190,7 +249,10 @@ fn apply_converges_through_injected_failures() {
         let actual = k.list().unwrap();
         let plan = plan_routes(&want, &actual, true);
         let rep = apply_plan(&mut k, &plan);
-        let only_foreign = rep.failed.iter().all(|(r, e)| r.dst == n("10.1.5.0/26") && matches!(e, Error::Exists(_)));
+        let only_foreign = rep
+            .failed
+            .iter()
+            .all(|(r, e)| r.dst == n("10.1.5.0/26") && matches!(e, Error::Exists(_)));
         if only_foreign {
             break;
         }
@@ -205,11 +267,18 @@ fn apply_converges_through_injected_failures() {
 fn enoent_on_delete_and_eexist_on_same_add_are_success() {
     let mut k = FakeKernel::default();
     k.ours.insert(via("10.1.0.0/26", "172.18.0.3"));
-    let plan = RoutePlan { del: vec![via("10.2.0.0/26", "172.18.0.3")], add: vec![via("10.1.0.0/26", "172.18.0.3")] };
+    let plan = RoutePlan {
+        del: vec![via("10.2.0.0/26", "172.18.0.3")],
+        add: vec![via("10.1.0.0/26", "172.18.0.3")],
+    };
     let rep = apply_plan(&mut k, &plan);
     assert!(rep.failed.is_empty(), "{:?}", rep.failed);
     assert_eq!(rep.applied, 2);
     k.fail_list = true;
     let rep = apply_plan(&mut k, &plan);
-    assert_eq!(rep.failed.len(), 1, "EEXIST without a way to verify is a failure");
+    assert_eq!(
+        rep.failed.len(),
+        1,
+        "EEXIST without a way to verify is a failure"
+    );
 }

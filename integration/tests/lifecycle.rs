@@ -1,0 +1,314 @@
+//! Pods, nodes, node clients and the controller coming and going.
+mod common;
+
+use common::*;
+use std::{
+    net::Ipv4Addr,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+use tabby_integration::netns;
+
+#[test]
+fn deleting_a_pod_removes_its_route_and_does_not_reuse_its_address_at_once() {
+    let (mut lab, _d) = lab();
+    let a = lab.add_pod("worker", "a").unwrap();
+    let node = lab.node_ns("worker");
+    assert!(sh(&node, "ip route").contains(&format!("{} dev tab", a.ip)));
+    lab.del_pod("a", true).unwrap();
+    assert!(
+        !sh(&node, "ip route").contains(&format!("{} dev tab", a.ip)),
+        "the /32 is gone"
+    );
+    assert!(
+        !sh(&node, "ip link").contains("tab"),
+        "the host veth is gone"
+    );
+    let got = lab.grpcurl(&[
+        "-d",
+        &format!(r#"{{"address":"{}"}}"#, a.ip),
+        "tabby.v1.IpamAdmin/GetAllocation",
+    ]);
+    assert!(
+        got.is_err_and(|e| e.to_string().contains("NotFound")),
+        "address released"
+    );
+    let b = lab.add_pod("worker", "b").unwrap();
+    assert_ne!(
+        b.ip, a.ip,
+        "a just-freed address is not handed out again at once"
+    );
+}
+
+#[test]
+fn a_node_added_later_converges_within_a_second() {
+    let (mut lab, _d) = lab();
+    for n in ["control-plane", "worker", "worker2"] {
+        lab.add_pod(n, &format!("p-{}", n.len())).unwrap();
+    }
+    lab.add_node("worker3", Ipv4Addr::new(172, 18, 0, 6))
+        .unwrap();
+    lab.wait_node_synced("worker3", Duration::from_secs(10))
+        .unwrap();
+    let t = Instant::now();
+    let p = lab.add_pod("worker3", "late").unwrap();
+    let block = blocks(&lab)
+        .into_iter()
+        .find(|(_, n)| n == "worker3")
+        .expect("worker3 claimed a block")
+        .0;
+    let others: Vec<(String, String)> = blocks(&lab)
+        .into_iter()
+        .filter(|(_, n)| n != "worker3")
+        .collect();
+    let elapsed = lab
+        .wait_until(
+            "every node routes worker3's block and worker3 routes every block",
+            Duration::from_secs(5),
+            || {
+                let to_new = ["control-plane", "worker", "worker2"].iter().all(|n| {
+                    sh(&lab.node_ns(n), "ip route show proto 77")
+                        .contains(&format!("{block} via 172.18.0.6"))
+                });
+                let from_new = sh(&lab.node_ns("worker3"), "ip route show proto 77");
+                to_new
+                    && others
+                        .iter()
+                        .all(|(c, _)| from_new.contains(&format!("{c} via")))
+            },
+        )
+        .unwrap();
+    println!(
+        "converged {:?} after the ADD returned ({:?} including ADD)",
+        elapsed,
+        t.elapsed()
+    );
+    assert!(elapsed < Duration::from_secs(1), "took {elapsed:?}");
+    assert!(
+        ping(&p, lab.pod("p-13").unwrap().ip, 2),
+        "worker3 pod reaches control-plane pod"
+    );
+}
+
+#[test]
+fn killing_a_node_client_keeps_traffic_and_its_restart_changes_nothing() {
+    let (mut lab, _d) = lab();
+    let p = lab.add_pod("worker2", "p").unwrap();
+    let q = lab.add_pod("control-plane", "q").unwrap();
+    let before = tabby_routes(&lab, "worker2");
+    let nft_before = sh(&lab.node_ns("worker2"), "nft list table ip tabby");
+    // 60 pings over ~3 s across the kill and the restart.
+    let pinger = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &p.ns,
+            "ping",
+            "-c",
+            "60",
+            "-i",
+            "0.05",
+            "-W",
+            "1",
+            &q.ip.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    lab.kill_node("worker2").unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(
+        tabby_routes(&lab, "worker2"),
+        before,
+        "routes stay while tabby-node is down"
+    );
+    let mark = lab.log_mark("worker2");
+    lab.start_node("worker2").unwrap();
+    lab.wait_node_log(
+        "worker2",
+        mark,
+        "first full intent sync",
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    let out = pinger.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(" 0% packet loss"),
+        "continuous ping lost packets:\n{text}"
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let after = tabby_routes(&lab, "worker2");
+    assert_eq!(after, before, "no duplicate or stale routes after restart");
+    assert_eq!(
+        sh(&lab.node_ns("worker2"), "nft list table ip tabby"),
+        nft_before
+    );
+}
+
+#[test]
+fn controller_outage_keeps_routes_and_traffic_and_add_fails_with_code_11() {
+    let (mut lab, _d) = lab();
+    let p = lab.add_pod("worker2", "p").unwrap();
+    let q = lab.add_pod("worker", "q").unwrap();
+    let before: Vec<Vec<String>> = ["control-plane", "worker", "worker2"]
+        .iter()
+        .map(|n| tabby_routes(&lab, n))
+        .collect();
+    lab.kill_controller().unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let during: Vec<Vec<String>> = ["control-plane", "worker", "worker2"]
+        .iter()
+        .map(|n| tabby_routes(&lab, n))
+        .collect();
+    assert_eq!(
+        during, before,
+        "no route removed while the controller is away"
+    );
+    assert!(ping(&p, q.ip, 3), "pod traffic flows during the outage");
+    // ADD during the outage: CNI error 11, try again later; nothing left behind.
+    let ns = format!("{}-p-outage", lab.cfg.prefix);
+    netns::add(&ns).unwrap();
+    let cfg = lab.cni_config("worker");
+    let (ok, err) = lab
+        .cni(
+            "worker",
+            "ADD",
+            "outage1",
+            &netns::path(&ns).display().to_string(),
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=outage",
+            &cfg,
+        )
+        .unwrap();
+    netns::del(&ns);
+    assert!(!ok);
+    assert_eq!(err["code"], 11, "{err}");
+    // The controller returns: ADD works and the watch resumes.
+    lab.start_controller().unwrap();
+    let c = lab.add_pod("control-plane", "after").unwrap();
+    lab.wait_until("worker2 routes again", Duration::from_secs(10), || {
+        ping(&p, c.ip, 1)
+    })
+    .unwrap();
+}
+
+#[test]
+fn borrowed_address_works_across_nodes_via_its_host_route() {
+    // 10.245.0.0/29 in /30 blocks: two blocks for three nodes.
+    let (mut lab, _d) = lab_with(|c| {
+        c.pool = "10.245.0.0/29".into();
+        c.block_size = 30;
+    });
+    let a = lab.add_pod("control-plane", "a").unwrap();
+    let b = lab.add_pod("worker", "b").unwrap();
+    // worker2 finds no block left: it borrows from another node's block.
+    let c = lab.add_pod("worker2", "c").unwrap();
+    let alloc = lab
+        .grpcurl(&[
+            "-d",
+            &format!(r#"{{"address":"{}"}}"#, c.ip),
+            "tabby.v1.IpamAdmin/GetAllocation",
+        ])
+        .unwrap();
+    assert!(alloc.contains("\"borrowed\": true"), "{alloc}");
+    let w2 = lab.node_ip("worker2");
+    for n in ["control-plane", "worker"] {
+        lab.wait_until(
+            "the /32 of the borrowed address",
+            Duration::from_secs(5),
+            || {
+                tabby_routes(&lab, n)
+                    .iter()
+                    .any(|l| l.starts_with(&format!("{} via {w2}", c.ip)))
+            },
+        )
+        .unwrap();
+    }
+    assert!(
+        ping(&a, c.ip, 3) && ping(&c, a.ip, 3),
+        "borrowed <-> block owner"
+    );
+    assert!(
+        ping(&b, c.ip, 3) && ping(&c, b.ip, 3),
+        "borrowed <-> third node"
+    );
+}
+
+#[test]
+fn restart_cleans_stale_tabby_routes_only_and_hand_deleted_routes_come_back() {
+    let (mut lab, _d) = lab();
+    lab.add_pod("worker", "w").unwrap();
+    let ns = lab.node_ns("worker2");
+    lab.kill_node("worker2").unwrap();
+    // A stale tabby route, a static route and another protocol's route.
+    netns::ip(&ns, "route add 10.99.0.0/26 via 172.18.0.4 proto 77").unwrap();
+    netns::ip(&ns, "route add 10.98.0.0/24 via 172.18.0.4").unwrap();
+    netns::ip(&ns, "route add 10.97.0.0/24 via 172.18.0.4 proto 99").unwrap();
+    let mark = lab.log_mark("worker2");
+    lab.start_node("worker2").unwrap();
+    lab.wait_node_log(
+        "worker2",
+        mark,
+        "first full intent sync",
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    lab.wait_until("stale tabby route removed", Duration::from_secs(5), || {
+        !sh(&ns, "ip route").contains("10.99.0.0/26")
+    })
+    .unwrap();
+    let r = sh(&ns, "ip route");
+    assert!(
+        r.contains("10.98.0.0/24 via 172.18.0.4"),
+        "static route untouched: {r}"
+    );
+    assert!(
+        r.contains("10.97.0.0/24 via 172.18.0.4 dev eth0 proto 99"),
+        "other protocol untouched: {r}"
+    );
+    // Delete a tabby route by hand: it comes back.
+    let victim = tabby_routes(&lab, "worker2")
+        .into_iter()
+        .find(|l| l.contains(" via "))
+        .expect("a remote route");
+    let dst = victim.split_whitespace().next().unwrap().to_string();
+    netns::ip(&ns, &format!("route del {dst}")).unwrap();
+    let t = lab
+        .wait_until(
+            "hand-deleted route restored",
+            Duration::from_secs(5),
+            || tabby_routes(&lab, "worker2").contains(&victim),
+        )
+        .unwrap();
+    println!("restored after {t:?}");
+}
+
+#[test]
+fn encapsulated_pools_are_reported_not_routed() {
+    let (lab, _d) = lab();
+    let mark = lab.log_mark("worker");
+    lab.grpcurl(&["-d", r#"{"pool":{"name":"overlay","cidr":"10.50.0.0/16","encapsulation":"ENCAPSULATION_VXLAN"}}"#, "tabby.v1.IpamAdmin/CreatePool"])
+        .unwrap();
+    lab.wait_node_log(
+        "worker",
+        mark,
+        "uses ENCAPSULATION_VXLAN",
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    // A block of it on worker2: worker gets no (wrong) route for it.
+    lab.grpcurl(&[
+        "-H",
+        "tabby-node: worker2",
+        "-d",
+        r#"{"handle":"x.overlay","requested":["10.50.0.5"]}"#,
+        "tabby.v1.NodeAgent/Assign",
+    ])
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    // Its CIDR is in the NAT "all pools" set, but no route points into it.
+    let nft = sh(&lab.node_ns("worker"), "nft list set ip tabby all-pools");
+    assert!(nft.contains("10.50.0.0/16"), "{nft}");
+    assert!(!sh(&lab.node_ns("worker"), "ip route").contains("10.50."));
+}

@@ -1,0 +1,348 @@
+//! `tabby.v1.PodNetwork` on the node's Unix socket: what the CNI plugin calls.
+//! Addresses come from the controller (this node never allocates); the veth
+//! work happens in [`crate::netlink`] on blocking threads.
+use crate::{
+    controller::{is_unavailable, Controller},
+    daemon::{lock_status, SharedStatus},
+    netlink::{self, PodSpec},
+    Error,
+};
+use ipnet::IpNet;
+use std::{collections::BTreeSet, path::PathBuf, time::Duration};
+use tabby_proto::v1 as pb;
+use tonic::{Request, Response, Status};
+
+/// The PodNetwork service.
+#[derive(Clone)]
+pub struct PodNetworkService {
+    ctl: Controller,
+    status: SharedStatus,
+    default_mtu: u32,
+}
+
+impl PodNetworkService {
+    /// A service using `ctl` for IPAM; `default_mtu` when the plugin sends 0.
+    pub fn new(ctl: Controller, status: SharedStatus, default_mtu: u32) -> Self {
+        PodNetworkService {
+            ctl,
+            status,
+            default_mtu,
+        }
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> Status {
+    Status::invalid_argument(msg.into())
+}
+
+/// Checks the identity fields and returns (handle, host veth name).
+fn identify(
+    att: &Option<pb::PodAttachment>,
+    ns: &str,
+    pod: &str,
+) -> Result<(pb::PodAttachment, String, String), Status> {
+    let a = att
+        .clone()
+        .ok_or_else(|| invalid("attachment is required"))?;
+    let id_ok = !a.container_id.is_empty()
+        && a.container_id.len() <= 256
+        && a.container_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    if !id_ok {
+        return Err(invalid(format!(
+            "container id {:?} is invalid: want 1..256 of [A-Za-z0-9_.-]",
+            a.container_id
+        )));
+    }
+    let if_ok = !a.ifname.is_empty()
+        && a.ifname.len() <= 15
+        && a.ifname != "."
+        && a.ifname != ".."
+        && !a
+            .ifname
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace());
+    if !if_ok {
+        return Err(invalid(format!(
+            "interface name {:?} is invalid (1..15 characters, no '/', ':' or spaces)",
+            a.ifname
+        )));
+    }
+    if a.network.is_empty() {
+        return Err(invalid("network name is required"));
+    }
+    let handle = format!("{}.{}", a.network, a.container_id);
+    let key = if !ns.is_empty() && !pod.is_empty() {
+        format!("{ns}.{pod}")
+    } else {
+        a.container_id.clone()
+    };
+    Ok((a, handle, netlink::host_veth_name(&key)))
+}
+
+fn ctl_status(what: &str, e: Status) -> Status {
+    if is_unavailable(&e) {
+        Status::unavailable(format!(
+            "controller unavailable during {what}: {}",
+            e.message()
+        ))
+    } else {
+        Status::new(
+            e.code(),
+            format!("controller refused {what}: {}", e.message()),
+        )
+    }
+}
+
+fn kernel_status(e: Error) -> Status {
+    match e {
+        Error::Exists(m) => Status::already_exists(m),
+        Error::NotFound(m) => Status::not_found(m),
+        Error::Invalid(m) => Status::failed_precondition(m),
+        e => Status::internal(e.to_string()),
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> crate::Result<T> + Send + 'static,
+) -> crate::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(Error::Netlink(format!("worker failed: {e}"))))
+}
+
+fn host_len(a: &str) -> Result<IpNet, Status> {
+    let ip: std::net::IpAddr = a
+        .parse()
+        .map_err(|_| Status::internal(format!("controller sent bad address {a:?}")))?;
+    Ok(IpNet::from(ip))
+}
+
+#[tonic::async_trait]
+impl pb::pod_network_server::PodNetwork for PodNetworkService {
+    async fn add(
+        &self,
+        req: Request<pb::PodAddRequest>,
+    ) -> Result<Response<pb::PodAddResponse>, Status> {
+        let r = req.into_inner();
+        let (att, handle, host_if) = identify(&r.attachment, &r.pod_namespace, &r.pod_name)?;
+        if r.netns.is_empty() || !std::path::Path::new(&r.netns).exists() {
+            return Err(invalid(format!("netns {:?} does not exist", r.netns)));
+        }
+        let requested = if r.requested_address.is_empty() {
+            Vec::new()
+        } else {
+            let a: std::net::IpAddr = r.requested_address.parse().map_err(|_| {
+                invalid(format!(
+                    "requested address {:?} is not an IP address",
+                    r.requested_address
+                ))
+            })?;
+            vec![a.to_string()]
+        };
+        let mtu = if r.mtu == 0 { self.default_mtu } else { r.mtu };
+        if !(68..=65535).contains(&mtu) {
+            return Err(invalid(format!("MTU {mtu} is out of range (68..65535)")));
+        }
+        if netlink::link_exists(&host_if) {
+            return Err(Status::already_exists(format!(
+                "container {} already has {} (host interface {host_if}); DEL it first",
+                att.container_id, att.ifname
+            )));
+        }
+        let span = tracing::info_span!("add", container = %att.container_id, pod = %format!("{}/{}", r.pod_namespace, r.pod_name));
+        let _e = span.enter();
+        let mut attrs = std::collections::HashMap::new();
+        attrs.insert("container_id".to_string(), att.container_id.clone());
+        attrs.insert("ifname".to_string(), att.ifname.clone());
+        if !r.pod_namespace.is_empty() {
+            attrs.insert("namespace".to_string(), r.pod_namespace.clone());
+        }
+        if !r.pod_name.is_empty() {
+            attrs.insert("pod".to_string(), r.pod_name.clone());
+        }
+        let mut agent = self.ctl.agent.clone();
+        let assigned = agent
+            .assign(pb::AssignRequest {
+                handle: handle.clone(),
+                attributes: attrs,
+                num_v4: 0,
+                num_v6: 0,
+                requested,
+            })
+            .await
+            .map_err(|e| ctl_status("Assign", e))?
+            .into_inner();
+        let addresses = assigned
+            .allocations
+            .iter()
+            .map(|a| host_len(&a.address))
+            .collect::<Result<Vec<_>, _>>()?;
+        let spec = PodSpec {
+            netns_path: PathBuf::from(&r.netns),
+            host_ifname: host_if.clone(),
+            pod_ifname: att.ifname.clone(),
+            addresses: addresses.clone(),
+            mtu,
+        };
+        match blocking(move || netlink::wire_pod(&spec)).await {
+            Ok(w) => {
+                tracing::info!(addresses = ?addresses, host_if = %w.host_ifname, "pod wired");
+                let gateways = addresses
+                    .iter()
+                    .map(|a| match a {
+                        IpNet::V4(_) => crate::POD_GATEWAY_V4.to_string(),
+                        IpNet::V6(_) => crate::POD_GATEWAY_V6.to_string(),
+                    })
+                    .collect();
+                Ok(Response::new(pb::PodAddResponse {
+                    host_ifname: w.host_ifname,
+                    host_mac: "ee:ee:ee:ee:ee:ee".into(),
+                    pod_ifname: w.pod_ifname,
+                    pod_mac: w.pod_mac,
+                    addresses: addresses.iter().map(ToString::to_string).collect(),
+                    gateways,
+                    mtu,
+                }))
+            }
+            Err(e) => {
+                // Roll back the assignment; report both errors if that fails too.
+                let rb = agent
+                    .release_handle(pb::ReleaseHandleRequest {
+                        handle: handle.clone(),
+                    })
+                    .await;
+                let msg = match rb {
+                    Ok(_) => format!("wiring failed: {e} (address released)"),
+                    Err(re) => format!(
+                        "wiring failed: {e}; rollback failed too: releasing {handle}: {}",
+                        re.message()
+                    ),
+                };
+                tracing::error!("{msg}");
+                let mut st = kernel_status(e);
+                st = Status::new(st.code(), msg);
+                Err(st)
+            }
+        }
+    }
+
+    async fn del(
+        &self,
+        req: Request<pb::PodDelRequest>,
+    ) -> Result<Response<pb::PodDelResponse>, Status> {
+        let r = req.into_inner();
+        let (att, handle, host_if) = identify(&r.attachment, &r.pod_namespace, &r.pod_name)?;
+        let netns = (!r.netns.is_empty()).then(|| PathBuf::from(&r.netns));
+        let h2 = host_if.clone();
+        blocking(move || netlink::unwire_pod(&h2, netns.as_deref()))
+            .await
+            .map_err(kernel_status)?;
+        let mut agent = self.ctl.agent.clone();
+        let released = agent
+            .release_handle(pb::ReleaseHandleRequest {
+                handle: handle.clone(),
+            })
+            .await
+            .map_err(|e| ctl_status("ReleaseHandle", e))?
+            .into_inner()
+            .released;
+        tracing::info!(container = %att.container_id, released = ?released, host_if = %host_if, "pod deleted");
+        Ok(Response::new(pb::PodDelResponse { released }))
+    }
+
+    async fn check(
+        &self,
+        req: Request<pb::PodCheckRequest>,
+    ) -> Result<Response<pb::PodCheckResponse>, Status> {
+        let r = req.into_inner();
+        let (att, _handle, host_if) = identify(&r.attachment, &r.pod_namespace, &r.pod_name)?;
+        if r.expected_addresses.is_empty() {
+            return Err(invalid("CHECK needs the expected addresses (prevResult)"));
+        }
+        let addresses = r
+            .expected_addresses
+            .iter()
+            .map(|a| {
+                a.parse::<IpNet>()
+                    .map_err(|_| invalid(format!("expected address {a:?} is not a CIDR")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let spec = PodSpec {
+            netns_path: PathBuf::from(&r.netns),
+            host_ifname: host_if,
+            pod_ifname: att.ifname.clone(),
+            addresses,
+            mtu: 0,
+        };
+        blocking(move || netlink::check_pod(&spec))
+            .await
+            .map_err(kernel_status)?;
+        Ok(Response::new(pb::PodCheckResponse {}))
+    }
+
+    async fn status(
+        &self,
+        _: Request<pb::PodStatusRequest>,
+    ) -> Result<Response<pb::PodStatusResponse>, Status> {
+        let st = lock_status(&self.status).clone();
+        let reason = if !st.registered {
+            "not registered with the controller yet".to_string()
+        } else if !st.watching
+            && st
+                .controller_seen
+                .is_none_or(|t| t.elapsed() > Duration::from_secs(10))
+        {
+            "controller unreachable".to_string()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::PodStatusResponse {
+            ready: reason.is_empty(),
+            reason,
+        }))
+    }
+
+    async fn gc(
+        &self,
+        req: Request<pb::PodGcRequest>,
+    ) -> Result<Response<pb::PodGcResponse>, Status> {
+        let r = req.into_inner();
+        if r.network.is_empty() {
+            return Err(invalid("network name is required"));
+        }
+        let valid: BTreeSet<String> = r
+            .valid
+            .iter()
+            .map(|a| format!("{}.{}", r.network, a.container_id))
+            .collect();
+        let mut agent = self.ctl.agent.clone();
+        let handles = agent
+            .list_handles(pb::ListHandlesRequest {})
+            .await
+            .map_err(|e| ctl_status("ListHandles", e))?
+            .into_inner()
+            .handles;
+        let prefix = format!("{}.", r.network);
+        let mut released = Vec::new();
+        for h in handles
+            .into_iter()
+            .filter(|h| h.starts_with(&prefix) && !valid.contains(h))
+        {
+            // The interface is normally gone with its netns; remove it if not.
+            let cid = h[prefix.len()..].to_string();
+            let host_if = netlink::host_veth_name(&cid);
+            let _ = blocking(move || netlink::unwire_pod(&host_if, None)).await;
+            agent
+                .release_handle(pb::ReleaseHandleRequest { handle: h.clone() })
+                .await
+                .map_err(|e| ctl_status("ReleaseHandle", e))?;
+            released.push(h);
+        }
+        tracing::info!(released = ?released, "gc");
+        Ok(Response::new(pb::PodGcResponse {
+            released_handles: released,
+        }))
+    }
+}

@@ -1,0 +1,76 @@
+//! Clients for the controller, with this node's identity on every call.
+use crate::{Error, Result};
+use std::time::Duration;
+use tabby_proto::v1 as pb;
+use tonic::{
+    metadata::{Ascii, MetadataValue},
+    service::{interceptor::InterceptedService, Interceptor},
+    transport::{Channel, Endpoint},
+    Request, Status,
+};
+
+/// Adds the `tabby-node` identity header (later: replaced by mTLS).
+#[derive(Clone)]
+pub struct Identity(MetadataValue<Ascii>);
+
+impl Interceptor for Identity {
+    fn call(&mut self, mut req: Request<()>) -> std::result::Result<Request<()>, Status> {
+        req.metadata_mut()
+            .insert(tabby_proto::NODE_IDENTITY_HEADER, self.0.clone());
+        Ok(req)
+    }
+}
+
+/// NodeAgent client with identity.
+pub type AgentClient =
+    pb::node_agent_client::NodeAgentClient<InterceptedService<Channel, Identity>>;
+/// IntentStream client with identity.
+pub type IntentClient =
+    pb::intent_stream_client::IntentStreamClient<InterceptedService<Channel, Identity>>;
+
+/// Both controller clients over one lazily connected channel.
+#[derive(Clone)]
+pub struct Controller {
+    /// Node-facing IPAM calls.
+    pub agent: AgentClient,
+    /// The intent watch.
+    pub intent: IntentClient,
+}
+
+impl Controller {
+    /// `addr` is `host:port` or a URL; `node` the identity to present.
+    pub fn new(addr: &str, node: &str) -> Result<Controller> {
+        let url = if addr.contains("://") {
+            addr.to_string()
+        } else {
+            format!("http://{addr}")
+        };
+        let ep = Endpoint::from_shared(url.clone())
+            .map_err(|e| Error::Invalid(format!("--controller {addr:?}: {e}")))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true);
+        let ch = ep.connect_lazy();
+        let id = Identity(node.parse().map_err(|_| {
+            Error::Invalid(format!("node name {node:?} is not a valid header value"))
+        })?);
+        Ok(Controller {
+            agent: pb::node_agent_client::NodeAgentClient::with_interceptor(ch.clone(), id.clone()),
+            intent: pb::intent_stream_client::IntentStreamClient::with_interceptor(ch, id),
+        })
+    }
+}
+
+/// True when a status means the controller could not be reached (as opposed
+/// to refusing the request).
+pub fn is_unavailable(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Unknown
+            | tonic::Code::Cancelled
+    )
+}

@@ -1,0 +1,367 @@
+//! The node client's long-running parts: registration and the intent watch
+//! (async, on tokio), and the reconciler (one dedicated OS thread that owns
+//! the intent, the route table and nftables, and plans then applies).
+use crate::{
+    controller::{is_unavailable, Controller},
+    kernel::RouteTable,
+    nft::{NatSets, Nft},
+    plan::{self, Desired, Intent},
+    Result,
+};
+use std::{
+    net::IpAddr,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc, Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+use tabby_proto::v1 as pb;
+
+/// What the reconciler reacts to.
+#[derive(Debug)]
+pub enum Event {
+    /// An intent update from the stream.
+    Update(Box<pb::IntentUpdate>),
+    /// Something may have changed under us (a tabby route was deleted).
+    Poke,
+    /// Stop the reconciler.
+    Shutdown,
+}
+
+/// Observable state of this node client (health, Status RPC, logs).
+#[derive(Debug, Clone, Default)]
+pub struct NodeStatus {
+    /// Registered with the controller at least once.
+    pub registered: bool,
+    /// The intent stream is up right now.
+    pub watching: bool,
+    /// A full snapshot has been applied since start.
+    pub synced: bool,
+    /// Revision of the intent applied.
+    pub revision: u64,
+    /// tabby routes installed after the last reconcile.
+    pub routes: usize,
+    /// Pools whose encapsulation is not applied (reported, not programmed).
+    pub unsupported: Vec<String>,
+    /// Last reconcile error, if the last reconcile failed somewhere.
+    pub last_error: Option<String>,
+    /// When the controller last answered anything.
+    pub controller_seen: Option<Instant>,
+}
+
+/// Shared status.
+pub type SharedStatus = Arc<Mutex<NodeStatus>>;
+
+/// Locks the status (a poisoned lock still holds valid data).
+pub fn lock_status(s: &SharedStatus) -> std::sync::MutexGuard<'_, NodeStatus> {
+    s.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Kernel knobs the reconciler sets. Abstracted so tests can run it in a netns.
+pub trait Sysctl: Send {
+    /// Writes `/proc/sys/<path>`.
+    fn set(&mut self, path: &str, value: &str) -> Result<()>;
+}
+
+/// The reconciler: owns intent and kernel programming.
+pub struct Reconciler<T: RouteTable> {
+    /// This node's name.
+    pub me: String,
+    /// tabby's routes.
+    pub table: T,
+    /// nftables.
+    pub nft: Nft,
+    /// Sysctls.
+    pub sysctl: Box<dyn Sysctl>,
+    /// Shared status.
+    pub status: SharedStatus,
+    /// Revision the watch resumes from (0: ask for a snapshot).
+    pub resume: Arc<AtomicU64>,
+    intent: Intent,
+    have_intent: bool,
+    synced: bool,
+    nat_applied: Option<(NatSets, NatSets)>,
+    v6_forwarding: bool,
+}
+
+impl<T: RouteTable> Reconciler<T> {
+    /// A reconciler that has applied nothing yet.
+    pub fn new(
+        me: String,
+        table: T,
+        nft: Nft,
+        sysctl: Box<dyn Sysctl>,
+        status: SharedStatus,
+        resume: Arc<AtomicU64>,
+    ) -> Self {
+        Reconciler {
+            me,
+            table,
+            nft,
+            sysctl,
+            status,
+            resume,
+            intent: Intent::default(),
+            have_intent: false,
+            synced: false,
+            nat_applied: None,
+            v6_forwarding: false,
+        }
+    }
+
+    /// Runs until [`Event::Shutdown`] or the sender is gone. Reconciles on
+    /// every batch of events and every `interval` (restoring routes deleted
+    /// by hand even without a monitor event).
+    pub fn run(mut self, rx: mpsc::Receiver<Event>, interval: Duration) {
+        if let Err(e) = self.sysctl.set("net/ipv4/ip_forward", "1") {
+            tracing::error!(error = %e, "cannot enable ip_forward");
+        }
+        loop {
+            let first = match rx.recv_timeout(interval) {
+                Ok(ev) => Some(ev),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            };
+            let mut events: Vec<Event> = first.into_iter().collect();
+            events.extend(rx.try_iter());
+            for ev in events {
+                match ev {
+                    Event::Shutdown => return,
+                    Event::Poke => {}
+                    Event::Update(u) => self.take_update(&u),
+                }
+            }
+            if self.have_intent {
+                self.reconcile();
+            }
+        }
+    }
+
+    fn take_update(&mut self, u: &pb::IntentUpdate) {
+        match self.intent.apply(u) {
+            Ok(()) => {
+                self.have_intent = true;
+                if u.snapshot && !self.synced {
+                    tracing::info!(revision = u.revision, "first full intent sync");
+                    self.synced = true;
+                }
+                self.resume.store(u.revision, Ordering::Relaxed);
+            }
+            Err(e) => {
+                // Ask for a snapshot on the next (re)connect.
+                tracing::error!(error = %e, "bad intent update ignored; will resync");
+                self.resume.store(0, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// One plan-then-apply pass.
+    pub fn reconcile(&mut self) {
+        let d: Desired = plan::desired(&self.intent, &self.me);
+        let mut errors = Vec::new();
+        let actual = match self.table.list() {
+            Ok(a) => a,
+            Err(e) => {
+                self.finish(&d, 0, vec![format!("listing routes: {e}")]);
+                return;
+            }
+        };
+        let p = plan::plan_routes(&d.routes, &actual, self.synced);
+        if !p.is_empty() {
+            let rep = plan::apply_plan(&mut self.table, &p);
+            tracing::info!(
+                added = p.add.len(),
+                deleted = p.del.len(),
+                failed = rep.failed.len(),
+                revision = self.intent.revision,
+                "routes reconciled"
+            );
+            for (r, e) in rep.failed {
+                errors.push(format!("{r}: {e}"));
+            }
+        }
+        let nat = (d.nat_v4.clone(), d.nat_v6.clone());
+        if self.nat_applied.as_ref() != Some(&nat) {
+            let mut ok = true;
+            if let Err(e) = self.nft.sync("ip", &d.nat_v4) {
+                errors.push(e.to_string());
+                ok = false;
+            }
+            let had_v6 = self
+                .nat_applied
+                .as_ref()
+                .is_some_and(|(_, v6)| !v6.all.is_empty());
+            if d.ipv6 || had_v6 {
+                if let Err(e) = self.nft.sync("ip6", &d.nat_v6) {
+                    errors.push(e.to_string());
+                    ok = false;
+                }
+            }
+            if ok {
+                tracing::info!(masq = ?d.nat_v4.masq, all = ?d.nat_v4.all, "nftables table ip tabby updated");
+                self.nat_applied = Some(nat);
+            }
+        }
+        if d.ipv6 && !self.v6_forwarding {
+            match self.sysctl.set("net/ipv6/conf/all/forwarding", "1") {
+                Ok(()) => self.v6_forwarding = true,
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        self.finish(&d, d.routes.len(), errors);
+    }
+
+    fn finish(&mut self, d: &Desired, routes: usize, errors: Vec<String>) {
+        let mut st = lock_status(&self.status);
+        if st.unsupported != d.unsupported {
+            for u in &d.unsupported {
+                tracing::warn!("{u}");
+            }
+        }
+        st.synced = self.synced;
+        st.revision = self.intent.revision;
+        st.routes = routes;
+        st.unsupported = d.unsupported.clone();
+        if !errors.is_empty() {
+            tracing::warn!(errors = ?errors, "reconcile incomplete; retrying at the next pass");
+        }
+        st.last_error = (!errors.is_empty()).then(|| errors.join("; "));
+    }
+}
+
+/// Backoff with jitter for reconnects: 100 ms doubling to 5 s, ±25 %.
+#[derive(Debug)]
+pub struct Backoff {
+    next: Duration,
+    seed: u64,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+            | 1;
+        Backoff {
+            next: Duration::from_millis(100),
+            seed,
+        }
+    }
+}
+
+impl Backoff {
+    /// The next delay.
+    pub fn next_delay(&mut self) -> Duration {
+        // xorshift: jitter only, no need for a real RNG.
+        self.seed ^= self.seed << 13;
+        self.seed ^= self.seed >> 7;
+        self.seed ^= self.seed << 17;
+        let base = self.next;
+        self.next = (self.next * 2).min(Duration::from_secs(5));
+        let jitter = (self.seed % 500) as f64 / 1000.0 + 0.75; // 0.75..1.25
+        base.mul_f64(jitter)
+    }
+    /// Back to the shortest delay after a success.
+    pub fn reset(&mut self) {
+        self.next = Duration::from_millis(100);
+    }
+}
+
+/// Registers this node, retrying until it works or `stop` is set.
+pub async fn register(ctl: &Controller, node: pb::Node, status: &SharedStatus, stop: &AtomicBool) {
+    let mut backoff = Backoff::default();
+    while !stop.load(Ordering::Relaxed) {
+        let mut agent = ctl.agent.clone();
+        match agent
+            .register_node(pb::RegisterNodeRequest {
+                node: Some(node.clone()),
+            })
+            .await
+        {
+            Ok(r) => {
+                tracing::info!(node = %node.name, addresses = ?node.addresses, revision = r.get_ref().revision, "registered with the controller");
+                let mut st = lock_status(status);
+                st.registered = true;
+                st.controller_seen = Some(Instant::now());
+                return;
+            }
+            Err(e) => {
+                let d = backoff.next_delay();
+                tracing::warn!(error = %e.message(), code = ?e.code(), retry_in = ?d, "registration failed");
+                tokio::time::sleep(d).await;
+            }
+        }
+    }
+}
+
+/// Watches intent forever: reconnects with backoff and jitter, resuming from
+/// the last applied revision. Never removes anything while disconnected.
+pub async fn watch(
+    ctl: Controller,
+    node: pb::Node,
+    tx: mpsc::Sender<Event>,
+    resume: Arc<AtomicU64>,
+    status: SharedStatus,
+    stop: Arc<AtomicBool>,
+) {
+    let mut backoff = Backoff::default();
+    while !stop.load(Ordering::Relaxed) {
+        // Register before every watch: cheap when unchanged, and a restarted
+        // controller with a fresh store learns about us again.
+        register(&ctl, node.clone(), &status, &stop).await;
+        let since = resume.load(Ordering::Relaxed);
+        let mut client = ctl.intent.clone();
+        match client
+            .watch(pb::WatchRequest {
+                since_revision: since,
+            })
+            .await
+        {
+            Ok(resp) => {
+                let mut stream = resp.into_inner();
+                {
+                    let mut st = lock_status(&status);
+                    st.watching = true;
+                    st.controller_seen = Some(Instant::now());
+                }
+                tracing::info!(since, "intent watch connected");
+                backoff.reset();
+                loop {
+                    match stream.message().await {
+                        Ok(Some(u)) => {
+                            lock_status(&status).controller_seen = Some(Instant::now());
+                            if tx.send(Event::Update(Box::new(u))).is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) => {
+                            tracing::warn!("intent stream ended by the controller");
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e.message(), "intent stream broken");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e.message(), code = ?e.code(), unavailable = is_unavailable(&e), "intent watch failed");
+            }
+        }
+        lock_status(&status).watching = false;
+        let d = backoff.next_delay();
+        tokio::time::sleep(d).await;
+    }
+}
+
+/// This node's registration record.
+pub fn node_record(name: &str, addresses: &[IpAddr], labels: &[(String, String)]) -> pb::Node {
+    pb::Node {
+        name: name.to_string(),
+        addresses: addresses.iter().map(ToString::to_string).collect(),
+        labels: labels.iter().cloned().collect(),
+    }
+}

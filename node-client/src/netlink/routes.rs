@@ -1,0 +1,417 @@
+//! tabby's routes (protocol [`crate::ROUTE_PROTOCOL`], main table) and the
+//! monitor that reports their deletion.
+use super::socket::{grow_rcvbuf, parse_datagram, NlSocket, Reply};
+use crate::kernel::{Route, RouteTable, RouteTarget};
+use crate::{Error, Result, ROUTE_PROTOCOL};
+use ipnet::IpNet;
+use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+    RouteVia,
+};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+use std::collections::VecDeque;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::AsRawFd;
+
+const RT_TABLE_MAIN: u32 = RouteHeader::RT_TABLE_MAIN as u32;
+/// Multicast groups of IPv4 and IPv6 route changes (RTMGRP_IPV4_ROUTE,
+/// RTMGRP_IPV6_ROUTE).
+const RTMGRP_IPV4_ROUTE: u32 = 0x40;
+const RTMGRP_IPV6_ROUTE: u32 = 0x400;
+
+/// [`RouteTable`] on the real kernel, for the network namespace of the
+/// thread that called [`NetlinkRoutes::new`] (the node's own namespace when
+/// called from any ordinary thread of `tabby-node`).
+///
+/// Blocking: from async code, move it into `tokio::task::spawn_blocking`
+/// (it is `Send`). `add` and `del` pack thousands of requests into a few
+/// datagrams, so large route sets apply in a handful of syscalls.
+pub struct NetlinkRoutes {
+    nl: NlSocket,
+}
+
+impl NetlinkRoutes {
+    /// Opens a netlink socket in the calling thread's network namespace.
+    pub fn new() -> Result<Self> {
+        let nl = NlSocket::new().map_err(|e| e.into_error("opening netlink socket"))?;
+        Ok(NetlinkRoutes { nl })
+    }
+
+    fn dump_family(&mut self, family: AddressFamily) -> Result<Vec<Route>> {
+        // With strict checking these header fields are kernel-side filters:
+        // protocol 77 in the main table, any type.
+        let mut req = RouteMessage::default();
+        req.header.address_family = family;
+        req.header.table = RouteHeader::RT_TABLE_MAIN;
+        req.header.protocol = RouteProtocol::from(ROUTE_PROTOCOL);
+        req.header.kind = RouteType::Unspec;
+        req.header.scope = RouteScope::Universe;
+        let msgs = self
+            .nl
+            .dump(RouteNetlinkMessage::GetRoute(req))
+            .map_err(|e| e.into_error(format!("listing {family:?} routes")))?;
+        Ok(msgs
+            .iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewRoute(r) => route_from_message(r),
+                _ => None,
+            })
+            .collect())
+    }
+}
+
+impl RouteTable for NetlinkRoutes {
+    fn list(&mut self) -> Result<Vec<Route>> {
+        let mut out = self.dump_family(AddressFamily::Inet)?;
+        out.extend(self.dump_family(AddressFamily::Inet6)?);
+        Ok(out)
+    }
+
+    fn add(&mut self, routes: &[Route]) -> Vec<Result<()>> {
+        let reqs = routes
+            .iter()
+            .map(|r| {
+                (
+                    RouteNetlinkMessage::NewRoute(route_message(r, false)),
+                    NLM_F_CREATE | NLM_F_EXCL,
+                )
+            })
+            .collect();
+        self.nl
+            .execute(reqs)
+            .into_iter()
+            .zip(routes)
+            .map(|(res, r)| res.map_err(|e| e.into_error(format!("adding route {r}"))))
+            .collect()
+    }
+
+    fn del(&mut self, routes: &[Route]) -> Vec<Result<()>> {
+        let reqs = routes
+            .iter()
+            .map(|r| (RouteNetlinkMessage::DelRoute(route_message(r, true)), 0))
+            .collect();
+        self.nl
+            .execute(reqs)
+            .into_iter()
+            .zip(routes)
+            .map(|(res, r)| res.map_err(|e| e.into_error(format!("deleting route {r}"))))
+            .collect()
+    }
+}
+
+fn family_of(ip: IpAddr) -> AddressFamily {
+    match ip {
+        IpAddr::V4(_) => AddressFamily::Inet,
+        IpAddr::V6(_) => AddressFamily::Inet6,
+    }
+}
+
+/// The request for adding (or, with `delete`, removing) one tabby route.
+fn route_message(route: &Route, delete: bool) -> RouteMessage {
+    let mut m = RouteMessage::default();
+    m.header.address_family = family_of(route.dst.addr());
+    m.header.destination_prefix_length = route.dst.prefix_len();
+    m.header.table = RouteHeader::RT_TABLE_MAIN;
+    // The protocol is a match criterion on delete: routes of other
+    // protocols can never be removed by tabby.
+    m.header.protocol = RouteProtocol::from(ROUTE_PROTOCOL);
+    // NOWHERE on delete means "any scope" to the kernel.
+    m.header.scope = if delete {
+        RouteScope::NoWhere
+    } else {
+        RouteScope::Universe
+    };
+    if route.dst.prefix_len() > 0 {
+        m.attributes
+            .push(RouteAttribute::Destination(route.dst.addr().into()));
+    }
+    match route.target {
+        RouteTarget::Blackhole => m.header.kind = RouteType::BlackHole,
+        RouteTarget::Via(gw) => {
+            m.header.kind = RouteType::Unicast;
+            if family_of(gw) == m.header.address_family {
+                m.attributes.push(RouteAttribute::Gateway(gw.into()));
+            } else {
+                // e.g. an IPv4 route via an IPv6 next hop (RFC 5549).
+                m.attributes.push(RouteAttribute::Via(match gw {
+                    IpAddr::V4(a) => RouteVia::Inet(a),
+                    IpAddr::V6(a) => RouteVia::Inet6(a),
+                }));
+            }
+        }
+    }
+    m
+}
+
+fn ip_of(a: &RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(a) => Some(IpAddr::V4(*a)),
+        RouteAddress::Inet6(a) => Some(IpAddr::V6(*a)),
+        _ => None,
+    }
+}
+
+/// A tabby route from a kernel route message; `None` for routes that are not
+/// tabby's (other protocol or table) or not of a shape tabby installs.
+pub(crate) fn route_from_message(m: &RouteMessage) -> Option<Route> {
+    if u8::from(m.header.protocol) != ROUTE_PROTOCOL {
+        return None;
+    }
+    let mut table = u32::from(m.header.table);
+    let mut dst = None;
+    let mut gw = None;
+    for a in &m.attributes {
+        match a {
+            RouteAttribute::Table(t) => table = *t,
+            RouteAttribute::Destination(d) => dst = ip_of(d),
+            RouteAttribute::Gateway(g) => gw = ip_of(g),
+            RouteAttribute::Via(RouteVia::Inet(a)) => gw = Some(IpAddr::V4(*a)),
+            RouteAttribute::Via(RouteVia::Inet6(a)) => gw = Some(IpAddr::V6(*a)),
+            RouteAttribute::MultiPath(_) => return None,
+            _ => {}
+        }
+    }
+    if table != RT_TABLE_MAIN {
+        return None;
+    }
+    let dst = match (dst, m.header.address_family) {
+        (Some(d), _) => d,
+        (None, AddressFamily::Inet) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        (None, AddressFamily::Inet6) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        _ => return None,
+    };
+    let dst = IpNet::new(dst, m.header.destination_prefix_length).ok()?;
+    let target = match m.header.kind {
+        RouteType::BlackHole => RouteTarget::Blackhole,
+        RouteType::Unicast => RouteTarget::Via(gw?),
+        _ => return None,
+    };
+    Some(Route { dst, target })
+}
+
+/// What the route monitor reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteEvent {
+    /// A tabby route (protocol 77, main table) was deleted: by hand, by the
+    /// kernel, or by tabby itself (the reconciler filters its own deletions
+    /// by comparing with the desired state).
+    Deleted(Route),
+    /// Notifications were lost (receive queue overrun): re-list everything.
+    Resync,
+}
+
+/// Watches route deletions in the network namespace of the thread that
+/// called [`RouteMonitor::new`].
+///
+/// [`RouteMonitor::next`] is async (tokio reactor); [`RouteMonitor::next_blocking`]
+/// blocks the calling thread. `new` is synchronous and needs no runtime, so
+/// the monitor can be created on a thread inside another namespace and then
+/// driven from anywhere.
+///
+/// The kernel sends no per-route notification when IPv4 routes vanish
+/// because their link went down, so a periodic re-list is still needed.
+pub struct RouteMonitor {
+    raw: Option<Socket>,
+    fd: Option<tokio::io::unix::AsyncFd<Socket>>,
+    buf: Vec<u8>,
+    pending: VecDeque<RouteEvent>,
+}
+
+impl RouteMonitor {
+    /// Subscribes to IPv4 and IPv6 route changes of the calling thread's
+    /// network namespace.
+    pub fn new() -> Result<Self> {
+        let io = |what: &str, e: std::io::Error| Error::Io(format!("route monitor: {what}"), e);
+        let mut sock = Socket::new(NETLINK_ROUTE).map_err(|e| io("socket", e))?;
+        sock.bind(&SocketAddr::new(0, RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE))
+            .map_err(|e| io("bind", e))?;
+        sock.set_non_blocking(true)
+            .map_err(|e| io("set non-blocking", e))?;
+        grow_rcvbuf(&sock, 4 * 1024 * 1024);
+        Ok(RouteMonitor {
+            raw: Some(sock),
+            fd: None,
+            buf: vec![0; 256 * 1024],
+            pending: VecDeque::new(),
+        })
+    }
+
+    fn raw_fd(&self) -> i32 {
+        match (&self.raw, &self.fd) {
+            (Some(s), _) => s.as_raw_fd(),
+            (None, Some(fd)) => fd.get_ref().as_raw_fd(),
+            (None, None) => unreachable!("monitor always holds its socket"),
+        }
+    }
+
+    /// The next deletion of a tabby route (or a request to re-list).
+    /// Cancel-safe. Must be called within a tokio runtime.
+    pub async fn next(&mut self) -> Result<RouteEvent> {
+        loop {
+            if let Some(ev) = self.pending.pop_front() {
+                return Ok(ev);
+            }
+            if self.fd.is_none() {
+                let sock = self.raw.take().expect("socket present until registered");
+                // SAFETY: the Socket owns its fd and keeps it open and
+                // unchanged for as long as the AsyncFd holds it.
+                let fd = unsafe {
+                    tokio::io::unix::AsyncFd::register_with_interest(
+                        sock,
+                        tokio::io::Interest::READABLE,
+                    )
+                };
+                match fd {
+                    Ok(fd) => self.fd = Some(fd),
+                    Err(e) => {
+                        let (sock, e) = e.into_parts();
+                        self.raw = Some(sock);
+                        return Err(Error::Io("route monitor: register with tokio".into(), e));
+                    }
+                }
+            }
+            let RouteMonitor {
+                fd, buf, pending, ..
+            } = self;
+            let fd = fd.as_ref().expect("registered above");
+            let mut guard = fd
+                .readable()
+                .await
+                .map_err(|e| Error::Io("route monitor: poll".into(), e))?;
+            match read_datagram(fd.get_ref().as_raw_fd(), buf, pending) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => guard.clear_ready(),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::Io("route monitor: recv".into(), e)),
+            }
+        }
+    }
+
+    /// Blocking variant of [`RouteMonitor::next`], for a dedicated thread.
+    pub fn next_blocking(&mut self) -> Result<RouteEvent> {
+        loop {
+            if let Some(ev) = self.pending.pop_front() {
+                return Ok(ev);
+            }
+            let mut pfd = libc::pollfd {
+                fd: self.raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            let r = unsafe { libc::poll(&mut pfd, 1, -1) };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(Error::Io("route monitor: poll".into(), e));
+            }
+            let fd = self.raw_fd();
+            match read_datagram(fd, &mut self.buf, &mut self.pending) {
+                Ok(()) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => return Err(Error::Io("route monitor: recv".into(), e)),
+            }
+        }
+    }
+}
+
+/// Reads one datagram without blocking and queues its events.
+fn read_datagram(
+    fd: i32,
+    buf: &mut [u8],
+    pending: &mut VecDeque<RouteEvent>,
+) -> std::io::Result<()> {
+    // SAFETY: buf is a valid writable buffer of the given length.
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENOBUFS) {
+            pending.push_back(RouteEvent::Resync);
+            return Ok(());
+        }
+        return Err(e);
+    }
+    let parsed = parse_datagram(&buf[..n as usize], |reply| {
+        if let Reply::Msg(_, _, m) = reply {
+            if let RouteNetlinkMessage::DelRoute(r) = *m {
+                if let Some(route) = route_from_message(&r) {
+                    pending.push_back(RouteEvent::Deleted(route));
+                }
+            }
+        }
+    });
+    if let Err(e) = parsed {
+        tracing::warn!("route monitor: bad datagram: {e}");
+        pending.push_back(RouteEvent::Resync);
+    }
+    Ok(())
+}
+
+/// Blocking loop for a dedicated thread: calls `on_change` whenever a tabby
+/// route is deleted in the calling thread's namespace (or notifications
+/// were lost and a re-list is due); returns `Ok(())` once `on_change`
+/// returns false, or the error that stopped the monitor.
+pub fn monitor_route_deletions(mut on_change: impl FnMut() -> bool) -> Result<()> {
+    let mut mon = RouteMonitor::new()?;
+    loop {
+        mon.next_blocking()?;
+        if !on_change() {
+            return Ok(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roundtrip(r: Route) {
+        let m = route_message(&r, false);
+        assert_eq!(route_from_message(&m), Some(r));
+    }
+
+    #[test]
+    fn messages_round_trip() {
+        roundtrip(Route {
+            dst: "10.1.2.0/26".parse().unwrap(),
+            target: RouteTarget::Via("192.168.1.2".parse().unwrap()),
+        });
+        roundtrip(Route {
+            dst: "fd00:1::/122".parse().unwrap(),
+            target: RouteTarget::Blackhole,
+        });
+        roundtrip(Route {
+            dst: "10.1.2.0/26".parse().unwrap(),
+            target: RouteTarget::Via("fd00::2".parse().unwrap()),
+        });
+        roundtrip(Route {
+            dst: "0.0.0.0/0".parse().unwrap(),
+            target: RouteTarget::Via("192.168.1.2".parse().unwrap()),
+        });
+    }
+
+    #[test]
+    fn foreign_routes_are_ignored() {
+        let r = Route {
+            dst: "10.1.2.0/26".parse().unwrap(),
+            target: RouteTarget::Blackhole,
+        };
+        let mut m = route_message(&r, false);
+        m.header.protocol = RouteProtocol::Static;
+        assert_eq!(route_from_message(&m), None);
+        let mut m = route_message(&r, false);
+        m.header.table = 100;
+        assert_eq!(route_from_message(&m), None);
+        let mut m = route_message(&r, false);
+        m.header.kind = RouteType::Unreachable;
+        assert_eq!(route_from_message(&m), None);
+    }
+}

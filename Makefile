@@ -3,7 +3,7 @@ CARGO   ?= cargo
 GRPCURL := $(CURDIR)/target/tools/grpcurl-venv/bin/grpcurl
 export TABBY_GRPCURL := $(GRPCURL)
 
-.PHONY: build test lint bench deps run-controller
+.PHONY: build test lint bench deps run-controller lab lab-down
 
 build:
 	$(CARGO) build --release --workspace
@@ -26,3 +26,10 @@ bench: deps
 
 run-controller: build
 	target/release/tabby-controller --listen 127.0.0.1:5151 --data-dir ./tabby-data --bootstrap-pool 10.244.0.0/16
+
+# The three-node lab of the Calico walkthrough, in network namespaces (root).
+lab: deps build
+	target/release/tabby-lab up
+
+lab-down:
+	@if [ -x target/release/tabby-lab ]; then target/release/tabby-lab down; else $(CARGO) run -q --release -p tabby-integration --bin tabby-lab -- down; fi

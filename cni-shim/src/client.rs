@@ -66,6 +66,13 @@ impl NodeClient {
         }
     }
 
+    /// A request carrying the deadline (`grpc-timeout`), so the node knows it.
+    fn request<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        r.set_timeout(self.timeout);
+        r
+    }
+
     async fn timed<T>(
         timeout: Duration,
         call: impl Future<Output = Result<tonic::Response<T>, Status>>,
@@ -85,6 +92,7 @@ impl NodeApi for NodeClient {
         &mut self,
         req: pb::PodAddRequest,
     ) -> impl Future<Output = Result<pb::PodAddResponse, Status>> {
+        let req = self.request(req);
         Self::timed(self.timeout, self.inner.add(req))
     }
 
@@ -92,6 +100,7 @@ impl NodeApi for NodeClient {
         &mut self,
         req: pb::PodDelRequest,
     ) -> impl Future<Output = Result<pb::PodDelResponse, Status>> {
+        let req = self.request(req);
         Self::timed(self.timeout, self.inner.del(req))
     }
 
@@ -99,17 +108,20 @@ impl NodeApi for NodeClient {
         &mut self,
         req: pb::PodCheckRequest,
     ) -> impl Future<Output = Result<pb::PodCheckResponse, Status>> {
+        let req = self.request(req);
         Self::timed(self.timeout, self.inner.check(req))
     }
 
     fn status(&mut self) -> impl Future<Output = Result<pb::PodStatusResponse, Status>> {
-        Self::timed(self.timeout, self.inner.status(pb::PodStatusRequest {}))
+        let req = self.request(pb::PodStatusRequest {});
+        Self::timed(self.timeout, self.inner.status(req))
     }
 
     fn gc(
         &mut self,
         req: pb::PodGcRequest,
     ) -> impl Future<Output = Result<pb::PodGcResponse, Status>> {
+        let req = self.request(req);
         Self::timed(self.timeout, self.inner.gc(req))
     }
 }

@@ -159,6 +159,11 @@ pub fn from_status(verb: Verb, status: &tonic::Status) -> CniError {
             code::TRY_AGAIN_LATER,
             "tabby-node did not answer in time, try again later",
         ),
+        // tonic reports its own client-side timeout as CANCELLED.
+        Code::Cancelled => (
+            code::TRY_AGAIN_LATER,
+            "call to tabby-node cancelled or timed out, try again later",
+        ),
         Code::Aborted => (
             code::TRY_AGAIN_LATER,
             "operation aborted by a conflict, try again later",

@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PKGS="iproute2 nftables procps python3-venv iputils-ping"
+if [ "${1:-}" = "--packages" ]; then echo $PKGS; exit 0; fi
 missing=""
 for p in $PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

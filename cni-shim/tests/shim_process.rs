@@ -122,6 +122,7 @@ impl PodNetwork for FakeNode {
             } else {
                 "controller unreachable".into()
             },
+            ..Default::default()
         }))
     }
 

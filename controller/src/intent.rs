@@ -18,7 +18,7 @@ use tabby_store::{Key, Pool};
 use tokio::sync::broadcast;
 
 /// Deltas kept for watchers that resume with a recent revision.
-const RING: usize = 4096;
+pub const RING: usize = 4096;
 /// Deltas buffered per watcher before it is resynchronised.
 pub const WATCH_BUFFER: usize = 1024;
 

@@ -127,3 +127,121 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        intent::{RING, WATCH_BUFFER},
+        ipam::AssignRequest,
+    };
+    use futures::StreamExt;
+    use prost::Message;
+    use tabby_store::{Encapsulation, Node, Pool, Store};
+
+    /// A watcher that reads nothing while more than its buffer of updates is
+    /// published lags; on its next read it is resynchronised: from the ring of
+    /// recent deltas while they reach back far enough, else with a snapshot.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lagging_watchers_are_resynced() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let (ipam, owner) = Ipam::start(store).unwrap();
+        ipam.call(|s| {
+            s.create_pool(Pool {
+                name: "p".into(),
+                cidr: "10.0.0.0/8".parse().unwrap(),
+                block_size: 30,
+                nat_outgoing: false,
+                encapsulation: Encapsulation::None,
+                disabled: false,
+                node_selector: String::new(),
+            })
+        })
+        .await
+        .unwrap();
+        ipam.call(|s| {
+            s.register_node(Node {
+                name: "n".into(),
+                ..Default::default()
+            })
+        })
+        .await
+        .unwrap();
+        let claim = |k: usize| {
+            let ipam = ipam.clone();
+            async move {
+                // Every 4th address of a /30 pool is a new block: one delta per claim.
+                let a = std::net::Ipv4Addr::from(0x0a00_0000u32 + 4 * k as u32 + 1);
+                ipam.call(move |s| {
+                    s.assign(
+                        "n",
+                        AssignRequest {
+                            handle: format!("h{k}"),
+                            requested: vec![a.into()],
+                            ..Default::default()
+                        },
+                    )
+                })
+                .await
+                .unwrap()
+                .1
+            }
+        };
+        let watcher = |since: u64, start: crate::intent::WatchStart| Watcher {
+            ipam: ipam.clone(),
+            node: "w".into(),
+            pending: start.initial.into(),
+            live: start.live,
+            last: since,
+        };
+        let drain = |w: Watcher, upto: u64| async move {
+            let mut s = Box::pin(stream::unfold(w, next));
+            let mut got = Vec::new();
+            loop {
+                let u = pb::IntentUpdate::decode(s.next().await.unwrap().unwrap().0).unwrap();
+                let rev = u.revision;
+                got.push(u);
+                if rev >= upto {
+                    return got;
+                }
+            }
+        };
+
+        // Lag past the buffer but within the ring: resynced with deltas.
+        let w1 = watcher(0, ipam.watch(0).await.unwrap());
+        let mut last = 0;
+        for k in 0..WATCH_BUFFER + 100 {
+            last = claim(k).await;
+        }
+        let got = drain(w1, last).await;
+        assert!(got[0].snapshot, "first the snapshot");
+        let blocks: usize = got.iter().map(|u| u.blocks.len()).sum();
+        assert_eq!(
+            blocks,
+            WATCH_BUFFER + 100,
+            "every block arrives exactly once"
+        );
+        assert!(got[1..].iter().all(|u| !u.snapshot));
+
+        // Lag past the ring too: resynced with a snapshot.
+        let w2 = watcher(last, ipam.watch(last).await.unwrap());
+        for k in WATCH_BUFFER + 100..WATCH_BUFFER + 100 + RING + 10 {
+            last = claim(k).await;
+        }
+        let got = drain(w2, last).await;
+        assert!(
+            got.iter().any(|u| u.snapshot),
+            "a snapshot replaces the lost history"
+        );
+        let snap = got.iter().rposition(|u| u.snapshot).unwrap();
+        let total: usize = got[snap..].iter().map(|u| u.blocks.len()).sum();
+        assert_eq!(
+            total,
+            WATCH_BUFFER + 100 + RING + 10,
+            "after it, the complete block set"
+        );
+        drop(ipam);
+        owner.join();
+    }
+}

@@ -308,6 +308,26 @@ fn encapsulated_pools_are_reported_not_routed() {
     ])
     .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
+    // The node's status says so too (grpcurl over the node's socket).
+    let g = lab.cfg.grpcurl.display().to_string();
+    let sock = lab.socket("worker").display().to_string();
+    let st = tabby_integration::netns::run(
+        &g,
+        &[
+            "-plaintext",
+            "-authority",
+            "localhost",
+            "-unix",
+            &sock,
+            "tabby.v1.PodNetwork/Status",
+        ],
+    )
+    .unwrap();
+    assert!(
+        st.contains("\"unsupported\"") && st.contains("ENCAPSULATION_VXLAN"),
+        "{st}"
+    );
+    assert!(st.contains("\"ready\": true"), "{st}");
     // Its CIDR is in the NAT "all pools" set, but no route points into it.
     let nft = sh(&lab.node_ns("worker"), "nft list set ip tabby all-pools");
     assert!(nft.contains("10.50.0.0/16"), "{nft}");

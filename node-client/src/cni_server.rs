@@ -301,6 +301,10 @@ impl pb::pod_network_server::PodNetwork for PodNetworkService {
         Ok(Response::new(pb::PodStatusResponse {
             ready: reason.is_empty(),
             reason,
+            unsupported: st.unsupported,
+            revision: st.revision,
+            routes: st.routes as u64,
+            last_error: st.last_error.unwrap_or_default(),
         }))
     }
 

@@ -198,8 +198,20 @@ async fn main() -> anyhow::Result<()> {
             _ = int.recv() => tracing::info!("SIGINT: shutting down"),
         }
     };
+    // Reflection, so an operator can ask a node with grpcurl -unix.
+    let reflection = |b: tonic_reflection::server::Builder<'static>| {
+        b.register_encoded_file_descriptor_set(tabby_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name("tabby.v1.PodNetwork")
+            .with_service_name("grpc.health.v1.Health")
+    };
+    let refl_v1 = reflection(tonic_reflection::server::Builder::configure()).build_v1()?;
+    let refl_v1alpha =
+        reflection(tonic_reflection::server::Builder::configure()).build_v1alpha()?;
     tonic::transport::Server::builder()
         .add_service(health_svc)
+        .add_service(refl_v1)
+        .add_service(refl_v1alpha)
         .add_service(PodNetworkServer::new(PodNetworkService::new(
             ctl, st, a.mtu,
         )))

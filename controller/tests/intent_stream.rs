@@ -1,0 +1,192 @@
+//! The intent stream over real gRPC: snapshot then deltas stamped with
+//! revisions, resume from a revision, and a slow watcher that neither stalls
+//! the others nor ends up wrong (bounded buffering, then a resync).
+mod common;
+
+use common::{create_pool, register, Controller, NodeHeader};
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+use tabby_proto::v1::{
+    intent_stream_client::IntentStreamClient, AssignRequest, IntentUpdate, WatchRequest,
+};
+use tonic::{service::interceptor::InterceptedService, transport::Channel, Streaming};
+
+type Client = IntentStreamClient<InterceptedService<Channel, NodeHeader>>;
+
+async fn client(c: &Controller, name: &str) -> Client {
+    IntentStreamClient::with_interceptor(c.channel().await, NodeHeader(name.parse().unwrap()))
+}
+
+/// What a node rebuilds from the stream: blocks and their nodes.
+#[derive(Default, Debug, PartialEq)]
+struct Seen {
+    revision: u64,
+    snapshots: usize,
+    deltas: usize,
+    blocks: BTreeMap<String, String>,
+}
+
+impl Seen {
+    fn apply(&mut self, u: &IntentUpdate) {
+        assert!(
+            u.revision >= self.revision,
+            "revisions never go back: {} after {}",
+            u.revision,
+            self.revision
+        );
+        if u.snapshot {
+            self.blocks.clear();
+            self.snapshots += 1;
+        } else {
+            self.deltas += 1;
+        }
+        for c in &u.removed_blocks {
+            self.blocks.remove(c);
+        }
+        for b in &u.blocks {
+            self.blocks.insert(b.cidr.clone(), b.node.clone());
+        }
+        self.revision = u.revision;
+    }
+}
+
+async fn next(s: &mut Streaming<IntentUpdate>) -> IntentUpdate {
+    tokio::time::timeout(Duration::from_secs(10), s.message())
+        .await
+        .expect("an update within 10 s")
+        .expect("stream ok")
+        .expect("stream open")
+}
+
+async fn claim(c: &Controller, k: usize) -> u64 {
+    let mut n = c.node("claimer").await;
+    // Each /26 is a new block: one delta per claim.
+    n.assign(AssignRequest {
+        handle: format!("claim-{k}"),
+        requested: vec![format!("10.{}.{}.1", k / 256 + 1, k % 256)],
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .revision
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_deltas_resume_and_slow_watchers() {
+    let dir = common::temp_dir();
+    let c = Controller::start(dir.path());
+    let mut admin = c.admin().await;
+    create_pool(&mut admin, "p", "10.0.0.0/8", 26).await;
+    register(&c, "claimer", 0).await;
+    let first = claim(&c, 0).await;
+
+    // A fresh watcher gets a snapshot at the current revision.
+    let mut fast = client(&c, "fast")
+        .await
+        .watch(WatchRequest { since_revision: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut a = Seen::default();
+    let u = next(&mut fast).await;
+    assert!(u.snapshot && u.revision == first, "{u:?}");
+    assert_eq!(u.nodes.len(), 1);
+    assert_eq!(u.pools.len(), 1);
+    a.apply(&u);
+    assert_eq!(a.blocks.len(), 1);
+
+    // A slow watcher connects, takes its snapshot, then stops reading.
+    let mut slow = client(&c, "slow")
+        .await
+        .watch(WatchRequest { since_revision: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut b = Seen::default();
+    b.apply(&next(&mut slow).await);
+
+    // 1,500 claims (more than the 1,024 updates buffered per watcher): the
+    // fast watcher keeps up while the slow one reads nothing.
+    const CLAIMS: usize = 1500;
+    let reader = tokio::spawn(async move {
+        let mut a = a;
+        while a.blocks.len() < CLAIMS + 1 {
+            a.apply(&next(&mut fast).await);
+        }
+        (a, fast)
+    });
+    let t = Instant::now();
+    let mut last = 0;
+    for k in 1..=CLAIMS {
+        last = claim(&c, k).await;
+    }
+    let (a, mut fast) = tokio::time::timeout(Duration::from_secs(20), reader)
+        .await
+        .expect("fast watcher not stalled")
+        .unwrap();
+    println!(
+        "{CLAIMS} claims in {:?}; fast watcher at revision {} with {} deltas",
+        t.elapsed(),
+        a.revision,
+        a.deltas
+    );
+    assert_eq!(a.revision, last);
+    assert_eq!(a.snapshots, 1, "the fast watcher never needed a resync");
+
+    // The slow watcher now reads: it is resynchronised and ends up identical.
+    while b.revision < last {
+        b.apply(&next(&mut slow).await);
+    }
+    println!(
+        "slow watcher: {} snapshots, {} deltas",
+        b.snapshots, b.deltas
+    );
+    assert_eq!(
+        b.blocks, a.blocks,
+        "the slow watcher converges to the same intent"
+    );
+
+    // Resume: from the latest revision nothing is resent; the next change comes alone.
+    let mut resumed = client(&c, "resumed")
+        .await
+        .watch(WatchRequest {
+            since_revision: last,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let newest = claim(&c, CLAIMS + 1).await;
+    let u = next(&mut resumed).await;
+    assert!(
+        !u.snapshot && u.revision == newest && u.blocks.len() == 1,
+        "{u:?}"
+    );
+    let u = next(&mut fast).await;
+    assert_eq!(u.revision, newest);
+
+    // Resume from an older revision still in history: only the deltas after it.
+    let mut older = client(&c, "older")
+        .await
+        .watch(WatchRequest {
+            since_revision: last - 3,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut o = Seen {
+        revision: last - 3,
+        ..Default::default()
+    };
+    while o.revision < newest {
+        o.apply(&next(&mut older).await);
+    }
+    assert_eq!((o.snapshots, o.deltas), (0, 4));
+
+    // Without an identity the stream is refused.
+    let mut anon = IntentStreamClient::new(c.channel().await);
+    let e = anon.watch(WatchRequest::default()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+}

@@ -23,6 +23,10 @@ lint:
 bench: deps
 	$(CARGO) build --release --workspace
 	$(CARGO) bench -p tabby-controller --bench ipam_grpc
+	$(CARGO) bench -p tabby-controller --bench fanout
+	$(CARGO) bench -p tabby-integration --bench route_apply
+	$(CARGO) bench -p tabby-integration --bench pod_socket
+	$(CARGO) bench -p tabby-integration --bench cni_cycle
 
 run-controller: build
 	target/release/tabby-controller --listen 127.0.0.1:5151 --data-dir ./tabby-data --bootstrap-pool 10.244.0.0/16

@@ -33,6 +33,8 @@ const MTU: u32 = 1450;
 /// One plugin under test: where it runs and what it is given.
 struct Plugin {
     name: &'static str,
+    /// Container-id tag (CNI allows only [A-Za-z0-9_.-]).
+    tag: &'static str,
     node_ns: String,
     bin: PathBuf,
     cni_path: String,
@@ -97,7 +99,7 @@ struct Times {
 }
 
 fn cycle(p: &Plugin, i: usize, pod_ns: &str, pfx: &str, t: Option<&mut Times>) -> Result<()> {
-    let cid = format!("{pfx}{}{i:05}", p.name.replace('-', ""));
+    let cid = format!("{pfx}{}{i:05}", p.tag);
     let args = format!(
         "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=pod-{i};K8S_POD_INFRA_CONTAINER_ID={cid}"
     );
@@ -172,6 +174,7 @@ fn main() -> Result<()> {
     tabby_conf["mtu"] = json!(MTU);
     let tabby = Plugin {
         name: "tabby",
+        tag: "t",
         node_ns: lab.node_ns(NODE),
         bin: lab.cfg.bin_dir.join("tabby"),
         cni_path: lab.cfg.bin_dir.display().to_string(),
@@ -180,6 +183,7 @@ fn main() -> Result<()> {
     let ipam_dir = dir.path().join("host-local");
     let ptp = Plugin {
         name: "ptp+host-local",
+        tag: "p",
         node_ns: ptp_node,
         bin: ptp,
         cni_path: CNI_DIR.into(),

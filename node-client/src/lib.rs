@@ -14,6 +14,7 @@ pub mod kernel;
 pub mod netlink;
 pub mod nft;
 pub mod plan;
+pub mod reaper;
 
 pub use error::{Error, Result};
 

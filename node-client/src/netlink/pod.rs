@@ -490,6 +490,87 @@ pub fn unwire_pod(host_ifname: &str, netns_path: Option<&Path>) -> Result<()> {
     }
 }
 
+/// Prefix of host veths that DEL took out of service and that wait for
+/// deletion (see [`retire_pod`]).
+pub const RETIRED_PREFIX: &str = "tabz";
+
+/// Takes a pod's host veth out of service at once and frees its name: one
+/// request sets it down (the kernel drops the pod's /32 route with it) and
+/// renames it `tabz<ifindex>`. Deleting a veth costs the kernel ~20 ms of RCU
+/// grace periods, which DEL need not wait for: the caller deletes the retired
+/// link later with [`delete_link_named`]. Returns the retired name, or None
+/// when there is no such interface. Refuses an interface that is not a veth.
+///
+/// Blocking.
+pub fn retire_pod(host_ifname: &str) -> Result<Option<String>> {
+    if !valid_ifname(host_ifname) {
+        return Err(Error::Invalid(format!(
+            "bad host interface name {host_ifname:?}"
+        )));
+    }
+    let mut nl = NlSocket::new().map_err(|e| e.into_error("opening netlink socket"))?;
+    let Some(link) = get_link(&mut nl, host_ifname)? else {
+        return Ok(None);
+    };
+    if link.kind != Some(InfoKind::Veth) {
+        return Err(Error::Invalid(format!(
+            "{host_ifname} is not a veth ({:?}); not touching it",
+            link.kind
+        )));
+    }
+    let retired = format!("{RETIRED_PREFIX}{}", link.index);
+    let mut req = LinkMessage::default();
+    req.header.index = link.index;
+    req.header.flags = LinkFlags::empty();
+    req.header.change_mask = LinkFlags::Up;
+    req.attributes.push(LinkAttribute::IfName(retired.clone()));
+    match nl.request(RouteNetlinkMessage::SetLink(req), 0) {
+        Ok(()) => Ok(Some(retired)),
+        Err(e) if e.errno == libc::ENODEV => Ok(None),
+        Err(e) => Err(e.into_error(format!("retiring veth {host_ifname}"))),
+    }
+}
+
+/// Deletes a link by name (with its veth peer). A missing link is fine.
+///
+/// Blocking.
+pub fn delete_link_named(name: &str) -> Result<()> {
+    let mut nl = NlSocket::new().map_err(|e| e.into_error("opening netlink socket"))?;
+    let Some(link) = get_link(&mut nl, name)? else {
+        return Ok(());
+    };
+    match delete_link(&mut nl, link.index) {
+        Ok(()) => Ok(()),
+        Err(e) if e.errno == libc::ENODEV => Ok(()),
+        Err(e) => Err(e.into_error(format!("deleting {name}"))),
+    }
+}
+
+/// Names of retired veths left behind (e.g. by a restart before the
+/// deferred deletion ran).
+///
+/// Blocking.
+pub fn retired_links() -> Result<Vec<String>> {
+    let mut nl = NlSocket::new().map_err(|e| e.into_error("opening netlink socket"))?;
+    let msgs = nl
+        .dump(RouteNetlinkMessage::GetLink(LinkMessage::default()))
+        .map_err(|e| e.into_error("listing links"))?;
+    let mut out = Vec::new();
+    for m in msgs {
+        let RouteNetlinkMessage::NewLink(l) = m else {
+            continue;
+        };
+        for a in &l.attributes {
+            if let LinkAttribute::IfName(n) = a {
+                if n.starts_with(RETIRED_PREFIX) {
+                    out.push(n.clone());
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Addresses (global scope) of interface `index`.
 fn link_addresses(nl: &mut NlSocket, index: u32) -> Result<BTreeSet<IpNet>> {
     let mut out = BTreeSet::new();

@@ -30,11 +30,14 @@ fn lock(q: &Mutex<Queue>) -> std::sync::MutexGuard<'_, Queue> {
 impl Reaper {
     /// Starts the thread; retired links left from a previous run are queued.
     pub fn start() -> Reaper {
-        let r = Reaper { q: Arc::new((Mutex::new(Queue::default()), Condvar::new())) };
+        let r = Reaper {
+            q: Arc::new((Mutex::new(Queue::default()), Condvar::new())),
+        };
         match netlink::retired_links() {
             Ok(left) => {
                 let mut g = lock(&r.q.0);
-                g.waiting.extend(left.into_iter().map(|n| (n, PathBuf::new())));
+                g.waiting
+                    .extend(left.into_iter().map(|n| (n, PathBuf::new())));
             }
             Err(e) => tracing::warn!(error = %e, "cannot list retired veths"),
         }
@@ -62,18 +65,23 @@ impl Reaper {
     /// Retires `host_ifname` now and queues its deletion. Blocking.
     pub fn retire(&self, host_ifname: &str, netns: Option<&Path>) -> Result<()> {
         if let Some(name) = netlink::retire_pod(host_ifname)? {
-            lock(&self.q.0).waiting.push_back((name, netns.map(Path::to_path_buf).unwrap_or_default()));
+            lock(&self.q.0)
+                .waiting
+                .push_back((name, netns.map(Path::to_path_buf).unwrap_or_default()));
             self.q.1.notify_all();
         }
         Ok(())
     }
 
     /// Makes sure no retired pair of namespace `netns` is left (deleting the
-    /// queued ones now, waiting for one being deleted). Blocking.
+    /// queued ones now, waiting for one being deleted). Pairs of unknown
+    /// namespace (left by a previous run) count as matching. Blocking.
     pub fn settle(&self, netns: &Path) {
+        let hits = |n: &PathBuf| n == netns || n.as_os_str().is_empty();
         let mine: Vec<String> = {
             let mut g = lock(&self.q.0);
-            let (hit, keep): (VecDeque<_>, VecDeque<_>) = g.waiting.drain(..).partition(|(_, n)| n == netns);
+            let (hit, keep): (VecDeque<_>, VecDeque<_>) =
+                g.waiting.drain(..).partition(|(_, n)| hits(n));
             g.waiting = keep;
             hit.into_iter().map(|(n, _)| n).collect()
         };
@@ -83,7 +91,7 @@ impl Reaper {
             }
         }
         let mut g = lock(&self.q.0);
-        while g.deleting.as_ref().is_some_and(|(_, n)| n == netns) {
+        while g.deleting.as_ref().is_some_and(|(_, n)| hits(n)) {
             g = self.q.1.wait(g).unwrap_or_else(|e| e.into_inner());
         }
     }

@@ -745,3 +745,55 @@ fn monitor_reports_deleted_routes() {
     }
     assert_eq!(watcher.join().unwrap().unwrap(), 1);
 }
+
+#[test]
+fn retire_takes_a_pod_out_of_service_and_reaper_deletes_it() {
+    need_root();
+    let mut ns = Netns::new();
+    let n = ns.add();
+    let p = ns.add();
+    let spec = pod_spec(&p, "container-r", &["10.88.0.9/32"]);
+    let host = spec.host_ifname.clone();
+    inside(&n, || wire_pod(&spec)).unwrap();
+    let retired = inside(&n, || tabby_node::netlink::retire_pod(&host))
+        .unwrap()
+        .expect("retired");
+    assert!(retired.starts_with(tabby_node::netlink::RETIRED_PREFIX));
+    // At once: the name is free, the /32 route is gone, the link is down.
+    assert!(!ip_ok(&["-n", &n, "link", "show", &host]));
+    assert!(!ip(&["-n", &n, "route"]).contains("10.88.0.9"));
+    let l = ip(&["-n", &n, "link", "show", &retired]);
+    assert!(!l.contains("state UP") && !l.contains(",UP"), "{l}");
+    assert_eq!(
+        inside(&n, tabby_node::netlink::retired_links).unwrap(),
+        vec![retired.clone()]
+    );
+    // Retiring again (DEL repeated) finds nothing; lo is refused.
+    assert_eq!(
+        inside(&n, || tabby_node::netlink::retire_pod(&host)).unwrap(),
+        None
+    );
+    assert!(inside(&n, || tabby_node::netlink::retire_pod("lo")).is_err());
+    // The reaper deletes it; settle() for the pod's netns waits for that.
+    let pod_path = spec.netns_path.clone();
+    inside(&n, move || {
+        let r = tabby_node::reaper::Reaper::start();
+        r.settle(&pod_path);
+        assert_eq!(r.pending(), 0);
+    });
+    assert!(!ip_ok(&["-n", &n, "link", "show", &retired]));
+    assert!(
+        !ip_ok(&["-n", &p, "link", "show", "eth0"]),
+        "the peer went with it"
+    );
+    // The same pod can be wired again at once after a retire + settle.
+    let spec2 = pod_spec(&p, "container-r", &["10.88.0.9/32"]);
+    inside(&n, || wire_pod(&spec2)).unwrap();
+    inside(&n, || {
+        let r = tabby_node::reaper::Reaper::start();
+        r.retire(&spec2.host_ifname, Some(&spec2.netns_path))
+            .unwrap();
+        r.settle(&spec2.netns_path);
+        wire_pod(&spec2).unwrap();
+    });
+}

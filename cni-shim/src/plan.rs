@@ -321,7 +321,7 @@ mod tests {
             self.fail()?;
             self.status.pop_front().unwrap_or(Ok(pb::PodStatusResponse {
                 ready: true,
-                reason: String::new(),
+                ..Default::default()
             }))
         }
         async fn gc(&mut self, req: pb::PodGcRequest) -> Result<pb::PodGcResponse, Status> {
@@ -490,6 +490,7 @@ mod tests {
             status: [Ok(pb::PodStatusResponse {
                 ready: false,
                 reason: "controller unreachable".into(),
+                ..Default::default()
             })]
             .into(),
             ..Default::default()

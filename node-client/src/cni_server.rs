@@ -5,11 +5,18 @@ use crate::{
     controller::{is_unavailable, Controller},
     daemon::{lock_status, SharedStatus},
     netlink::{self, PodSpec},
+    reaper::Reaper,
     Error,
 };
 use ipnet::IpNet;
-use std::{collections::BTreeSet, path::PathBuf, time::Duration};
+use std::{
+    collections::{BTreeSet, HashMap},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 use tabby_proto::v1 as pb;
+use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
 use tonic::{Request, Response, Status};
 
 /// The PodNetwork service.
@@ -18,6 +25,79 @@ pub struct PodNetworkService {
     ctl: Controller,
     status: SharedStatus,
     default_mtu: u32,
+    locks: HandleLocks,
+    reaper: Reaper,
+}
+
+/// One async lock per IPAM handle: ADD, DEL and CHECK of one attachment run
+/// one at a time, so a retried ADD racing the first cannot roll back (and
+/// release) the address the first one is wiring.
+#[derive(Clone, Default)]
+struct HandleLocks(Arc<Mutex<HashMap<String, Arc<AsyncMutex<()>>>>>);
+
+struct HandleGuard {
+    locks: HandleLocks,
+    handle: String,
+    guard: Option<OwnedMutexGuard<()>>,
+}
+
+impl HandleLocks {
+    async fn lock(&self, handle: &str) -> HandleGuard {
+        let m = {
+            let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            map.entry(handle.to_string()).or_default().clone()
+        };
+        HandleGuard {
+            locks: self.clone(),
+            handle: handle.to_string(),
+            guard: Some(m.lock_owned().await),
+        }
+    }
+}
+
+impl Drop for HandleGuard {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        let mut map = self.locks.0.lock().unwrap_or_else(|e| e.into_inner());
+        // Only the map holds it: nobody waits, forget the entry.
+        if map
+            .get(&self.handle)
+            .is_some_and(|m| Arc::strong_count(m) == 1)
+        {
+            map.remove(&self.handle);
+        }
+    }
+}
+
+/// Whether `path` is a network namespace file as this process sees it. A
+/// netns bind mount made in another mount namespace (e.g. by a runtime
+/// started under `ip netns exec`, or on a host whose `/run/netns` is not
+/// propagated into tabby-node's container) is a plain empty file here.
+fn is_netns_file(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    const NSFS_MAGIC: i64 = 0x6e73_6673;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: a zeroed `statfs` is a valid value of this plain C struct.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid C string and `st` a struct we own for the call.
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    rc == 0 && st.f_type as i64 == NSFS_MAGIC
+}
+
+fn check_netns(path: &str) -> Result<(), Status> {
+    if path.is_empty() || !Path::new(path).exists() {
+        return Err(invalid(format!("netns {path:?} does not exist")));
+    }
+    if !is_netns_file(Path::new(path)) {
+        return Err(invalid(format!(
+            "netns {path:?} is not a network namespace as tabby-node sees it: a bind mount \
+             made in another mount namespace is not visible here (share /run/netns with \
+             tabby-node, e.g. mount propagation HostToContainer)"
+        )));
+    }
+    Ok(())
 }
 
 impl PodNetworkService {
@@ -27,6 +107,8 @@ impl PodNetworkService {
             ctl,
             status,
             default_mtu,
+            locks: HandleLocks::default(),
+            reaper: Reaper::start(),
         }
     }
 }
@@ -127,9 +209,7 @@ impl pb::pod_network_server::PodNetwork for PodNetworkService {
     ) -> Result<Response<pb::PodAddResponse>, Status> {
         let r = req.into_inner();
         let (att, handle, host_if) = identify(&r.attachment, &r.pod_namespace, &r.pod_name)?;
-        if r.netns.is_empty() || !std::path::Path::new(&r.netns).exists() {
-            return Err(invalid(format!("netns {:?} does not exist", r.netns)));
-        }
+        check_netns(&r.netns)?;
         let requested = if r.requested_address.is_empty() {
             Vec::new()
         } else {
@@ -145,12 +225,34 @@ impl pb::pod_network_server::PodNetwork for PodNetworkService {
         if !(68..=65535).contains(&mtu) {
             return Err(invalid(format!("MTU {mtu} is out of range (68..65535)")));
         }
-        if netlink::link_exists(&host_if) {
+        let _lock = self.locks.lock(&handle).await;
+        // The handle is the attachment's identity: a veth it owns means this
+        // is a duplicate ADD, which must neither wire a second interface nor
+        // (on failure) release the first one's address.
+        let (h, name) = (handle.clone(), host_if.clone());
+        let owned = blocking(move || Ok((netlink::owned_links(&h)?, netlink::link_exists(&name))))
+            .await
+            .map_err(kernel_status)?;
+        if !owned.0.is_empty() || owned.1 {
             return Err(Status::already_exists(format!(
-                "container {} already has {} (host interface {host_if}); DEL it first",
-                att.container_id, att.ifname
+                "container {} already has {} in network {} (host interface {}); DEL it first",
+                att.container_id,
+                att.ifname,
+                att.network,
+                owned.0.first().unwrap_or(&host_if)
             )));
         }
+        // A pair retired by a DEL into this same namespace must be gone first.
+        if self.reaper.pending() > 0 {
+            let (r, ns) = (self.reaper.clone(), PathBuf::from(&r.netns));
+            blocking(move || {
+                r.settle(&ns);
+                Ok(())
+            })
+            .await
+            .map_err(kernel_status)?;
+        }
+        let mut agent = self.ctl.agent.clone();
         let span = tracing::info_span!("add", container = %att.container_id, pod = %format!("{}/{}", r.pod_namespace, r.pod_name));
         let _e = span.enter();
         let mut attrs = std::collections::HashMap::new();
@@ -162,7 +264,6 @@ impl pb::pod_network_server::PodNetwork for PodNetworkService {
         if !r.pod_name.is_empty() {
             attrs.insert("pod".to_string(), r.pod_name.clone());
         }
-        let mut agent = self.ctl.agent.clone();
         let assigned = agent
             .assign(pb::AssignRequest {
                 handle: handle.clone(),
@@ -172,7 +273,15 @@ impl pb::pod_network_server::PodNetwork for PodNetworkService {
                 requested,
             })
             .await
-            .map_err(|e| ctl_status("Assign", e))?
+            .map_err(|e| {
+                // "Requested address taken" is a bad request, not an existing
+                // attachment (what AlreadyExists means to the plugin).
+                if e.code() == tonic::Code::AlreadyExists {
+                    invalid(format!("controller refused Assign: {}", e.message()))
+                } else {
+                    ctl_status("Assign", e)
+                }
+            })?
             .into_inner();
         let addresses = assigned
             .allocations
@@ -185,6 +294,7 @@ impl pb::pod_network_server::PodNetwork for PodNetworkService {
             pod_ifname: att.ifname.clone(),
             addresses: addresses.clone(),
             mtu,
+            owner: handle.clone(),
         };
         match blocking(move || netlink::wire_pod(&spec)).await {
             Ok(w) => {
@@ -234,9 +344,11 @@ impl pb::pod_network_server::PodNetwork for PodNetworkService {
     ) -> Result<Response<pb::PodDelResponse>, Status> {
         let r = req.into_inner();
         let (att, handle, host_if) = identify(&r.attachment, &r.pod_namespace, &r.pod_name)?;
+        let _lock = self.locks.lock(&handle).await;
         let netns = (!r.netns.is_empty()).then(|| PathBuf::from(&r.netns));
-        let h2 = host_if.clone();
-        blocking(move || netlink::unwire_pod(&h2, netns.as_deref()))
+        // Out of service now (down, /32 gone, name free); deleted in the background.
+        let (reaper, owner) = (self.reaper.clone(), handle.clone());
+        blocking(move || reaper.retire(&owner, netns.as_deref()))
             .await
             .map_err(kernel_status)?;
         let mut agent = self.ctl.agent.clone();
@@ -257,7 +369,8 @@ impl pb::pod_network_server::PodNetwork for PodNetworkService {
         req: Request<pb::PodCheckRequest>,
     ) -> Result<Response<pb::PodCheckResponse>, Status> {
         let r = req.into_inner();
-        let (att, _handle, host_if) = identify(&r.attachment, &r.pod_namespace, &r.pod_name)?;
+        let (att, handle, host_if) = identify(&r.attachment, &r.pod_namespace, &r.pod_name)?;
+        let _lock = self.locks.lock(&handle).await;
         if r.expected_addresses.is_empty() {
             return Err(invalid("CHECK needs the expected addresses (prevResult)"));
         }
@@ -275,6 +388,7 @@ impl pb::pod_network_server::PodNetwork for PodNetworkService {
             pod_ifname: att.ifname.clone(),
             addresses,
             mtu: 0,
+            owner: handle.clone(),
         };
         blocking(move || netlink::check_pod(&spec))
             .await
@@ -334,10 +448,11 @@ impl pb::pod_network_server::PodNetwork for PodNetworkService {
             .into_iter()
             .filter(|h| h.starts_with(&prefix) && !valid.contains(h))
         {
-            // The interface is normally gone with its netns; remove it if not.
-            let cid = h[prefix.len()..].to_string();
-            let host_if = netlink::host_veth_name(&cid);
-            let _ = blocking(move || netlink::unwire_pod(&host_if, None)).await;
+            // The interface is normally gone with its netns; retire it if not.
+            let (reaper, owner) = (self.reaper.clone(), h.clone());
+            blocking(move || reaper.retire(&owner, None))
+                .await
+                .map_err(kernel_status)?;
             agent
                 .release_handle(pb::ReleaseHandleRequest { handle: h.clone() })
                 .await

@@ -1,7 +1,7 @@
 //! Deferred deletion of retired pod veths.
 //!
 //! DEL takes a pod's host veth out of service synchronously (down, /32 route
-//! gone, renamed: [`netlink::retire_pod`]) and hands the slow part, deleting
+//! gone, renamed: [`netlink::retire_owned`]) and hands the slow part, deleting
 //! the pair, to this one thread. An ADD into a namespace that still holds a
 //! retired pair first settles it, so a re-ADD never collides with it.
 use crate::{netlink, Result};
@@ -62,15 +62,19 @@ impl Reaper {
         r
     }
 
-    /// Retires `host_ifname` now and queues its deletion. Blocking.
-    pub fn retire(&self, host_ifname: &str, netns: Option<&Path>) -> Result<()> {
-        if let Some(name) = netlink::retire_pod(host_ifname)? {
+    /// Retires the veths `owner` holds now and queues their deletion.
+    /// Returns how many there were. Blocking.
+    pub fn retire(&self, owner: &str, netns: Option<&Path>) -> Result<usize> {
+        let names = netlink::retire_owned(owner)?;
+        let n = names.len();
+        if n > 0 {
+            let ns = netns.map(Path::to_path_buf).unwrap_or_default();
             lock(&self.q.0)
                 .waiting
-                .push_back((name, netns.map(Path::to_path_buf).unwrap_or_default()));
+                .extend(names.into_iter().map(|name| (name, ns.clone())));
             self.q.1.notify_all();
         }
-        Ok(())
+        Ok(n)
     }
 
     /// Makes sure no retired pair of namespace `netns` is left (deleting the

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use tabby_node::kernel::{Route, RouteTable, RouteTarget};
 use tabby_node::netlink::{
     check_pod, get_sysctl, host_veth_name, in_netns, link_exists, monitor_route_deletions,
-    set_sysctl, unwire_pod, wire_pod, NetlinkRoutes, PodSpec, RouteEvent, RouteMonitor,
+    set_sysctl, wire_pod, NetlinkRoutes, PodSpec, RouteEvent, RouteMonitor,
 };
 use tabby_node::Error;
 
@@ -378,6 +378,7 @@ fn node_with_ext(ns: &mut Netns) -> (String, String) {
 
 fn pod_spec(pod_ns: &str, key: &str, addrs: &[&str]) -> PodSpec {
     PodSpec {
+        owner: format!("net.{key}"),
         netns_path: path(pod_ns),
         host_ifname: host_veth_name(key),
         pod_ifname: "eth0".into(),
@@ -531,14 +532,16 @@ fn wire_pod_dual_stack() {
         other => panic!("check after removing the route: {other:?}"),
     }
 
-    inside(&n, || unwire_pod(&host, Some(&spec.netns_path))).unwrap();
+    let retired = inside(&n, || tabby_node::netlink::retire_owned(&spec.owner)).unwrap();
+    inside(&n, || tabby_node::netlink::delete_link_named(&retired[0])).unwrap();
     assert!(!ip_ok(&["-n", &n, "link", "show", &host]));
     assert!(!ip_ok(&["-n", &p, "link", "show", "eth0"]));
     assert!(!ip(&["-n", &n, "route"]).contains("10.88.0.5"));
 }
 
 #[test]
-fn unwire_pod_is_idempotent() {
+fn retiring_is_idempotent_and_needs_no_netns() {
+    use tabby_node::netlink::{delete_link_named, retire_owned};
     need_root();
     let mut ns = Netns::new();
     let n = ns.add();
@@ -547,36 +550,39 @@ fn unwire_pod_is_idempotent() {
     let host = spec.host_ifname.clone();
     inside(&n, || wire_pod(&spec)).unwrap();
     assert!(ip(&["-n", &n, "route"]).contains(&format!("10.88.0.6 dev {host} scope link")));
-    inside(&n, || unwire_pod(&host, Some(&spec.netns_path))).unwrap();
-    inside(&n, || unwire_pod(&host, Some(&spec.netns_path))).unwrap();
+    let r = inside(&n, || retire_owned(&spec.owner)).unwrap();
+    assert_eq!(r.len(), 1);
+    assert!(
+        inside(&n, || retire_owned(&spec.owner)).unwrap().is_empty(),
+        "DEL again: nothing to do"
+    );
     assert!(!ip_ok(&["-n", &n, "link", "show", &host]));
     assert!(!ip(&["-n", &n, "route"]).contains("10.88.0.6"));
+    inside(&n, || delete_link_named(&r[0])).unwrap();
+    inside(&n, || delete_link_named(&r[0])).unwrap();
 
-    // Netns gone first (the runtime deleted it), then DEL.
+    // Netns gone first (the runtime deleted it, and the pair with it), then DEL.
     let p2 = ns.add();
     let spec2 = pod_spec(&p2, "container-b", &["10.88.0.7/32"]);
-    let host2 = spec2.host_ifname.clone();
     inside(&n, || wire_pod(&spec2)).unwrap();
     ip(&["netns", "del", &p2]);
-    inside(&n, || unwire_pod(&host2, Some(&spec2.netns_path))).unwrap();
-    inside(&n, || unwire_pod(&host2, Some(Path::new("")))).unwrap();
-    inside(&n, || unwire_pod(&host2, None)).unwrap();
-    assert!(!ip_ok(&["-n", &n, "link", "show", &host2]));
-
-    // DEL with an empty netns path while the veth still exists.
-    let p3 = ns.add();
-    let spec3 = pod_spec(&p3, "container-c", &["10.88.0.8/32"]);
-    inside(&n, || wire_pod(&spec3)).unwrap();
-    inside(&n, || unwire_pod(&spec3.host_ifname, Some(Path::new("")))).unwrap();
-    assert!(!ip_ok(&["-n", &n, "link", "show", &spec3.host_ifname]));
-    assert!(!ip_ok(&["-n", &p3, "link", "show", "eth0"]));
-
-    // Never wired: fine. Not a veth: refused.
-    inside(&n, || unwire_pod(&host_veth_name("never"), None)).unwrap();
-    match inside(&n, || unwire_pod("lo", None)) {
-        Err(Error::Invalid(_)) => {}
-        other => panic!("unwire lo: {other:?}"),
+    let gone = Instant::now();
+    while ip_ok(&["-n", &n, "link", "show", &spec2.host_ifname])
+        && gone.elapsed() < Duration::from_secs(5)
+    {
+        std::thread::sleep(Duration::from_millis(10));
     }
+    assert!(inside(&n, || retire_owned(&spec2.owner))
+        .unwrap()
+        .is_empty());
+
+    // Never wired: nothing to do. No owner: refused.
+    assert!(inside(&n, || retire_owned("net.never")).unwrap().is_empty());
+    match inside(&n, || retire_owned("")) {
+        Err(Error::Invalid(_)) => {}
+        other => panic!("retire without owner: {other:?}"),
+    }
+    let _ = host_veth_name("unused");
 }
 
 /// Interfaces of a namespace, by name.
@@ -748,36 +754,43 @@ fn monitor_reports_deleted_routes() {
 
 #[test]
 fn retire_takes_a_pod_out_of_service_and_reaper_deletes_it() {
+    use tabby_node::netlink::{owned_links, retire_owned, retired_links, RETIRED_PREFIX};
+    use tabby_node::reaper::Reaper;
     need_root();
     let mut ns = Netns::new();
     let n = ns.add();
     let p = ns.add();
     let spec = pod_spec(&p, "container-r", &["10.88.0.9/32"]);
     let host = spec.host_ifname.clone();
+    let owner = spec.owner.clone();
     inside(&n, || wire_pod(&spec)).unwrap();
-    let retired = inside(&n, || tabby_node::netlink::retire_pod(&host))
+    assert!(ip(&["-n", &n, "link", "show", &host]).contains(&format!("alias {owner}")));
+    assert_eq!(
+        inside(&n, || owned_links(&owner)).unwrap(),
+        vec![host.clone()]
+    );
+    // Another owner retires nothing (a late DEL of an old sandbox).
+    assert!(inside(&n, || retire_owned("net.someone-else"))
         .unwrap()
-        .expect("retired");
-    assert!(retired.starts_with(tabby_node::netlink::RETIRED_PREFIX));
+        .is_empty());
+    assert!(ip_ok(&["-n", &n, "link", "show", &host]));
+    let retired = inside(&n, || retire_owned(&owner)).unwrap();
+    assert_eq!(retired.len(), 1);
+    let retired = retired[0].clone();
+    assert!(retired.starts_with(RETIRED_PREFIX));
     // At once: the name is free, the /32 route is gone, the link is down.
     assert!(!ip_ok(&["-n", &n, "link", "show", &host]));
     assert!(!ip(&["-n", &n, "route"]).contains("10.88.0.9"));
     let l = ip(&["-n", &n, "link", "show", &retired]);
     assert!(!l.contains("state UP") && !l.contains(",UP"), "{l}");
-    assert_eq!(
-        inside(&n, tabby_node::netlink::retired_links).unwrap(),
-        vec![retired.clone()]
-    );
-    // Retiring again (DEL repeated) finds nothing; lo is refused.
-    assert_eq!(
-        inside(&n, || tabby_node::netlink::retire_pod(&host)).unwrap(),
-        None
-    );
-    assert!(inside(&n, || tabby_node::netlink::retire_pod("lo")).is_err());
+    assert_eq!(inside(&n, retired_links).unwrap(), vec![retired.clone()]);
+    // Retiring again (DEL repeated) finds nothing.
+    assert!(inside(&n, || retire_owned(&owner)).unwrap().is_empty());
+    assert!(inside(&n, || owned_links(&owner)).unwrap().is_empty());
     // The reaper deletes it; settle() for the pod's netns waits for that.
     let pod_path = spec.netns_path.clone();
     inside(&n, move || {
-        let r = tabby_node::reaper::Reaper::start();
+        let r = Reaper::start();
         r.settle(&pod_path);
         assert_eq!(r.pending(), 0);
     });
@@ -786,14 +799,12 @@ fn retire_takes_a_pod_out_of_service_and_reaper_deletes_it() {
         !ip_ok(&["-n", &p, "link", "show", "eth0"]),
         "the peer went with it"
     );
-    // The same pod can be wired again at once after a retire + settle.
-    let spec2 = pod_spec(&p, "container-r", &["10.88.0.9/32"]);
-    inside(&n, || wire_pod(&spec2)).unwrap();
+    // Wire, retire through the reaper, settle, and wire the same pod again.
+    inside(&n, || wire_pod(&spec)).unwrap();
     inside(&n, || {
-        let r = tabby_node::reaper::Reaper::start();
-        r.retire(&spec2.host_ifname, Some(&spec2.netns_path))
-            .unwrap();
-        r.settle(&spec2.netns_path);
-        wire_pod(&spec2).unwrap();
+        let r = Reaper::start();
+        assert_eq!(r.retire(&spec.owner, Some(&spec.netns_path)).unwrap(), 1);
+        r.settle(&spec.netns_path);
+        wire_pod(&spec).unwrap();
     });
 }

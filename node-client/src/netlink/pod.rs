@@ -21,7 +21,7 @@ use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// What to wire.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +36,10 @@ pub struct PodSpec {
     pub addresses: Vec<IpNet>,
     /// MTU of both ends.
     pub mtu: u32,
+    /// The IPAM handle owning this attachment, kept as the host veth's
+    /// ifalias: DEL and GC remove only veths their handle owns, so a late DEL
+    /// of an old sandbox cannot remove the new sandbox's veth of the same name.
+    pub owner: String,
 }
 
 /// What [`wire_pod`] created.
@@ -112,6 +116,7 @@ struct Link {
     mac: [u8; 6],
     up: bool,
     kind: Option<InfoKind>,
+    alias: Option<String>,
 }
 
 fn get_link(nl: &mut NlSocket, name: &str) -> Result<Option<Link>> {
@@ -124,10 +129,12 @@ fn get_link(nl: &mut NlSocket, name: &str) -> Result<Option<Link>> {
                 mac: [0; 6],
                 up: l.header.flags.contains(LinkFlags::Up),
                 kind: None,
+                alias: None,
             };
             for a in &l.attributes {
                 match a {
                     LinkAttribute::Address(m) if m.len() == 6 => link.mac.copy_from_slice(m),
+                    LinkAttribute::IfAlias(a) => link.alias = Some(a.clone()),
                     LinkAttribute::LinkInfo(infos) => {
                         for i in infos {
                             if let LinkInfo::Kind(k) = i {
@@ -399,6 +406,14 @@ fn configure(nl: &mut NlSocket, spec: &PodSpec) -> Result<WiredPod> {
         set_sysctl(&format!("net/ipv6/conf/{host}/accept_ra"), "0")?;
         set_sysctl(&format!("net/ipv6/conf/{host}/forwarding"), "1")?;
     }
+    if !spec.owner.is_empty() {
+        let mut req = LinkMessage::default();
+        req.header.index = link.index;
+        req.attributes
+            .push(LinkAttribute::IfAlias(spec.owner.clone()));
+        nl.request(RouteNetlinkMessage::SetLink(req), 0)
+            .map_err(|e| e.into_error(format!("marking {host} as owned by {}", spec.owner)))?;
+    }
     set_link_up(nl, link.index, host)?;
 
     let (pod_ifindex, pod_mac) = in_netns(&spec.netns_path, || configure_pod_side(spec))??;
@@ -458,77 +473,85 @@ fn configure_pod_side(spec: &PodSpec) -> Result<(u32, [u8; 6])> {
     Ok((link.index, link.mac))
 }
 
-/// Unwires a pod: deletes the host veth if present (the peer, and the host
-/// routes through it, go with it). Idempotent: a missing interface, a
-/// deleted or empty netns path are all fine. `netns_path` is not needed for
-/// the teardown (a veth pair always dies as a whole, and destroying a
-/// namespace destroys its veth ends) and is accepted for symmetry with CNI
-/// DEL. Refuses to delete an interface that is not a veth.
-///
-/// Blocking: call it with `tokio::task::spawn_blocking`.
-pub fn unwire_pod(host_ifname: &str, netns_path: Option<&Path>) -> Result<()> {
-    let _ = netns_path;
-    if !valid_ifname(host_ifname) {
-        return Err(Error::Invalid(format!(
-            "bad host interface name {host_ifname:?}"
-        )));
-    }
-    let mut nl = NlSocket::new().map_err(|e| e.into_error("opening netlink socket"))?;
-    let Some(link) = get_link(&mut nl, host_ifname)? else {
-        return Ok(());
-    };
-    if link.kind != Some(InfoKind::Veth) {
-        return Err(Error::Invalid(format!(
-            "{host_ifname} is not a veth ({:?}); not deleting it",
-            link.kind
-        )));
-    }
-    match delete_link(&mut nl, link.index) {
-        Ok(()) => Ok(()),
-        Err(e) if e.errno == libc::ENODEV => Ok(()),
-        Err(e) => Err(e.into_error(format!("deleting veth {host_ifname}"))),
-    }
-}
-
 /// Prefix of host veths that DEL took out of service and that wait for
-/// deletion (see [`retire_pod`]).
+/// deletion (see [`retire_owned`]).
 pub const RETIRED_PREFIX: &str = "tabz";
 
-/// Takes a pod's host veth out of service at once and frees its name: one
-/// request sets it down (the kernel drops the pod's /32 route with it) and
-/// renames it `tabz<ifindex>`. Deleting a veth costs the kernel ~20 ms of RCU
-/// grace periods, which DEL need not wait for: the caller deletes the retired
-/// link later with [`delete_link_named`]. Returns the retired name, or None
-/// when there is no such interface. Refuses an interface that is not a veth.
+/// Veths (not yet retired) whose ifalias says `owner` holds them, by name.
 ///
 /// Blocking.
-pub fn retire_pod(host_ifname: &str) -> Result<Option<String>> {
-    if !valid_ifname(host_ifname) {
-        return Err(Error::Invalid(format!(
-            "bad host interface name {host_ifname:?}"
-        )));
+pub fn owned_links(owner: &str) -> Result<Vec<String>> {
+    Ok(
+        links_matching(|name, alias| alias == Some(owner) && !name.starts_with(RETIRED_PREFIX))?
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect(),
+    )
+}
+
+/// Takes the veths owned by `owner` out of service at once and frees their
+/// names: one request each sets it down (the kernel drops the pod's /32
+/// route with it) and renames it `tabz<ifindex>`. Deleting a veth costs the
+/// kernel ~20 ms of RCU grace periods, which DEL need not wait for: the
+/// caller deletes retired links later with [`delete_link_named`]. Returns
+/// the retired names (none when the owner has no veth: DEL is idempotent).
+///
+/// Blocking.
+pub fn retire_owned(owner: &str) -> Result<Vec<String>> {
+    if owner.is_empty() {
+        return Err(Error::Invalid("retiring needs an owner".into()));
     }
     let mut nl = NlSocket::new().map_err(|e| e.into_error("opening netlink socket"))?;
-    let Some(link) = get_link(&mut nl, host_ifname)? else {
-        return Ok(None);
-    };
-    if link.kind != Some(InfoKind::Veth) {
-        return Err(Error::Invalid(format!(
-            "{host_ifname} is not a veth ({:?}); not touching it",
-            link.kind
-        )));
+    let mut out = Vec::new();
+    for (name, index) in
+        links_matching(|name, alias| alias == Some(owner) && !name.starts_with(RETIRED_PREFIX))?
+    {
+        let retired = format!("{RETIRED_PREFIX}{index}");
+        let mut req = LinkMessage::default();
+        req.header.index = index;
+        req.header.flags = LinkFlags::empty();
+        req.header.change_mask = LinkFlags::Up;
+        req.attributes.push(LinkAttribute::IfName(retired.clone()));
+        match nl.request(RouteNetlinkMessage::SetLink(req), 0) {
+            Ok(()) => out.push(retired),
+            Err(e) if e.errno == libc::ENODEV => {}
+            Err(e) => return Err(e.into_error(format!("retiring veth {name}"))),
+        }
     }
-    let retired = format!("{RETIRED_PREFIX}{}", link.index);
-    let mut req = LinkMessage::default();
-    req.header.index = link.index;
-    req.header.flags = LinkFlags::empty();
-    req.header.change_mask = LinkFlags::Up;
-    req.attributes.push(LinkAttribute::IfName(retired.clone()));
-    match nl.request(RouteNetlinkMessage::SetLink(req), 0) {
-        Ok(()) => Ok(Some(retired)),
-        Err(e) if e.errno == libc::ENODEV => Ok(None),
-        Err(e) => Err(e.into_error(format!("retiring veth {host_ifname}"))),
+    Ok(out)
+}
+
+/// Veths whose (name, ifalias) satisfy `f`, as (name, ifindex).
+fn links_matching(f: impl Fn(&str, Option<&str>) -> bool) -> Result<Vec<(String, u32)>> {
+    let mut nl = NlSocket::new().map_err(|e| e.into_error("opening netlink socket"))?;
+    let msgs = nl
+        .dump(RouteNetlinkMessage::GetLink(LinkMessage::default()))
+        .map_err(|e| e.into_error("listing links"))?;
+    let mut out = Vec::new();
+    for m in msgs {
+        let RouteNetlinkMessage::NewLink(l) = m else {
+            continue;
+        };
+        let (mut name, mut alias, mut veth) = (None, None, false);
+        for a in &l.attributes {
+            match a {
+                LinkAttribute::IfName(n) => name = Some(n.clone()),
+                LinkAttribute::IfAlias(a) => alias = Some(a.clone()),
+                LinkAttribute::LinkInfo(infos) => {
+                    veth |= infos
+                        .iter()
+                        .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)))
+                }
+                _ => {}
+            }
+        }
+        if let Some(n) = name {
+            if veth && f(&n, alias.as_deref()) {
+                out.push((n, l.header.index));
+            }
+        }
     }
+    Ok(out)
 }
 
 /// Deletes a link by name (with its veth peer). A missing link is fine.
@@ -551,24 +574,10 @@ pub fn delete_link_named(name: &str) -> Result<()> {
 ///
 /// Blocking.
 pub fn retired_links() -> Result<Vec<String>> {
-    let mut nl = NlSocket::new().map_err(|e| e.into_error("opening netlink socket"))?;
-    let msgs = nl
-        .dump(RouteNetlinkMessage::GetLink(LinkMessage::default()))
-        .map_err(|e| e.into_error("listing links"))?;
-    let mut out = Vec::new();
-    for m in msgs {
-        let RouteNetlinkMessage::NewLink(l) = m else {
-            continue;
-        };
-        for a in &l.attributes {
-            if let LinkAttribute::IfName(n) = a {
-                if n.starts_with(RETIRED_PREFIX) {
-                    out.push(n.clone());
-                }
-            }
-        }
-    }
-    Ok(out)
+    Ok(links_matching(|name, _| name.starts_with(RETIRED_PREFIX))?
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect())
 }
 
 /// Addresses (global scope) of interface `index`.
@@ -779,6 +788,7 @@ mod tests {
 
     fn spec(addrs: &[&str]) -> PodSpec {
         PodSpec {
+            owner: String::new(),
             netns_path: "/var/run/netns/x".into(),
             host_ifname: host_veth_name("x"),
             pod_ifname: "eth0".into(),

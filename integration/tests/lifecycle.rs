@@ -20,10 +20,10 @@ fn deleting_a_pod_removes_its_route_and_does_not_reuse_its_address_at_once() {
         !sh(&node, "ip route").contains(&format!("{} dev tab", a.ip)),
         "the /32 is gone"
     );
-    assert!(
-        !sh(&node, "ip link").contains("tab"),
-        "the host veth is gone"
-    );
+    lab.wait_until("the host veth is gone", Duration::from_secs(2), || {
+        !sh(&node, "ip link").contains("tab")
+    })
+    .unwrap();
     let got = lab.grpcurl(&[
         "-d",
         &format!(r#"{{"address":"{}"}}"#, a.ip),

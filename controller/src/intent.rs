@@ -227,14 +227,19 @@ impl IntentTracker {
         }
     }
 
-    /// Records a committed group: `revision` is its last revision, `keys`
-    /// everything it touched. Broadcasts a delta when the intent changed.
-    pub fn on_commit(&mut self, s: &IpamState, revision: u64, keys: &BTreeSet<Key>) {
+    /// Records a written group: `revision` is its last revision, `keys`
+    /// everything it touched. Returns the delta when the intent changed; the
+    /// caller broadcasts it (through [`IntentTracker::sender`]) once the group
+    /// is durable.
+    pub fn on_commit(
+        &mut self,
+        s: &IpamState,
+        revision: u64,
+        keys: &BTreeSet<Key>,
+    ) -> Option<Arc<Encoded>> {
         let base = self.revision;
         self.revision = revision;
-        let Some(mut d) = self.view.update(s, keys) else {
-            return;
-        };
+        let mut d = self.view.update(s, keys)?;
         d.revision = revision;
         let e = Arc::new(Encoded {
             revision,
@@ -251,7 +256,12 @@ impl IntentTracker {
             self.ring_base = base;
         }
         self.ring.push_back(e.clone());
-        let _ = self.tx.send(e);
+        Some(e)
+    }
+
+    /// The live feed's sender, for broadcasting what [`IntentTracker::on_commit`] returned.
+    pub fn sender(&self) -> broadcast::Sender<Arc<Encoded>> {
+        self.tx.clone()
     }
 
     fn snapshot(&mut self) -> Arc<Encoded> {
@@ -311,7 +321,9 @@ mod tests {
         let mut rev = 0;
         let mut step = |s: &mut IpamState, t: &mut IntentTracker, m: Mutation| {
             rev += 1;
-            t.on_commit(s, rev, &keys(&m));
+            if let Some(e) = t.on_commit(s, rev, &keys(&m)) {
+                let _ = t.sender().send(e);
+            }
         };
         let (_, m) = s
             .create_pool(Pool {

@@ -42,6 +42,10 @@ struct Args {
     /// Log format.
     #[arg(long, env = "TABBY_LOG_FORMAT", value_enum, default_value = "human")]
     log_format: LogFormat,
+    /// gRPC worker threads; 0 means one less than the CPUs (at least 1), which
+    /// leaves a core for the IPAM owner thread that every call goes through.
+    #[arg(long, env = "TABBY_WORKER_THREADS", default_value_t = 0)]
+    worker_threads: usize,
     /// Log filter (tracing EnvFilter syntax, e.g. "info,tabby_controller=debug").
     #[arg(long, env = "TABBY_LOG", default_value = "info")]
     log: String,
@@ -93,10 +97,22 @@ async fn bootstrap(ipam: &Ipam, a: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_logging(&args)?;
+    let workers = match args.worker_threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1)),
+        n => n,
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating --data-dir {}", args.data_dir.display()))?;
     let store = Arc::new(

@@ -1,10 +1,14 @@
 //! The one owner of IPAM state.
 //!
 //! A dedicated OS thread holds the [`IpamState`] and the [`Store`]. Callers
-//! send it closures; it runs every queued closure against the state, commits
-//! all resulting mutations as one durable batch (group commit), and only then
-//! answers each caller. An answer therefore never reveals state that is not
-//! on disk, and a crash loses nothing that was acknowledged.
+//! send it closures; it runs every queued closure against the state and
+//! writes all resulting mutations as one atomic batch (group commit). A
+//! second thread, the committer, flushes written batches to disk and only
+//! then answers their callers and broadcasts their intent deltas, in order,
+//! while the owner already prepares the next group. An answer therefore
+//! never reveals state that is not on disk, and a crash loses nothing that
+//! was acknowledged.
+use crate::intent::Encoded;
 use crate::{
     error::{Error, Result},
     intent::{IntentTracker, WatchStart},
@@ -12,7 +16,8 @@ use crate::{
 };
 use std::collections::BTreeSet;
 use std::{sync::Arc, thread};
-use tabby_store::{Mutation, Store};
+use tabby_store::{Mutation, Store, Written};
+use tokio::sync::broadcast;
 use tokio::sync::{mpsc, oneshot};
 
 type Finish = Box<dyn FnOnce(std::result::Result<u64, &Error>) + Send>;
@@ -124,7 +129,57 @@ impl Ipam {
     }
 }
 
+/// A written group on its way to the disk.
+struct Flight {
+    written: Written,
+    answers: Vec<(Finish, u64)>,
+    delta: Option<(broadcast::Sender<Arc<Encoded>>, Arc<Encoded>)>,
+}
+
+/// Flushes written groups and answers for them, in order.
+fn commit_loop(store: Arc<Store>, rx: std::sync::mpsc::Receiver<Flight>) {
+    while let Ok(first) = rx.recv() {
+        let mut flights = vec![first];
+        flights.extend(rx.try_iter());
+        let written = flights
+            .iter_mut()
+            .map(|f| std::mem::take(&mut f.written))
+            .collect();
+        match store.make_durable(written) {
+            Ok(()) => {
+                for f in flights {
+                    for (finish, rev) in f.answers {
+                        finish(Ok(rev));
+                    }
+                    if let Some((tx, e)) = f.delta {
+                        // No watchers is fine.
+                        let _ = tx.send(e);
+                    }
+                }
+            }
+            Err(e) => {
+                // The disk refused: nothing more can be acknowledged. Answer
+                // with the error and stop; a restart recovers what is durable.
+                let e = Error::Store(e);
+                tracing::error!(error = %e, "flush failed; the controller stops");
+                for f in flights {
+                    for (finish, _) in f.answers {
+                        finish(Err(&e));
+                    }
+                }
+                std::process::exit(70);
+            }
+        }
+    }
+}
+
 fn run(mut state: Owned, store: Arc<Store>, mut rx: mpsc::Receiver<Job>) {
+    let (ctx, crx) = std::sync::mpsc::channel::<Flight>();
+    let s2 = store.clone();
+    let committer = thread::Builder::new()
+        .name("ipam-commit".into())
+        .spawn(move || commit_loop(s2, crx))
+        .expect("spawning the committer thread");
     let mut mutations = Vec::with_capacity(MAX_GROUP);
     let mut finishes: Vec<Finish> = Vec::with_capacity(MAX_GROUP);
     while let Some(job) = rx.blocking_recv() {
@@ -141,31 +196,41 @@ fn run(mut state: Owned, store: Arc<Store>, mut rx: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        match store.commit(&mutations) {
-            Ok(revs) => {
+        match store.write(&mutations) {
+            Ok((revs, written)) => {
                 let keys: BTreeSet<_> = mutations
                     .iter()
                     .flat_map(|m| m.ops.iter().map(|o| o.key()))
                     .collect();
-                if let Some(last) = revs.last().filter(|_| !keys.is_empty()) {
-                    state.intent.on_commit(&state.ipam, *last, &keys);
-                }
-                for (f, rev) in finishes.drain(..).zip(revs) {
-                    f(Ok(rev));
+                let delta = revs
+                    .last()
+                    .filter(|_| !keys.is_empty())
+                    .and_then(|last| state.intent.on_commit(&state.ipam, *last, &keys))
+                    .map(|e| (state.intent.sender(), e));
+                let answers = finishes.drain(..).zip(revs).collect();
+                if ctx
+                    .send(Flight {
+                        written,
+                        answers,
+                        delta,
+                    })
+                    .is_err()
+                {
+                    return;
                 }
             }
             Err(e) => {
                 let e = Error::Store(e);
-                tracing::error!(error = %e, jobs = finishes.len(), "group commit failed; reloading state from the store");
+                tracing::error!(error = %e, jobs = finishes.len(), "group write failed; reloading state from the store");
                 for f in finishes.drain(..) {
                     f(Err(&e));
                 }
-                // Memory ran ahead of disk: go back to what is durable.
+                // Memory ran ahead of the store: go back to what it holds.
                 match store.load() {
                     Ok(s) => {
                         let rev = s.revision;
                         state.ipam = IpamState::from_snapshot(s);
-                        // Watchers resync from a snapshot of what is durable.
+                        // Watchers resync from a snapshot.
                         state.intent = IntentTracker::new(&state.ipam, rev);
                     }
                     Err(e) => {
@@ -177,6 +242,8 @@ fn run(mut state: Owned, store: Arc<Store>, mut rx: mpsc::Receiver<Job>) {
         }
         mutations.clear();
     }
+    drop(ctx);
+    let _ = committer.join();
     if let Err(e) = store.flush() {
         tracing::error!(error = %e, "final flush failed");
     }

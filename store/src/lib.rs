@@ -8,8 +8,13 @@
 //!
 //! Key layout (point reads only; sled transactions cannot scan):
 //! `m/rev`, `p/<pool>`, `b/<block cidr>`, `a/<address>`, `r/<address>`
-//! (release order of a free address), `h/<handle>`, `n/<node>`, `c/ipam`,
-//! and `l/<revision, 8 bytes BE>` for the change log.
+//! (release order of a free address), `h/<handle>`, `n/<node>`, `c/ipam`.
+//!
+//! The change feed ([`Store::subscribe`]) reports every durable commit with
+//! its revision and the keys it touched. It is in memory: a consumer that
+//! needs history across restarts (the intent stream) resumes from a
+//! snapshot, so no log is written to disk (one would add two key writes to
+//! every mutation; measured, that cost a quarter of the write throughput).
 
 mod types;
 
@@ -45,9 +50,6 @@ pub enum StoreError {
 
 /// Result type of the store.
 pub type Result<T> = std::result::Result<T, StoreError>;
-
-/// How many commits the change log keeps for watchers that resume.
-pub const DEFAULT_LOG_RETENTION: u64 = 100_000;
 
 /// One change to durable state. A [`Mutation`] is a list of these.
 #[derive(Debug, Clone, PartialEq)]
@@ -215,6 +217,13 @@ impl Snapshot {
     }
 }
 
+/// Batches applied by [`Store::write`] and not yet made durable.
+#[derive(Debug, Default)]
+#[must_use = "nothing is durable until make_durable"]
+pub struct Written {
+    commits: Vec<Commit>,
+}
+
 /// The durable store. Cheap to share behind an `Arc`; commits are serialized.
 pub struct Store {
     db: sled::Db,
@@ -222,7 +231,6 @@ pub struct Store {
     /// Last committed revision; the lock also serializes commits.
     revision: Mutex<u64>,
     feed: broadcast::Sender<Arc<Commit>>,
-    log_retention: u64,
 }
 
 const REV_KEY: &[u8] = b"m/rev";
@@ -237,12 +245,6 @@ fn dec<T: DeserializeOwned>(key: &[u8], v: &[u8]) -> Result<T> {
         key: String::from_utf8_lossy(key).into_owned(),
         why: e.to_string(),
     })
-}
-
-fn log_key(rev: u64) -> Vec<u8> {
-    let mut k = b"l/".to_vec();
-    k.extend_from_slice(&rev.to_be_bytes());
-    k
 }
 
 fn op_key(op: &Op) -> Vec<u8> {
@@ -263,11 +265,6 @@ fn op_key(op: &Op) -> Vec<u8> {
 impl Store {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: impl AsRef<Path>) -> Result<Store> {
-        Self::open_with_retention(dir, DEFAULT_LOG_RETENTION)
-    }
-
-    /// Opens the store keeping the last `log_retention` commits in the change log.
-    pub fn open_with_retention(dir: impl AsRef<Path>, log_retention: u64) -> Result<Store> {
         let db = sled::Config::new()
             .path(dir.as_ref())
             // Durability comes from our explicit flush after each group commit.
@@ -289,7 +286,6 @@ impl Store {
             tree,
             revision: Mutex::new(revision),
             feed,
-            log_retention: log_retention.max(1),
         })
     }
 
@@ -319,7 +315,7 @@ impl Store {
                 Some((p, r)) if r.first() == Some(&b'/') => (*p, &r[1..]),
                 _ => return Err(corrupt("no prefix")),
             };
-            if prefix == b'l' || prefix == b'm' {
+            if prefix == b'm' {
                 continue;
             }
             let rest = std::str::from_utf8(rest).map_err(|_| corrupt("key is not UTF-8"))?;
@@ -357,6 +353,16 @@ impl Store {
     /// each mutation (an empty mutation gets the current revision and writes
     /// nothing).
     pub fn commit(&self, mutations: &[Mutation]) -> Result<Vec<u64>> {
+        let (revs, written) = self.write(mutations)?;
+        self.make_durable(vec![written])?;
+        Ok(revs)
+    }
+
+    /// First half of [`Store::commit`]: applies `mutations` as one atomic
+    /// batch (revisions as for `commit`) without waiting for the disk. Nothing
+    /// may be acknowledged until [`Store::make_durable`] has returned for it;
+    /// splitting the two lets a caller prepare the next batch during a flush.
+    pub fn write(&self, mutations: &[Mutation]) -> Result<(Vec<u64>, Written)> {
         let mut rev_guard = self.revision.lock().unwrap_or_else(|e| e.into_inner());
         let mut rev = *rev_guard;
         let mut batch = sled::Batch::default();
@@ -394,52 +400,30 @@ impl Store {
                 revision: rev,
                 keys,
             };
-            batch.insert(log_key(rev), enc(&c.keys)?);
-            if rev > self.log_retention {
-                batch.remove(log_key(rev - self.log_retention));
-            }
             revs.push(rev);
             commits.push(c);
         }
         if commits.is_empty() {
-            return Ok(revs);
+            return Ok((revs, Written { commits }));
         }
         batch.insert(REV_KEY, &rev.to_be_bytes());
         self.tree.apply_batch(batch)?;
-        self.db.flush()?;
         *rev_guard = rev;
-        for c in commits {
+        Ok((revs, Written { commits }))
+    }
+
+    /// Second half of [`Store::commit`]: one flush makes every batch written
+    /// so far durable; then the change feed hears about `written`, in order.
+    pub fn make_durable(&self, written: Vec<Written>) -> Result<()> {
+        if written.iter().all(|w| w.commits.is_empty()) {
+            return Ok(());
+        }
+        self.db.flush()?;
+        for c in written.into_iter().flat_map(|w| w.commits) {
             // No receivers is fine: the feed is for whoever listens.
             let _ = self.feed.send(Arc::new(c));
         }
-        Ok(revs)
-    }
-
-    /// Commits after `since`, oldest first, or `None` when the log no longer
-    /// reaches back that far (the caller must take a fresh snapshot).
-    pub fn changes_since(&self, since: u64) -> Result<Option<Vec<Commit>>> {
-        let now = self.revision();
-        if since >= now {
-            return Ok(Some(Vec::new()));
-        }
-        let mut out = Vec::new();
-        for kv in self.tree.range(log_key(since + 1)..=log_key(now)) {
-            let (k, v) = kv?;
-            let revision =
-                u64::from_be_bytes(k[2..].try_into().map_err(|_| StoreError::Corrupt {
-                    key: String::from_utf8_lossy(&k).into_owned(),
-                    why: "bad log key".into(),
-                })?);
-            out.push(Commit {
-                revision,
-                keys: dec(&k, &v)?,
-            });
-        }
-        // A gap at the start means the history was trimmed.
-        if out.first().map(|c| c.revision) != Some(since + 1) {
-            return Ok(None);
-        }
-        Ok(Some(out))
+        Ok(())
     }
 
     /// Flushes everything to disk (used at shutdown).

@@ -87,25 +87,35 @@ fn commit_load_roundtrip_and_revisions() {
 }
 
 #[test]
-fn change_log_resumes_and_reports_trimmed_history() {
+fn feed_reports_durable_commits_in_order_with_their_keys() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Store::open_with_retention(dir.path(), 5).unwrap();
-    for i in 0..10u8 {
-        s.commit(&[Mutation {
-            ops: vec![Op::SetReleased(IpAddr::from([10, 0, 0, i]), i as u64)],
+    let s = Store::open(dir.path()).unwrap();
+    let mut rx = s.subscribe();
+    // Written but not durable: the feed says nothing yet.
+    let (revs, w1) = s
+        .write(&[Mutation {
+            ops: vec![Op::SetReleased(ip("10.0.0.1"), 1)],
         }])
         .unwrap();
-    }
-    let c = s.changes_since(7).unwrap().unwrap();
+    assert_eq!(revs, vec![1]);
+    assert!(rx.try_recv().is_err());
+    let (_, w2) = s
+        .write(&[Mutation {
+            ops: vec![
+                Op::ClearReleased(ip("10.0.0.1")),
+                Op::DeleteHandle("h".into()),
+            ],
+        }])
+        .unwrap();
+    s.make_durable(vec![w1, w2]).unwrap();
+    let c1 = rx.try_recv().unwrap();
+    let c2 = rx.try_recv().unwrap();
+    assert_eq!((c1.revision, c2.revision), (1, 2));
     assert_eq!(
-        c.iter().map(|c| c.revision).collect::<Vec<_>>(),
-        vec![8, 9, 10]
+        c2.keys,
+        vec![Key::Address(ip("10.0.0.1")), Key::Handle("h".into())]
     );
-    assert_eq!(c[0].keys, vec![Key::Address(ip("10.0.0.7"))]);
-    assert_eq!(s.changes_since(10).unwrap().unwrap(), vec![]);
-    // Revisions 1..=5 were trimmed: resuming from 2 needs a snapshot.
-    assert!(s.changes_since(2).unwrap().is_none());
-    assert!(s.changes_since(5).unwrap().is_some());
+    assert_eq!(s.revision(), 2);
 }
 
 #[test]

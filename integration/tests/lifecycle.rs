@@ -333,3 +333,46 @@ fn encapsulated_pools_are_reported_not_routed() {
     assert!(nft.contains("10.50.0.0/16"), "{nft}");
     assert!(!sh(&lab.node_ns("worker"), "ip route").contains("10.50."));
 }
+
+#[test]
+fn a_failed_add_rolls_back_and_the_socket_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let (lab, _d) = lab();
+    let mode = std::fs::metadata(lab.socket("worker"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600, "the CNI socket is for root only");
+    // The pod namespace already has an eth0: wiring fails after the address
+    // was assigned, so ADD must release it and leave no veth behind.
+    let ns = format!("{}-p-rollback", lab.cfg.prefix);
+    netns::add(&ns).unwrap();
+    netns::ip(&ns, "link add eth0 type veth peer name other0").unwrap();
+    let cfg = lab.cni_config("worker");
+    let (ok, err) = lab
+        .cni(
+            "worker",
+            "ADD",
+            "rollback1",
+            &netns::path(&ns).display().to_string(),
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=rollback",
+            &cfg,
+        )
+        .unwrap();
+    netns::del(&ns);
+    assert!(!ok, "ADD must fail: {err}");
+    let msg = err["msg"].as_str().unwrap_or_default().to_string()
+        + err["details"].as_str().unwrap_or_default();
+    assert!(msg.contains("address released"), "{err}");
+    let handles = lab
+        .grpcurl(&["-H", "tabby-node: worker", "tabby.v1.NodeAgent/ListHandles"])
+        .unwrap();
+    assert!(!handles.contains("rollback1"), "handle released: {handles}");
+    assert!(
+        !sh(&lab.node_ns("worker"), "ip link").contains("tab"),
+        "no veth left"
+    );
+    let ipam = lab.grpcurl(&["tabby.v1.IpamAdmin/CheckIpam"]).unwrap();
+    assert!(!ipam.contains("\"allocated\""), "nothing allocated: {ipam}");
+}

@@ -106,6 +106,7 @@ fn main() -> anyhow::Result<()> {
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
+        .thread_name("tabby-grpc")
         .enable_all()
         .build()
         .context("starting the async runtime")?

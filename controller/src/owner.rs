@@ -86,8 +86,9 @@ impl Ipam {
                 Box::new(move |r: std::result::Result<u64, &Error>| {
                     let _ = otx.send(match r {
                         Ok(rev) => Ok((t, rev)),
-                        Err(e) => Err(Error::FailedPrecondition(format!(
-                            "not stored, nothing changed: {e}"
+                        // A store failure is ours, not the caller's: INTERNAL.
+                        Err(e) => Err(Error::Internal(format!(
+                            "not stored, nothing acknowledged: {e}"
                         ))),
                     });
                 }),

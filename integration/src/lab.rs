@@ -545,6 +545,9 @@ impl Lab {
             let _ = c.kill();
             let _ = c.wait();
         }
+        // Those pids are reaped now and may already belong to another lab's
+        // processes: never signal them again.
+        self.state.procs.clear();
         teardown_state(&self.state);
     }
 }

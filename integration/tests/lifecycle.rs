@@ -283,6 +283,12 @@ fn restart_cleans_stale_tabby_routes_only_and_hand_deleted_routes_come_back() {
         )
         .unwrap();
     println!("restored after {t:?}");
+    // Delete tabby's nftables table by hand: it comes back too.
+    netns::exec(&ns, &["nft", "delete", "table", "ip", "tabby"]).unwrap();
+    lab.wait_until("table ip tabby restored", Duration::from_secs(10), || {
+        sh(&ns, "nft list table ip tabby").contains("masquerade fully-random")
+    })
+    .unwrap();
 }
 
 #[test]

@@ -58,6 +58,9 @@ pub fn lock_status(s: &SharedStatus) -> std::sync::MutexGuard<'_, NodeStatus> {
     s.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Every how many reconcile passes the nftables table's presence is checked.
+const NFT_VERIFY_EVERY: u64 = 3;
+
 /// Kernel knobs the reconciler sets. Abstracted so tests can run it in a netns.
 pub trait Sysctl: Send {
     /// Writes `/proc/sys/<path>`.
@@ -82,6 +85,7 @@ pub struct Reconciler<T: RouteTable> {
     have_intent: bool,
     synced: bool,
     nat_applied: Option<(NatSets, NatSets)>,
+    passes: u64,
     v6_forwarding: bool,
 }
 
@@ -106,6 +110,7 @@ impl<T: RouteTable> Reconciler<T> {
             have_intent: false,
             synced: false,
             nat_applied: None,
+            passes: 0,
             v6_forwarding: false,
         }
     }
@@ -182,6 +187,16 @@ impl<T: RouteTable> Reconciler<T> {
             }
         }
         let nat = (d.nat_v4.clone(), d.nat_v6.clone());
+        // Someone may have deleted our table: look every few passes (a
+        // process spawn, so not every pass) and rewrite it when it is gone.
+        self.passes += 1;
+        if self.passes % NFT_VERIFY_EVERY == 0
+            && self.nat_applied.is_some()
+            && self.nft.list("ip").is_err()
+        {
+            tracing::warn!("table ip tabby is gone; restoring it");
+            self.nat_applied = None;
+        }
         if self.nat_applied.as_ref() != Some(&nat) {
             let mut ok = true;
             if let Err(e) = self.nft.sync("ip", &d.nat_v4) {

@@ -190,7 +190,7 @@ impl<T: RouteTable> Reconciler<T> {
         // Someone may have deleted our table: look every few passes (a
         // process spawn, so not every pass) and rewrite it when it is gone.
         self.passes += 1;
-        if self.passes % NFT_VERIFY_EVERY == 0
+        if self.passes.is_multiple_of(NFT_VERIFY_EVERY)
             && self.nat_applied.is_some()
             && self.nft.list("ip").is_err()
         {

@@ -334,6 +334,27 @@ fn encapsulated_pools_are_reported_not_routed() {
         "{st}"
     );
     assert!(st.contains("\"ready\": true"), "{st}");
+    // gRPC health on the node's socket, for the service and the server.
+    for svc in [r#"{"service":"tabby.v1.PodNetwork"}"#, "{}"] {
+        let h = tabby_integration::netns::run(
+            &g,
+            &[
+                "-plaintext",
+                "-authority",
+                "localhost",
+                "-d",
+                svc,
+                "-unix",
+                &sock,
+                "grpc.health.v1.Health/Check",
+            ],
+        )
+        .unwrap();
+        assert!(
+            h.contains("SERVING") && !h.contains("NOT_SERVING"),
+            "{svc}: {h}"
+        );
+    }
     // Its CIDR is in the NAT "all pools" set, but no route points into it.
     let nft = sh(&lab.node_ns("worker"), "nft list set ip tabby all-pools");
     assert!(nft.contains("10.50.0.0/16"), "{nft}");

@@ -16,7 +16,7 @@ use crate::{
 };
 use std::collections::BTreeSet;
 use std::{sync::Arc, thread};
-use tabby_store::{Mutation, Store, Written};
+use tabby_store::{Mutation, Op, Store, Written};
 use tokio::sync::broadcast;
 use tokio::sync::{mpsc, oneshot};
 
@@ -199,9 +199,17 @@ fn run(mut state: Owned, store: Arc<Store>, mut rx: mpsc::Receiver<Job>) {
         }
         match store.write(&mutations) {
             Ok((revs, written)) => {
+                // Handles and config never change intent: skip their keys.
                 let keys: BTreeSet<_> = mutations
                     .iter()
-                    .flat_map(|m| m.ops.iter().map(|o| o.key()))
+                    .flat_map(|m| m.ops.iter())
+                    .filter(|o| {
+                        !matches!(
+                            o,
+                            Op::PutHandle(..) | Op::DeleteHandle(_) | Op::PutConfig(_)
+                        )
+                    })
+                    .map(|o| o.key())
                     .collect();
                 let delta = revs
                     .last()

@@ -368,13 +368,15 @@ impl Store {
         let mut batch = sled::Batch::default();
         let mut revs = Vec::with_capacity(mutations.len());
         let mut commits = Vec::new();
+        let feed = self.feed.receiver_count() > 0;
         for m in mutations {
             if m.is_empty() {
                 revs.push(rev);
                 continue;
             }
             rev += 1;
-            let mut keys = Vec::with_capacity(m.ops.len());
+            // Keys are for the feed: skip building them when nobody listens.
+            let mut keys = Vec::with_capacity(if feed { m.ops.len() } else { 0 });
             for op in &m.ops {
                 let k = op_key(op);
                 match op {
@@ -392,7 +394,9 @@ impl Store {
                     | Op::DeleteHandle(_)
                     | Op::DeleteNode(_) => batch.remove(k),
                 }
-                keys.push(op.key());
+                if feed {
+                    keys.push(op.key());
+                }
             }
             keys.sort();
             keys.dedup();
@@ -419,9 +423,11 @@ impl Store {
             return Ok(());
         }
         self.db.flush()?;
-        for c in written.into_iter().flat_map(|w| w.commits) {
-            // No receivers is fine: the feed is for whoever listens.
-            let _ = self.feed.send(Arc::new(c));
+        if self.feed.receiver_count() > 0 {
+            for c in written.into_iter().flat_map(|w| w.commits) {
+                // A receiver gone meanwhile is fine.
+                let _ = self.feed.send(Arc::new(c));
+            }
         }
         Ok(())
     }

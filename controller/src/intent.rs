@@ -293,11 +293,6 @@ impl IntentTracker {
         };
         WatchStart { initial, live }
     }
-
-    /// Number of live watchers.
-    pub fn watchers(&self) -> usize {
-        self.tx.receiver_count()
-    }
 }
 
 #[cfg(test)]

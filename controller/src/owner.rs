@@ -36,7 +36,6 @@ const MAX_GROUP: usize = 512;
 #[derive(Clone)]
 pub struct Ipam {
     tx: mpsc::Sender<Job>,
-    store: Arc<Store>,
 }
 
 /// Joins the owner thread at shutdown.
@@ -59,17 +58,11 @@ impl Ipam {
         let intent = IntentTracker::new(&ipam, revision);
         let state = Owned { ipam, intent };
         let (tx, rx) = mpsc::channel::<Job>(4096);
-        let s2 = store.clone();
         let t = thread::Builder::new()
             .name("ipam-owner".into())
-            .spawn(move || run(state, s2, rx))
+            .spawn(move || run(state, store, rx))
             .map_err(|e| Error::Internal(format!("cannot start the IPAM owner thread: {e}")))?;
-        Ok((Ipam { tx, store }, OwnerThread(t)))
-    }
-
-    /// The store (for revision and change feed).
-    pub fn store(&self) -> &Arc<Store> {
-        &self.store
+        Ok((Ipam { tx }, OwnerThread(t)))
     }
 
     /// Runs `f` on the state; answers with its output and the revision at

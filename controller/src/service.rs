@@ -235,18 +235,21 @@ impl pb::ipam_admin_server::IpamAdmin for AdminService {
         let resp = match (r.address.is_empty(), r.handle.is_empty()) {
             (false, true) => {
                 let a = parse_addr(&r.address)?;
-                let (v, _) = self.ipam.read(move |s| s.allocation_of(a)).await?;
-                let v = v.ok_or_else(|| Error::NotFound(format!("{a} is not allocated")))?;
-                let (attrs, _) = {
-                    let h = v.handle.clone();
-                    self.ipam
-                        .read(move |s| {
-                            s.handle(&h)
+                // One read: the holder and its handle's attributes together.
+                let (found, _) = self
+                    .ipam
+                    .read(move |s| {
+                        s.allocation_of(a).map(|v| {
+                            let attrs = s
+                                .handle(&v.handle)
                                 .map(|h| h.attributes.clone())
-                                .unwrap_or_default()
+                                .unwrap_or_default();
+                            (v, attrs)
                         })
-                        .await?
-                };
+                    })
+                    .await?;
+                let (v, attrs) =
+                    found.ok_or_else(|| Error::NotFound(format!("{a} is not allocated")))?;
                 pb::GetAllocationResponse {
                     allocations: vec![alloc_to_pb(&v)],
                     attributes: attrs.into_iter().collect(),

@@ -24,13 +24,8 @@ fn deleting_a_pod_removes_its_route_and_does_not_reuse_its_address_at_once() {
         !sh(&node, "ip link").contains("tab")
     })
     .unwrap();
-    let got = lab.grpcurl(&[
-        "-d",
-        &format!(r#"{{"address":"{}"}}"#, a.ip),
-        "tabby.v1.IpamAdmin/GetAllocation",
-    ]);
     assert!(
-        got.is_err_and(|e| e.to_string().contains("NotFound")),
+        allocation(&lab, &a.ip.to_string()).is_none(),
         "address released"
     );
     let b = lab.add_pod("worker", "b").unwrap();
@@ -168,20 +163,19 @@ fn controller_outage_keeps_routes_and_traffic_and_add_fails_with_code_11() {
     );
     assert!(ping(&p, q.ip, 3), "pod traffic flows during the outage");
     // ADD during the outage: CNI error 11, try again later; nothing left behind.
-    let ns = format!("{}-p-outage", lab.cfg.prefix);
-    netns::add(&ns).unwrap();
+    let ns = TestNs::new(&lab, "outage");
     let cfg = lab.cni_config("worker");
     let (ok, err) = lab
         .cni(
             "worker",
             "ADD",
             "outage1",
-            &netns::path(&ns).display().to_string(),
+            &ns.path(),
             "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=outage",
             &cfg,
         )
         .unwrap();
-    netns::del(&ns);
+    drop(ns);
     assert!(!ok);
     assert_eq!(err["code"], 11, "{err}");
     // The controller returns: ADD works and the watch resumes.
@@ -204,14 +198,8 @@ fn borrowed_address_works_across_nodes_via_its_host_route() {
     let b = lab.add_pod("worker", "b").unwrap();
     // worker2 finds no block left: it borrows from another node's block.
     let c = lab.add_pod("worker2", "c").unwrap();
-    let alloc = lab
-        .grpcurl(&[
-            "-d",
-            &format!(r#"{{"address":"{}"}}"#, c.ip),
-            "tabby.v1.IpamAdmin/GetAllocation",
-        ])
-        .unwrap();
-    assert!(alloc.contains("\"borrowed\": true"), "{alloc}");
+    let alloc = allocation(&lab, &c.ip.to_string()).expect("allocated");
+    assert_eq!(alloc["allocations"][0]["borrowed"], true, "{alloc}");
     let w2 = lab.node_ip("worker2");
     for n in ["control-plane", "worker"] {
         lab.wait_until(
@@ -373,29 +361,29 @@ fn a_failed_add_rolls_back_and_the_socket_is_private() {
     assert_eq!(mode, 0o600, "the CNI socket is for root only");
     // The pod namespace already has an eth0: wiring fails after the address
     // was assigned, so ADD must release it and leave no veth behind.
-    let ns = format!("{}-p-rollback", lab.cfg.prefix);
-    netns::add(&ns).unwrap();
-    netns::ip(&ns, "link add eth0 type veth peer name other0").unwrap();
+    let ns = TestNs::new(&lab, "rollback");
+    netns::ip(&ns.name, "link add eth0 type veth peer name other0").unwrap();
     let cfg = lab.cni_config("worker");
     let (ok, err) = lab
         .cni(
             "worker",
             "ADD",
             "rollback1",
-            &netns::path(&ns).display().to_string(),
+            &ns.path(),
             "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=rollback",
             &cfg,
         )
         .unwrap();
-    netns::del(&ns);
+    drop(ns);
     assert!(!ok, "ADD must fail: {err}");
     let msg = err["msg"].as_str().unwrap_or_default().to_string()
         + err["details"].as_str().unwrap_or_default();
     assert!(msg.contains("address released"), "{err}");
-    let handles = lab
-        .grpcurl(&["-H", "tabby-node: worker", "tabby.v1.NodeAgent/ListHandles"])
-        .unwrap();
-    assert!(!handles.contains("rollback1"), "handle released: {handles}");
+    let handles = node_handles(&lab, "worker");
+    assert!(
+        !handles.iter().any(|h| h.ends_with(".rollback1")),
+        "handle released: {handles:?}"
+    );
     assert!(
         !sh(&lab.node_ns("worker"), "ip link").contains("tab"),
         "no veth left"

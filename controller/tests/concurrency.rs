@@ -11,8 +11,7 @@ use std::{
     time::Instant,
 };
 use tabby_proto::v1::{
-    ipam_problem::Kind, AssignRequest, CheckIpamRequest, GetAllocationRequest, ShowIpamRequest,
-    ShowIpamResponse,
+    AssignRequest, CheckIpamRequest, GetAllocationRequest, ShowIpamRequest, ShowIpamResponse,
 };
 
 const TASKS: usize = 32;
@@ -195,16 +194,7 @@ async fn concurrent_assignments_are_unique_affine_and_survive_restart() {
         got.len()
     );
 
-    let check = admin
-        .check_ipam(CheckIpamRequest {})
-        .await
-        .expect("CheckIpam")
-        .into_inner();
-    let bad: Vec<_> = check
-        .problems
-        .iter()
-        .filter(|p| p.kind != Kind::BorrowedAddress as i32)
-        .collect();
+    let (check, bad) = common::check_ipam(&mut admin).await;
     assert!(bad.is_empty(), "CheckIpam problems: {bad:?}");
     assert!(
         check.problems.is_empty(),

@@ -17,8 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 use tabby_proto::v1::{
-    ipam_problem::Kind, AssignRequest, CheckIpamRequest, GetAllocationRequest, ListHandlesRequest,
-    ReleaseHandleRequest,
+    AssignRequest, GetAllocationRequest, ListHandlesRequest, ReleaseHandleRequest,
 };
 use tonic::Code;
 
@@ -258,16 +257,7 @@ async fn verify(
     }
 
     // 2. Consistency as the controller sees it.
-    let check = admin
-        .check_ipam(CheckIpamRequest {})
-        .await
-        .expect("CheckIpam")
-        .into_inner();
-    let bad: Vec<_> = check
-        .problems
-        .iter()
-        .filter(|p| p.kind != Kind::BorrowedAddress as i32)
-        .collect();
+    let (check, bad) = common::check_ipam(&mut admin).await;
     assert!(bad.is_empty(), "CheckIpam after SIGKILL: {bad:?}");
 
     // 3. Exactly the live handles exist, node by node (covers every release).

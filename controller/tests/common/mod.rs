@@ -363,3 +363,26 @@ impl XorShift {
         lo + self.next_u64() % (hi - lo + 1)
     }
 }
+
+/// CheckIpam, with the problems other than borrowed addresses (borrowing is
+/// valid; everything else is damage).
+pub async fn check_ipam(
+    admin: &mut AdminClient,
+) -> (
+    tabby_proto::v1::CheckIpamResponse,
+    Vec<tabby_proto::v1::IpamProblem>,
+) {
+    use tabby_proto::v1::ipam_problem::Kind;
+    let check = admin
+        .check_ipam(tabby_proto::v1::CheckIpamRequest {})
+        .await
+        .expect("CheckIpam")
+        .into_inner();
+    let bad = check
+        .problems
+        .iter()
+        .filter(|p| p.kind != Kind::BorrowedAddress as i32)
+        .cloned()
+        .collect();
+    (check, bad)
+}

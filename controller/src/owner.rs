@@ -4,10 +4,15 @@
 //! send it closures; it runs every queued closure against the state and
 //! writes all resulting mutations as one atomic batch (group commit). A
 //! second thread, the committer, flushes written batches to disk and only
-//! then answers their callers and broadcasts their intent deltas, in order,
-//! while the owner already prepares the next group. An answer therefore
-//! never reveals state that is not on disk, and a crash loses nothing that
-//! was acknowledged.
+//! then broadcasts their intent deltas and hands their answers, in order, to
+//! one task on the gRPC runtime, while the owner already prepares the next
+//! group. An answer therefore never reveals state that is not on disk, and a
+//! crash loses nothing that was acknowledged.
+//!
+//! Answers go through that task, not straight from the committer, so that a
+//! whole group's callers wake inside the runtime together and each connection
+//! writes their responses in one go (one wake and one write per group rather
+//! than per call).
 use crate::intent::Encoded;
 use crate::{
     error::{Error, Result},
@@ -22,6 +27,8 @@ use tokio::sync::{mpsc, oneshot};
 
 type Finish = Box<dyn FnOnce(std::result::Result<u64, &Error>) + Send>;
 type Job = Box<dyn FnOnce(&mut Owned) -> (Mutation, Finish) + Send>;
+/// Durable answers on their way to the delivery task: finisher and revision.
+type Answers = Vec<(Finish, u64)>;
 
 /// What the owner thread owns.
 struct Owned {
@@ -50,17 +57,30 @@ impl OwnerThread {
 }
 
 impl Ipam {
-    /// Loads state from `store` and starts the owner thread.
+    /// Loads state from `store` and starts the owner thread. Must be called
+    /// from within the Tokio runtime that serves the callers: the answer
+    /// delivery task runs there.
     pub fn start(store: Arc<Store>) -> Result<(Ipam, OwnerThread)> {
+        let rt = tokio::runtime::Handle::try_current().map_err(|_| {
+            Error::Internal("the IPAM owner must be started inside a Tokio runtime".into())
+        })?;
         let snap = store.load()?;
         let revision = snap.revision;
         let ipam = IpamState::from_snapshot(snap);
         let intent = IntentTracker::new(&ipam, revision);
         let state = Owned { ipam, intent };
         let (tx, rx) = mpsc::channel::<Job>(4096);
+        let (dtx, mut drx) = mpsc::unbounded_channel::<Answers>();
+        rt.spawn(async move {
+            while let Some(answers) = drx.recv().await {
+                for (finish, rev) in answers {
+                    finish(Ok(rev));
+                }
+            }
+        });
         let t = thread::Builder::new()
             .name("ipam-owner".into())
-            .spawn(move || run(state, store, rx))
+            .spawn(move || run(state, store, rx, dtx))
             .map_err(|e| Error::Internal(format!("cannot start the IPAM owner thread: {e}")))?;
         Ok((Ipam { tx }, OwnerThread(t)))
     }
@@ -126,12 +146,16 @@ impl Ipam {
 /// A written group on its way to the disk.
 struct Flight {
     written: Written,
-    answers: Vec<(Finish, u64)>,
+    answers: Answers,
     delta: Option<(broadcast::Sender<Arc<Encoded>>, Arc<Encoded>)>,
 }
 
 /// Flushes written groups and answers for them, in order.
-fn commit_loop(store: Arc<Store>, rx: std::sync::mpsc::Receiver<Flight>) {
+fn commit_loop(
+    store: Arc<Store>,
+    rx: std::sync::mpsc::Receiver<Flight>,
+    deliver: mpsc::UnboundedSender<Answers>,
+) {
     while let Ok(first) = rx.recv() {
         let mut flights = vec![first];
         flights.extend(rx.try_iter());
@@ -141,15 +165,16 @@ fn commit_loop(store: Arc<Store>, rx: std::sync::mpsc::Receiver<Flight>) {
             .collect();
         match store.make_durable(written) {
             Ok(()) => {
+                let mut answers = Vec::new();
                 for f in flights {
-                    for (finish, rev) in f.answers {
-                        finish(Ok(rev));
-                    }
+                    answers.extend(f.answers);
                     if let Some((tx, e)) = f.delta {
                         // No watchers is fine.
                         let _ = tx.send(e);
                     }
                 }
+                // The task is gone only when the runtime is: nobody waits.
+                let _ = deliver.send(answers);
             }
             Err(e) => {
                 // The disk refused: nothing more can be acknowledged. Answer
@@ -167,12 +192,17 @@ fn commit_loop(store: Arc<Store>, rx: std::sync::mpsc::Receiver<Flight>) {
     }
 }
 
-fn run(mut state: Owned, store: Arc<Store>, mut rx: mpsc::Receiver<Job>) {
+fn run(
+    mut state: Owned,
+    store: Arc<Store>,
+    mut rx: mpsc::Receiver<Job>,
+    deliver: mpsc::UnboundedSender<Answers>,
+) {
     let (ctx, crx) = std::sync::mpsc::channel::<Flight>();
     let s2 = store.clone();
     let committer = thread::Builder::new()
         .name("ipam-commit".into())
-        .spawn(move || commit_loop(s2, crx))
+        .spawn(move || commit_loop(s2, crx, deliver))
         .expect("spawning the committer thread");
     let mut mutations = Vec::with_capacity(MAX_GROUP);
     let mut finishes: Vec<Finish> = Vec::with_capacity(MAX_GROUP);

@@ -29,6 +29,7 @@ type Finish = Box<dyn FnOnce(std::result::Result<u64, &Error>) + Send>;
 type Job = Box<dyn FnOnce(&mut Owned) -> (Mutation, Finish) + Send>;
 /// Durable answers on their way to the delivery task: finisher and revision.
 type Answers = Vec<(Finish, u64)>;
+type BeforeFlush = Box<dyn FnMut() + Send>;
 
 /// What the owner thread owns.
 struct Owned {
@@ -61,6 +62,15 @@ impl Ipam {
     /// from within the Tokio runtime that serves the callers: the answer
     /// delivery task runs there.
     pub fn start(store: Arc<Store>) -> Result<(Ipam, OwnerThread)> {
+        Self::start_with(store, None)
+    }
+
+    /// [`Ipam::start`], with `before_flush` run by the committer before each
+    /// flush (tests hold a flush back with it).
+    fn start_with(
+        store: Arc<Store>,
+        before_flush: Option<BeforeFlush>,
+    ) -> Result<(Ipam, OwnerThread)> {
         let rt = tokio::runtime::Handle::try_current().map_err(|_| {
             Error::Internal("the IPAM owner must be started inside a Tokio runtime".into())
         })?;
@@ -80,7 +90,7 @@ impl Ipam {
         });
         let t = thread::Builder::new()
             .name("ipam-owner".into())
-            .spawn(move || run(state, store, rx, dtx))
+            .spawn(move || run(state, store, rx, dtx, before_flush))
             .map_err(|e| Error::Internal(format!("cannot start the IPAM owner thread: {e}")))?;
         Ok((Ipam { tx }, OwnerThread(t)))
     }
@@ -155,6 +165,7 @@ fn commit_loop(
     store: Arc<Store>,
     rx: std::sync::mpsc::Receiver<Flight>,
     deliver: mpsc::UnboundedSender<Answers>,
+    mut before_flush: Option<BeforeFlush>,
 ) {
     while let Ok(first) = rx.recv() {
         let mut flights = vec![first];
@@ -163,6 +174,9 @@ fn commit_loop(
             .iter_mut()
             .map(|f| std::mem::take(&mut f.written))
             .collect();
+        if let Some(f) = before_flush.as_mut() {
+            f();
+        }
         match store.make_durable(written) {
             Ok(()) => {
                 let mut answers = Vec::new();
@@ -197,12 +211,13 @@ fn run(
     store: Arc<Store>,
     mut rx: mpsc::Receiver<Job>,
     deliver: mpsc::UnboundedSender<Answers>,
+    before_flush: Option<BeforeFlush>,
 ) {
     let (ctx, crx) = std::sync::mpsc::channel::<Flight>();
     let s2 = store.clone();
     let committer = thread::Builder::new()
         .name("ipam-commit".into())
-        .spawn(move || commit_loop(s2, crx, deliver))
+        .spawn(move || commit_loop(s2, crx, deliver, before_flush))
         .expect("spawning the committer thread");
     let mut mutations = Vec::with_capacity(MAX_GROUP);
     let mut finishes: Vec<Finish> = Vec::with_capacity(MAX_GROUP);
@@ -278,5 +293,59 @@ fn run(
     let _ = committer.join();
     if let Err(e) = store.flush() {
         tracing::error!(error = %e, "final flush failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tabby_store::{Encapsulation, Pool};
+
+    /// No caller hears of a change, and no watcher sees it, before the flush
+    /// that makes it durable has run.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nothing_is_answered_before_its_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let (open_tx, open_rx) = std::sync::mpsc::channel::<()>();
+        let (ipam, owner) = Ipam::start_with(
+            store,
+            Some(Box::new(move || {
+                let _ = open_rx.recv();
+            })),
+        )
+        .unwrap();
+        // The watch itself goes through one commit: let that one flush run.
+        open_tx.send(()).unwrap();
+        let mut watch = ipam.watch(0).await.unwrap();
+        let pool = Pool {
+            name: "p".into(),
+            cidr: "10.0.0.0/16".parse().unwrap(),
+            block_size: 26,
+            nat_outgoing: false,
+            encapsulation: Encapsulation::None,
+            disabled: false,
+            node_selector: String::new(),
+        };
+        let i2 = ipam.clone();
+        let call = tokio::spawn(async move { i2.call(move |s| s.create_pool(pool)).await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!call.is_finished(), "answered before the flush ran");
+        assert!(
+            watch.live.try_recv().is_err(),
+            "delta broadcast before the flush ran"
+        );
+        open_tx.send(()).unwrap();
+        let (created, rev) = call.await.unwrap().unwrap();
+        assert_eq!(created.name, "p");
+        assert!(rev > 0);
+        tokio::time::timeout(Duration::from_secs(5), watch.live.recv())
+            .await
+            .expect("delta after the flush")
+            .expect("delta");
+        drop(open_tx);
+        drop((ipam, watch));
+        owner.join();
     }
 }

@@ -224,7 +224,7 @@ fn borrowed_address_works_across_nodes_via_its_host_route() {
 }
 
 #[test]
-fn restart_cleans_stale_tabby_routes_only_and_hand_deleted_routes_come_back() {
+fn restart_cleans_stale_tabby_routes_only_and_hand_changes_are_undone() {
     let (mut lab, _d) = lab();
     lab.add_pod("worker", "w").unwrap();
     let ns = lab.node_ns("worker2");
@@ -277,6 +277,28 @@ fn restart_cleans_stale_tabby_routes_only_and_hand_deleted_routes_come_back() {
         sh(&ns, "nft list table ip tabby").contains("masquerade fully-random")
     })
     .unwrap();
+    // Edit it by hand (empty a set, add a rule and a chain): all undone.
+    let want = sh(&ns, "nft list table ip tabby");
+    assert!(want.contains("10."), "masq-pools has elements: {want}");
+    for edit in [
+        "flush set ip tabby masq-pools",
+        "add rule ip tabby postrouting counter accept",
+        "add chain ip tabby extra",
+    ] {
+        let args: Vec<&str> = std::iter::once("nft")
+            .chain(edit.split_whitespace())
+            .collect();
+        netns::exec(&ns, &args).unwrap();
+    }
+    assert_ne!(sh(&ns, "nft list table ip tabby"), want, "edits took");
+    let t = lab
+        .wait_until(
+            "hand edits of table ip tabby undone",
+            Duration::from_secs(10),
+            || sh(&ns, "nft list table ip tabby") == want,
+        )
+        .unwrap();
+    println!("nft edits undone after {t:?}");
 }
 
 #[test]

@@ -58,7 +58,8 @@ pub fn lock_status(s: &SharedStatus) -> std::sync::MutexGuard<'_, NodeStatus> {
     s.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Every how many reconcile passes the nftables table's presence is checked.
+/// Every how many reconcile passes the nftables tables are compared with
+/// what tabby last wrote.
 const NFT_VERIFY_EVERY: u64 = 3;
 
 /// Kernel knobs the reconciler sets. Abstracted so tests can run it in a netns.
@@ -85,6 +86,8 @@ pub struct Reconciler<T: RouteTable> {
     have_intent: bool,
     synced: bool,
     nat_applied: Option<(NatSets, NatSets)>,
+    /// `nft list table <family> tabby` right after our last write, per family.
+    nat_listing: Vec<(&'static str, String)>,
     passes: u64,
     v6_forwarding: bool,
 }
@@ -110,6 +113,7 @@ impl<T: RouteTable> Reconciler<T> {
             have_intent: false,
             synced: false,
             nat_applied: None,
+            nat_listing: Vec::new(),
             passes: 0,
             v6_forwarding: false,
         }
@@ -187,18 +191,22 @@ impl<T: RouteTable> Reconciler<T> {
             }
         }
         let nat = (d.nat_v4.clone(), d.nat_v6.clone());
-        // Someone may have deleted our table: look every few passes (a
-        // process spawn, so not every pass) and rewrite it when it is gone.
+        // Someone may have deleted or edited our tables: compare them with
+        // what we wrote every few passes (a process spawn, so not every pass)
+        // and rewrite them when they differ.
         self.passes += 1;
-        if self.passes.is_multiple_of(NFT_VERIFY_EVERY)
-            && self.nat_applied.is_some()
-            && self.nft.list("ip").is_err()
-        {
-            tracing::warn!("table ip tabby is gone; restoring it");
-            self.nat_applied = None;
+        if self.passes.is_multiple_of(NFT_VERIFY_EVERY) && self.nat_applied.is_some() {
+            if let Some(family) = self.nat_drift() {
+                tracing::warn!(
+                    family,
+                    "table {family} tabby is not what tabby wrote (deleted or edited by hand); rewriting it"
+                );
+                self.nat_applied = None;
+            }
         }
         if self.nat_applied.as_ref() != Some(&nat) {
             let mut ok = true;
+            let mut written = vec!["ip"];
             if let Err(e) = self.nft.sync("ip", &d.nat_v4) {
                 errors.push(e.to_string());
                 ok = false;
@@ -208,12 +216,17 @@ impl<T: RouteTable> Reconciler<T> {
                 .as_ref()
                 .is_some_and(|(_, v6)| !v6.all.is_empty());
             if d.ipv6 || had_v6 {
+                written.push("ip6");
                 if let Err(e) = self.nft.sync("ip6", &d.nat_v6) {
                     errors.push(e.to_string());
                     ok = false;
                 }
             }
             if ok {
+                self.nat_listing = written
+                    .into_iter()
+                    .filter_map(|f| self.nft.list(f).ok().map(|l| (f, l)))
+                    .collect();
                 tracing::info!(masq = ?d.nat_v4.masq, all = ?d.nat_v4.all, "nftables table ip tabby updated");
                 self.nat_applied = Some(nat);
             }
@@ -225,6 +238,15 @@ impl<T: RouteTable> Reconciler<T> {
             }
         }
         self.finish(&d, d.routes.len(), errors);
+    }
+
+    /// The first family whose table no longer lists as it did after our
+    /// last write.
+    fn nat_drift(&self) -> Option<&'static str> {
+        self.nat_listing
+            .iter()
+            .find(|(f, want)| self.nft.list(f).ok().as_ref() != Some(want))
+            .map(|(f, _)| *f)
     }
 
     fn finish(&mut self, d: &Desired, routes: usize, errors: Vec<String>) {

@@ -28,8 +28,10 @@ fn elements(v: &[IpNet]) -> String {
 }
 
 /// Renders the transaction that makes table `<family> tabby` match `sets`.
-/// `family` is "ip" or "ip6". Idempotent: creating what exists is a no-op,
-/// the rule is rewritten and both sets are flushed and refilled, all at once.
+/// `family` is "ip" or "ip6". The table is ours alone, so the transaction
+/// deletes it (if present) and writes it whole: anything added or changed by
+/// hand goes, and the kernel applies it all at once, with no moment without
+/// the masquerade rule.
 pub fn render(family: &str, sets: &NatSets) -> String {
     let ty = if family == "ip6" {
         "ipv6_addr"
@@ -39,13 +41,12 @@ pub fn render(family: &str, sets: &NatSets) -> String {
     let saddr = if family == "ip6" { "ip6" } else { "ip" };
     let mut s = format!(
         "add table {family} {TABLE}\n\
+         delete table {family} {TABLE}\n\
+         add table {family} {TABLE}\n\
          add set {family} {TABLE} masq-pools {{ type {ty}; flags interval; }}\n\
          add set {family} {TABLE} all-pools {{ type {ty}; flags interval; }}\n\
          add chain {family} {TABLE} postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}\n\
-         flush chain {family} {TABLE} postrouting\n\
-         add rule {family} {TABLE} postrouting {saddr} saddr @masq-pools {saddr} daddr != @all-pools masquerade fully-random\n\
-         flush set {family} {TABLE} masq-pools\n\
-         flush set {family} {TABLE} all-pools\n"
+         add rule {family} {TABLE} postrouting {saddr} saddr @masq-pools {saddr} daddr != @all-pools masquerade fully-random\n"
     );
     if !sets.masq.is_empty() {
         s.push_str(&format!(
@@ -165,6 +166,10 @@ mod tests {
             },
         );
         assert!(s.contains("priority srcnat"));
+        assert!(
+            s.starts_with("add table ip tabby\ndelete table ip tabby\nadd table ip tabby\n"),
+            "rewrites the whole table: {s}"
+        );
         assert!(s.contains("ip saddr @masq-pools ip daddr != @all-pools masquerade fully-random"));
         assert!(s.contains("add element ip tabby all-pools { 10.244.0.0/16, 10.96.0.0/16 }"));
         let empty = render("ip6", &NatSets::default());

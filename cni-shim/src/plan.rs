@@ -218,6 +218,15 @@ pub async fn execute<A: NodeApi>(inv: &Invocation, api: &mut A) -> Result<Outcom
         }
         Request::Status => {
             let resp = api.status().await.map_err(st)?;
+            if !resp.ready && !resp.last_error.is_empty() {
+                // Its last reconcile failed too: routes or NAT that existing
+                // pods rely on may be missing.
+                return Err(CniError::new(
+                    code::LIMITED_CONNECTIVITY,
+                    "tabby-node cannot serve ADD now, and existing pods may have limited connectivity",
+                    format!("{}; last reconcile: {}", resp.reason, resp.last_error),
+                ));
+            }
             if !resp.ready {
                 return Err(CniError::new(
                     code::NOT_AVAILABLE,
@@ -500,6 +509,31 @@ mod tests {
             (err.code, err.details.as_str()),
             (50, "controller unreachable")
         );
+        // Not ready, and the kernel is not as intended: 51.
+        let mut fake = Fake {
+            status: [Ok(pb::PodStatusResponse {
+                ready: false,
+                reason: "controller unreachable".into(),
+                last_error: "10.244.1.0/26: Network is unreachable".into(),
+                ..Default::default()
+            })]
+            .into(),
+            ..Default::default()
+        };
+        let err = run(&inv, &mut fake).unwrap_err();
+        assert_eq!(err.code, 51);
+        assert!(err.details.contains("Network is unreachable"), "{err:?}");
+        // Ready with a reconcile error: ADD still works, STATUS succeeds.
+        let mut fake = Fake {
+            status: [Ok(pb::PodStatusResponse {
+                ready: true,
+                last_error: "10.244.1.0/26: Network is unreachable".into(),
+                ..Default::default()
+            })]
+            .into(),
+            ..Default::default()
+        };
+        assert!(run(&inv, &mut fake).is_ok());
         let mut fake = Fake {
             fail_all: Some(Status::unavailable("x")),
             ..Default::default()

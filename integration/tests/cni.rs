@@ -548,7 +548,7 @@ fn status_follows_the_node_client_and_the_controller() {
         "STATUS without the controller: code {code} after {waited:?}: {}",
         st.out
     );
-    assert!(code == 50 || code == 51, "{}", st.out);
+    assert_eq!(code, 50, "routes are complete: {}", st.out);
     assert_eq!(st.out["cniVersion"], "1.1.0");
 
     // It comes back.
@@ -559,6 +559,55 @@ fn status_follows_the_node_client_and_the_controller() {
         || status(&lab).ok,
     )
     .unwrap();
+
+    // A node whose address no node can reach gets a block: every node fails
+    // to route to it. With the controller gone as well, STATUS says 51.
+    lab.grpcurl(&[
+        "-H",
+        "tabby-node: ghost",
+        "-d",
+        r#"{"node":{"addresses":["192.0.2.99"]}}"#,
+        "tabby.v1.NodeAgent/RegisterNode",
+    ])
+    .unwrap();
+    lab.grpcurl(&[
+        "-H",
+        "tabby-node: ghost",
+        "-d",
+        r#"{"handle":"ghost.pod"}"#,
+        "tabby.v1.NodeAgent/Assign",
+    ])
+    .unwrap();
+    let st = status(&lab);
+    assert!(st.ok, "ready despite a failing route: {:?}", st);
+    lab.kill_controller().unwrap();
+    let mut last = None;
+    lab.wait_until(
+        "STATUS to fail without the controller",
+        Duration::from_secs(30),
+        || {
+            let st = status(&lab);
+            let failed = !st.ok;
+            last = Some(st);
+            failed
+        },
+    )
+    .unwrap();
+    let st = last.unwrap();
+    let code = assert_cni_error("STATUS with a failing route", st.ok, &st.out);
+    println!(
+        "STATUS without the controller, a route failing: code {code}: {}",
+        st.out
+    );
+    assert_eq!(code, 51, "{}", st.out);
+    assert!(
+        st.out["details"]
+            .as_str()
+            .unwrap_or("")
+            .contains("192.0.2.99"),
+        "names the failing route: {}",
+        st.out
+    );
 
     // Node client gone: the socket does not answer.
     lab.kill_node(NODE).unwrap();

@@ -89,11 +89,7 @@ async fn main() {
             let name = format!("sim-{i}");
             let mut c =
                 IntentStreamClient::with_interceptor(ch, common::NodeHeader(name.parse().unwrap()));
-            let mut s = c
-                .watch(WatchRequest { since_revision: 0 })
-                .await
-                .unwrap()
-                .into_inner();
+            let mut s = c.watch(WatchRequest::default()).await.unwrap().into_inner();
             let mut first = true;
             while let Ok(Some(u)) = s.message().await {
                 arrivals[i].store(epoch.elapsed().as_nanos() as u64, Ordering::Relaxed);

@@ -198,8 +198,10 @@ impl View {
 pub struct IntentTracker {
     view: View,
     revision: u64,
+    /// The store's identity: resumes are honoured only for it.
+    store_id: String,
     ring: VecDeque<Arc<Encoded>>,
-    /// Revision the oldest ring entry applies on top of.
+    /// Every intent change after this revision is in the ring.
     ring_base: u64,
     snapshot: Option<Arc<Encoded>>,
     tx: broadcast::Sender<Arc<Encoded>>,
@@ -220,11 +222,24 @@ impl IntentTracker {
         IntentTracker {
             view: View::of(s),
             revision,
+            store_id: String::new(),
             ring: VecDeque::new(),
             ring_base: revision,
             snapshot: None,
             tx,
         }
+    }
+
+    /// Lets watchers of store `store_id` resume across a restart: nothing
+    /// changed the intent after `unchanged_since` (the store's intent mark),
+    /// so a watcher that has applied that revision or a later one needs
+    /// nothing, not a snapshot.
+    pub fn resumable(mut self, store_id: &str, unchanged_since: u64) -> IntentTracker {
+        self.store_id = store_id.to_string();
+        if unchanged_since > 0 && unchanged_since <= self.revision {
+            self.ring_base = unchanged_since;
+        }
+        self
     }
 
     /// Records a written group: `revision` is its last revision, `keys`
@@ -252,9 +267,6 @@ impl IntentTracker {
                 self.ring_base = old.revision;
             }
         }
-        if self.ring.is_empty() {
-            self.ring_base = base;
-        }
         self.ring.push_back(e.clone());
         Some(e)
     }
@@ -271,15 +283,26 @@ impl IntentTracker {
         let s = Arc::new(Encoded {
             revision: self.revision,
             base: 0,
-            bytes: self.view.snapshot(self.revision).encode_to_vec().into(),
+            bytes: pb::IntentUpdate {
+                store_id: self.store_id.clone(),
+                ..self.view.snapshot(self.revision)
+            }
+            .encode_to_vec()
+            .into(),
         });
         self.snapshot = Some(s.clone());
         s
     }
 
-    /// Starts a watcher that has applied everything up to `since` (0: nothing).
-    pub fn watch(&mut self, since: u64) -> WatchStart {
+    /// Starts a watcher that has applied everything up to `since` (0: nothing)
+    /// of store `store_id` (None: this store, for the controller's own
+    /// resyncs); another store's revisions mean nothing here.
+    pub fn watch(&mut self, since: u64, store_id: Option<&str>) -> WatchStart {
         let live = self.tx.subscribe();
+        let since = match store_id {
+            Some(id) if id != self.store_id => 0,
+            _ => since,
+        };
         let initial = if since > 0 && since == self.revision {
             Vec::new()
         } else if since > 0 && since >= self.ring_base && since < self.revision {
@@ -342,7 +365,7 @@ mod tests {
                 .unwrap();
             step(&mut s, &mut t, m);
         }
-        let mut live = t.watch(0);
+        let mut live = t.watch(0, None);
         assert_eq!(decode(&live.initial[0]).nodes.len(), 2);
         let assign = |s: &mut IpamState, n: &str, h: &str| {
             s.assign(
@@ -373,13 +396,13 @@ mod tests {
         step(&mut s, &mut t, m);
         assert!(live.live.try_recv().is_err());
         // Resume from revision 4: the deltas after it (none) — not a snapshot.
-        assert!(t.watch(4).initial.is_empty());
+        assert!(t.watch(4, None).initial.is_empty());
         // Resume from 3 gets exactly the block delta.
-        let r = t.watch(3);
+        let r = t.watch(3, None);
         assert_eq!(r.initial.len(), 1);
         assert_eq!(decode(&r.initial[0]).revision, 4);
         // History from before this tracker (a controller restart): snapshot.
-        let r = IntentTracker::new(&s, 5).watch(3);
+        let r = IntentTracker::new(&s, 5).watch(3, None);
         assert!(decode(&r.initial[0]).snapshot);
         // Node removal and pool change are deltas.
         let (_, m) = s.delete_node("b").unwrap();
@@ -400,5 +423,30 @@ mod tests {
         step(&mut s, &mut t, m);
         let d = decode(&live.live.try_recv().unwrap());
         assert!(d.pools_changed && !d.pools[0].nat_outgoing);
+    }
+
+    /// After a restart, a watcher of the same store that has applied the
+    /// store's intent mark (or later) resumes with nothing; an older one, one
+    /// of another store, or one without a store id gets a snapshot.
+    #[test]
+    fn resume_across_a_restart_needs_the_mark_and_the_store() {
+        let s = IpamState::default();
+        // Restarted at revision 10; the last intent change was at 6.
+        let mut t = IntentTracker::new(&s, 10).resumable("s1", 6);
+        for since in [6, 8, 10] {
+            assert!(
+                t.watch(since, Some("s1")).initial.is_empty(),
+                "since {since}: nothing to send"
+            );
+        }
+        for (since, id) in [(5, "s1"), (8, "s2"), (8, ""), (0, "s1"), (11, "s1")] {
+            let w = t.watch(since, Some(id));
+            let u = decode(&w.initial[0]);
+            assert!(u.snapshot, "since {since} of {id:?}: snapshot");
+            assert_eq!((u.revision, u.store_id.as_str()), (10, "s1"));
+        }
+        // A mark beyond the revision (cannot happen) is not trusted.
+        let mut t = IntentTracker::new(&s, 10).resumable("s1", 12);
+        assert!(decode(&t.watch(8, Some("s1")).initial[0]).snapshot);
     }
 }

@@ -75,9 +75,9 @@ impl Ipam {
             Error::Internal("the IPAM owner must be started inside a Tokio runtime".into())
         })?;
         let snap = store.load()?;
-        let revision = snap.revision;
+        let (revision, marked) = (snap.revision, snap.intent_revision);
         let ipam = IpamState::from_snapshot(snap);
-        let intent = IntentTracker::new(&ipam, revision);
+        let intent = IntentTracker::new(&ipam, revision).resumable(store.id(), marked);
         let state = Owned { ipam, intent };
         let (tx, rx) = mpsc::channel::<Job>(4096);
         let (dtx, mut drx) = mpsc::unbounded_channel::<Answers>();
@@ -127,11 +127,12 @@ impl Ipam {
         orx.await.map_err(|_| Error::Unavailable)?
     }
 
-    /// Starts an intent watcher that has applied everything up to `since`.
-    pub async fn watch(&self, since: u64) -> Result<WatchStart> {
+    /// Starts an intent watcher that has applied everything up to `since` of
+    /// store `store_id` (None: this store).
+    pub async fn watch(&self, since: u64, store_id: Option<String>) -> Result<WatchStart> {
         let (otx, orx) = oneshot::channel();
         let job: Job = Box::new(move |o| {
-            let w = o.intent.watch(since);
+            let w = o.intent.watch(since, store_id.as_deref());
             (
                 Mutation::default(),
                 Box::new(move |_| {
@@ -235,25 +236,31 @@ fn run(
                 Err(_) => break,
             }
         }
-        match store.write(&mutations) {
+        // Handles and config never change intent: skip their keys.
+        let keys: BTreeSet<_> = mutations
+            .iter()
+            .flat_map(|m| m.ops.iter())
+            .filter(|o| {
+                !matches!(
+                    o,
+                    Op::PutHandle(..) | Op::DeleteHandle(_) | Op::PutConfig(_)
+                )
+            })
+            .map(|o| o.key())
+            .collect();
+        // The delta is known before the write, so that the batch can carry
+        // the store's intent mark atomically. This thread is the store's only
+        // writer: the group ends at this revision.
+        let last = store.revision() + mutations.iter().filter(|m| !m.is_empty()).count() as u64;
+        let delta = if keys.is_empty() {
+            None
+        } else {
+            state.intent.on_commit(&state.ipam, last, &keys)
+        };
+        match store.write_marked(&mutations, delta.is_some()) {
             Ok((revs, written)) => {
-                // Handles and config never change intent: skip their keys.
-                let keys: BTreeSet<_> = mutations
-                    .iter()
-                    .flat_map(|m| m.ops.iter())
-                    .filter(|o| {
-                        !matches!(
-                            o,
-                            Op::PutHandle(..) | Op::DeleteHandle(_) | Op::PutConfig(_)
-                        )
-                    })
-                    .map(|o| o.key())
-                    .collect();
-                let delta = revs
-                    .last()
-                    .filter(|_| !keys.is_empty())
-                    .and_then(|last| state.intent.on_commit(&state.ipam, *last, &keys))
-                    .map(|e| (state.intent.sender(), e));
+                debug_assert_eq!(revs.last(), Some(&last));
+                let delta = delta.map(|e| (state.intent.sender(), e));
                 let answers = finishes.drain(..).zip(revs).collect();
                 if ctx
                     .send(Flight {
@@ -275,10 +282,12 @@ fn run(
                 // Memory ran ahead of the store: go back to what it holds.
                 match store.load() {
                     Ok(s) => {
-                        let rev = s.revision;
+                        let (rev, marked) = (s.revision, s.intent_revision);
                         state.ipam = IpamState::from_snapshot(s);
-                        // Watchers resync from a snapshot.
-                        state.intent = IntentTracker::new(&state.ipam, rev);
+                        // Watchers reconnect (their feed closes) and resume
+                        // from what the store holds.
+                        state.intent =
+                            IntentTracker::new(&state.ipam, rev).resumable(store.id(), marked);
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "cannot reload the store; IPAM stops");
@@ -318,7 +327,7 @@ mod tests {
         .unwrap();
         // The watch itself goes through one commit: let that one flush run.
         open_tx.send(()).unwrap();
-        let mut watch = ipam.watch(0).await.unwrap();
+        let mut watch = ipam.watch(0, None).await.unwrap();
         let pool = Pool {
             name: "p".into(),
             cidr: "10.0.0.0/16".parse().unwrap(),

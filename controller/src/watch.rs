@@ -57,7 +57,7 @@ async fn next(mut w: Watcher) -> Option<(Result<PreEncoded, Status>, Watcher)> {
             Ok(e) => w.pending.push_back(e),
             Err(RecvError::Lagged(n)) => {
                 tracing::warn!(node = %w.node, missed = n, "slow intent watcher: resynchronising");
-                match w.ipam.watch(w.last).await {
+                match w.ipam.watch(w.last, None).await {
                     Ok(s) => {
                         w.pending = s.initial.into();
                         w.live = s.live;
@@ -86,9 +86,11 @@ impl ServerStreamingService<pb::WatchRequest> for WatchSvc {
                 .get::<crate::service::NodeIdentity>()
                 .map(|n| n.0.clone())
                 .ok_or_else(|| Status::unauthenticated("no node identity on this call"))?;
-            let since = req.into_inner().since_revision;
-            let start = ipam.watch(since).await?;
-            tracing::info!(%node, since, initial = start.initial.len(), "intent watcher connected");
+            let req = req.into_inner();
+            let since = req.since_revision;
+            let start = ipam.watch(since, Some(req.store_id)).await?;
+            let snapshot = start.initial.first().is_some_and(|e| e.base == 0);
+            tracing::info!(%node, since, snapshot, initial = start.initial.len(), "intent watcher connected");
             let w = Watcher {
                 ipam,
                 node,
@@ -209,7 +211,7 @@ mod tests {
         };
 
         // Lag past the buffer but within the ring: resynced with deltas.
-        let w1 = watcher(0, ipam.watch(0).await.unwrap());
+        let w1 = watcher(0, ipam.watch(0, None).await.unwrap());
         let mut last = 0;
         for k in 0..WATCH_BUFFER + 100 {
             last = claim(k).await;
@@ -225,7 +227,7 @@ mod tests {
         assert!(got[1..].iter().all(|u| !u.snapshot));
 
         // Lag past the ring too: resynced with a snapshot.
-        let w2 = watcher(last, ipam.watch(last).await.unwrap());
+        let w2 = watcher(last, ipam.watch(last, None).await.unwrap());
         for k in WATCH_BUFFER + 100..WATCH_BUFFER + 100 + RING + 10 {
             last = claim(k).await;
         }

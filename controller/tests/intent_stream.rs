@@ -1,6 +1,7 @@
 //! The intent stream over real gRPC: snapshot then deltas stamped with
-//! revisions, resume from a revision, and a slow watcher that neither stalls
-//! the others nor ends up wrong (bounded buffering, then a resync).
+//! revisions, resume from a revision (also across a controller restart), and
+//! a slow watcher that neither stalls the others nor ends up wrong (bounded
+//! buffering, then a resync).
 mod common;
 
 use common::{create_pool, register, Controller, NodeHeader};
@@ -86,13 +87,15 @@ async fn snapshot_deltas_resume_and_slow_watchers() {
     // A fresh watcher gets a snapshot at the current revision.
     let mut fast = client(&c, "fast")
         .await
-        .watch(WatchRequest { since_revision: 0 })
+        .watch(WatchRequest::default())
         .await
         .unwrap()
         .into_inner();
     let mut a = Seen::default();
     let u = next(&mut fast).await;
     assert!(u.snapshot && u.revision == first, "{u:?}");
+    let store_id = u.store_id.clone();
+    assert!(!store_id.is_empty(), "a snapshot names its store");
     assert_eq!(u.nodes.len(), 1);
     assert_eq!(u.pools.len(), 1);
     a.apply(&u);
@@ -101,7 +104,7 @@ async fn snapshot_deltas_resume_and_slow_watchers() {
     // A slow watcher connects, takes its snapshot, then stops reading.
     let mut slow = client(&c, "slow")
         .await
-        .watch(WatchRequest { since_revision: 0 })
+        .watch(WatchRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -154,6 +157,7 @@ async fn snapshot_deltas_resume_and_slow_watchers() {
         .await
         .watch(WatchRequest {
             since_revision: last,
+            store_id: store_id.clone(),
         })
         .await
         .unwrap()
@@ -172,6 +176,7 @@ async fn snapshot_deltas_resume_and_slow_watchers() {
         .await
         .watch(WatchRequest {
             since_revision: last - 3,
+            store_id: store_id.clone(),
         })
         .await
         .unwrap()
@@ -189,4 +194,72 @@ async fn snapshot_deltas_resume_and_slow_watchers() {
     let mut anon = IntentStreamClient::new(c.channel().await);
     let e = anon.watch(WatchRequest::default()).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated);
+}
+
+async fn watch(c: &Controller, since: u64, store_id: &str) -> Streaming<IntentUpdate> {
+    client(c, "resumer")
+        .await
+        .watch(WatchRequest {
+            since_revision: since,
+            store_id: store_id.to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// A controller restart does not cost every watcher a snapshot: one that has
+/// applied the last intent change of the same store resumes with nothing
+/// resent, even though other changes (assignments inside a block) came after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_across_a_controller_restart() {
+    let dir = common::temp_dir();
+    let mut c = Controller::start(dir.path());
+    let mut admin = c.admin().await;
+    create_pool(&mut admin, "p", "10.0.0.0/8", 26).await;
+    register(&c, "claimer", 0).await;
+    claim(&c, 0).await;
+    let mut w = watch(&c, 0, "").await;
+    let u = next(&mut w).await;
+    assert!(u.snapshot);
+    let store_id = u.store_id;
+    let mark = claim(&c, 1).await;
+    assert_eq!(next(&mut w).await.revision, mark);
+    // Not intent: more addresses from claimer's blocks.
+    let mut n = c.node("claimer").await;
+    let mut after = mark;
+    for i in 0..5 {
+        after = n
+            .assign(AssignRequest {
+                handle: format!("fill-{i}"),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .revision;
+    }
+    assert!(after > mark);
+    drop((w, n, admin));
+    c.term();
+
+    let c = Controller::start(dir.path());
+    let mut resumed = Vec::new();
+    for since in [mark, after] {
+        resumed.push((since, watch(&c, since, &store_id).await));
+    }
+    let newest = claim(&c, 2).await;
+    for (since, mut w) in resumed {
+        let u = next(&mut w).await;
+        assert!(
+            !u.snapshot && u.revision == newest && u.blocks.len() == 1,
+            "since {since}: only the new change, no snapshot: {u:?}"
+        );
+    }
+    // Before the mark, another store, or no store: a snapshot, naming the store.
+    for (since, id) in [(mark - 1, store_id.as_str()), (mark, "0123"), (mark, "")] {
+        let u = next(&mut watch(&c, since, id).await).await;
+        assert!(u.snapshot, "since {since} of {id:?}: {u:?}");
+        assert_eq!(u.store_id, store_id);
+    }
 }

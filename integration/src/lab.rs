@@ -353,6 +353,18 @@ impl Lab {
         wait_log(&self.node_log(node), 0, "first full intent sync", timeout)
     }
 
+    /// Controller log length now, for [`Lab::controller_log_since`].
+    pub fn controller_log_mark(&self) -> u64 {
+        log_len(&self.cfg.dir.join("controller.log"))
+    }
+
+    /// What the controller logged after `mark`.
+    pub fn controller_log_since(&self, mark: u64) -> String {
+        let all = std::fs::read(self.cfg.dir.join("controller.log")).unwrap_or_default();
+        let from = (mark as usize).min(all.len());
+        String::from_utf8_lossy(&all[from..]).into_owned()
+    }
+
     /// Log length now, to wait for lines written after it.
     pub fn log_mark(&self, node: &str) -> u64 {
         log_len(&self.node_log(node))

@@ -178,8 +178,27 @@ fn controller_outage_keeps_routes_and_traffic_and_add_fails_with_code_11() {
     drop(ns);
     assert!(!ok);
     assert_eq!(err["code"], 11, "{err}");
-    // The controller returns: ADD works and the watch resumes.
+    // The controller returns: every node resumes its watch where it left off
+    // (nothing changed the intent), without a snapshot; ADD works again.
+    let mark = lab.controller_log_mark();
     lab.start_controller().unwrap();
+    lab.wait_until(
+        "the three nodes resumed without a snapshot",
+        Duration::from_secs(15),
+        || {
+            let log = lab.controller_log_since(mark);
+            let resumed = log
+                .lines()
+                .filter(|l| l.contains("intent watcher connected"))
+                .collect::<Vec<_>>();
+            assert!(
+                resumed.iter().all(|l| l.contains("snapshot=false")),
+                "a node got a snapshot: {resumed:#?}"
+            );
+            resumed.len() >= 3
+        },
+    )
+    .unwrap();
     let c = lab.add_pod("control-plane", "after").unwrap();
     lab.wait_until("worker2 routes again", Duration::from_secs(10), || {
         ping(&p, c.ip, 1)

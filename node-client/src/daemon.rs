@@ -11,7 +11,7 @@ use crate::{
 use std::{
     net::IpAddr,
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
         mpsc, Arc, Mutex,
     },
     time::{Duration, Instant},
@@ -53,6 +53,24 @@ pub struct NodeStatus {
 /// Shared status.
 pub type SharedStatus = Arc<Mutex<NodeStatus>>;
 
+/// Where the intent watch resumes: the last revision applied, of which
+/// controller store (revision 0: ask for a snapshot).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Resume {
+    /// Last applied revision.
+    pub revision: u64,
+    /// `store_id` of the last snapshot applied.
+    pub store_id: String,
+}
+
+/// The resume point, written by the reconciler and read by the watch.
+pub type SharedResume = Arc<Mutex<Resume>>;
+
+/// Locks the resume point (a poisoned lock still holds valid data).
+fn lock_resume(r: &SharedResume) -> std::sync::MutexGuard<'_, Resume> {
+    r.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Locks the status (a poisoned lock still holds valid data).
 pub fn lock_status(s: &SharedStatus) -> std::sync::MutexGuard<'_, NodeStatus> {
     s.lock().unwrap_or_else(|e| e.into_inner())
@@ -80,8 +98,8 @@ pub struct Reconciler<T: RouteTable> {
     pub sysctl: Box<dyn Sysctl>,
     /// Shared status.
     pub status: SharedStatus,
-    /// Revision the watch resumes from (0: ask for a snapshot).
-    pub resume: Arc<AtomicU64>,
+    /// Where the watch resumes.
+    pub resume: SharedResume,
     intent: Intent,
     have_intent: bool,
     synced: bool,
@@ -100,7 +118,7 @@ impl<T: RouteTable> Reconciler<T> {
         nft: Nft,
         sysctl: Box<dyn Sysctl>,
         status: SharedStatus,
-        resume: Arc<AtomicU64>,
+        resume: SharedResume,
     ) -> Self {
         Reconciler {
             me,
@@ -155,12 +173,16 @@ impl<T: RouteTable> Reconciler<T> {
                     tracing::info!(revision = u.revision, "first full intent sync");
                     self.synced = true;
                 }
-                self.resume.store(u.revision, Ordering::Relaxed);
+                let mut r = lock_resume(&self.resume);
+                r.revision = u.revision;
+                if u.snapshot {
+                    r.store_id.clone_from(&u.store_id);
+                }
             }
             Err(e) => {
                 // Ask for a snapshot on the next (re)connect.
                 tracing::error!(error = %e, "bad intent update ignored; will resync");
-                self.resume.store(0, Ordering::Relaxed);
+                lock_resume(&self.resume).revision = 0;
             }
         }
     }
@@ -339,7 +361,7 @@ pub async fn watch(
     ctl: Controller,
     node: pb::Node,
     tx: mpsc::Sender<Event>,
-    resume: Arc<AtomicU64>,
+    resume: SharedResume,
     status: SharedStatus,
     stop: Arc<AtomicBool>,
 ) {
@@ -348,11 +370,15 @@ pub async fn watch(
         // Register before every watch: cheap when unchanged, and a restarted
         // controller with a fresh store learns about us again.
         register(&ctl, node.clone(), &status, &stop).await;
-        let since = resume.load(Ordering::Relaxed);
+        let Resume {
+            revision: since,
+            store_id,
+        } = lock_resume(&resume).clone();
         let mut client = ctl.intent.clone();
         match client
             .watch(pb::WatchRequest {
                 since_revision: since,
+                store_id,
             })
             .await
         {

@@ -6,16 +6,13 @@ use std::{
     net::IpAddr,
     os::unix::fs::PermissionsExt,
     path::PathBuf,
-    sync::{
-        atomic::{AtomicBool, AtomicU64},
-        mpsc, Arc, Mutex,
-    },
+    sync::{atomic::AtomicBool, mpsc, Arc, Mutex},
     time::Duration,
 };
 use tabby_node::{
     cni_server::PodNetworkService,
     controller::Controller,
-    daemon::{self, lock_status, Event, NodeStatus, Reconciler, Sysctl},
+    daemon::{self, lock_status, Event, NodeStatus, Reconciler, SharedResume, Sysctl},
     detect, netlink,
     nft::Nft,
 };
@@ -116,7 +113,7 @@ async fn main() -> anyhow::Result<()> {
     let node = daemon::node_record(&a.node_name, &addrs, &labels(&a.node_labels)?);
     let ctl = Controller::new(&a.controller, &a.node_name)?;
     let st = Arc::new(Mutex::new(NodeStatus::default()));
-    let resume = Arc::new(AtomicU64::new(0));
+    let resume = SharedResume::default();
     let stop = Arc::new(AtomicBool::new(false));
     tracing::info!(node = %a.node_name, addresses = ?addrs, controller = %a.controller, "tabby-node starting");
 

@@ -163,6 +163,9 @@ pub struct Snapshot {
     pub nodes: BTreeMap<String, Node>,
     /// IPAM configuration.
     pub config: IpamConfig,
+    /// Last revision written with an intent mark ([`Store::write_marked`]):
+    /// no intent change was committed after it. 0 when none was written.
+    pub intent_revision: u64,
 }
 
 impl Snapshot {
@@ -228,12 +231,34 @@ pub struct Written {
 pub struct Store {
     db: sled::Db,
     tree: sled::Tree,
+    /// Random identity, made when the store was created.
+    id: String,
     /// Last committed revision; the lock also serializes commits.
     revision: Mutex<u64>,
     feed: broadcast::Sender<Arc<Commit>>,
 }
 
 const REV_KEY: &[u8] = b"m/rev";
+const ID_KEY: &[u8] = b"m/id";
+const INTENT_REV_KEY: &[u8] = b"m/intent-rev";
+
+/// A big-endian u64 meta value.
+fn meta_u64(key: &[u8], v: &[u8]) -> Result<u64> {
+    Ok(u64::from_be_bytes(v.try_into().map_err(|_| {
+        StoreError::Corrupt {
+            key: String::from_utf8_lossy(key).into_owned(),
+            why: format!("{} bytes, want 8", v.len()),
+        }
+    })?))
+}
+
+/// 128 random bits as hex: a store's identity.
+fn new_id() -> std::io::Result<String> {
+    use std::io::Read;
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
 const CONFIG_KEY: &[u8] = b"c/ipam";
 
 fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>> {
@@ -272,21 +297,36 @@ impl Store {
             .open()?;
         let tree = db.open_tree("state")?;
         let revision = match tree.get(REV_KEY)? {
-            Some(v) => {
-                u64::from_be_bytes(v.as_ref().try_into().map_err(|_| StoreError::Corrupt {
-                    key: "m/rev".into(),
-                    why: format!("{} bytes, want 8", v.len()),
-                })?)
-            }
+            Some(v) => meta_u64(REV_KEY, &v)?,
             None => 0,
+        };
+        let id = match tree.get(ID_KEY)? {
+            Some(v) => String::from_utf8(v.to_vec()).map_err(|_| StoreError::Corrupt {
+                key: "m/id".into(),
+                why: "not UTF-8".into(),
+            })?,
+            None => {
+                let id = new_id().map_err(sled::Error::Io)?;
+                tree.insert(ID_KEY, id.as_bytes())?;
+                db.flush()?;
+                id
+            }
         };
         let (feed, _) = broadcast::channel(4096);
         Ok(Store {
             db,
             tree,
+            id,
             revision: Mutex::new(revision),
             feed,
         })
+    }
+
+    /// The store's identity: random, made when it was created, never
+    /// changed. Tells a resuming watcher whether its revisions mean anything
+    /// here.
+    pub fn id(&self) -> &str {
+        &self.id
     }
 
     /// Revision of the last committed mutation.
@@ -316,6 +356,9 @@ impl Store {
                 _ => return Err(corrupt("no prefix")),
             };
             if prefix == b'm' {
+                if k.as_ref() == INTENT_REV_KEY {
+                    s.intent_revision = meta_u64(INTENT_REV_KEY, &v)?;
+                }
                 continue;
             }
             let rest = std::str::from_utf8(rest).map_err(|_| corrupt("key is not UTF-8"))?;
@@ -363,6 +406,17 @@ impl Store {
     /// may be acknowledged until [`Store::make_durable`] has returned for it;
     /// splitting the two lets a caller prepare the next batch during a flush.
     pub fn write(&self, mutations: &[Mutation]) -> Result<(Vec<u64>, Written)> {
+        self.write_marked(mutations, false)
+    }
+
+    /// [`Store::write`]; with `intent` the batch also records its last
+    /// revision as the last one that changed the intent (atomically with it),
+    /// which [`Snapshot::intent_revision`] reads back after a restart.
+    pub fn write_marked(
+        &self,
+        mutations: &[Mutation],
+        intent: bool,
+    ) -> Result<(Vec<u64>, Written)> {
         let mut rev_guard = self.revision.lock().unwrap_or_else(|e| e.into_inner());
         let mut rev = *rev_guard;
         let mut batch = sled::Batch::default();
@@ -411,6 +465,9 @@ impl Store {
             return Ok((revs, Written { commits }));
         }
         batch.insert(REV_KEY, &rev.to_be_bytes());
+        if intent {
+            batch.insert(INTENT_REV_KEY, &rev.to_be_bytes());
+        }
         self.tree.apply_batch(batch)?;
         *rev_guard = rev;
         Ok((revs, Written { commits }))

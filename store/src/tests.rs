@@ -130,3 +130,27 @@ fn corrupt_value_is_an_error_not_a_panic() {
     let s = Store::open(dir.path()).unwrap();
     assert!(matches!(s.load(), Err(StoreError::Corrupt { .. })));
 }
+
+#[test]
+fn identity_and_intent_mark_survive_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    let id = s.id().to_string();
+    assert_eq!(id.len(), 32, "128 bits in hex: {id}");
+    let other = tempfile::tempdir().unwrap();
+    assert_ne!(Store::open(other.path()).unwrap().id(), id);
+    assert_eq!(s.load().unwrap().intent_revision, 0);
+    let put = || Mutation {
+        ops: vec![Op::PutPool(pool())],
+    };
+    // Marked: its last revision is recorded; unmarked: the mark stays.
+    let (revs, w) = s.write_marked(&[put(), put()], true).unwrap();
+    assert_eq!(revs, vec![1, 2]);
+    s.make_durable(vec![w]).unwrap();
+    s.commit(&[put()]).unwrap();
+    drop(s);
+    let s = Store::open(dir.path()).unwrap();
+    assert_eq!(s.id(), id);
+    let snap = s.load().unwrap();
+    assert_eq!((snap.revision, snap.intent_revision), (3, 2));
+}

@@ -153,15 +153,7 @@ async fn snapshot_deltas_resume_and_slow_watchers() {
     );
 
     // Resume: from the latest revision nothing is resent; the next change comes alone.
-    let mut resumed = client(&c, "resumed")
-        .await
-        .watch(WatchRequest {
-            since_revision: last,
-            store_id: store_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut resumed = watch(&c, last, &store_id).await;
     let newest = claim(&c, CLAIMS + 1).await;
     let u = next(&mut resumed).await;
     assert!(
@@ -172,15 +164,7 @@ async fn snapshot_deltas_resume_and_slow_watchers() {
     assert_eq!(u.revision, newest);
 
     // Resume from an older revision still in history: only the deltas after it.
-    let mut older = client(&c, "older")
-        .await
-        .watch(WatchRequest {
-            since_revision: last - 3,
-            store_id: store_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut older = watch(&c, last - 3, &store_id).await;
     let mut o = Seen {
         revision: last - 3,
         ..Default::default()

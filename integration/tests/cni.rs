@@ -520,14 +520,9 @@ fn status(lab: &Lab) -> PluginRun {
     )
 }
 
-#[test]
-fn status_follows_the_node_client_and_the_controller() {
-    let (mut lab, _d) = lab();
-    let st = status(&lab);
-    assert!(st.ok, "STATUS with everything up: {:?}", st);
-    assert_eq!(st.out, Value::Null);
-
-    // Controller gone: the node client notices within its staleness window.
+/// Kills the controller and waits for STATUS to fail (the node client's
+/// staleness window); returns the CNI error code and the run.
+fn status_without_controller(lab: &mut Lab) -> (u64, PluginRun) {
     lab.kill_controller().unwrap();
     let mut last = None;
     let waited = lab
@@ -535,7 +530,7 @@ fn status_follows_the_node_client_and_the_controller() {
             "STATUS to fail without the controller",
             Duration::from_secs(30),
             || {
-                let st = status(&lab);
+                let st = status(lab);
                 let failed = !st.ok;
                 last = Some(st);
                 failed
@@ -548,6 +543,18 @@ fn status_follows_the_node_client_and_the_controller() {
         "STATUS without the controller: code {code} after {waited:?}: {}",
         st.out
     );
+    (code, st)
+}
+
+#[test]
+fn status_follows_the_node_client_and_the_controller() {
+    let (mut lab, _d) = lab();
+    let st = status(&lab);
+    assert!(st.ok, "STATUS with everything up: {:?}", st);
+    assert_eq!(st.out, Value::Null);
+
+    // Controller gone: the node client notices within its staleness window.
+    let (code, st) = status_without_controller(&mut lab);
     assert_eq!(code, 50, "routes are complete: {}", st.out);
     assert_eq!(st.out["cniVersion"], "1.1.0");
 
@@ -580,25 +587,7 @@ fn status_follows_the_node_client_and_the_controller() {
     .unwrap();
     let st = status(&lab);
     assert!(st.ok, "ready despite a failing route: {:?}", st);
-    lab.kill_controller().unwrap();
-    let mut last = None;
-    lab.wait_until(
-        "STATUS to fail without the controller",
-        Duration::from_secs(30),
-        || {
-            let st = status(&lab);
-            let failed = !st.ok;
-            last = Some(st);
-            failed
-        },
-    )
-    .unwrap();
-    let st = last.unwrap();
-    let code = assert_cni_error("STATUS with a failing route", st.ok, &st.out);
-    println!(
-        "STATUS without the controller, a route failing: code {code}: {}",
-        st.out
-    );
+    let (code, st) = status_without_controller(&mut lab);
     assert_eq!(code, 51, "{}", st.out);
     assert!(
         st.out["details"]

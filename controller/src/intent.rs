@@ -29,6 +29,8 @@ pub struct Encoded {
     pub revision: u64,
     /// Revision a delta applies on top of (snapshots: 0).
     pub base: u64,
+    /// A full snapshot, not a delta.
+    pub snapshot: bool,
     /// The encoded `IntentUpdate`.
     pub bytes: bytes::Bytes,
 }
@@ -259,6 +261,7 @@ impl IntentTracker {
         let e = Arc::new(Encoded {
             revision,
             base,
+            snapshot: false,
             bytes: d.encode_to_vec().into(),
         });
         self.snapshot = None;
@@ -283,6 +286,7 @@ impl IntentTracker {
         let s = Arc::new(Encoded {
             revision: self.revision,
             base: 0,
+            snapshot: true,
             bytes: pb::IntentUpdate {
                 store_id: self.store_id.clone(),
                 ..self.view.snapshot(self.revision)
@@ -445,6 +449,25 @@ mod tests {
             assert!(u.snapshot, "since {since} of {id:?}: snapshot");
             assert_eq!((u.revision, u.store_id.as_str()), (10, "s1"));
         }
+        // The first change after the restart keeps the mark's reach: a
+        // watcher at the mark gets exactly that change.
+        let mut s = s;
+        let (_, m) = s
+            .create_pool(Pool {
+                name: "p".into(),
+                cidr: "10.0.0.0/24".parse().unwrap(),
+                block_size: 26,
+                nat_outgoing: true,
+                encapsulation: Encapsulation::None,
+                disabled: false,
+                node_selector: String::new(),
+            })
+            .unwrap();
+        assert!(t.on_commit(&s, 11, &keys(&m)).is_some());
+        let w = t.watch(6, Some("s1"));
+        assert_eq!(w.initial.len(), 1);
+        let u = decode(&w.initial[0]);
+        assert!(!u.snapshot && u.revision == 11 && u.pools_changed);
         // A mark beyond the revision (cannot happen) is not trusted.
         let mut t = IntentTracker::new(&s, 10).resumable("s1", 12);
         assert!(decode(&t.watch(8, Some("s1")).initial[0]).snapshot);

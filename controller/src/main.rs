@@ -118,6 +118,7 @@ fn main() -> anyhow::Result<()> {
         b.worker_threads(workers);
         b
     };
+    // (With the current-thread scheduler this names only blocking-pool threads.)
     rt.thread_name("tabby-grpc")
         .enable_all()
         .build()
@@ -149,9 +150,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     };
     server::serve(listener, ipam, shutdown).await?;
-    // The server dropped its Ipam handles: the owner answers what is queued,
-    // flushes and exits.
-    owner.join();
+    // The server dropped its Ipam handles: the owner commits what is queued,
+    // flushes and exits. Joined off the runtime thread, which keeps running
+    // the answer delivery task meanwhile.
+    tokio::task::spawn_blocking(move || owner.join())
+        .await
+        .context("joining the IPAM owner")?;
     store.flush()?;
     tracing::info!(
         revision = store.revision(),

@@ -50,8 +50,9 @@ pub struct Ipam {
 pub struct OwnerThread(thread::JoinHandle<()>);
 
 impl OwnerThread {
-    /// Waits until every queued job is answered and the store is flushed.
-    /// All [`Ipam`] handles must have been dropped first.
+    /// Waits until every queued job is durable and its answer handed to the
+    /// delivery task, and the store is flushed. All [`Ipam`] handles must
+    /// have been dropped first. Blocks: call it off the runtime's threads.
     pub fn join(self) {
         let _ = self.0.join();
     }
@@ -135,8 +136,12 @@ impl Ipam {
             let w = o.intent.watch(since, store_id.as_deref());
             (
                 Mutation::default(),
-                Box::new(move |_| {
-                    let _ = otx.send(w);
+                // A failed group write means memory ran ahead of the store:
+                // no start then (dropping otx answers UNAVAILABLE).
+                Box::new(move |r| {
+                    if r.is_ok() {
+                        let _ = otx.send(w);
+                    }
                 }),
             )
         });
@@ -161,7 +166,8 @@ struct Flight {
     delta: Option<(broadcast::Sender<Arc<Encoded>>, Arc<Encoded>)>,
 }
 
-/// Flushes written groups and answers for them, in order.
+/// Flushes written groups, then broadcasts their deltas and hands their
+/// answers to the delivery task, in order.
 fn commit_loop(
     store: Arc<Store>,
     rx: std::sync::mpsc::Receiver<Flight>,
@@ -188,8 +194,11 @@ fn commit_loop(
                         let _ = tx.send(e);
                     }
                 }
-                // The task is gone only when the runtime is: nobody waits.
-                let _ = deliver.send(answers);
+                if deliver.send(answers).is_err() {
+                    // Committed changes could no longer be acknowledged.
+                    tracing::error!("the answer delivery task is gone; the controller stops");
+                    std::process::exit(70);
+                }
             }
             Err(e) => {
                 // The disk refused: nothing more can be acknowledged. Answer
@@ -259,8 +268,21 @@ fn run(
         };
         match store.write_marked(&mutations, delta.is_some()) {
             Ok((revs, written)) => {
-                debug_assert_eq!(revs.last(), Some(&last));
-                let delta = delta.map(|e| (state.intent.sender(), e));
+                let delta = if revs.last() == Some(&last) {
+                    delta.map(|e| (state.intent.sender(), e))
+                } else {
+                    // Someone else wrote the store: the delta carries a wrong
+                    // revision. Drop it and the tracker; watchers reconnect
+                    // and get snapshots.
+                    tracing::error!(
+                        ?revs,
+                        predicted = last,
+                        "store revision out of step; watchers resync"
+                    );
+                    state.intent =
+                        IntentTracker::new(&state.ipam, store.revision()).resumable(store.id(), 0);
+                    None
+                };
                 let answers = finishes.drain(..).zip(revs).collect();
                 if ctx
                     .send(Flight {

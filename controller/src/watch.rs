@@ -47,7 +47,7 @@ async fn next(mut w: Watcher) -> Option<(Result<PreEncoded, Status>, Watcher)> {
     loop {
         if let Some(e) = w.pending.pop_front() {
             // Skip what the client already has (a delta racing a resync).
-            if e.base != 0 && e.revision <= w.last {
+            if !e.snapshot && e.revision <= w.last {
                 continue;
             }
             w.last = e.revision;
@@ -89,7 +89,7 @@ impl ServerStreamingService<pb::WatchRequest> for WatchSvc {
             let req = req.into_inner();
             let since = req.since_revision;
             let start = ipam.watch(since, Some(req.store_id)).await?;
-            let snapshot = start.initial.first().is_some_and(|e| e.base == 0);
+            let snapshot = start.initial.first().is_some_and(|e| e.snapshot);
             tracing::info!(%node, since, snapshot, initial = start.initial.len(), "intent watcher connected");
             let w = Watcher {
                 ipam,

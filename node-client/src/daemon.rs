@@ -61,6 +61,28 @@ pub struct Resume {
     pub revision: u64,
     /// `store_id` of the last snapshot applied.
     pub store_id: String,
+    /// An update could not be applied: the intent is suspect until the next
+    /// snapshot, and the watch reconnects for one.
+    pub resync: bool,
+}
+
+impl Resume {
+    /// Records the outcome of applying `u`. After a bad update only a
+    /// snapshot moves the resume point off 0 again.
+    pub fn record(&mut self, u: &pb::IntentUpdate, applied: bool) {
+        if !applied {
+            self.revision = 0;
+            self.resync = true;
+            return;
+        }
+        if u.snapshot {
+            self.resync = false;
+            self.store_id.clone_from(&u.store_id);
+        }
+        if !self.resync {
+            self.revision = u.revision;
+        }
+    }
 }
 
 /// The resume point, written by the reconciler and read by the watch.
@@ -105,7 +127,8 @@ pub struct Reconciler<T: RouteTable> {
     synced: bool,
     nat_applied: Option<(NatSets, NatSets)>,
     /// `nft list table <family> tabby` right after our last write, per family.
-    nat_listing: Vec<(&'static str, String)>,
+    /// None: the listing failed, which counts as drift.
+    nat_listing: Vec<(&'static str, Option<String>)>,
     passes: u64,
     v6_forwarding: bool,
 }
@@ -173,16 +196,12 @@ impl<T: RouteTable> Reconciler<T> {
                     tracing::info!(revision = u.revision, "first full intent sync");
                     self.synced = true;
                 }
-                let mut r = lock_resume(&self.resume);
-                r.revision = u.revision;
-                if u.snapshot {
-                    r.store_id.clone_from(&u.store_id);
-                }
+                lock_resume(&self.resume).record(u, true);
             }
             Err(e) => {
-                // Ask for a snapshot on the next (re)connect.
+                // The watch reconnects and asks for a snapshot.
                 tracing::error!(error = %e, "bad intent update ignored; will resync");
-                lock_resume(&self.resume).revision = 0;
+                lock_resume(&self.resume).record(u, false);
             }
         }
     }
@@ -233,10 +252,13 @@ impl<T: RouteTable> Reconciler<T> {
                 errors.push(e.to_string());
                 ok = false;
             }
+            // Also after drift cleared nat_applied: an ip6 table we wrote
+            // stays ours to keep right.
             let had_v6 = self
                 .nat_applied
                 .as_ref()
-                .is_some_and(|(_, v6)| !v6.all.is_empty());
+                .is_some_and(|(_, v6)| !v6.all.is_empty())
+                || self.nat_listing.iter().any(|(f, _)| *f == "ip6");
             if d.ipv6 || had_v6 {
                 written.push("ip6");
                 if let Err(e) = self.nft.sync("ip6", &d.nat_v6) {
@@ -247,7 +269,7 @@ impl<T: RouteTable> Reconciler<T> {
             if ok {
                 self.nat_listing = written
                     .into_iter()
-                    .filter_map(|f| self.nft.list(f).ok().map(|l| (f, l)))
+                    .map(|f| (f, self.nft.list(f).ok()))
                     .collect();
                 tracing::info!(masq = ?d.nat_v4.masq, all = ?d.nat_v4.all, "nftables table ip tabby updated");
                 self.nat_applied = Some(nat);
@@ -267,7 +289,7 @@ impl<T: RouteTable> Reconciler<T> {
     fn nat_drift(&self) -> Option<&'static str> {
         self.nat_listing
             .iter()
-            .find(|(f, want)| self.nft.list(f).ok().as_ref() != Some(want))
+            .find(|(f, want)| want.is_none() || self.nft.list(f).ok() != *want)
             .map(|(f, _)| *f)
     }
 
@@ -373,6 +395,7 @@ pub async fn watch(
         let Resume {
             revision: since,
             store_id,
+            ..
         } = lock_resume(&resume).clone();
         let mut client = ctl.intent.clone();
         match client
@@ -395,6 +418,10 @@ pub async fn watch(
                     match stream.message().await {
                         Ok(Some(u)) => {
                             lock_status(&status).controller_seen = Some(Instant::now());
+                            if !u.snapshot && lock_resume(&resume).resync {
+                                tracing::warn!("intent needs a snapshot: reconnecting");
+                                break;
+                            }
                             if tx.send(Event::Update(Box::new(u))).is_err() {
                                 return;
                             }
@@ -426,5 +453,42 @@ pub fn node_record(name: &str, addresses: &[IpAddr], labels: &[(String, String)]
         name: name.to_string(),
         addresses: addresses.iter().map(ToString::to_string).collect(),
         labels: labels.iter().cloned().collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn update(revision: u64, snapshot: bool) -> pb::IntentUpdate {
+        pb::IntentUpdate {
+            revision,
+            snapshot,
+            store_id: if snapshot { "s1".into() } else { String::new() },
+            ..Default::default()
+        }
+    }
+
+    /// After an update that could not be applied, later deltas do not move
+    /// the resume point off 0: only a snapshot does.
+    #[test]
+    fn a_bad_update_holds_the_resume_point_until_a_snapshot() {
+        let mut r = Resume::default();
+        r.record(&update(5, true), true);
+        r.record(&update(6, false), true);
+        assert_eq!(
+            (r.revision, r.store_id.as_str(), r.resync),
+            (6, "s1", false)
+        );
+        r.record(&update(7, false), false);
+        r.record(&update(8, false), true);
+        assert_eq!(
+            (r.revision, r.resync),
+            (0, true),
+            "still waiting for a snapshot"
+        );
+        r.record(&update(9, true), true);
+        r.record(&update(10, false), true);
+        assert_eq!((r.revision, r.resync), (10, false));
     }
 }

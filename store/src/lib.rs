@@ -7,14 +7,17 @@
 //! disk before returning: a caller may acknowledge only after that.
 //!
 //! Key layout (point reads only; sled transactions cannot scan):
-//! `m/rev`, `p/<pool>`, `b/<block cidr>`, `a/<address>`, `r/<address>`
-//! (release order of a free address), `h/<handle>`, `n/<node>`, `c/ipam`.
+//! `m/rev`, `m/id` (the store's random identity), `m/intent` (revision of
+//! the last intent change, and the revision it is valid at), `p/<pool>`,
+//! `b/<block cidr>`, `a/<address>`, `r/<address>` (release order of a free
+//! address), `h/<handle>`, `n/<node>`, `c/ipam`.
 //!
 //! The change feed ([`Store::subscribe`]) reports every durable commit with
-//! its revision and the keys it touched. It is in memory: a consumer that
-//! needs history across restarts (the intent stream) resumes from a
-//! snapshot, so no log is written to disk (one would add two key writes to
-//! every mutation; measured, that cost a quarter of the write throughput).
+//! its revision and the keys it touched. It is in memory: no log is written
+//! to disk (one would add two key writes to every mutation; measured, that
+//! cost a quarter of the write throughput). What the intent stream needs
+//! across restarts is the intent mark: a watcher that has applied it needs
+//! nothing, any other gets a snapshot.
 
 mod types;
 
@@ -233,14 +236,23 @@ pub struct Store {
     tree: sled::Tree,
     /// Random identity, made when the store was created.
     id: String,
-    /// Last committed revision; the lock also serializes commits.
-    revision: Mutex<u64>,
+    /// Last committed revision and intent mark; the lock also serializes
+    /// commits.
+    revision: Mutex<Counters>,
     feed: broadcast::Sender<Arc<Commit>>,
 }
 
 const REV_KEY: &[u8] = b"m/rev";
 const ID_KEY: &[u8] = b"m/id";
-const INTENT_REV_KEY: &[u8] = b"m/intent-rev";
+const INTENT_KEY: &[u8] = b"m/intent";
+
+/// The revision counter and the intent mark.
+#[derive(Debug, Clone, Copy, Default)]
+struct Counters {
+    revision: u64,
+    /// Last revision written with an intent mark.
+    intent: u64,
+}
 
 /// A big-endian u64 meta value.
 fn meta_u64(key: &[u8], v: &[u8]) -> Result<u64> {
@@ -300,6 +312,25 @@ impl Store {
             Some(v) => meta_u64(REV_KEY, &v)?,
             None => 0,
         };
+        // The mark counts only if it was kept up to date to the last batch
+        // (a binary that did not know it would have left it behind).
+        let intent = match tree.get(INTENT_KEY)? {
+            Some(v) if v.len() == 16 => {
+                let (mark, at) = v.split_at(8);
+                if meta_u64(INTENT_KEY, at)? == revision {
+                    meta_u64(INTENT_KEY, mark)?
+                } else {
+                    0
+                }
+            }
+            Some(v) => {
+                return Err(StoreError::Corrupt {
+                    key: "m/intent".into(),
+                    why: format!("{} bytes, want 16", v.len()),
+                })
+            }
+            None => 0,
+        };
         let id = match tree.get(ID_KEY)? {
             Some(v) => String::from_utf8(v.to_vec()).map_err(|_| StoreError::Corrupt {
                 key: "m/id".into(),
@@ -317,7 +348,7 @@ impl Store {
             db,
             tree,
             id,
-            revision: Mutex::new(revision),
+            revision: Mutex::new(Counters { revision, intent }),
             feed,
         })
     }
@@ -331,7 +362,11 @@ impl Store {
 
     /// Revision of the last committed mutation.
     pub fn revision(&self) -> u64 {
-        *self.revision.lock().unwrap_or_else(|e| e.into_inner())
+        self.counters().revision
+    }
+
+    fn counters(&self) -> std::sync::MutexGuard<'_, Counters> {
+        self.revision.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Subscribes to commits made from now on.
@@ -341,8 +376,10 @@ impl Store {
 
     /// Reads every record.
     pub fn load(&self) -> Result<Snapshot> {
+        let c = *self.counters();
         let mut s = Snapshot {
-            revision: self.revision(),
+            revision: c.revision,
+            intent_revision: c.intent,
             ..Default::default()
         };
         for kv in self.tree.iter() {
@@ -356,9 +393,6 @@ impl Store {
                 _ => return Err(corrupt("no prefix")),
             };
             if prefix == b'm' {
-                if k.as_ref() == INTENT_REV_KEY {
-                    s.intent_revision = meta_u64(INTENT_REV_KEY, &v)?;
-                }
                 continue;
             }
             let rest = std::str::from_utf8(rest).map_err(|_| corrupt("key is not UTF-8"))?;
@@ -417,8 +451,8 @@ impl Store {
         mutations: &[Mutation],
         intent: bool,
     ) -> Result<(Vec<u64>, Written)> {
-        let mut rev_guard = self.revision.lock().unwrap_or_else(|e| e.into_inner());
-        let mut rev = *rev_guard;
+        let mut guard = self.counters();
+        let mut rev = guard.revision;
         let mut batch = sled::Batch::default();
         let mut revs = Vec::with_capacity(mutations.len());
         let mut commits = Vec::new();
@@ -464,12 +498,17 @@ impl Store {
         if commits.is_empty() {
             return Ok((revs, Written { commits }));
         }
+        let mark = if intent { rev } else { guard.intent };
         batch.insert(REV_KEY, &rev.to_be_bytes());
-        if intent {
-            batch.insert(INTENT_REV_KEY, &rev.to_be_bytes());
-        }
+        let mut m = [0u8; 16];
+        m[..8].copy_from_slice(&mark.to_be_bytes());
+        m[8..].copy_from_slice(&rev.to_be_bytes());
+        batch.insert(INTENT_KEY, &m[..]);
         self.tree.apply_batch(batch)?;
-        *rev_guard = rev;
+        *guard = Counters {
+            revision: rev,
+            intent: mark,
+        };
         Ok((revs, Written { commits }))
     }
 

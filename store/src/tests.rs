@@ -153,4 +153,12 @@ fn identity_and_intent_mark_survive_a_reopen() {
     assert_eq!(s.id(), id);
     let snap = s.load().unwrap();
     assert_eq!((snap.revision, snap.intent_revision), (3, 2));
+    // A writer that moves the revision without keeping the mark (an older
+    // binary) makes the mark untrusted: 0, so every watcher gets a snapshot.
+    s.tree.insert(REV_KEY, &4u64.to_be_bytes()).unwrap();
+    s.flush().unwrap();
+    drop(s);
+    let s = Store::open(dir.path()).unwrap();
+    let snap = s.load().unwrap();
+    assert_eq!((snap.revision, snap.intent_revision), (4, 0));
 }

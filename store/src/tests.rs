@@ -1,6 +1,24 @@
 use super::*;
 use std::net::IpAddr;
 
+/// Opens `dir` again, waiting while the sled threads of a store just dropped
+/// still hold its file lock (they finish in the background).
+fn reopen(dir: &std::path::Path) -> Store {
+    let start = std::time::Instant::now();
+    loop {
+        match Store::open(dir) {
+            Ok(s) => return s,
+            Err(e)
+                if e.to_string().contains("could not acquire lock")
+                    && start.elapsed() < std::time::Duration::from_secs(10) =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => panic!("reopening {}: {e}", dir.display()),
+        }
+    }
+}
+
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
@@ -63,7 +81,7 @@ fn commit_load_roundtrip_and_revisions() {
     assert_eq!(rx.try_recv().unwrap().keys.len(), 4);
     drop(s);
 
-    let s = Store::open(dir.path()).unwrap();
+    let s = reopen(dir.path());
     assert_eq!(s.revision(), 2);
     let snap = s.load().unwrap();
     assert_eq!(snap.pools["p"], pool());
@@ -127,7 +145,7 @@ fn corrupt_value_is_an_error_not_a_panic() {
         t.insert("p/bad", &[0xff, 0xff, 0xff][..]).unwrap();
         db.flush().unwrap();
     }
-    let s = Store::open(dir.path()).unwrap();
+    let s = reopen(dir.path());
     assert!(matches!(s.load(), Err(StoreError::Corrupt { .. })));
 }
 
@@ -149,7 +167,7 @@ fn identity_and_intent_mark_survive_a_reopen() {
     s.make_durable(vec![w]).unwrap();
     s.commit(&[put()]).unwrap();
     drop(s);
-    let s = Store::open(dir.path()).unwrap();
+    let s = reopen(dir.path());
     assert_eq!(s.id(), id);
     let snap = s.load().unwrap();
     assert_eq!((snap.revision, snap.intent_revision), (3, 2));
@@ -158,7 +176,7 @@ fn identity_and_intent_mark_survive_a_reopen() {
     s.tree.insert(REV_KEY, &4u64.to_be_bytes()).unwrap();
     s.flush().unwrap();
     drop(s);
-    let s = Store::open(dir.path()).unwrap();
+    let s = reopen(dir.path());
     let snap = s.load().unwrap();
     assert_eq!((snap.revision, snap.intent_revision), (4, 0));
 }

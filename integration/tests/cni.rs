@@ -573,7 +573,7 @@ fn status_follows_the_node_client_and_the_controller() {
         "-H",
         "tabby-node: ghost",
         "-d",
-        r#"{"node":{"addresses":["192.0.2.99"]}}"#,
+        r#"{"node":{"addresses":["203.0.113.99"]}}"#,
         "tabby.v1.NodeAgent/RegisterNode",
     ])
     .unwrap();
@@ -593,7 +593,7 @@ fn status_follows_the_node_client_and_the_controller() {
         st.out["details"]
             .as_str()
             .unwrap_or("")
-            .contains("192.0.2.99"),
+            .contains("203.0.113.99"),
         "names the failing route: {}",
         st.out
     );

@@ -325,8 +325,8 @@ impl IntentTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ipam::AssignRequest;
-    use tabby_store::{Encapsulation, Mutation, Node};
+    use crate::ipam::{tests::pool, AssignRequest};
+    use tabby_store::{Mutation, Node};
 
     fn keys(m: &Mutation) -> BTreeSet<Key> {
         m.ops.iter().map(|o| o.key()).collect()
@@ -347,17 +347,7 @@ mod tests {
                 let _ = t.sender().send(e);
             }
         };
-        let (_, m) = s
-            .create_pool(Pool {
-                name: "p".into(),
-                cidr: "10.0.0.0/24".parse().unwrap(),
-                block_size: 30,
-                nat_outgoing: true,
-                encapsulation: Encapsulation::None,
-                disabled: false,
-                node_selector: String::new(),
-            })
-            .unwrap();
+        let (_, m) = s.create_pool(pool("p", "10.0.0.0/24", 30)).unwrap();
         step(&mut s, &mut t, m);
         for n in ["a", "b"] {
             let (_, m) = s
@@ -452,17 +442,7 @@ mod tests {
         // The first change after the restart keeps the mark's reach: a
         // watcher at the mark gets exactly that change.
         let mut s = s;
-        let (_, m) = s
-            .create_pool(Pool {
-                name: "p".into(),
-                cidr: "10.0.0.0/24".parse().unwrap(),
-                block_size: 26,
-                nat_outgoing: true,
-                encapsulation: Encapsulation::None,
-                disabled: false,
-                node_selector: String::new(),
-            })
-            .unwrap();
+        let (_, m) = s.create_pool(pool("p", "10.0.0.0/24", 26)).unwrap();
         assert!(t.on_commit(&s, 11, &keys(&m)).is_some());
         let w = t.watch(6, Some("s1"));
         assert_eq!(w.initial.len(), 1);

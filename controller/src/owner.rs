@@ -37,6 +37,18 @@ struct Owned {
     intent: IntentTracker,
 }
 
+impl Owned {
+    /// State as `store` holds it; watchers of this store resume from its
+    /// intent mark.
+    fn load(store: &Store) -> Result<Owned> {
+        let snap = store.load()?;
+        let (revision, marked) = (snap.revision, snap.intent_revision);
+        let ipam = IpamState::from_snapshot(snap);
+        let intent = IntentTracker::new(&ipam, revision).resumable(store.id(), marked);
+        Ok(Owned { ipam, intent })
+    }
+}
+
 /// Most jobs folded into one group commit.
 const MAX_GROUP: usize = 512;
 
@@ -75,11 +87,7 @@ impl Ipam {
         let rt = tokio::runtime::Handle::try_current().map_err(|_| {
             Error::Internal("the IPAM owner must be started inside a Tokio runtime".into())
         })?;
-        let snap = store.load()?;
-        let (revision, marked) = (snap.revision, snap.intent_revision);
-        let ipam = IpamState::from_snapshot(snap);
-        let intent = IntentTracker::new(&ipam, revision).resumable(store.id(), marked);
-        let state = Owned { ipam, intent };
+        let state = Owned::load(&store)?;
         let (tx, rx) = mpsc::channel::<Job>(4096);
         let (dtx, mut drx) = mpsc::unbounded_channel::<Answers>();
         rt.spawn(async move {
@@ -260,7 +268,7 @@ fn run(
         // The delta is known before the write, so that the batch can carry
         // the store's intent mark atomically. This thread is the store's only
         // writer: the group ends at this revision.
-        let last = store.revision() + mutations.iter().filter(|m| !m.is_empty()).count() as u64;
+        let last = store.revision_after(&mutations);
         let delta = if keys.is_empty() {
             None
         } else {
@@ -302,15 +310,9 @@ fn run(
                     f(Err(&e));
                 }
                 // Memory ran ahead of the store: go back to what it holds.
-                match store.load() {
-                    Ok(s) => {
-                        let (rev, marked) = (s.revision, s.intent_revision);
-                        state.ipam = IpamState::from_snapshot(s);
-                        // Watchers reconnect (their feed closes) and resume
-                        // from what the store holds.
-                        state.intent =
-                            IntentTracker::new(&state.ipam, rev).resumable(store.id(), marked);
-                    }
+                // Watchers reconnect (their feed closes) and resume from it.
+                match Owned::load(&store) {
+                    Ok(s) => state = s,
                     Err(e) => {
                         tracing::error!(error = %e, "cannot reload the store; IPAM stops");
                         return;
@@ -330,8 +332,8 @@ fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ipam::tests::pool;
     use std::time::Duration;
-    use tabby_store::{Encapsulation, Pool};
 
     /// No caller hears of a change, and no watcher sees it, before the flush
     /// that makes it durable has run.
@@ -350,15 +352,7 @@ mod tests {
         // The watch itself goes through one commit: let that one flush run.
         open_tx.send(()).unwrap();
         let mut watch = ipam.watch(0, None).await.unwrap();
-        let pool = Pool {
-            name: "p".into(),
-            cidr: "10.0.0.0/16".parse().unwrap(),
-            block_size: 26,
-            nat_outgoing: false,
-            encapsulation: Encapsulation::None,
-            disabled: false,
-            node_selector: String::new(),
-        };
+        let pool = pool("p", "10.0.0.0/16", 26);
         let i2 = ipam.clone();
         let call = tokio::spawn(async move { i2.call(move |s| s.create_pool(pool)).await });
         tokio::time::sleep(Duration::from_millis(300)).await;

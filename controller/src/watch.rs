@@ -135,11 +135,11 @@ mod tests {
     use super::*;
     use crate::{
         intent::{RING, WATCH_BUFFER},
-        ipam::AssignRequest,
+        ipam::{tests::pool, AssignRequest},
     };
     use futures::StreamExt;
     use prost::Message;
-    use tabby_store::{Encapsulation, Node, Pool, Store};
+    use tabby_store::{Node, Store};
 
     /// A watcher that reads nothing while more than its buffer of updates is
     /// published lags; on its next read it is resynchronised: from the ring of
@@ -149,19 +149,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path()).unwrap());
         let (ipam, owner) = Ipam::start(store).unwrap();
-        ipam.call(|s| {
-            s.create_pool(Pool {
-                name: "p".into(),
-                cidr: "10.0.0.0/8".parse().unwrap(),
-                block_size: 30,
-                nat_outgoing: false,
-                encapsulation: Encapsulation::None,
-                disabled: false,
-                node_selector: String::new(),
-            })
-        })
-        .await
-        .unwrap();
+        ipam.call(|s| s.create_pool(pool("p", "10.0.0.0/8", 30)))
+            .await
+            .unwrap();
         ipam.call(|s| {
             s.register_node(Node {
                 name: "n".into(),

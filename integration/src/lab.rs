@@ -173,7 +173,7 @@ impl Lab {
             lab.add_node(&n, ip)?;
         }
         for (n, _) in lab.cfg.nodes.clone() {
-            lab.wait_node_synced(&n, Duration::from_secs(20))?;
+            lab.wait_node_synced(&n, 0, Duration::from_secs(20))?;
         }
         lab.save()?;
         Ok(lab)
@@ -348,9 +348,16 @@ impl Lab {
         self.save()
     }
 
-    /// Waits until a node client has applied a full sync since `mark` (log offset).
-    pub fn wait_node_synced(&self, node: &str, timeout: Duration) -> Result<()> {
-        wait_log(&self.node_log(node), 0, "first full intent sync", timeout)
+    /// Waits until a node client has applied its first full sync after log
+    /// offset `mark` (0 for a node started once; [`Lab::log_mark`] before a
+    /// restart).
+    pub fn wait_node_synced(&self, node: &str, mark: u64, timeout: Duration) -> Result<()> {
+        wait_log(
+            &self.node_log(node),
+            mark,
+            "first full intent sync",
+            timeout,
+        )
     }
 
     /// Controller log length now, for [`Lab::controller_log_since`].

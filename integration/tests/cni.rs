@@ -155,30 +155,20 @@ fn add_check_del_in_every_result_version() {
             "{v}: address held by the pod's handle"
         );
 
+        let (ok, out) = lab
+            .cni(
+                NODE,
+                "CHECK",
+                &cid,
+                &ns.path(),
+                &k8s(&pod),
+                &with_prev(cfg.clone(), &res),
+            )
+            .unwrap();
         if v == "0.3.1" {
             // CHECK exists from 0.4.0 on: refused as incompatible.
-            let (ok, out) = lab
-                .cni(
-                    NODE,
-                    "CHECK",
-                    &cid,
-                    &ns.path(),
-                    &k8s(&pod),
-                    &with_prev(cfg.clone(), &res),
-                )
-                .unwrap();
             assert_eq!(assert_cni_error("CHECK in 0.3.1", ok, &out), 1, "{out}");
         } else {
-            let (ok, out) = lab
-                .cni(
-                    NODE,
-                    "CHECK",
-                    &cid,
-                    &ns.path(),
-                    &k8s(&pod),
-                    &with_prev(cfg.clone(), &res),
-                )
-                .unwrap();
             assert!(ok, "{v}: CHECK of a healthy pod failed: {out}");
             assert_eq!(out, Value::Null, "CHECK prints nothing on success");
 

@@ -43,7 +43,7 @@ fn a_node_added_later_converges_within_a_second() {
     }
     lab.add_node("worker3", Ipv4Addr::new(172, 18, 0, 6))
         .unwrap();
-    lab.wait_node_synced("worker3", Duration::from_secs(10))
+    lab.wait_node_synced("worker3", 0, Duration::from_secs(10))
         .unwrap();
     let t = Instant::now();
     let p = lab.add_pod("worker3", "late").unwrap();
@@ -120,13 +120,8 @@ fn killing_a_node_client_keeps_traffic_and_its_restart_changes_nothing() {
     );
     let mark = lab.log_mark("worker2");
     lab.start_node("worker2").unwrap();
-    lab.wait_node_log(
-        "worker2",
-        mark,
-        "first full intent sync",
-        Duration::from_secs(10),
-    )
-    .unwrap();
+    lab.wait_node_synced("worker2", mark, Duration::from_secs(10))
+        .unwrap();
     let out = pinger.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -254,13 +249,8 @@ fn restart_cleans_stale_tabby_routes_only_and_hand_changes_are_undone() {
     netns::ip(&ns, "route add 10.97.0.0/24 via 172.18.0.4 proto 99").unwrap();
     let mark = lab.log_mark("worker2");
     lab.start_node("worker2").unwrap();
-    lab.wait_node_log(
-        "worker2",
-        mark,
-        "first full intent sync",
-        Duration::from_secs(10),
-    )
-    .unwrap();
+    lab.wait_node_synced("worker2", mark, Duration::from_secs(10))
+        .unwrap();
     lab.wait_until("stale tabby route removed", Duration::from_secs(5), || {
         !sh(&ns, "ip route").contains("10.99.0.0/26")
     })

@@ -252,13 +252,9 @@ impl<T: RouteTable> Reconciler<T> {
                 errors.push(e.to_string());
                 ok = false;
             }
-            // Also after drift cleared nat_applied: an ip6 table we wrote
-            // stays ours to keep right.
-            let had_v6 = self
-                .nat_applied
-                .as_ref()
-                .is_some_and(|(_, v6)| !v6.all.is_empty())
-                || self.nat_listing.iter().any(|(f, _)| *f == "ip6");
+            // An ip6 table we wrote stays ours to keep right, also once its
+            // pools are gone (then it is written empty).
+            let had_v6 = self.nat_listing.iter().any(|(f, _)| *f == "ip6");
             if d.ipv6 || had_v6 {
                 written.push("ip6");
                 if let Err(e) = self.nft.sync("ip6", &d.nat_v6) {

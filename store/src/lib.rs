@@ -435,6 +435,12 @@ impl Store {
         Ok(revs)
     }
 
+    /// The revision [`Store::write`] would give the last of `mutations` if
+    /// called now: one more per non-empty mutation.
+    pub fn revision_after(&self, mutations: &[Mutation]) -> u64 {
+        self.revision() + mutations.iter().filter(|m| !m.is_empty()).count() as u64
+    }
+
     /// First half of [`Store::commit`]: applies `mutations` as one atomic
     /// batch (revisions as for `commit`) without waiting for the disk. Nothing
     /// may be acknowledged until [`Store::make_durable`] has returned for it;

@@ -161,6 +161,7 @@ fn identity_and_intent_mark_survive_a_reopen() {
     let put = || Mutation {
         ops: vec![Op::PutPool(pool())],
     };
+    assert_eq!(s.revision_after(&[put(), Mutation::default(), put()]), 2);
     // Marked: its last revision is recorded; unmarked: the mark stays.
     let (revs, w) = s.write_marked(&[put(), put()], true).unwrap();
     assert_eq!(revs, vec![1, 2]);

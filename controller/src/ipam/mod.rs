@@ -1420,4 +1420,4 @@ impl IpamState {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

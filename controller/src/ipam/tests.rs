@@ -5,7 +5,8 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
-fn pool(name: &str, cidr: &str, bs: u8) -> Pool {
+/// A pool with nat_outgoing, no encapsulation, every node (tests across the crate).
+pub(crate) fn pool(name: &str, cidr: &str, bs: u8) -> Pool {
     Pool {
         name: name.into(),
         cidr: cidr.parse().unwrap(),

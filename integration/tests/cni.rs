@@ -155,8 +155,9 @@ fn add_check_del_in_every_result_version() {
             "{v}: address held by the pod's handle"
         );
 
-        let (ok, out) = lab
-            .cni(
+        // CHECK with the ADD result as prevResult.
+        let check = || {
+            lab.cni(
                 NODE,
                 "CHECK",
                 &cid,
@@ -164,7 +165,9 @@ fn add_check_del_in_every_result_version() {
                 &k8s(&pod),
                 &with_prev(cfg.clone(), &res),
             )
-            .unwrap();
+            .unwrap()
+        };
+        let (ok, out) = check();
         if v == "0.3.1" {
             // CHECK exists from 0.4.0 on: refused as incompatible.
             assert_eq!(assert_cni_error("CHECK in 0.3.1", ok, &out), 1, "{out}");
@@ -174,16 +177,7 @@ fn add_check_del_in_every_result_version() {
 
             // Take the address away: CHECK must notice.
             ipn(&ns.name, "addr flush dev eth0");
-            let (ok, out) = lab
-                .cni(
-                    NODE,
-                    "CHECK",
-                    &cid,
-                    &ns.path(),
-                    &k8s(&pod),
-                    &with_prev(cfg.clone(), &res),
-                )
-                .unwrap();
+            let (ok, out) = check();
             let code = assert_cni_error("CHECK without the address", ok, &out);
             assert_eq!(code, 101, "{out}");
             assert_eq!(out["cniVersion"], v, "{out}");

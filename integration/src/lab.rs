@@ -19,6 +19,8 @@ use std::{
 pub const ROUTER: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 1);
 /// Where the controller listens (on the fabric bridge).
 pub const CONTROLLER: &str = "172.18.0.1:5151";
+/// The fabric bridge's fixed MAC (locally administered; 172.18.0.1 in hex).
+pub const FABRIC_MAC: &str = "02:00:ac:12:00:01";
 /// The outside host's address.
 pub const OUTSIDE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
 /// The CNI network name.
@@ -173,7 +175,10 @@ impl Lab {
             lab.add_node(&n, ip)?;
         }
         for (n, _) in lab.cfg.nodes.clone() {
-            lab.wait_node_synced(&n, 0, Duration::from_secs(20))?;
+            if let Err(e) = lab.wait_node_synced(&n, 0, Duration::from_secs(20)) {
+                let d = lab.diagnostics(&n);
+                bail!("{e:#}\n--- diagnostics ---\n{d}");
+            }
         }
         lab.save()?;
         Ok(lab)
@@ -226,7 +231,15 @@ impl Lab {
         let f = self.fabric();
         let o = self.outside();
         self.add_ns(&f)?;
-        netns::ip(&f, "link add br0 type bridge")?;
+        // A bridge without a set address takes the lowest MAC of its ports, so
+        // a node joining could change it under the others' ARP caches: frames
+        // to the old MAC that enter through another port are dropped as
+        // PACKET_OTHERHOST and the controller is unreachable until ARP
+        // re-resolves (tens of seconds; seen as a lab-up flake in CI).
+        netns::ip(
+            &f,
+            &format!("link add br0 address {FABRIC_MAC} type bridge"),
+        )?;
         netns::ip(&f, &format!("addr add {ROUTER}/16 dev br0"))?;
         netns::ip(&f, "link set br0 up")?;
         netns::exec(&f, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
@@ -358,6 +371,48 @@ impl Lab {
             "first full intent sync",
             timeout,
         )
+    }
+
+    /// What a failed wait needs to be understood: which lab processes are
+    /// still alive, the controller's last log lines, and the node's view of
+    /// the fabric (neighbours, sockets) next to the bridge's.
+    pub fn diagnostics(&mut self, node: &str) -> String {
+        let mut out = String::new();
+        for (role, c) in self.children.iter_mut() {
+            let st = match c.try_wait() {
+                Ok(None) => "running".to_string(),
+                Ok(Some(s)) => format!("exited: {s}"),
+                Err(e) => format!("unknown: {e}"),
+            };
+            out += &format!("{role} (pid {}): {st}\n", c.id());
+        }
+        let log = self.controller_log_since(0);
+        let lines: Vec<&str> = log.lines().collect();
+        out += "controller.log (last 30 lines):\n";
+        for l in &lines[lines.len().saturating_sub(30)..] {
+            out += l;
+            out += "\n";
+        }
+        let show = |ns: &str, cmd: &str| {
+            let o = Command::new("ip")
+                .args(["netns", "exec", ns, "sh", "-c", cmd])
+                .output();
+            match o {
+                Ok(o) => format!(
+                    "[{ns}] {cmd}:\n{}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                ),
+                Err(e) => format!("[{ns}] {cmd}: {e}\n"),
+            }
+        };
+        let ns = self.node_ns(node);
+        out += &show(&ns, "ip -br addr; ip route; ip neigh; ss -tni");
+        out += &show(
+            &self.fabric(),
+            "ip -br link; ip neigh; bridge fdb show br br0; ss -tlni; ss -tni",
+        );
+        out
     }
 
     /// Controller log length now, for [`Lab::controller_log_since`].

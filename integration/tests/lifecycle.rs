@@ -36,6 +36,40 @@ fn deleting_a_pod_removes_its_route_and_does_not_reuse_its_address_at_once() {
 }
 
 #[test]
+fn a_port_joining_the_fabric_does_not_cut_nodes_off_the_controller() {
+    let (lab, _d) = lab();
+    let (f, w) = (lab.fabric(), lab.node_ns("worker"));
+    let br0_mac = || {
+        sh(&f, "ip -br link show br0")
+            .split_whitespace()
+            .nth(2)
+            .unwrap_or_default()
+            .to_string()
+    };
+    let join = |port: &str, mac: &str| {
+        netns::ip(
+            &f,
+            &format!("link add {port} address {mac} type veth peer name {port}-p"),
+        )
+        .unwrap();
+        netns::ip(&f, &format!("link set {port} master br0 up")).unwrap();
+        netns::ip(&f, &format!("link set {port}-p up")).unwrap();
+    };
+    let ping = || sh(&w, "ping -c1 -W1 172.18.0.1");
+    // The worker resolves the controller's address while the lowest port MAC
+    // is 02:..:02, then a port with 02:..:01 joins. An unpinned bridge moves
+    // to the new MAC, and the worker's frames to the cached one are dropped
+    // until its ARP entry expires: a node joining cuts another one off.
+    join("low2", "02:00:00:00:00:02");
+    netns::ip(&w, "neigh flush dev eth0").unwrap();
+    assert!(ping().contains(" 0% packet loss"), "{}", ping());
+    join("low1", "02:00:00:00:00:01");
+    assert_eq!(br0_mac(), tabby_integration::lab::FABRIC_MAC);
+    let out = ping();
+    assert!(out.contains(" 0% packet loss"), "{out}");
+}
+
+#[test]
 fn a_node_added_later_converges_within_a_second() {
     let (mut lab, _d) = lab();
     for n in ["control-plane", "worker", "worker2"] {

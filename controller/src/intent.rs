@@ -14,7 +14,7 @@ use std::{
     sync::Arc,
 };
 use tabby_proto::v1 as pb;
-use tabby_store::{Key, Pool};
+use tabby_store::{Epoch, Key, Pool};
 use tokio::sync::broadcast;
 
 /// Deltas kept for watchers that resume with a recent revision.
@@ -202,11 +202,23 @@ pub struct IntentTracker {
     revision: u64,
     /// The store's identity: resumes are honoured only for it.
     store_id: String,
+    /// The store's epochs, oldest first; the last is the current one, which
+    /// every update carries.
+    epochs: Vec<Epoch>,
     ring: VecDeque<Arc<Encoded>>,
     /// Every intent change after this revision is in the ring.
     ring_base: u64,
     snapshot: Option<Arc<Encoded>>,
     tx: broadcast::Sender<Arc<Encoded>>,
+}
+
+/// Where a resuming watcher's revisions come from.
+#[derive(Debug, Clone, Copy)]
+pub struct ResumeFrom<'a> {
+    /// The store's id, from the last snapshot the watcher applied.
+    pub store_id: &'a str,
+    /// The epoch of the last update it applied.
+    pub epoch: &'a str,
 }
 
 /// How a watcher starts: updates to send first, then the live feed.
@@ -225,6 +237,7 @@ impl IntentTracker {
             view: View::of(s),
             revision,
             store_id: String::new(),
+            epochs: Vec::new(),
             ring: VecDeque::new(),
             ring_base: revision,
             snapshot: None,
@@ -234,10 +247,17 @@ impl IntentTracker {
 
     /// Lets watchers of store `store_id` resume across a restart: nothing
     /// changed the intent after `unchanged_since` (the store's intent mark),
-    /// so a watcher that has applied that revision or a later one needs
-    /// nothing, not a snapshot.
-    pub fn resumable(mut self, store_id: &str, unchanged_since: u64) -> IntentTracker {
+    /// so a watcher that has applied that revision or a later one, in an
+    /// epoch of `epochs` and not past that epoch's end, needs nothing, not a
+    /// snapshot.
+    pub fn resumable(
+        mut self,
+        store_id: &str,
+        epochs: &[Epoch],
+        unchanged_since: u64,
+    ) -> IntentTracker {
         self.store_id = store_id.to_string();
+        self.epochs = epochs.to_vec();
         if unchanged_since > 0 && unchanged_since <= self.revision {
             self.ring_base = unchanged_since;
         }
@@ -258,6 +278,7 @@ impl IntentTracker {
         self.revision = revision;
         let mut d = self.view.update(s, keys)?;
         d.revision = revision;
+        d.epoch = self.epoch().to_string();
         let e = Arc::new(Encoded {
             revision,
             base,
@@ -289,6 +310,7 @@ impl IntentTracker {
             snapshot: true,
             bytes: pb::IntentUpdate {
                 store_id: self.store_id.clone(),
+                epoch: self.epoch().to_string(),
                 ..self.view.snapshot(self.revision)
             }
             .encode_to_vec()
@@ -298,13 +320,31 @@ impl IntentTracker {
         s
     }
 
+    /// The current epoch's id (empty before [`IntentTracker::resumable`]).
+    fn epoch(&self) -> &str {
+        self.epochs.last().map_or("", |e| e.id.as_str())
+    }
+
+    /// Whether revision `since`, applied under epoch `epoch`, belongs to this
+    /// store's history: the epoch is known and `since` is not past its end
+    /// (the next epoch's start).
+    fn in_history(&self, epoch: &str, since: u64) -> bool {
+        match self.epochs.iter().position(|e| e.id == epoch) {
+            None => false,
+            Some(i) => self
+                .epochs
+                .get(i + 1)
+                .is_none_or(|next| since <= next.start),
+        }
+    }
+
     /// Starts a watcher that has applied everything up to `since` (0: nothing)
-    /// of store `store_id` (None: this store, for the controller's own
-    /// resyncs); another store's revisions mean nothing here.
-    pub fn watch(&mut self, since: u64, store_id: Option<&str>) -> WatchStart {
+    /// of the history `from` (None: this tracker's, for the controller's own
+    /// resynchronisation).
+    pub fn watch(&mut self, since: u64, from: Option<ResumeFrom<'_>>) -> WatchStart {
         let live = self.tx.subscribe();
-        let since = match store_id {
-            Some(id) if id != self.store_id => 0,
+        let since = match from {
+            Some(f) if f.store_id != self.store_id || !self.in_history(f.epoch, since) => 0,
             _ => since,
         };
         let initial = if since > 0 && since == self.revision {
@@ -419,37 +459,94 @@ mod tests {
         assert!(d.pools_changed && !d.pools[0].nat_outgoing);
     }
 
+    fn epochs(list: &[(&str, u64)]) -> Vec<Epoch> {
+        list.iter()
+            .map(|(id, start)| Epoch {
+                id: id.to_string(),
+                start: *start,
+            })
+            .collect()
+    }
+
+    fn from<'a>(store_id: &'a str, epoch: &'a str) -> Option<ResumeFrom<'a>> {
+        Some(ResumeFrom { store_id, epoch })
+    }
+
     /// After a restart, a watcher of the same store that has applied the
     /// store's intent mark (or later) resumes with nothing; an older one, one
     /// of another store, or one without a store id gets a snapshot.
     #[test]
     fn resume_across_a_restart_needs_the_mark_and_the_store() {
         let s = IpamState::default();
-        // Restarted at revision 10; the last intent change was at 6.
-        let mut t = IntentTracker::new(&s, 10).resumable("s1", 6);
+        // Restarted at revision 10 (epoch e2); the last intent change was at 6.
+        let ep = epochs(&[("e1", 0), ("e2", 10)]);
+        let mut t = IntentTracker::new(&s, 10).resumable("s1", &ep, 6);
         for since in [6, 8, 10] {
             assert!(
-                t.watch(since, Some("s1")).initial.is_empty(),
+                t.watch(since, from("s1", "e1")).initial.is_empty(),
                 "since {since}: nothing to send"
             );
         }
         for (since, id) in [(5, "s1"), (8, "s2"), (8, ""), (0, "s1"), (11, "s1")] {
-            let w = t.watch(since, Some(id));
+            let w = t.watch(since, from(id, "e1"));
             let u = decode(&w.initial[0]);
             assert!(u.snapshot, "since {since} of {id:?}: snapshot");
-            assert_eq!((u.revision, u.store_id.as_str()), (10, "s1"));
+            assert_eq!(
+                (u.revision, u.store_id.as_str(), u.epoch.as_str()),
+                (10, "s1", "e2")
+            );
         }
         // The first change after the restart keeps the mark's reach: a
-        // watcher at the mark gets exactly that change.
+        // watcher at the mark gets exactly that change, stamped with the
+        // current epoch.
         let mut s = s;
         let (_, m) = s.create_pool(pool("p", "10.0.0.0/24", 26)).unwrap();
         assert!(t.on_commit(&s, 11, &keys(&m)).is_some());
-        let w = t.watch(6, Some("s1"));
+        let w = t.watch(6, from("s1", "e1"));
         assert_eq!(w.initial.len(), 1);
         let u = decode(&w.initial[0]);
         assert!(!u.snapshot && u.revision == 11 && u.pools_changed);
+        assert_eq!(u.epoch, "e2");
         // A mark beyond the revision (cannot happen) is not trusted.
-        let mut t = IntentTracker::new(&s, 10).resumable("s1", 12);
-        assert!(decode(&t.watch(8, Some("s1")).initial[0]).snapshot);
+        let mut t = IntentTracker::new(&s, 10).resumable("s1", &ep, 12);
+        assert!(decode(&t.watch(8, from("s1", "e2")).initial[0]).snapshot);
+    }
+
+    /// A data directory restored from a copy keeps its id but forgets what
+    /// followed the copy: revisions seen past the end of an epoch, or under an
+    /// epoch it never had, get a snapshot even when the revision exists here.
+    #[test]
+    fn a_resume_must_come_from_this_stores_history() {
+        let mut s = IpamState::default();
+        // The copy was taken during e2 at revision 12; restored, the store
+        // opened e9 at 12 and has since moved on to 20. The intent last
+        // changed at 8 before the restore.
+        let ep = epochs(&[("e1", 0), ("e2", 10), ("e9", 12)]);
+        let mut t = IntentTracker::new(&s, 12).resumable("s1", &ep, 8);
+        for rev in 13..=20 {
+            let (_, m) = s
+                .register_node(Node {
+                    name: format!("n{rev}"),
+                    ..Default::default()
+                })
+                .unwrap();
+            t.on_commit(&s, rev, &keys(&m));
+        }
+        let snap = |t: &mut IntentTracker, since, epoch| {
+            let w = t.watch(since, from("s1", epoch));
+            w.initial.first().is_some_and(|e| e.snapshot)
+        };
+        // Within the history: deltas (or nothing).
+        assert!(!snap(&mut t, 12, "e2"), "e2 up to its end at 12");
+        assert!(!snap(&mut t, 10, "e1"), "e1 up to its end at 10");
+        assert!(!snap(&mut t, 15, "e9"), "the current epoch");
+        assert!(!snap(&mut t, 20, "e9"));
+        // Not in it: the revision exists, but it meant something else.
+        assert!(snap(&mut t, 15, "e2"), "e2 past its end");
+        assert!(snap(&mut t, 11, "e1"), "e1 past its end");
+        assert!(snap(&mut t, 15, "e5"), "an epoch opened after the copy");
+        assert!(snap(&mut t, 15, ""), "no epoch");
+        // The controller's own resynchronisation is always in its history.
+        assert!(!t.watch(15, None).initial.first().unwrap().snapshot);
     }
 }

@@ -16,7 +16,7 @@
 use crate::intent::Encoded;
 use crate::{
     error::{Error, Result},
-    intent::{IntentTracker, WatchStart},
+    intent::{IntentTracker, ResumeFrom, WatchStart},
     ipam::IpamState,
 };
 use std::collections::BTreeSet;
@@ -44,7 +44,8 @@ impl Owned {
         let snap = store.load()?;
         let (revision, marked) = (snap.revision, snap.intent_revision);
         let ipam = IpamState::from_snapshot(snap);
-        let intent = IntentTracker::new(&ipam, revision).resumable(store.id(), marked);
+        let intent =
+            IntentTracker::new(&ipam, revision).resumable(store.id(), store.epochs(), marked);
         Ok(Owned { ipam, intent })
     }
 }
@@ -137,11 +138,14 @@ impl Ipam {
     }
 
     /// Starts an intent watcher that has applied everything up to `since` of
-    /// store `store_id` (None: this store).
-    pub async fn watch(&self, since: u64, store_id: Option<String>) -> Result<WatchStart> {
+    /// the history `from`: store id and epoch (None: this store, now).
+    pub async fn watch(&self, since: u64, from: Option<(String, String)>) -> Result<WatchStart> {
         let (otx, orx) = oneshot::channel();
         let job: Job = Box::new(move |o| {
-            let w = o.intent.watch(since, store_id.as_deref());
+            let from = from
+                .as_ref()
+                .map(|(store_id, epoch)| ResumeFrom { store_id, epoch });
+            let w = o.intent.watch(since, from);
             (
                 Mutation::default(),
                 // A failed group write means memory ran ahead of the store:
@@ -287,8 +291,11 @@ fn run(
                         predicted = last,
                         "store revision out of step; watchers resync"
                     );
-                    state.intent =
-                        IntentTracker::new(&state.ipam, store.revision()).resumable(store.id(), 0);
+                    state.intent = IntentTracker::new(&state.ipam, store.revision()).resumable(
+                        store.id(),
+                        store.epochs(),
+                        0,
+                    );
                     None
                 };
                 let answers = finishes.drain(..).zip(revs).collect();

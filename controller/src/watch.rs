@@ -88,7 +88,7 @@ impl ServerStreamingService<pb::WatchRequest> for WatchSvc {
                 .ok_or_else(|| Status::unauthenticated("no node identity on this call"))?;
             let req = req.into_inner();
             let since = req.since_revision;
-            let start = ipam.watch(since, Some(req.store_id)).await?;
+            let start = ipam.watch(since, Some((req.store_id, req.epoch))).await?;
             let snapshot = start.initial.first().is_some_and(|e| e.snapshot);
             tracing::info!(%node, since, snapshot, initial = start.initial.len(), "intent watcher connected");
             let w = Watcher {

@@ -96,6 +96,8 @@ async fn snapshot_deltas_resume_and_slow_watchers() {
     assert!(u.snapshot && u.revision == first, "{u:?}");
     let store_id = u.store_id.clone();
     assert!(!store_id.is_empty(), "a snapshot names its store");
+    let epoch = u.epoch.clone();
+    assert!(!epoch.is_empty(), "every update names its epoch");
     assert_eq!(u.nodes.len(), 1);
     assert_eq!(u.pools.len(), 1);
     a.apply(&u);
@@ -153,7 +155,7 @@ async fn snapshot_deltas_resume_and_slow_watchers() {
     );
 
     // Resume: from the latest revision nothing is resent; the next change comes alone.
-    let mut resumed = watch(&c, last, &store_id).await;
+    let mut resumed = watch(&c, last, &store_id, &epoch).await;
     let newest = claim(&c, CLAIMS + 1).await;
     let u = next(&mut resumed).await;
     assert!(
@@ -164,7 +166,7 @@ async fn snapshot_deltas_resume_and_slow_watchers() {
     assert_eq!(u.revision, newest);
 
     // Resume from an older revision still in history: only the deltas after it.
-    let mut older = watch(&c, last - 3, &store_id).await;
+    let mut older = watch(&c, last - 3, &store_id, &epoch).await;
     let mut o = Seen {
         revision: last - 3,
         ..Default::default()
@@ -180,12 +182,13 @@ async fn snapshot_deltas_resume_and_slow_watchers() {
     assert_eq!(e.code(), tonic::Code::Unauthenticated);
 }
 
-async fn watch(c: &Controller, since: u64, store_id: &str) -> Streaming<IntentUpdate> {
+async fn watch(c: &Controller, since: u64, store_id: &str, epoch: &str) -> Streaming<IntentUpdate> {
     client(c, "resumer")
         .await
         .watch(WatchRequest {
             since_revision: since,
             store_id: store_id.to_string(),
+            epoch: epoch.to_string(),
         })
         .await
         .unwrap()
@@ -203,12 +206,14 @@ async fn resume_across_a_controller_restart() {
     create_pool(&mut admin, "p", "10.0.0.0/8", 26).await;
     register(&c, "claimer", 0).await;
     claim(&c, 0).await;
-    let mut w = watch(&c, 0, "").await;
+    let mut w = watch(&c, 0, "", "").await;
     let u = next(&mut w).await;
     assert!(u.snapshot);
     let store_id = u.store_id;
     let mark = claim(&c, 1).await;
-    assert_eq!(next(&mut w).await.revision, mark);
+    let u = next(&mut w).await;
+    assert_eq!(u.revision, mark);
+    let epoch = u.epoch;
     // Not intent: more addresses from claimer's blocks.
     let mut n = c.node("claimer").await;
     let mut after = mark;
@@ -230,7 +235,7 @@ async fn resume_across_a_controller_restart() {
     let c = Controller::start(dir.path());
     let mut resumed = Vec::new();
     for since in [mark, after] {
-        resumed.push((since, watch(&c, since, &store_id).await));
+        resumed.push((since, watch(&c, since, &store_id, &epoch).await));
     }
     let newest = claim(&c, 2).await;
     for (since, mut w) in resumed {
@@ -239,11 +244,80 @@ async fn resume_across_a_controller_restart() {
             !u.snapshot && u.revision == newest && u.blocks.len() == 1,
             "since {since}: only the new change, no snapshot: {u:?}"
         );
+        assert_ne!(u.epoch, epoch, "the restart opened a new epoch");
     }
-    // Before the mark, another store, or no store: a snapshot, naming the store.
-    for (since, id) in [(mark - 1, store_id.as_str()), (mark, "0123"), (mark, "")] {
-        let u = next(&mut watch(&c, since, id).await).await;
-        assert!(u.snapshot, "since {since} of {id:?}: {u:?}");
+    // Before the mark, another store, no store, or no epoch: a snapshot,
+    // naming the store.
+    for (since, id, ep) in [
+        (mark - 1, store_id.as_str(), epoch.as_str()),
+        (mark, "0123", epoch.as_str()),
+        (mark, "", epoch.as_str()),
+        (mark, store_id.as_str(), ""),
+    ] {
+        let u = next(&mut watch(&c, since, id, ep).await).await;
+        assert!(u.snapshot, "since {since} of {id:?}/{ep:?}: {u:?}");
         assert_eq!(u.store_id, store_id);
     }
+}
+
+/// A data directory restored from a copy keeps its store id and goes on
+/// counting revisions from the copy's. A watcher that saw revisions written
+/// after the copy (gone now) must not resume from one of them once the
+/// restored store has counted past it: it gets a snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_data_directory_does_not_resume_lost_history() {
+    let dir = common::temp_dir();
+    let data = dir.path().join("data");
+    let copy = dir.path().join("copy");
+    let mut c = Controller::start(&data);
+    let mut admin = c.admin().await;
+    create_pool(&mut admin, "p", "10.0.0.0/8", 26).await;
+    register(&c, "claimer", 0).await;
+    let at_copy = claim(&c, 0).await;
+    let u = next(&mut watch(&c, 0, "", "").await).await;
+    let (store_id, copied_epoch) = (u.store_id, u.epoch);
+    drop(admin);
+    c.term();
+    cp_dir(&data, &copy);
+
+    // Life goes on after the copy: a block for claim 1, seen by a watcher.
+    let mut c = Controller::start(&data);
+    let mut w = watch(&c, at_copy, &store_id, &copied_epoch).await;
+    let lost = claim(&c, 1).await;
+    let u = next(&mut w).await;
+    assert_eq!(u.revision, lost);
+    let lost_epoch = u.epoch;
+    drop(w);
+    c.term();
+
+    // Restored: the block of claim 1 never happened, and new writes take the
+    // revisions it had.
+    std::fs::remove_dir_all(&data).unwrap();
+    cp_dir(&copy, &data);
+    let c = Controller::start(&data);
+    let mut now = at_copy;
+    while now < lost + 2 {
+        now = claim(&c, now as usize + 10).await;
+    }
+    for ep in [&lost_epoch, &copied_epoch] {
+        let u = next(&mut watch(&c, lost, &store_id, ep).await).await;
+        assert!(u.snapshot, "since {lost} under {ep}: {u:?}");
+        assert!(
+            !u.blocks.iter().any(|b| b.cidr == "10.1.1.0/26"),
+            "the lost block is gone: {u:?}"
+        );
+    }
+    // Up to the copy, the history is the same: a resume.
+    let u = next(&mut watch(&c, at_copy, &store_id, &copied_epoch).await).await;
+    assert!(!u.snapshot && u.revision > at_copy, "{u:?}");
+}
+
+fn cp_dir(from: &std::path::Path, to: &std::path::Path) {
+    let st = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(st.success());
 }

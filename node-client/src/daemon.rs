@@ -54,13 +54,15 @@ pub struct NodeStatus {
 pub type SharedStatus = Arc<Mutex<NodeStatus>>;
 
 /// Where the intent watch resumes: the last revision applied, of which
-/// controller store (revision 0: ask for a snapshot).
+/// controller store and epoch (revision 0: ask for a snapshot).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Resume {
     /// Last applied revision.
     pub revision: u64,
     /// `store_id` of the last snapshot applied.
     pub store_id: String,
+    /// `epoch` of the update that brought it to `revision`.
+    pub epoch: String,
     /// An update could not be applied: the intent is suspect until the next
     /// snapshot, and the watch reconnects for one.
     pub resync: bool,
@@ -81,6 +83,7 @@ impl Resume {
         }
         if !self.resync {
             self.revision = u.revision;
+            self.epoch.clone_from(&u.epoch);
         }
     }
 }
@@ -391,6 +394,7 @@ pub async fn watch(
         let Resume {
             revision: since,
             store_id,
+            epoch,
             ..
         } = lock_resume(&resume).clone();
         let mut client = ctl.intent.clone();
@@ -398,6 +402,7 @@ pub async fn watch(
             .watch(pb::WatchRequest {
                 since_revision: since,
                 store_id,
+                epoch,
             })
             .await
         {
@@ -461,8 +466,28 @@ mod tests {
             revision,
             snapshot,
             store_id: if snapshot { "s1".into() } else { String::new() },
+            epoch: format!("e{}", revision / 100),
             ..Default::default()
         }
+    }
+
+    /// The resume point names the epoch of the update that brought it to its
+    /// revision: a delta from a restarted controller moves it on.
+    #[test]
+    fn the_resume_point_follows_the_epoch_of_each_update() {
+        let mut r = Resume::default();
+        r.record(&update(5, true), true);
+        assert_eq!((r.revision, r.epoch.as_str()), (5, "e0"));
+        r.record(&update(150, false), true);
+        assert_eq!((r.revision, r.epoch.as_str()), (150, "e1"));
+        r.record(&update(250, false), false);
+        r.record(&update(260, false), true);
+        assert_eq!(r.revision, 0, "held at 0 until a snapshot");
+        r.record(&update(300, true), true);
+        assert_eq!(
+            (r.revision, r.store_id.as_str(), r.epoch.as_str()),
+            (300, "s1", "e3")
+        );
     }
 
     /// After an update that could not be applied, later deltas do not move

@@ -8,7 +8,8 @@
 //!
 //! Key layout (point reads only; sled transactions cannot scan):
 //! `m/rev`, `m/id` (the store's random identity), `m/intent` (revision of
-//! the last intent change, and the revision it is valid at), `p/<pool>`,
+//! the last intent change, and the revision it is valid at), `m/epochs`
+//! (one per open: a random id and the revision it started at), `p/<pool>`,
 //! `b/<block cidr>`, `a/<address>`, `r/<address>` (release order of a free
 //! address), `h/<handle>`, `n/<node>`, `c/ipam`.
 //!
@@ -236,6 +237,8 @@ pub struct Store {
     tree: sled::Tree,
     /// Random identity, made when the store was created.
     id: String,
+    /// Its opens, oldest first; the last is this one.
+    epochs: Vec<Epoch>,
     /// Last committed revision and intent mark; the lock also serializes
     /// commits.
     revision: Mutex<Counters>,
@@ -245,6 +248,23 @@ pub struct Store {
 const REV_KEY: &[u8] = b"m/rev";
 const ID_KEY: &[u8] = b"m/id";
 const INTENT_KEY: &[u8] = b"m/intent";
+const EPOCHS_KEY: &[u8] = b"m/epochs";
+/// Epochs kept: a watcher from an older one just gets a snapshot.
+const MAX_EPOCHS: usize = 256;
+
+/// One open of the store: what a resuming watcher's revisions belong to.
+///
+/// A data directory restored from a copy keeps its id but not what followed
+/// the copy. Revisions seen after the copy under the copy's last epoch are
+/// past that epoch's end (the start of the next), and epochs opened after the
+/// copy are unknown to it: either way the watcher needs a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Epoch {
+    /// 64 random bits in hex.
+    pub id: String,
+    /// Revision when it was opened.
+    pub start: u64,
+}
 
 /// The revision counter and the intent mark.
 #[derive(Debug, Clone, Copy, Default)]
@@ -264,10 +284,10 @@ fn meta_u64(key: &[u8], v: &[u8]) -> Result<u64> {
     })?))
 }
 
-/// 128 random bits as hex: a store's identity.
-fn new_id() -> std::io::Result<String> {
+/// `bytes` random bytes as hex: a store's or an epoch's identity.
+fn new_id(bytes: usize) -> std::io::Result<String> {
     use std::io::Read;
-    let mut b = [0u8; 16];
+    let mut b = vec![0u8; bytes];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
@@ -337,17 +357,30 @@ impl Store {
                 why: "not UTF-8".into(),
             })?,
             None => {
-                let id = new_id().map_err(sled::Error::Io)?;
+                let id = new_id(16).map_err(sled::Error::Io)?;
                 tree.insert(ID_KEY, id.as_bytes())?;
-                db.flush()?;
                 id
             }
         };
+        let mut epochs: Vec<Epoch> = match tree.get(EPOCHS_KEY)? {
+            Some(v) => dec(EPOCHS_KEY, &v)?,
+            None => Vec::new(),
+        };
+        epochs.push(Epoch {
+            id: new_id(8).map_err(sled::Error::Io)?,
+            start: revision,
+        });
+        let drop_old = epochs.len().saturating_sub(MAX_EPOCHS);
+        epochs.drain(..drop_old);
+        tree.insert(EPOCHS_KEY, enc(&epochs)?)?;
+        // Durable before anyone is told the new epoch.
+        db.flush()?;
         let (feed, _) = broadcast::channel(4096);
         Ok(Store {
             db,
             tree,
             id,
+            epochs,
             revision: Mutex::new(Counters { revision, intent }),
             feed,
         })
@@ -358,6 +391,12 @@ impl Store {
     /// here.
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// Every open of this store still remembered, oldest first; the last is
+    /// this open.
+    pub fn epochs(&self) -> &[Epoch] {
+        &self.epochs
     }
 
     /// Revision of the last committed mutation.

@@ -181,3 +181,35 @@ fn identity_and_intent_mark_survive_a_reopen() {
     let snap = s.load().unwrap();
     assert_eq!((snap.revision, snap.intent_revision), (4, 0));
 }
+
+#[test]
+fn every_open_starts_an_epoch_at_the_current_revision() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    assert_eq!(s.epochs().len(), 1);
+    assert_eq!(s.epochs()[0].start, 0);
+    s.commit(&[Mutation {
+        ops: vec![Op::PutPool(pool())],
+    }])
+    .unwrap();
+    let first = s.epochs()[0].clone();
+    drop(s);
+    let s = reopen(dir.path());
+    let e = s.epochs().to_vec();
+    assert_eq!(e.len(), 2);
+    assert_eq!(e[0], first, "earlier epochs are kept as they were");
+    assert_eq!(e[1].start, 1, "starts at the revision it was opened at");
+    assert_ne!(e[1].id, e[0].id);
+    assert_eq!(e[1].id.len(), 16, "64 bits in hex");
+    drop(s);
+    // Only the last MAX_EPOCHS are remembered.
+    let mut last = String::new();
+    for _ in 0..MAX_EPOCHS {
+        let s = reopen(dir.path());
+        last = s.epochs().last().unwrap().id.clone();
+    }
+    let s = reopen(dir.path());
+    assert_eq!(s.epochs().len(), MAX_EPOCHS);
+    assert_eq!(s.epochs()[MAX_EPOCHS - 2].id, last);
+    assert!(!s.epochs().iter().any(|x| x.id == first.id));
+}

@@ -31,6 +31,10 @@ pub struct Encoded {
     pub base: u64,
     /// A full snapshot, not a delta.
     pub snapshot: bool,
+    /// An empty delta that tells a resuming watcher it is up to date at
+    /// `revision`, in the current epoch: sent even when that is the revision
+    /// it already has, so that it learns the epoch.
+    pub caught_up: bool,
     /// The encoded `IntentUpdate`.
     pub bytes: bytes::Bytes,
 }
@@ -213,12 +217,12 @@ pub struct IntentTracker {
 }
 
 /// Where a resuming watcher's revisions come from.
-#[derive(Debug, Clone, Copy)]
-pub struct ResumeFrom<'a> {
+#[derive(Debug, Clone, Default)]
+pub struct ResumeFrom {
     /// The store's id, from the last snapshot the watcher applied.
-    pub store_id: &'a str,
+    pub store_id: String,
     /// The epoch of the last update it applied.
-    pub epoch: &'a str,
+    pub epoch: String,
 }
 
 /// How a watcher starts: updates to send first, then the live feed.
@@ -283,6 +287,7 @@ impl IntentTracker {
             revision,
             base,
             snapshot: false,
+            caught_up: false,
             bytes: d.encode_to_vec().into(),
         });
         self.snapshot = None;
@@ -308,6 +313,7 @@ impl IntentTracker {
             revision: self.revision,
             base: 0,
             snapshot: true,
+            caught_up: false,
             bytes: pb::IntentUpdate {
                 store_id: self.store_id.clone(),
                 epoch: self.epoch().to_string(),
@@ -341,13 +347,13 @@ impl IntentTracker {
     /// Starts a watcher that has applied everything up to `since` (0: nothing)
     /// of the history `from` (None: this tracker's, for the controller's own
     /// resynchronisation).
-    pub fn watch(&mut self, since: u64, from: Option<ResumeFrom<'_>>) -> WatchStart {
+    pub fn watch(&mut self, since: u64, from: Option<&ResumeFrom>) -> WatchStart {
         let live = self.tx.subscribe();
         let since = match from {
-            Some(f) if f.store_id != self.store_id || !self.in_history(f.epoch, since) => 0,
+            Some(f) if f.store_id != self.store_id || !self.in_history(&f.epoch, since) => 0,
             _ => since,
         };
-        let initial = if since > 0 && since == self.revision {
+        let mut initial = if since > 0 && since == self.revision {
             Vec::new()
         } else if since > 0 && since >= self.ring_base && since < self.revision {
             self.ring
@@ -358,6 +364,25 @@ impl IntentTracker {
         } else {
             vec![self.snapshot()]
         };
+        if initial.is_empty() {
+            // Nothing changed the intent after `since`: the watcher is up to
+            // date at this revision. Saying so moves it to this epoch, so
+            // that epochs of restarts without intent changes do not pile up
+            // under it (an epoch dropped from the store costs a snapshot).
+            initial.push(Arc::new(Encoded {
+                revision: self.revision,
+                base: since,
+                snapshot: false,
+                caught_up: true,
+                bytes: pb::IntentUpdate {
+                    revision: self.revision,
+                    epoch: self.epoch().to_string(),
+                    ..Default::default()
+                }
+                .encode_to_vec()
+                .into(),
+            }));
+        }
         WatchStart { initial, live }
     }
 }
@@ -429,8 +454,9 @@ mod tests {
         let (_, m) = s.release_handle(None, "h1").unwrap();
         step(&mut s, &mut t, m);
         assert!(live.live.try_recv().is_err());
-        // Resume from revision 4: the deltas after it (none) — not a snapshot.
-        assert!(t.watch(4, None).initial.is_empty());
+        // Resume from revision 4: the deltas after it (none) — not a snapshot,
+        // but word that it is up to date at the current revision.
+        assert_eq!(caught_up(&t.watch(4, None)), Some(6));
         // Resume from 3 gets exactly the block delta.
         let r = t.watch(3, None);
         assert_eq!(r.initial.len(), 1);
@@ -459,6 +485,15 @@ mod tests {
         assert!(d.pools_changed && !d.pools[0].nat_outgoing);
     }
 
+    /// The revision a watch start says the watcher is up to date at, when
+    /// that is all it says.
+    fn caught_up(w: &WatchStart) -> Option<u64> {
+        match w.initial.as_slice() {
+            [e] if e.caught_up && !e.snapshot => Some(e.revision),
+            _ => None,
+        }
+    }
+
     fn epochs(list: &[(&str, u64)]) -> Vec<Epoch> {
         list.iter()
             .map(|(id, start)| Epoch {
@@ -468,8 +503,11 @@ mod tests {
             .collect()
     }
 
-    fn from<'a>(store_id: &'a str, epoch: &'a str) -> Option<ResumeFrom<'a>> {
-        Some(ResumeFrom { store_id, epoch })
+    fn from(store_id: &str, epoch: &str) -> ResumeFrom {
+        ResumeFrom {
+            store_id: store_id.into(),
+            epoch: epoch.into(),
+        }
     }
 
     /// After a restart, a watcher of the same store that has applied the
@@ -482,13 +520,27 @@ mod tests {
         let ep = epochs(&[("e1", 0), ("e2", 10)]);
         let mut t = IntentTracker::new(&s, 10).resumable("s1", &ep, 6);
         for since in [6, 8, 10] {
-            assert!(
-                t.watch(since, from("s1", "e1")).initial.is_empty(),
-                "since {since}: nothing to send"
+            let w = t.watch(since, Some(&from("s1", "e1")));
+            assert_eq!(caught_up(&w), Some(10), "since {since}: nothing to send");
+            let u = decode(&w.initial[0]);
+            assert_eq!(
+                (u.revision, u.epoch.as_str(), u.snapshot),
+                (10, "e2", false),
+                "moved to the current epoch"
+            );
+            assert_eq!(
+                u.encoded_len(),
+                pb::IntentUpdate {
+                    revision: 10,
+                    epoch: "e2".into(),
+                    ..Default::default()
+                }
+                .encoded_len(),
+                "nothing else: {u:?}"
             );
         }
         for (since, id) in [(5, "s1"), (8, "s2"), (8, ""), (0, "s1"), (11, "s1")] {
-            let w = t.watch(since, from(id, "e1"));
+            let w = t.watch(since, Some(&from(id, "e1")));
             let u = decode(&w.initial[0]);
             assert!(u.snapshot, "since {since} of {id:?}: snapshot");
             assert_eq!(
@@ -502,14 +554,14 @@ mod tests {
         let mut s = s;
         let (_, m) = s.create_pool(pool("p", "10.0.0.0/24", 26)).unwrap();
         assert!(t.on_commit(&s, 11, &keys(&m)).is_some());
-        let w = t.watch(6, from("s1", "e1"));
+        let w = t.watch(6, Some(&from("s1", "e1")));
         assert_eq!(w.initial.len(), 1);
         let u = decode(&w.initial[0]);
         assert!(!u.snapshot && u.revision == 11 && u.pools_changed);
         assert_eq!(u.epoch, "e2");
         // A mark beyond the revision (cannot happen) is not trusted.
         let mut t = IntentTracker::new(&s, 10).resumable("s1", &ep, 12);
-        assert!(decode(&t.watch(8, from("s1", "e2")).initial[0]).snapshot);
+        assert!(decode(&t.watch(8, Some(&from("s1", "e2"))).initial[0]).snapshot);
     }
 
     /// A data directory restored from a copy keeps its id but forgets what
@@ -533,7 +585,7 @@ mod tests {
             t.on_commit(&s, rev, &keys(&m));
         }
         let snap = |t: &mut IntentTracker, since, epoch| {
-            let w = t.watch(since, from("s1", epoch));
+            let w = t.watch(since, Some(&from("s1", epoch)));
             w.initial.first().is_some_and(|e| e.snapshot)
         };
         // Within the history: deltas (or nothing).

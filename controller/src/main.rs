@@ -127,19 +127,27 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    // Bound first: a start that cannot serve leaves the store alone (each
+    // open records an epoch).
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("binding --listen {}", args.listen))?;
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating --data-dir {}", args.data_dir.display()))?;
     let store = Arc::new(
         Store::open(&args.data_dir)
             .with_context(|| format!("opening store in {}", args.data_dir.display()))?,
     );
-    tracing::info!(data_dir = %args.data_dir.display(), revision = store.revision(), "store open");
+    tracing::info!(
+        data_dir = %args.data_dir.display(),
+        revision = store.revision(),
+        store_id = store.id(),
+        epoch = store.epochs().last().map_or("", |e| e.id.as_str()),
+        "store open"
+    );
     let (ipam, owner) = Ipam::start(store.clone())?;
     bootstrap(&ipam, &args).await?;
 
-    let listener = tokio::net::TcpListener::bind(&args.listen)
-        .await
-        .with_context(|| format!("binding --listen {}", args.listen))?;
     tracing::info!(listen = %listener.local_addr()?, "serving gRPC");
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

@@ -139,13 +139,10 @@ impl Ipam {
 
     /// Starts an intent watcher that has applied everything up to `since` of
     /// the history `from`: store id and epoch (None: this store, now).
-    pub async fn watch(&self, since: u64, from: Option<(String, String)>) -> Result<WatchStart> {
+    pub async fn watch(&self, since: u64, from: Option<ResumeFrom>) -> Result<WatchStart> {
         let (otx, orx) = oneshot::channel();
         let job: Job = Box::new(move |o| {
-            let from = from
-                .as_ref()
-                .map(|(store_id, epoch)| ResumeFrom { store_id, epoch });
-            let w = o.intent.watch(since, from);
+            let w = o.intent.watch(since, from.as_ref());
             (
                 Mutation::default(),
                 // A failed group write means memory ran ahead of the store:

@@ -3,7 +3,7 @@
 //! thread and every stream only copies the bytes. On the wire it is exactly
 //! the generated `IntentUpdate` stream (clients use the generated client).
 use crate::{
-    intent::{Encoded, PreEncoded},
+    intent::{Encoded, PreEncoded, ResumeFrom},
     owner::Ipam,
 };
 use futures::{stream, Stream};
@@ -47,7 +47,7 @@ async fn next(mut w: Watcher) -> Option<(Result<PreEncoded, Status>, Watcher)> {
     loop {
         if let Some(e) = w.pending.pop_front() {
             // Skip what the client already has (a delta racing a resync).
-            if !e.snapshot && e.revision <= w.last {
+            if !e.snapshot && !e.caught_up && e.revision <= w.last {
                 continue;
             }
             w.last = e.revision;
@@ -57,6 +57,8 @@ async fn next(mut w: Watcher) -> Option<(Result<PreEncoded, Status>, Watcher)> {
             Ok(e) => w.pending.push_back(e),
             Err(RecvError::Lagged(n)) => {
                 tracing::warn!(node = %w.node, missed = n, "slow intent watcher: resynchronising");
+                // `last` is the client's validated resume point or a
+                // revision this process sent: this store and epoch.
                 match w.ipam.watch(w.last, None).await {
                     Ok(s) => {
                         w.pending = s.initial.into();
@@ -88,7 +90,11 @@ impl ServerStreamingService<pb::WatchRequest> for WatchSvc {
                 .ok_or_else(|| Status::unauthenticated("no node identity on this call"))?;
             let req = req.into_inner();
             let since = req.since_revision;
-            let start = ipam.watch(since, Some((req.store_id, req.epoch))).await?;
+            let from = ResumeFrom {
+                store_id: req.store_id,
+                epoch: req.epoch,
+            };
+            let start = ipam.watch(since, Some(from)).await?;
             let snapshot = start.initial.first().is_some_and(|e| e.snapshot);
             tracing::info!(%node, since, snapshot, initial = start.initial.len(), "intent watcher connected");
             let w = Watcher {

@@ -154,8 +154,11 @@ async fn snapshot_deltas_resume_and_slow_watchers() {
         "the slow watcher converges to the same intent"
     );
 
-    // Resume: from the latest revision nothing is resent; the next change comes alone.
+    // Resume: from the latest revision nothing is resent, only word that it
+    // is up to date; the next change comes alone.
     let mut resumed = watch(&c, last, &store_id, &epoch).await;
+    let u = next(&mut resumed).await;
+    assert_eq!(u, caught_up(last, &epoch));
     let newest = claim(&c, CLAIMS + 1).await;
     let u = next(&mut resumed).await;
     assert!(
@@ -180,6 +183,15 @@ async fn snapshot_deltas_resume_and_slow_watchers() {
     let mut anon = IntentStreamClient::new(c.channel().await);
     let e = anon.watch(WatchRequest::default()).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated);
+}
+
+/// The update that tells a resuming watcher it is up to date.
+fn caught_up(revision: u64, epoch: &str) -> IntentUpdate {
+    IntentUpdate {
+        revision,
+        epoch: epoch.to_string(),
+        ..Default::default()
+    }
 }
 
 async fn watch(c: &Controller, since: u64, store_id: &str, epoch: &str) -> Streaming<IntentUpdate> {
@@ -237,6 +249,17 @@ async fn resume_across_a_controller_restart() {
     for since in [mark, after] {
         resumed.push((since, watch(&c, since, &store_id, &epoch).await));
     }
+    let mut new_epoch = String::new();
+    for (since, w) in &mut resumed {
+        let u = next(w).await;
+        new_epoch.clone_from(&u.epoch);
+        assert_eq!(
+            u,
+            caught_up(after, &new_epoch),
+            "since {since}: up to date, in the new epoch"
+        );
+    }
+    assert_ne!(new_epoch, epoch, "the restart opened a new epoch");
     let newest = claim(&c, 2).await;
     for (since, mut w) in resumed {
         let u = next(&mut w).await;
@@ -244,7 +267,7 @@ async fn resume_across_a_controller_restart() {
             !u.snapshot && u.revision == newest && u.blocks.len() == 1,
             "since {since}: only the new change, no snapshot: {u:?}"
         );
-        assert_ne!(u.epoch, epoch, "the restart opened a new epoch");
+        assert_eq!(u.epoch, new_epoch);
     }
     // Before the mark, another store, no store, or no epoch: a snapshot,
     // naming the store.
@@ -283,6 +306,7 @@ async fn a_restored_data_directory_does_not_resume_lost_history() {
     // Life goes on after the copy: a block for claim 1, seen by a watcher.
     let mut c = Controller::start(&data);
     let mut w = watch(&c, at_copy, &store_id, &copied_epoch).await;
+    assert_eq!(next(&mut w).await.revision, at_copy, "up to date");
     let lost = claim(&c, 1).await;
     let u = next(&mut w).await;
     assert_eq!(u.revision, lost);

@@ -393,18 +393,10 @@ impl Lab {
             out += l;
             out += "\n";
         }
+        // A diagnostic that fails still says why.
         let show = |ns: &str, cmd: &str| {
-            let o = Command::new("ip")
-                .args(["netns", "exec", ns, "sh", "-c", cmd])
-                .output();
-            match o {
-                Ok(o) => format!(
-                    "[{ns}] {cmd}:\n{}{}",
-                    String::from_utf8_lossy(&o.stdout),
-                    String::from_utf8_lossy(&o.stderr)
-                ),
-                Err(e) => format!("[{ns}] {cmd}: {e}\n"),
-            }
+            let o = netns::exec(ns, &["sh", "-c", cmd]).unwrap_or_else(|e| format!("{e:#}\n"));
+            format!("[{ns}] {cmd}:\n{o}")
         };
         let ns = self.node_ns(node);
         out += &show(&ns, "ip -br addr; ip route; ip neigh; ss -tni");

@@ -62,7 +62,8 @@ fn a_port_joining_the_fabric_does_not_cut_nodes_off_the_controller() {
     // until its ARP entry expires: a node joining cuts another one off.
     join("low2", "02:00:00:00:00:02");
     netns::ip(&w, "neigh flush dev eth0").unwrap();
-    assert!(ping().contains(" 0% packet loss"), "{}", ping());
+    let out = ping();
+    assert!(out.contains(" 0% packet loss"), "{out}");
     join("low1", "02:00:00:00:00:01");
     assert_eq!(br0_mac(), tabby_integration::lab::FABRIC_MAC);
     let out = ping();

@@ -43,8 +43,15 @@ pub async fn serve(
         NodeService::new(ipam.clone()),
         node_identity_interceptor,
     );
+    // Intent streams end when shutdown starts, so that the graceful
+    // shutdown (which waits for open streams) can finish; nodes reconnect.
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    };
     let watch = tonic::service::interceptor::InterceptedService::new(
-        IntentStreamServer::new(ipam),
+        IntentStreamServer::new(ipam, stop),
         node_identity_interceptor,
     );
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));

@@ -22,12 +22,17 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<PreEncoded, Status>> + Send>
 #[derive(Clone)]
 pub struct IntentStreamServer {
     ipam: Ipam,
+    stop: StopSignal,
 }
 
+/// Ends every intent stream once it reads true. Watch streams never end on
+/// their own, and a graceful server shutdown waits for open streams.
+pub type StopSignal = tokio::sync::watch::Receiver<bool>;
+
 impl IntentStreamServer {
-    /// Serves intent from the IPAM owner.
-    pub fn new(ipam: Ipam) -> Self {
-        IntentStreamServer { ipam }
+    /// Serves intent from the IPAM owner until `stop` turns true.
+    pub fn new(ipam: Ipam, stop: StopSignal) -> Self {
+        IntentStreamServer { ipam, stop }
     }
 }
 
@@ -37,6 +42,7 @@ impl NamedService for IntentStreamServer {
 
 struct Watcher {
     ipam: Ipam,
+    stop: StopSignal,
     node: String,
     pending: VecDeque<Arc<Encoded>>,
     live: tokio::sync::broadcast::Receiver<Arc<Encoded>>,
@@ -53,7 +59,14 @@ async fn next(mut w: Watcher) -> Option<(Result<PreEncoded, Status>, Watcher)> {
             w.last = e.revision;
             return Some((Ok(PreEncoded(e.bytes.clone())), w));
         }
-        match w.live.recv().await {
+        let recv = tokio::select! {
+            r = w.live.recv() => r,
+            _ = w.stop.wait_for(|s| *s) => {
+                tracing::info!(node = %w.node, "controller stopping: intent stream ended");
+                return None;
+            }
+        };
+        match recv {
             Ok(e) => w.pending.push_back(e),
             Err(RecvError::Lagged(n)) => {
                 tracing::warn!(node = %w.node, missed = n, "slow intent watcher: resynchronising");
@@ -73,7 +86,7 @@ async fn next(mut w: Watcher) -> Option<(Result<PreEncoded, Status>, Watcher)> {
     }
 }
 
-struct WatchSvc(Ipam);
+struct WatchSvc(Ipam, StopSignal);
 
 impl ServerStreamingService<pb::WatchRequest> for WatchSvc {
     type Response = PreEncoded;
@@ -81,7 +94,7 @@ impl ServerStreamingService<pb::WatchRequest> for WatchSvc {
     type Future = BoxFuture<Response<WatchStream>, Status>;
 
     fn call(&mut self, req: Request<pb::WatchRequest>) -> Self::Future {
-        let ipam = self.0.clone();
+        let (ipam, stop) = (self.0.clone(), self.1.clone());
         Box::pin(async move {
             let node = req
                 .extensions()
@@ -99,6 +112,7 @@ impl ServerStreamingService<pb::WatchRequest> for WatchSvc {
             tracing::info!(%node, since, snapshot, initial = start.initial.len(), "intent watcher connected");
             let w = Watcher {
                 ipam,
+                stop,
                 node,
                 pending: start.initial.into(),
                 live: start.live,
@@ -124,12 +138,12 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let ipam = self.ipam.clone();
+        let (ipam, stop) = (self.ipam.clone(), self.stop.clone());
         match req.uri().path() {
             "/tabby.v1.IntentStream/Watch" => Box::pin(async move {
                 let codec = tonic_prost::ProstCodec::<PreEncoded, pb::WatchRequest>::default();
                 let mut grpc = tonic::server::Grpc::new(codec);
-                Ok(grpc.server_streaming(WatchSvc(ipam), req).await)
+                Ok(grpc.server_streaming(WatchSvc(ipam, stop), req).await)
             }),
             _ => Box::pin(async move { Ok(Status::unimplemented("unknown method").into_http()) }),
         }
@@ -186,8 +200,10 @@ mod tests {
                 .1
             }
         };
+        let (_stop_tx, stop) = tokio::sync::watch::channel(false);
         let watcher = |since: u64, start: crate::intent::WatchStart| Watcher {
             ipam: ipam.clone(),
+            stop: stop.clone(),
             node: "w".into(),
             pending: start.initial.into(),
             live: start.live,

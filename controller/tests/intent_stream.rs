@@ -345,3 +345,32 @@ fn cp_dir(from: &std::path::Path, to: &std::path::Path) {
         .unwrap();
     assert!(st.success());
 }
+
+/// SIGTERM with watchers connected: their streams end cleanly (the nodes
+/// reconnect to the next controller) and the controller exits, flushed,
+/// instead of waiting for streams that never end on their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_open_watch_streams_and_exits() {
+    let dir = common::temp_dir();
+    let mut c = Controller::start(dir.path());
+    let mut admin = c.admin().await;
+    create_pool(&mut admin, "p", "10.0.0.0/8", 26).await;
+    register(&c, "claimer", 0).await;
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        let mut w = watch(&c, 0, "", "").await;
+        assert!(next(&mut w).await.snapshot);
+        streams.push(w);
+    }
+    // `term` fails the test unless the controller exits 0 in time.
+    c.term();
+    for mut w in streams {
+        let end = tokio::time::timeout(Duration::from_secs(5), w.message())
+            .await
+            .expect("the stream ends");
+        assert!(
+            matches!(end, Ok(None)),
+            "ended cleanly, not broken: {end:?}"
+        );
+    }
+}

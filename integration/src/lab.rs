@@ -315,9 +315,27 @@ impl Lab {
             .ok_or_else(|| anyhow!("{role} is not running"))?;
         // SAFETY: the pid is our own child, not yet reaped.
         unsafe { libc::kill(c.id() as i32, sig) };
-        c.wait()?;
+        // Bounded: a process that ignores the signal fails the caller rather
+        // than hanging the test run.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let exited = loop {
+            if c.try_wait()?.is_some() {
+                break true;
+            }
+            if Instant::now() > deadline {
+                // SAFETY: as above.
+                unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
+                c.wait()?;
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
         self.state.procs.retain(|p| p.role != role);
-        self.save()
+        self.save()?;
+        if !exited {
+            bail!("{role} did not exit within 20 s of signal {sig}; killed");
+        }
+        Ok(())
     }
 
     /// Stops the controller (SIGKILL: an outage, not a shutdown).

@@ -70,6 +70,57 @@ fn a_port_joining_the_fabric_does_not_cut_nodes_off_the_controller() {
     assert!(out.contains(" 0% packet loss"), "{out}");
 }
 
+/// A controller whose data directory is restored from a copy forgets the
+/// addresses assigned after it. The node clients hold those pods: the resume
+/// they ask for is refused (its epoch is unknown to the copy), and after the
+/// snapshot they assign their pods' addresses again, so the restored
+/// controller cannot hand them to new pods.
+#[test]
+fn a_controller_restored_from_an_older_copy_learns_the_pods_again() {
+    let (mut lab, _d) = lab();
+    let before = lab.add_pod("worker", "before").unwrap();
+    let data = lab.cfg.dir.join("controller-data");
+    let copy = lab.cfg.dir.join("controller-copy");
+    let restart = |lab: &mut tabby_integration::lab::Lab| {
+        lab.signal("controller", libc::SIGTERM).unwrap();
+    };
+    restart(&mut lab);
+    netns::run(
+        "cp",
+        &["-a", data.to_str().unwrap(), copy.to_str().unwrap()],
+    )
+    .unwrap();
+    lab.start_controller().unwrap();
+    let after = lab.add_pod("worker2", "after").unwrap();
+    let handle = holder(&lab, &after.ip.to_string()).expect("assigned");
+
+    restart(&mut lab);
+    std::fs::remove_dir_all(&data).unwrap();
+    netns::run(
+        "cp",
+        &["-a", copy.to_str().unwrap(), data.to_str().unwrap()],
+    )
+    .unwrap();
+    let mark = lab.log_mark("worker2");
+    lab.start_controller().unwrap();
+    lab.wait_until("worker2 reclaimed its pod", Duration::from_secs(15), || {
+        holder(&lab, &after.ip.to_string()).as_deref() == Some(handle.as_str())
+    })
+    .unwrap();
+    let log = std::fs::read_to_string(lab.node_log("worker2")).unwrap();
+    let log = &log[mark as usize..];
+    assert!(
+        log.contains("attachments reclaimed") && log.contains("confirmed=1"),
+        "{log}"
+    );
+    // Known all along: confirmed, unchanged.
+    assert!(holder(&lab, &before.ip.to_string()).is_some());
+    // A new pod on the same node (the restored store had no block for it)
+    // gets another address.
+    let new = lab.add_pod("worker2", "new").unwrap();
+    assert_ne!(new.ip, after.ip);
+}
+
 #[test]
 fn a_node_added_later_converges_within_a_second() {
     let (mut lab, _d) = lab();

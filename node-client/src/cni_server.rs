@@ -113,6 +113,97 @@ impl PodNetworkService {
     }
 }
 
+/// What [`PodNetworkService::reclaim`] found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Reclaimed {
+    /// Attachments the controller holds as this node holds them (known, or
+    /// assigned again).
+    pub confirmed: usize,
+    /// Attachments it could not confirm, with why.
+    pub problems: Vec<String>,
+}
+
+impl PodNetworkService {
+    /// Tells the controller again about every attachment this node holds:
+    /// Assign under its handle with its addresses requested. A handle the
+    /// controller knows is answered unchanged (no write); one it forgot (its
+    /// data directory restored from an older copy) gets its addresses back,
+    /// so they are not handed to another pod. Each runs under its handle's
+    /// lock and only while its veth is still owned, so it cannot race its
+    /// own ADD or DEL. Run after every intent snapshot.
+    pub async fn reclaim(&self) -> Reclaimed {
+        let mut out = Reclaimed::default();
+        let held = match blocking(netlink::held_attachments).await {
+            Ok(h) => h,
+            Err(e) => {
+                out.problems.push(format!("listing attachments: {e}"));
+                return out;
+            }
+        };
+        let mut agent = self.ctl.agent.clone();
+        for att in held {
+            if att.addresses.is_empty() {
+                // Asking with nothing requested would assign a new address.
+                out.problems.push(format!(
+                    "{}: no host route through {}",
+                    att.owner, att.host_ifname
+                ));
+                continue;
+            }
+            let _lock = self.locks.lock(&att.owner).await;
+            let owner = att.owner.clone();
+            match blocking(move || netlink::owned_links(&owner)).await {
+                Ok(l) if l.contains(&att.host_ifname) => {}
+                Ok(_) => continue, // deleted meanwhile
+                Err(e) => {
+                    out.problems.push(format!("{}: {e}", att.owner));
+                    continue;
+                }
+            }
+            let mut attributes = HashMap::new();
+            attributes.insert("host_if".to_string(), att.host_ifname.clone());
+            attributes.insert("reclaimed".to_string(), "true".to_string());
+            let res = agent
+                .assign(pb::AssignRequest {
+                    handle: att.owner.clone(),
+                    attributes,
+                    num_v4: 0,
+                    num_v6: 0,
+                    requested: att.addresses.iter().map(ToString::to_string).collect(),
+                })
+                .await;
+            let mut held: Vec<String> = att.addresses.iter().map(ToString::to_string).collect();
+            held.sort();
+            match res {
+                Ok(r) => {
+                    let mut got: Vec<String> = r
+                        .into_inner()
+                        .allocations
+                        .into_iter()
+                        .map(|a| a.address)
+                        .collect();
+                    got.sort();
+                    if got == held {
+                        out.confirmed += 1;
+                    } else {
+                        out.problems.push(format!(
+                            "{}: the controller holds {got:?} for it, {} routes {held:?}",
+                            att.owner, att.host_ifname
+                        ));
+                    }
+                }
+                Err(e) => out.problems.push(format!(
+                    "{} ({held:?} on {}): {}",
+                    att.owner,
+                    att.host_ifname,
+                    e.message()
+                )),
+            }
+        }
+        out
+    }
+}
+
 fn invalid(msg: impl Into<String>) -> Status {
     Status::invalid_argument(msg.into())
 }

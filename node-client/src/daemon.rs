@@ -385,6 +385,7 @@ pub async fn watch(
     resume: SharedResume,
     status: SharedStatus,
     stop: Arc<AtomicBool>,
+    snapshots: Arc<tokio::sync::Notify>,
 ) {
     let mut backoff = Backoff::default();
     while !stop.load(Ordering::Relaxed) {
@@ -423,8 +424,12 @@ pub async fn watch(
                                 tracing::warn!("intent needs a snapshot: reconnecting");
                                 break;
                             }
+                            let snapshot = u.snapshot;
                             if tx.send(Event::Update(Box::new(u))).is_err() {
                                 return;
+                            }
+                            if snapshot {
+                                snapshots.notify_one();
                             }
                         }
                         Ok(None) => {

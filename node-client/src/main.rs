@@ -141,6 +141,10 @@ async fn main() -> anyhow::Result<()> {
             }
         });
     }
+    // After every intent snapshot (start, or a controller that could not
+    // resume us: perhaps restored from an older copy), the controller is
+    // told again which addresses our pods hold.
+    let snapshots = Arc::new(tokio::sync::Notify::new());
     tokio::spawn(daemon::watch(
         ctl.clone(),
         node,
@@ -148,7 +152,26 @@ async fn main() -> anyhow::Result<()> {
         resume,
         st.clone(),
         stop.clone(),
+        snapshots.clone(),
     ));
+    let pods = PodNetworkService::new(ctl, st.clone(), a.mtu);
+    {
+        let pods = pods.clone();
+        tokio::spawn(async move {
+            loop {
+                snapshots.notified().await;
+                let r = pods.reclaim().await;
+                for p in &r.problems {
+                    tracing::error!(problem = %p, "attachment not confirmed by the controller");
+                }
+                tracing::info!(
+                    confirmed = r.confirmed,
+                    problems = r.problems.len(),
+                    "attachments reclaimed"
+                );
+            }
+        });
+    }
 
     // The CNI socket.
     if let Some(dir) = a.cni_socket.parent() {
@@ -209,9 +232,7 @@ async fn main() -> anyhow::Result<()> {
         .add_service(health_svc)
         .add_service(refl_v1)
         .add_service(refl_v1alpha)
-        .add_service(PodNetworkServer::new(PodNetworkService::new(
-            ctl, st, a.mtu,
-        )))
+        .add_service(PodNetworkServer::new(pods))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::UnixListenerStream::new(listener),
             shutdown,

@@ -523,6 +523,15 @@ pub fn retire_owned(owner: &str) -> Result<Vec<String>> {
 
 /// Veths whose (name, ifalias) satisfy `f`, as (name, ifindex).
 fn links_matching(f: impl Fn(&str, Option<&str>) -> bool) -> Result<Vec<(String, u32)>> {
+    Ok(veths()?
+        .into_iter()
+        .filter(|(n, _, alias)| f(n, alias.as_deref()))
+        .map(|(n, i, _)| (n, i))
+        .collect())
+}
+
+/// Every veth of this namespace: (name, ifindex, ifalias).
+fn veths() -> Result<Vec<(String, u32, Option<String>)>> {
     let mut nl = NlSocket::new().map_err(|e| e.into_error("opening netlink socket"))?;
     let msgs = nl
         .dump(RouteNetlinkMessage::GetLink(LinkMessage::default()))
@@ -545,11 +554,50 @@ fn links_matching(f: impl Fn(&str, Option<&str>) -> bool) -> Result<Vec<(String,
                 _ => {}
             }
         }
-        if let Some(n) = name {
-            if veth && f(&n, alias.as_deref()) {
-                out.push((n, l.header.index));
-            }
+        if let (Some(n), true) = (name, veth) {
+            out.push((n, l.header.index, alias));
         }
+    }
+    Ok(out)
+}
+
+/// A pod attachment as this node's kernel holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldAttachment {
+    /// The IPAM handle in the host veth's ifalias.
+    pub owner: String,
+    /// The host veth.
+    pub host_ifname: String,
+    /// Destinations of the host routes through it (the pod's addresses).
+    pub addresses: Vec<IpAddr>,
+}
+
+/// Every attachment in service here: owned host veths (not retired) with the
+/// host routes [`wire_pod`] added through them. What the node can tell a
+/// controller that has forgotten its pods.
+///
+/// Blocking.
+pub fn held_attachments() -> Result<Vec<HeldAttachment>> {
+    let mut nl = NlSocket::new().map_err(|e| e.into_error("opening netlink socket"))?;
+    let mut out = Vec::new();
+    for (name, index, alias) in veths()? {
+        let Some(owner) = alias.filter(|_| !name.starts_with(RETIRED_PREFIX)) else {
+            continue;
+        };
+        let mut addresses = Vec::new();
+        for fam in [AddressFamily::Inet, AddressFamily::Inet6] {
+            addresses.extend(
+                link_routes(&mut nl, fam, index)?
+                    .into_iter()
+                    .filter(|(dst, gw)| gw.is_none() && dst.prefix_len() == dst.max_prefix_len())
+                    .map(|(dst, _)| dst.addr()),
+            );
+        }
+        out.push(HeldAttachment {
+            owner,
+            host_ifname: name,
+            addresses,
+        });
     }
     Ok(out)
 }

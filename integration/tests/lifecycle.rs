@@ -104,16 +104,16 @@ fn a_controller_restored_from_an_older_copy_learns_the_pods_again() {
     let mark = lab.log_mark("worker2");
     lab.start_controller().unwrap();
     lab.wait_until("worker2 reclaimed its pod", Duration::from_secs(15), || {
-        holder(&lab, &after.ip.to_string()).as_deref() == Some(handle.as_str())
+        let log = std::fs::read(lab.node_log("worker2")).unwrap_or_default();
+        String::from_utf8_lossy(&log[mark as usize..])
+            .contains("attachments reclaimed confirmed=1 problems=0")
     })
     .unwrap();
-    let log = std::fs::read_to_string(lab.node_log("worker2")).unwrap();
-    let log = &log[mark as usize..];
-    assert!(
-        log.contains("attachments reclaimed") && log.contains("confirmed=1"),
-        "{log}"
-    );
-    // Known all along: confirmed, unchanged.
+    assert_eq!(holder(&lab, &after.ip.to_string()), Some(handle.clone()));
+    let alloc = allocation(&lab, &after.ip.to_string()).unwrap();
+    let id = handle.rsplit_once('.').unwrap().1;
+    assert_eq!(alloc["attributes"]["container_id"], id, "{alloc}");
+    // Known all along: still there.
     assert!(holder(&lab, &before.ip.to_string()).is_some());
     // A new pod on the same node (the restored store had no block for it)
     // gets another address.

@@ -121,6 +121,9 @@ pub struct Reclaimed {
     pub confirmed: usize,
     /// Attachments it could not confirm, with why.
     pub problems: Vec<String>,
+    /// Some failed only because the controller could not be reached: worth
+    /// another pass.
+    pub retry: bool,
 }
 
 impl PodNetworkService {
@@ -128,52 +131,56 @@ impl PodNetworkService {
     /// Assign under its handle with its addresses requested. A handle the
     /// controller knows is answered unchanged (no write); one it forgot (its
     /// data directory restored from an older copy) gets its addresses back,
-    /// so they are not handed to another pod. Each runs under its handle's
-    /// lock and only while its veth is still owned, so it cannot race its
-    /// own ADD or DEL. Run after every intent snapshot.
+    /// so they are not handed to another pod. Each attachment is read from
+    /// the kernel under its handle's lock, which ADD, DEL and GC also take,
+    /// so it is never half-wired or half-deleted when read. Run after every
+    /// intent snapshot.
     pub async fn reclaim(&self) -> Reclaimed {
         let mut out = Reclaimed::default();
-        let held = match blocking(netlink::held_attachments).await {
-            Ok(h) => h,
+        let owners = match blocking(netlink::attachment_owners).await {
+            Ok(o) => o,
             Err(e) => {
                 out.problems.push(format!("listing attachments: {e}"));
                 return out;
             }
         };
         let mut agent = self.ctl.agent.clone();
-        for att in held {
-            if att.addresses.is_empty() {
+        for owner in owners {
+            let _lock = self.locks.lock(&owner).await;
+            let o = owner.clone();
+            let att = match blocking(move || netlink::held_attachment(&o)).await {
+                Ok(Some(a)) => a,
+                Ok(None) => continue, // deleted meanwhile
+                Err(e) => {
+                    out.problems.push(format!("{owner}: {e}"));
+                    continue;
+                }
+            };
+            let mut held: Vec<String> = att.addresses.iter().map(ToString::to_string).collect();
+            held.sort();
+            if held.is_empty() {
                 // Asking with nothing requested would assign a new address.
                 out.problems.push(format!(
-                    "{}: no host route through {}",
-                    att.owner, att.host_ifname
+                    "{owner}: no host route through {}",
+                    att.host_ifname
                 ));
                 continue;
             }
-            let _lock = self.locks.lock(&att.owner).await;
-            let owner = att.owner.clone();
-            match blocking(move || netlink::owned_links(&owner)).await {
-                Ok(l) if l.contains(&att.host_ifname) => {}
-                Ok(_) => continue, // deleted meanwhile
-                Err(e) => {
-                    out.problems.push(format!("{}: {e}", att.owner));
-                    continue;
-                }
-            }
             let mut attributes = HashMap::new();
-            attributes.insert("host_if".to_string(), att.host_ifname.clone());
-            attributes.insert("reclaimed".to_string(), "true".to_string());
+            // Handles are "<network>.<container id>"; container ids have no dots.
+            if let Some((_, id)) = owner.rsplit_once('.') {
+                attributes.insert("container_id".to_string(), id.to_string());
+            }
+            attributes.insert("reclaimed_from".to_string(), att.host_ifname.clone());
             let res = agent
                 .assign(pb::AssignRequest {
-                    handle: att.owner.clone(),
+                    handle: owner.clone(),
                     attributes,
                     num_v4: 0,
                     num_v6: 0,
-                    requested: att.addresses.iter().map(ToString::to_string).collect(),
+                    requested: held.clone(),
                 })
                 .await;
-            let mut held: Vec<String> = att.addresses.iter().map(ToString::to_string).collect();
-            held.sort();
             match res {
                 Ok(r) => {
                     let mut got: Vec<String> = r
@@ -187,17 +194,19 @@ impl PodNetworkService {
                         out.confirmed += 1;
                     } else {
                         out.problems.push(format!(
-                            "{}: the controller holds {got:?} for it, {} routes {held:?}",
-                            att.owner, att.host_ifname
+                            "{owner}: the controller holds {got:?} for it, {} routes {held:?}",
+                            att.host_ifname
                         ));
                     }
                 }
-                Err(e) => out.problems.push(format!(
-                    "{} ({held:?} on {}): {}",
-                    att.owner,
-                    att.host_ifname,
-                    e.message()
-                )),
+                Err(e) => {
+                    out.retry |= is_unavailable(&e);
+                    out.problems.push(format!(
+                        "{owner} ({held:?} on {}): {}",
+                        att.host_ifname,
+                        e.message()
+                    ));
+                }
             }
         }
         out
@@ -539,6 +548,9 @@ impl pb::pod_network_server::PodNetwork for PodNetworkService {
             .into_iter()
             .filter(|h| h.starts_with(&prefix) && !valid.contains(h))
         {
+            // Under the handle's lock, like ADD, DEL and reclaim: a reclaim
+            // between the retire and the release would assign it again.
+            let _lock = self.locks.lock(&h).await;
             // The interface is normally gone with its netns; retire it if not.
             let (reaper, owner) = (self.reaper.clone(), h.clone());
             blocking(move || reaper.retire(&owner, None))

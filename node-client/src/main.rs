@@ -160,15 +160,34 @@ async fn main() -> anyhow::Result<()> {
         tokio::spawn(async move {
             loop {
                 snapshots.notified().await;
-                let r = pods.reclaim().await;
-                for p in &r.problems {
-                    tracing::error!(problem = %p, "attachment not confirmed by the controller");
+                let mut delay = Duration::from_secs(1);
+                loop {
+                    let r = pods.reclaim().await;
+                    for p in &r.problems {
+                        tracing::error!(problem = %p, "attachment not confirmed by the controller");
+                    }
+                    let (confirmed, problems) = (r.confirmed, r.problems.len());
+                    if problems == 0 {
+                        tracing::info!(confirmed, problems, "attachments reclaimed");
+                    } else {
+                        tracing::warn!(
+                            confirmed,
+                            problems,
+                            retry = r.retry,
+                            "attachments reclaimed"
+                        );
+                    }
+                    if !r.retry {
+                        break;
+                    }
+                    // The controller was out of reach: again, unless a new
+                    // snapshot asks first.
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = snapshots.notified() => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(30));
                 }
-                tracing::info!(
-                    confirmed = r.confirmed,
-                    problems = r.problems.len(),
-                    "attachments reclaimed"
-                );
             }
         });
     }

@@ -21,8 +21,8 @@ mod socket;
 
 pub use ns::{get_sysctl, in_netns, set_sysctl};
 pub use pod::{
-    check_pod, delete_link_named, format_mac, held_attachments, host_veth_name, link_exists,
-    owned_links, retire_owned, retired_links, wire_pod, HeldAttachment, PodSpec, WiredPod,
-    RETIRED_PREFIX,
+    attachment_owners, check_pod, delete_link_named, format_mac, held_attachment, host_veth_name,
+    link_exists, owned_links, retire_owned, retired_links, wire_pod, HeldAttachment, PodSpec,
+    WiredPod, RETIRED_PREFIX,
 };
 pub use routes::{monitor_route_deletions, NetlinkRoutes, RouteEvent, RouteMonitor};

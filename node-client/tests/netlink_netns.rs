@@ -808,3 +808,60 @@ fn retire_takes_a_pod_out_of_service_and_reaper_deletes_it() {
         wire_pod(&spec).unwrap();
     });
 }
+
+/// What reclaim reads from the kernel: handles of tabby's attachments in
+/// service, and for one of them the addresses of tabby's host routes. Not
+/// foreign veths (even with an alias), not retired ones, not routes of
+/// another protocol through the same veth.
+#[test]
+fn held_attachments_are_read_back_from_the_kernel() {
+    use tabby_node::netlink::{attachment_owners, held_attachment, retire_owned};
+    need_root();
+    let mut ns = Netns::new();
+    let n = ns.add();
+    let (p1, p2) = (ns.add(), ns.add());
+    let a = pod_spec(&p1, "held-a", &["10.88.0.8/32", "fd00:88::8/128"]);
+    let b = pod_spec(&p2, "held-b", &["10.88.0.9/32"]);
+    inside(&n, || wire_pod(&a)).unwrap();
+    inside(&n, || wire_pod(&b)).unwrap();
+    // A foreign veth with an alias, and a foreign route through a's veth.
+    ip(&[
+        "-n", &n, "link", "add", "other0", "type", "veth", "peer", "name", "other1",
+    ]);
+    ip(&["-n", &n, "link", "set", "other0", "alias", "net.foreign"]);
+    ip(&[
+        "-n",
+        &n,
+        "route",
+        "add",
+        "10.99.0.1/32",
+        "dev",
+        &a.host_ifname,
+        "proto",
+        "static",
+    ]);
+
+    let mut owners = inside(&n, attachment_owners).unwrap();
+    owners.sort();
+    assert_eq!(owners, vec![a.owner.clone(), b.owner.clone()]);
+    let held = inside(&n, || held_attachment(&a.owner)).unwrap().unwrap();
+    assert_eq!(held.host_ifname, a.host_ifname);
+    let mut addrs: Vec<String> = held.addresses.iter().map(ToString::to_string).collect();
+    addrs.sort();
+    assert_eq!(
+        addrs,
+        vec!["10.88.0.8", "fd00:88::8"],
+        "tabby's routes only"
+    );
+    assert!(inside(&n, || held_attachment("net.foreign"))
+        .unwrap()
+        .is_none());
+
+    // Retired by a DEL: no longer held.
+    inside(&n, || retire_owned(&b.owner)).unwrap();
+    assert!(inside(&n, || held_attachment(&b.owner)).unwrap().is_none());
+    assert_eq!(
+        inside(&n, attachment_owners).unwrap(),
+        vec![a.owner.clone()]
+    );
+}

@@ -568,38 +568,58 @@ pub struct HeldAttachment {
     pub owner: String,
     /// The host veth.
     pub host_ifname: String,
-    /// Destinations of the host routes through it (the pod's addresses).
+    /// Destinations of tabby's host routes through it (the pod's addresses).
     pub addresses: Vec<IpAddr>,
 }
 
-/// Every attachment in service here: owned host veths (not retired) with the
-/// host routes [`wire_pod`] added through them. What the node can tell a
-/// controller that has forgotten its pods.
+/// Whether a veth is one of ours in service: a tabby name (not retired) and
+/// an ifalias shaped like an IPAM handle (`<network>.<container id>`).
+fn is_attachment(name: &str, alias: Option<&str>) -> bool {
+    name.starts_with(VETH_PREFIX)
+        && !name.starts_with(RETIRED_PREFIX)
+        && alias.is_some_and(|a| a.contains('.'))
+}
+
+/// Handles of every attachment in service here (see [`held_attachment`]).
 ///
 /// Blocking.
-pub fn held_attachments() -> Result<Vec<HeldAttachment>> {
+pub fn attachment_owners() -> Result<Vec<String>> {
+    Ok(veths()?
+        .into_iter()
+        .filter(|(n, _, alias)| is_attachment(n, alias.as_deref()))
+        .filter_map(|(_, _, alias)| alias)
+        .collect())
+}
+
+/// The attachment `owner` holds now: its host veth and the host routes
+/// [`wire_pod`] added through it. None when it has none in service.
+///
+/// Blocking.
+pub fn held_attachment(owner: &str) -> Result<Option<HeldAttachment>> {
+    let Some((name, index, _)) = veths()?.into_iter().find(|(n, _, alias)| {
+        is_attachment(n, alias.as_deref()) && alias.as_deref() == Some(owner)
+    }) else {
+        return Ok(None);
+    };
     let mut nl = NlSocket::new().map_err(|e| e.into_error("opening netlink socket"))?;
-    let mut out = Vec::new();
-    for (name, index, alias) in veths()? {
-        let Some(owner) = alias.filter(|_| !name.starts_with(RETIRED_PREFIX)) else {
-            continue;
-        };
-        let mut addresses = Vec::new();
-        for fam in [AddressFamily::Inet, AddressFamily::Inet6] {
-            addresses.extend(
-                link_routes(&mut nl, fam, index)?
-                    .into_iter()
-                    .filter(|(dst, gw)| gw.is_none() && dst.prefix_len() == dst.max_prefix_len())
-                    .map(|(dst, _)| dst.addr()),
-            );
-        }
-        out.push(HeldAttachment {
-            owner,
-            host_ifname: name,
-            addresses,
-        });
+    let mut addresses = Vec::new();
+    for fam in [AddressFamily::Inet, AddressFamily::Inet6] {
+        addresses.extend(
+            link_routes(&mut nl, fam, index)?
+                .into_iter()
+                .filter(|r| {
+                    r.protocol == RouteProtocol::Boot
+                        && r.gateway.is_none()
+                        && r.dst.prefix_len() == r.dst.max_prefix_len()
+                })
+                .map(|r| r.dst.addr()),
+        );
     }
-    Ok(out)
+    Ok(Some(HeldAttachment {
+        owner: owner.to_string(),
+        host_ifname: name,
+        addresses,
+    }))
 }
 
 /// Deletes a link by name (with its veth peer). A missing link is fine.
@@ -666,12 +686,15 @@ fn link_addresses(nl: &mut NlSocket, index: u32) -> Result<BTreeSet<IpNet>> {
     Ok(out)
 }
 
-/// Main-table routes of `fam` through `oif`, as (dst, gateway).
-fn link_routes(
-    nl: &mut NlSocket,
-    fam: AddressFamily,
-    oif: u32,
-) -> Result<Vec<(IpNet, Option<IpAddr>)>> {
+/// A main-table route through one link.
+struct LinkRoute {
+    dst: IpNet,
+    gateway: Option<IpAddr>,
+    protocol: RouteProtocol,
+}
+
+/// Main-table routes of `fam` through `oif`.
+fn link_routes(nl: &mut NlSocket, fam: AddressFamily, oif: u32) -> Result<Vec<LinkRoute>> {
     let mut req = RouteMessage::default();
     req.header.address_family = fam;
     req.header.table = RouteHeader::RT_TABLE_MAIN;
@@ -702,7 +725,11 @@ fn link_routes(
             _ => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
         });
         if let Ok(net) = IpNet::new(dst, r.header.destination_prefix_length) {
-            out.push((net, gw));
+            out.push(LinkRoute {
+                dst: net,
+                gateway: gw,
+                protocol: r.header.protocol,
+            });
         }
     }
     Ok(out)
@@ -749,7 +776,7 @@ pub fn check_pod(spec: &PodSpec) -> Result<()> {
                 }
             }
             for addr in &spec.addresses {
-                if !routes.iter().any(|(dst, gw)| dst == addr && gw.is_none()) {
+                if !routes.iter().any(|r| r.dst == *addr && r.gateway.is_none()) {
                     problems.push(format!("host route {addr} dev {host} missing"));
                 }
             }
@@ -809,7 +836,7 @@ fn check_pod_side(spec: &PodSpec) -> Result<Vec<String>> {
         let routes = link_routes(&mut nl, fam, link.index)?;
         if !routes
             .iter()
-            .any(|(dst, g)| dst.prefix_len() == 0 && *g == Some(gw))
+            .any(|r| r.dst.prefix_len() == 0 && r.gateway == Some(gw))
         {
             problems.push(format!("default route via {gw} dev {ifname} missing"));
         }

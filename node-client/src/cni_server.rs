@@ -417,6 +417,14 @@ impl pb::pod_network_server::PodNetwork for PodNetworkService {
                 }))
             }
             Err(e) => {
+                // wire_pod removes what it made; should its own cleanup have
+                // failed, retire what is left, so that no veth naming this
+                // handle outlives its address (reclaim would assign it again).
+                let (reaper, owner, ns) = (self.reaper.clone(), handle.clone(), r.netns.clone());
+                if let Err(re) = blocking(move || reaper.retire(&owner, Some(Path::new(&ns)))).await
+                {
+                    tracing::warn!(error = %re, "retiring after a failed wiring");
+                }
                 // Roll back the assignment; report both errors if that fails too.
                 let rb = agent
                     .release_handle(pb::ReleaseHandleRequest {

@@ -27,8 +27,6 @@ pub const WATCH_BUFFER: usize = 1024;
 pub struct Encoded {
     /// Revision the update brings a client to.
     pub revision: u64,
-    /// Revision a delta applies on top of (snapshots: 0).
-    pub base: u64,
     /// A full snapshot, not a delta.
     pub snapshot: bool,
     /// An empty delta that tells a resuming watcher it is up to date at
@@ -278,14 +276,12 @@ impl IntentTracker {
         revision: u64,
         keys: &BTreeSet<Key>,
     ) -> Option<Arc<Encoded>> {
-        let base = self.revision;
         self.revision = revision;
         let mut d = self.view.update(s, keys)?;
         d.revision = revision;
         d.epoch = self.epoch().to_string();
         let e = Arc::new(Encoded {
             revision,
-            base,
             snapshot: false,
             caught_up: false,
             bytes: d.encode_to_vec().into(),
@@ -311,7 +307,6 @@ impl IntentTracker {
         }
         let s = Arc::new(Encoded {
             revision: self.revision,
-            base: 0,
             snapshot: true,
             caught_up: false,
             bytes: pb::IntentUpdate {
@@ -371,7 +366,6 @@ impl IntentTracker {
             // under it (an epoch dropped from the store costs a snapshot).
             initial.push(Arc::new(Encoded {
                 revision: self.revision,
-                base: since,
                 snapshot: false,
                 caught_up: true,
                 bytes: pb::IntentUpdate {

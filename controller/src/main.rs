@@ -142,7 +142,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         data_dir = %args.data_dir.display(),
         revision = store.revision(),
         store_id = store.id(),
-        epoch = store.epochs().last().map_or("", |e| e.id.as_str()),
+        epoch = store.epoch().id,
         "store open"
     );
     let (ipam, owner) = Ipam::start(store.clone())?;

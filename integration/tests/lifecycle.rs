@@ -103,11 +103,12 @@ fn a_controller_restored_from_an_older_copy_learns_the_pods_again() {
     .unwrap();
     let mark = lab.log_mark("worker2");
     lab.start_controller().unwrap();
-    lab.wait_until("worker2 reclaimed its pod", Duration::from_secs(15), || {
-        let log = std::fs::read(lab.node_log("worker2")).unwrap_or_default();
-        String::from_utf8_lossy(&log[mark as usize..])
-            .contains("attachments reclaimed confirmed=1 problems=0")
-    })
+    lab.wait_node_log(
+        "worker2",
+        mark,
+        "attachments reclaimed confirmed=1 problems=0",
+        Duration::from_secs(15),
+    )
     .unwrap();
     assert_eq!(holder(&lab, &after.ip.to_string()), Some(handle.clone()));
     let alloc = allocation(&lab, &after.ip.to_string()).unwrap();

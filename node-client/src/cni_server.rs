@@ -211,6 +211,41 @@ impl PodNetworkService {
         }
         out
     }
+
+    /// Runs [`PodNetworkService::reclaim`] after every snapshot `snapshots`
+    /// announces, and again with backoff (1 s doubling to 30 s) while the
+    /// controller was out of reach, unless a new snapshot asks first.
+    pub async fn reclaim_after_snapshots(self, snapshots: Arc<tokio::sync::Notify>) {
+        loop {
+            snapshots.notified().await;
+            let mut delay = Duration::from_secs(1);
+            loop {
+                let r = self.reclaim().await;
+                for p in &r.problems {
+                    tracing::error!(problem = %p, "attachment not confirmed by the controller");
+                }
+                let (confirmed, problems) = (r.confirmed, r.problems.len());
+                if problems == 0 {
+                    tracing::info!(confirmed, problems, "attachments reclaimed");
+                } else {
+                    tracing::warn!(
+                        confirmed,
+                        problems,
+                        retry = r.retry,
+                        "attachments reclaimed"
+                    );
+                }
+                if !r.retry {
+                    break;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = snapshots.notified() => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
 }
 
 fn invalid(msg: impl Into<String>) -> Status {

@@ -155,42 +155,7 @@ async fn main() -> anyhow::Result<()> {
         snapshots.clone(),
     ));
     let pods = PodNetworkService::new(ctl, st.clone(), a.mtu);
-    {
-        let pods = pods.clone();
-        tokio::spawn(async move {
-            loop {
-                snapshots.notified().await;
-                let mut delay = Duration::from_secs(1);
-                loop {
-                    let r = pods.reclaim().await;
-                    for p in &r.problems {
-                        tracing::error!(problem = %p, "attachment not confirmed by the controller");
-                    }
-                    let (confirmed, problems) = (r.confirmed, r.problems.len());
-                    if problems == 0 {
-                        tracing::info!(confirmed, problems, "attachments reclaimed");
-                    } else {
-                        tracing::warn!(
-                            confirmed,
-                            problems,
-                            retry = r.retry,
-                            "attachments reclaimed"
-                        );
-                    }
-                    if !r.retry {
-                        break;
-                    }
-                    // The controller was out of reach: again, unless a new
-                    // snapshot asks first.
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = snapshots.notified() => {}
-                    }
-                    delay = (delay * 2).min(Duration::from_secs(30));
-                }
-            }
-        });
-    }
+    tokio::spawn(pods.clone().reclaim_after_snapshots(snapshots));
 
     // The CNI socket.
     if let Some(dir) = a.cni_socket.parent() {

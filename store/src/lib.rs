@@ -399,6 +399,11 @@ impl Store {
         &self.epochs
     }
 
+    /// This open's epoch.
+    pub fn epoch(&self) -> &Epoch {
+        self.epochs.last().expect("open always records an epoch")
+    }
+
     /// Revision of the last committed mutation.
     pub fn revision(&self) -> u64 {
         self.counters().revision

@@ -201,6 +201,7 @@ fn every_open_starts_an_epoch_at_the_current_revision() {
     assert_eq!(e[1].start, 1, "starts at the revision it was opened at");
     assert_ne!(e[1].id, e[0].id);
     assert_eq!(e[1].id.len(), 16, "64 bits in hex");
+    assert_eq!(s.epoch(), &e[1], "this open's epoch is the last");
     drop(s);
     // Only the last MAX_EPOCHS are remembered.
     let mut last = String::new();

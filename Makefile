@@ -27,6 +27,7 @@ bench: deps
 	$(CARGO) bench -p tabby-integration --bench route_apply
 	$(CARGO) bench -p tabby-integration --bench pod_socket
 	$(CARGO) bench -p tabby-integration --bench cni_cycle
+	$(CARGO) bench -p tabby-integration --bench convergence
 
 run-controller: build
 	target/release/tabby-controller --listen 127.0.0.1:5151 --data-dir ./tabby-data --bootstrap-pool 10.244.0.0/16

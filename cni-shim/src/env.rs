@@ -1,56 +1,9 @@
 //! The `CNI_*` environment: which verb, which attachment, validated once.
 
 use crate::error::CniError;
+use crate::verb::Verb;
 use std::ffi::OsString;
-
-/// A CNI verb (`CNI_COMMAND`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verb {
-    /// Attach the container.
-    Add,
-    /// Detach; idempotent.
-    Del,
-    /// Verify against prevResult (0.4.0+).
-    Check,
-    /// Report supported versions.
-    Version,
-    /// Can ADD be served now (1.1.0).
-    Status,
-    /// Release everything not listed (1.1.0).
-    Gc,
-}
-
-impl Verb {
-    /// Parse the exact upper-case spelling the spec uses.
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "ADD" => Self::Add,
-            "DEL" => Self::Del,
-            "CHECK" => Self::Check,
-            "VERSION" => Self::Version,
-            "STATUS" => Self::Status,
-            "GC" => Self::Gc,
-            _ => return None,
-        })
-    }
-
-    /// The `CNI_COMMAND` spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Add => "ADD",
-            Self::Del => "DEL",
-            Self::Check => "CHECK",
-            Self::Version => "VERSION",
-            Self::Status => "STATUS",
-            Self::Gc => "GC",
-        }
-    }
-
-    /// Whether the verb is about one attachment (container id + ifname).
-    pub fn is_attachment_verb(self) -> bool {
-        matches!(self, Self::Add | Self::Del | Self::Check)
-    }
-}
+use tabby_proto::limits::MAX_IFNAME_LEN;
 
 /// The validated `CNI_*` environment of one invocation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,8 +121,8 @@ fn validate_container_id(id: &str) -> Result<(), CniError> {
 
 /// Linux interface-name rules, as the spec states them.
 fn validate_ifname(name: &str) -> Result<(), CniError> {
-    let bad = if name.len() > 15 {
-        Some("longer than 15 bytes")
+    let bad = if name.len() > MAX_IFNAME_LEN {
+        Some("longer than 15 bytes (IFNAMSIZ)")
     } else if name == "." || name == ".." {
         Some("\".\" and \"..\" are not interface names")
     } else if name

@@ -2,7 +2,7 @@
 //! error JSON printed on stdout, and the one mapping from `tonic::Status`
 //! (what `tabby-node` answers) to CNI codes.
 
-use crate::env::Verb;
+use crate::verb::Verb;
 use serde::Serialize;
 use std::fmt;
 

@@ -2,9 +2,10 @@
 //! forwards the verb to `tabby-node` over its Unix socket
 //! (`tabby.v1.PodNetwork`), and prints the CNI result or error.
 //!
-//! Pure parts — [`env`], [`args`], [`config`], [`version`], [`result`],
-//! [`error`], [`plan`] — take plain data and return plain data. The edge —
-//! [`client`] and [`run`] — does the socket, stdin and stdout.
+//! Pure parts — [`verb`], [`env`], [`args`], [`config`], [`version`],
+//! [`result`], [`error`], [`plan`] — take plain data and return plain data.
+//! The edge — [`client`] and [`run`] — does the socket, stdin and stdout;
+//! the binary alone ends the process.
 
 pub mod args;
 pub mod client;
@@ -14,12 +15,14 @@ pub mod error;
 pub mod log;
 pub mod plan;
 pub mod result;
+pub mod verb;
 pub mod version;
 
-use crate::env::{Env, Verb};
+use crate::env::Env;
 use crate::error::{code, CniError};
 use crate::log::{Level, Logger};
 use crate::plan::{Invocation, Request};
+use crate::verb::Verb;
 use std::io::{Read, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -61,22 +64,22 @@ fn fail(log: &Logger, e: &CniError, cni_version: &str) -> u8 {
     1
 }
 
-/// Any panic still ends as a CNI error on stdout and a non-zero exit, even
-/// with `panic = "abort"`.
-fn install_panic_hook() {
-    std::panic::set_hook(Box::new(|info| {
-        let _ = writeln!(std::io::stderr(), "tabby: internal error: {info}");
-        let version = ERROR_VERSION.lock().map(|g| g.clone()).unwrap_or_default();
-        let version = if version.is_empty() {
-            version::SpecVersion::LATEST.as_str().to_string()
-        } else {
-            version
-        };
-        let e = CniError::internal("tabby plugin internal error (panic)")
-            .with_details(info.to_string());
-        emit(&e.to_json(&version));
-        std::process::exit(1);
-    }));
+/// Report a panic as the CNI error it must end as: the message on stderr,
+/// and on stdout the error JSON (code 999), unless a document was printed
+/// already. Returns the exit status; the binary installs this as its panic
+/// hook and exits with it, which also holds with `panic = "abort"`.
+pub fn report_panic(info: &std::panic::PanicHookInfo<'_>) -> u8 {
+    let _ = writeln!(std::io::stderr(), "tabby: internal error: {info}");
+    let version = ERROR_VERSION.lock().map(|g| g.clone()).unwrap_or_default();
+    let version = if version.is_empty() {
+        version::SpecVersion::LATEST.as_str().to_string()
+    } else {
+        version
+    };
+    let e =
+        CniError::internal("tabby plugin internal error (panic)").with_details(info.to_string());
+    emit(&e.to_json(&version));
+    1
 }
 
 fn read_stdin() -> Result<Vec<u8>, CniError> {
@@ -132,9 +135,9 @@ fn guard_netns(inv: &mut Invocation, log: &Logger) -> Result<(), CniError> {
     }
 }
 
-/// The whole plugin; returns the process exit status.
+/// The whole plugin; returns the process exit status. The caller installs
+/// [`report_panic`] as the panic hook first.
 pub fn run() -> u8 {
-    install_panic_hook();
     let started = Instant::now();
     let early_log = Logger::stderr(Level::Info);
 
@@ -186,6 +189,12 @@ pub fn run() -> u8 {
     }
     if let Err(e) = guard_netns(&mut inv, &log) {
         return fail(&log, &e, version);
+    }
+    if let Request::NothingToDelete(why) = &inv.request {
+        log.warn(&format!(
+            "DEL succeeds without calling tabby-node: no ADD can have attached this ({why})"
+        ));
+        return 0;
     }
 
     let rt = match tokio::runtime::Builder::new_current_thread()

@@ -4,11 +4,13 @@
 
 use crate::args::{self, CniArgs};
 use crate::config::{self, NetConf};
-use crate::env::{Env, Verb};
+use crate::env::{truncate, Env};
 use crate::error::{self, code, CniError};
 use crate::result::CniResult;
+use crate::verb::Verb;
 use crate::version;
 use std::future::Future;
+use tabby_proto::limits::{self, LimitError};
 use tabby_proto::v1 as pb;
 use tonic::Status;
 
@@ -45,6 +47,10 @@ pub enum Request {
     Add(pb::PodAddRequest),
     /// DEL.
     Del(pb::PodDelRequest),
+    /// DEL of an attachment that cannot exist (its handle is over the
+    /// limits every ADD is held to): succeed without calling the node, so
+    /// the runtime does not retry it forever. Carries the reason to log.
+    NothingToDelete(String),
     /// CHECK.
     Check(pb::PodCheckRequest),
     /// STATUS.
@@ -109,8 +115,34 @@ fn attachment(env: &Env, conf: &NetConf) -> Option<pb::PodAttachment> {
     })
 }
 
+/// The attachment's identity against the limits shared with the node and
+/// the controller ([`limits`]): checked before anything is assigned. A
+/// network name over its own limit is the config's fault (7); a container
+/// id over its own limit, or too long for this network's name, the
+/// environment's (4).
+pub fn check_limits(env: &Env, conf: &NetConf) -> Result<(), CniError> {
+    limits::check_attachment(&conf.name, &env.container_id).map_err(|e| match e {
+        LimitError::NetworkName { .. } => CniError::config(format!(
+            "invalid network name {:?}: {e}",
+            truncate(&conf.name, 60)
+        )),
+        LimitError::ContainerId { .. } => CniError::env(format!(
+            "invalid CNI_CONTAINERID {:?}: {e}",
+            truncate(&env.container_id, 60)
+        )),
+        LimitError::Handle { .. } => CniError::env(format!(
+            "CNI_CONTAINERID {:?} is too long for network {:?}: {e}",
+            truncate(&env.container_id, 60),
+            truncate(&conf.name, 60)
+        )),
+    })
+}
+
 /// The request for this verb.
 pub fn plan(env: &Env, args: &CniArgs, conf: &NetConf) -> Result<Request, CniError> {
+    if matches!(env.verb, Verb::Add | Verb::Check) {
+        check_limits(env, conf)?;
+    }
     Ok(match env.verb {
         Verb::Add => Request::Add(pb::PodAddRequest {
             attachment: attachment(env, conf),
@@ -124,12 +156,16 @@ pub fn plan(env: &Env, args: &CniArgs, conf: &NetConf) -> Result<Request, CniErr
                 .unwrap_or_default(),
             mtu: conf.mtu,
         }),
-        Verb::Del => Request::Del(pb::PodDelRequest {
-            attachment: attachment(env, conf),
-            netns: env.netns.clone(),
-            pod_namespace: args.pod_namespace.clone(),
-            pod_name: args.pod_name.clone(),
-        }),
+        Verb::Del => match check_limits(env, conf) {
+            // No ADD can have attached it: nothing to remove.
+            Err(e) => Request::NothingToDelete(e.msg),
+            Ok(()) => Request::Del(pb::PodDelRequest {
+                attachment: attachment(env, conf),
+                netns: env.netns.clone(),
+                pod_namespace: args.pod_namespace.clone(),
+                pod_name: args.pod_name.clone(),
+            }),
+        },
         Verb::Check => {
             let prev = conf
                 .prev_result
@@ -202,6 +238,10 @@ pub async fn execute<A: NodeApi>(inv: &Invocation, api: &mut A) -> Result<Outcom
                 ),
             })
         }
+        Request::NothingToDelete(why) => Ok(Outcome {
+            stdout: None,
+            summary: format!("nothing to delete, tabby-node not called: {why}"),
+        }),
         Request::Del(req) => {
             let resp = api.del(req.clone()).await.map_err(st)?;
             Ok(Outcome {
@@ -574,5 +614,90 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!((f.error.code, f.cni_version.as_str()), (1, "0.2.0"));
+    }
+
+    fn attach_env(verb: &str, container_id: &str) -> Env {
+        env(&[
+            ("CNI_COMMAND", verb),
+            ("CNI_CONTAINERID", container_id),
+            ("CNI_NETNS", "/var/run/netns/p1"),
+            ("CNI_IFNAME", "eth0"),
+        ])
+    }
+
+    #[test]
+    fn a_handle_over_the_alias_limit_is_refused_before_any_request() {
+        // "k8s-pod-network" + "." + 238 = 254 bytes: the longest alias.
+        let fits = "a".repeat(238);
+        let over = "a".repeat(239);
+        for verb in ["ADD", "CHECK"] {
+            let mut c = conf("1.0.0");
+            c["prevResult"] = json!({"ips": [{"address": "10.244.1.5/32"}]});
+            assert!(prepare(attach_env(verb, &fits), &stdin(c.clone())).is_ok());
+            let f = prepare(attach_env(verb, &over), &stdin(c)).unwrap_err();
+            assert_eq!(f.error.code, code::INVALID_ENV, "{verb}");
+            assert!(
+                f.error.msg.contains("255 bytes") && f.error.msg.contains("at most 238"),
+                "{}",
+                f.error.msg
+            );
+        }
+        // Over the container id's own limit, whatever the network name.
+        let f = prepare(attach_env("ADD", &"a".repeat(300)), &stdin(conf("1.0.0"))).unwrap_err();
+        assert_eq!(f.error.code, code::INVALID_ENV);
+        assert!(f.error.msg.contains("CNI_CONTAINERID"), "{}", f.error.msg);
+    }
+
+    #[test]
+    fn a_network_name_over_its_limit_is_invalid_config() {
+        for len in [limits::MAX_NETWORK_NAME_LEN + 1, 10 << 20] {
+            let mut c = conf("1.1.0");
+            c["name"] = json!("n".repeat(len));
+            for verb in [attach_env("ADD", "c1"), env(&[("CNI_COMMAND", "STATUS")])] {
+                let f = prepare(verb, &stdin(c.clone())).unwrap_err();
+                assert_eq!(f.error.code, code::INVALID_CONFIG);
+                assert!(
+                    f.error.msg.contains(&format!("{len} bytes")) && f.error.msg.contains("252"),
+                    "{}",
+                    f.error.msg
+                );
+                assert!(f.error.msg.len() < 300, "the message stays short");
+            }
+        }
+    }
+
+    #[test]
+    fn del_of_a_handle_no_add_can_have_attached_succeeds_without_the_node() {
+        let mut long_name = conf("1.0.0");
+        long_name["name"] = json!("n".repeat(10 << 20));
+        for (id, c) in [
+            ("a".repeat(239), conf("1.0.0")),
+            ("a".repeat(300), conf("1.0.0")),
+            ("c1".to_string(), long_name),
+        ] {
+            let inv = prepare(attach_env("DEL", &id), &stdin(c)).unwrap();
+            let Request::NothingToDelete(why) = &inv.request else {
+                panic!("{:?}", inv.request)
+            };
+            assert!(why.contains("limit"), "{why}");
+            let mut fake = Fake::default();
+            assert_eq!(run(&inv, &mut fake).unwrap().stdout, None);
+            assert!(fake.sent.is_empty());
+        }
+        // Within the limits, DEL goes to the node as always.
+        let inv = prepare(attach_env("DEL", &"a".repeat(238)), &stdin(conf("1.0.0"))).unwrap();
+        assert!(matches!(inv.request, Request::Del(_)));
+    }
+
+    #[test]
+    fn check_with_a_prev_result_address_that_is_not_one_is_code_6() {
+        let mut c = conf("1.0.0");
+        c["prevResult"] = json!({
+            "interfaces": [{"name": "eth0", "sandbox": "/var/run/netns/p1"}],
+            "ips": [{"address": "banana", "interface": 0}]
+        });
+        let f = prepare(attach_env("CHECK", "c1"), &stdin(c)).unwrap_err();
+        assert_eq!(f.error.code, code::DECODE);
+        assert!(f.error.msg.contains("banana"), "{}", f.error.msg);
     }
 }

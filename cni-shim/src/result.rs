@@ -2,6 +2,7 @@
 //! ADD answer (appended to any `prevResult`), and rendered in the schema of
 //! the requested spec version.
 
+use crate::env::truncate;
 use crate::error::CniError;
 use crate::version::SpecVersion;
 use serde::{Deserialize, Serialize};
@@ -118,13 +119,33 @@ pub fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
 }
 
 impl CniResult {
-    /// Read a `prevResult` object (CNI code 6 if it does not decode).
+    /// Read a `prevResult` object (CNI code 6 if it does not decode,
+    /// including an address or gateway that is not one: the node would
+    /// only refuse it later with another code).
     pub fn from_prev(v: &Value) -> Result<Self, CniError> {
         if !v.is_object() {
             return Err(CniError::decode("prevResult must be an object"));
         }
-        serde_json::from_value(v.clone())
-            .map_err(|e| CniError::decode(format!("cannot decode prevResult: {e}")))
+        let r: Self = serde_json::from_value(v.clone())
+            .map_err(|e| CniError::decode(format!("cannot decode prevResult: {e}")))?;
+        for (n, ip) in r.ips.iter().enumerate() {
+            if parse_cidr(&ip.address).is_none() {
+                return Err(CniError::decode(format!(
+                    "cannot decode prevResult: ips[{n}].address {:?} is not an address \
+                     with a prefix length",
+                    truncate(&ip.address, 60)
+                )));
+            }
+            if let Some(g) = &ip.gateway {
+                if g.parse::<IpAddr>().is_err() {
+                    return Err(CniError::decode(format!(
+                        "cannot decode prevResult: ips[{n}].gateway {:?} is not an address",
+                        truncate(g, 60)
+                    )));
+                }
+            }
+        }
+        Ok(r)
     }
 
     /// The result of an ADD: `prev` (if the runtime chained tabby after
@@ -510,6 +531,29 @@ mod tests {
         ] {
             assert_eq!(CniResult::from_prev(&bad).unwrap_err().code, 6, "{bad}");
         }
+    }
+
+    #[test]
+    fn prev_result_address_or_gateway_that_is_not_one_is_decode_error() {
+        for (bad, field) in [
+            (json!({"ips": [{"address": "banana"}]}), "ips[0].address"),
+            (
+                json!({"ips": [{"address": "10.0.0.1/32"}, {"address": "10.0.0.2"}]}),
+                "ips[1].address",
+            ),
+            (
+                json!({"ips": [{"address": "10.0.0.1/32", "gateway": "banana"}]}),
+                "ips[0].gateway",
+            ),
+        ] {
+            let e = CniResult::from_prev(&bad).unwrap_err();
+            assert_eq!(e.code, 6, "{bad}");
+            assert!(e.msg.contains(field), "{e}");
+        }
+        assert!(CniResult::from_prev(
+            &json!({"ips": [{"address": "fd00::1/128", "gateway": "fe80::1"}]})
+        )
+        .is_ok());
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //! invocation is chosen (`cniVersion`, or the highest of `cniVersions`), and
 //! which verbs exist in which version.
 
-use crate::env::{truncate, Verb};
+use crate::env::truncate;
 use crate::error::{code, CniError};
+use crate::verb::Verb;
 use serde_json::{Map, Value};
 
 /// A CNI spec version tabby supports.

@@ -481,6 +481,80 @@ fn a_node_that_never_answers_times_out() {
     Cni::verb("STATUS").config(&c).run().expect_error(50);
 }
 
+/// A socket that accepts connections and never says a word, as a wedged
+/// tabby-node would. Stops accepting when dropped.
+struct SilentListener {
+    _dir: tempfile::TempDir,
+    socket: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SilentListener {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("silent.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !stopped.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((s, _)) => held.push(s),
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
+                }
+            }
+        });
+        Self {
+            _dir: dir,
+            socket,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for SilentListener {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn a_node_that_accepts_and_never_speaks_http2_fails_within_connect_timeout() {
+    let node = SilentListener::start();
+    let mut c = conf("1.1.0", &node.socket);
+    // The per-call timeout stays at its default; only the connect timeout
+    // may bound the wait.
+    c["timeout_ms"] = json!(30_000);
+    c["connect_timeout_ms"] = json!(300);
+    let limit = std::time::Duration::from_secs(2);
+    let out = Cni::attachment("ADD", "c1", "/ns", "eth0").config(&c).run();
+    let v = out.expect_error(11);
+    assert!(out.elapsed < limit, "{out:#?}");
+    assert!(
+        v["details"]
+            .as_str()
+            .unwrap()
+            .contains("no HTTP/2 handshake"),
+        "{v}"
+    );
+    let out = Cni::verb("STATUS").config(&c).run();
+    out.expect_error(50);
+    assert!(out.elapsed < limit, "{out:#?}");
+    // With the defaults (2 s connect timeout), well before the 30 s call
+    // timeout.
+    c.as_object_mut().unwrap().remove("connect_timeout_ms");
+    let out = Cni::attachment("ADD", "c1", "/ns", "eth0").config(&c).run();
+    out.expect_error(11);
+    assert!(out.elapsed < std::time::Duration::from_secs(4), "{out:#?}");
+}
+
 // ---------------------------------------------------------------------------
 // Against the fake node
 // ---------------------------------------------------------------------------
@@ -719,4 +793,124 @@ fn chained_after_another_plugin_keeps_prev_result() {
     assert_eq!(v["ips"][0]["address"], "192.168.50.2/24");
     assert_eq!(v["ips"][1]["interface"], 2);
     assert_eq!(v["dns"]["nameservers"][0], "10.96.0.10");
+}
+
+#[test]
+fn a_handle_too_long_for_the_host_veth_alias_is_refused_before_the_node() {
+    // "k8s-pod-network" + "." + 238 = 254 bytes, the longest interface
+    // alias the kernel takes; one byte more used to fail with code 999
+    // after an address had been assigned.
+    let node = Node::start();
+    let ns = node.netns("pod-long");
+    let c = node.conf("1.0.0");
+    let v = Cni::attachment("ADD", &"a".repeat(239), &ns, "eth0")
+        .config(&c)
+        .run()
+        .expect_error(4);
+    let msg = v["msg"].as_str().unwrap();
+    assert!(
+        msg.contains("CNI_CONTAINERID") && msg.contains("254") && msg.contains("at most 238"),
+        "{v}"
+    );
+    let mut check = c.clone();
+    check["prevResult"] = json!({"ips": [{"address": "10.244.1.1/32"}]});
+    Cni::attachment("CHECK", &"a".repeat(239), &ns, "eth0")
+        .config(&check)
+        .run()
+        .expect_error(4);
+    assert!(node.state().adds.is_empty() && node.state().checks.is_empty());
+    // One byte less is attached.
+    Cni::attachment("ADD", &"a".repeat(238), &ns, "eth0")
+        .config(&c)
+        .run()
+        .expect_result();
+    assert_eq!(node.state().adds.len(), 1);
+}
+
+#[test]
+fn a_ten_megabyte_network_name_is_invalid_config() {
+    let node = Node::start();
+    let ns = node.netns("pod-name");
+    let mut c = node.conf("1.1.0");
+    c["name"] = json!("n".repeat(10 << 20));
+    for cni in [
+        Cni::attachment("ADD", "c1", &ns, "eth0"),
+        Cni::verb("STATUS"),
+    ] {
+        let out = cni.config(&c).run();
+        let v = out.expect_error(7);
+        let msg = v["msg"].as_str().unwrap();
+        assert!(
+            msg.contains("network name") && msg.contains("limit of 252"),
+            "{v}"
+        );
+        assert!(out.stdout.len() < 1000, "the error stays short");
+    }
+    let mut gc = c.clone();
+    gc["cni.dev/valid-attachments"] = json!([]);
+    Cni::verb("GC").config(&gc).run().expect_error(7);
+    let st = node.state();
+    assert!(st.adds.is_empty() && st.gcs.is_empty());
+}
+
+#[test]
+fn del_of_a_handle_no_add_can_have_attached_succeeds_without_the_node() {
+    let node = Node::start();
+    let mut long_name = node.conf("1.0.0");
+    long_name["name"] = json!("n".repeat(1000));
+    for (id, c) in [
+        ("a".repeat(239), node.conf("1.0.0")),
+        ("c1".to_string(), long_name),
+    ] {
+        let out = Cni::attachment("DEL", &id, "", "eth0").config(&c).run();
+        out.expect_silent_success();
+        assert!(
+            out.stderr.contains("without calling tabby-node"),
+            "{out:#?}"
+        );
+    }
+    assert!(node.state().dels.is_empty());
+}
+
+#[test]
+fn check_with_a_prev_result_address_that_is_not_an_address_is_code_6() {
+    let node = Node::start();
+    let ns = node.netns("pod-banana");
+    let mut c = node.conf("1.0.0");
+    c["prevResult"] = json!({
+        "cniVersion": "1.0.0",
+        "interfaces": [{"name": "eth0", "sandbox": ns}],
+        "ips": [{"address": "banana", "interface": 0}]
+    });
+    let v = Cni::attachment("CHECK", "ctr-banana", &ns, "eth0")
+        .config(&c)
+        .run()
+        .expect_error(6);
+    assert!(v["msg"].as_str().unwrap().contains("banana"), "{v}");
+    assert!(node.state().checks.is_empty());
+}
+
+#[test]
+fn cni_args_with_a_repeated_key_or_a_pair_without_key_are_code_4() {
+    let node = Node::start();
+    let ns = node.netns("pod-args");
+    let v = Cni::attachment("ADD", "ctr-args", &ns, "eth0")
+        .env("CNI_ARGS", "IP=10.244.1.7;IP=10.244.1.8")
+        .config(&node.conf("1.0.0"))
+        .run()
+        .expect_error(4);
+    assert!(
+        v["msg"]
+            .as_str()
+            .unwrap()
+            .contains("IP is given more than once"),
+        "{v}"
+    );
+    let v = Cni::attachment("ADD", "ctr-args", &ns, "eth0")
+        .env("CNI_ARGS", "=x")
+        .config(&node.conf("1.0.0"))
+        .run()
+        .expect_error(4);
+    assert!(v["msg"].as_str().unwrap().contains("\"=x\""), "{v}");
+    assert!(node.state().adds.is_empty());
 }

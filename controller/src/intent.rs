@@ -6,7 +6,10 @@
 //! delta (once, for every watcher) and broadcasts it. Watchers that fall
 //! behind the bounded broadcast buffer are resynchronised from the tracker's
 //! ring of recent deltas, or with a fresh snapshot.
-use crate::ipam::IpamState;
+use crate::{
+    convert::{intent_block, intent_pool, node_to_pb},
+    ipam::IpamState,
+};
 use prost::Message;
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
@@ -14,7 +17,7 @@ use std::{
     sync::Arc,
 };
 use tabby_proto::v1 as pb;
-use tabby_store::{Epoch, Key, Pool};
+use tabby_store::{Epoch, Key};
 use tokio::sync::broadcast;
 
 /// Deltas kept for watchers that resume with a recent revision.
@@ -72,32 +75,6 @@ struct View {
     nodes: BTreeMap<String, pb::Node>,
 }
 
-fn intent_pool(p: &Pool) -> pb::IntentPool {
-    pb::IntentPool {
-        name: p.name.clone(),
-        cidr: p.cidr.to_string(),
-        nat_outgoing: p.nat_outgoing,
-        encapsulation: crate::service::encap_to_pb(p.encapsulation) as i32,
-        disabled: p.disabled,
-    }
-}
-
-fn intent_block(b: &tabby_store::Block) -> pb::IntentBlock {
-    pb::IntentBlock {
-        cidr: b.cidr.to_string(),
-        node: b.affinity.clone().unwrap_or_default(),
-        pool: b.pool.clone(),
-    }
-}
-
-fn intent_node(n: &tabby_store::Node) -> pb::Node {
-    pb::Node {
-        name: n.name.clone(),
-        addresses: n.addresses.iter().map(ToString::to_string).collect(),
-        labels: n.labels.clone().into_iter().collect(),
-    }
-}
-
 fn borrowed_holder(s: &IpamState, a: IpAddr) -> Option<String> {
     s.allocation_of(a).filter(|v| v.borrowed()).map(|v| v.node)
 }
@@ -119,7 +96,7 @@ impl View {
             nodes: s
                 .nodes()
                 .iter()
-                .map(|n| (n.name.clone(), intent_node(n)))
+                .map(|n| (n.name.clone(), node_to_pb(n)))
                 .collect(),
         }
     }
@@ -175,7 +152,7 @@ impl View {
                     _ => {}
                 },
                 Key::Pool(_) => pools_touched = true,
-                Key::Node(n) => match s.node(n).map(intent_node) {
+                Key::Node(n) => match s.node(n).map(node_to_pb) {
                     Some(pn) if self.nodes.get(n) != Some(&pn) => {
                         self.nodes.insert(n.clone(), pn.clone());
                         d.nodes.push(pn);

@@ -1,6 +1,8 @@
 //! The tabby controller: IPAM (pure logic in [`ipam`]), the single owner of
 //! IPAM state ([`owner`]), and the gRPC services ([`service`]).
 
+pub mod auth;
+pub mod convert;
 pub mod error;
 pub mod intent;
 pub mod ipam;

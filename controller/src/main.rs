@@ -1,16 +1,10 @@
 //! `tabby-controller`: IPAM and the control plane of tabby.
 use anyhow::Context;
-use clap::{Parser, ValueEnum};
-use std::{io::IsTerminal, path::PathBuf, sync::Arc};
+use clap::Parser;
+use std::{path::PathBuf, sync::Arc};
 use tabby_controller::{ipam::parse_cidr, owner::Ipam, server, Error};
+use tabby_runtime::LogFormat;
 use tabby_store::{Encapsulation, Pool, Store};
-use tokio::signal::unix::{signal, SignalKind};
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum LogFormat {
-    Human,
-    Json,
-}
 
 /// tabby controller: owns IPAM and routes, serves gRPC (admin + node-facing),
 /// reflection v1/v1alpha and grpc.health.v1.
@@ -53,19 +47,6 @@ struct Args {
     log: String,
 }
 
-fn init_logging(a: &Args) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(&a.log).context("--log")?;
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    match a.log_format {
-        LogFormat::Human => b.init(),
-        LogFormat::Json => b.json().init(),
-    }
-    Ok(())
-}
-
 async fn bootstrap(ipam: &Ipam, a: &Args) -> anyhow::Result<()> {
     let Some(cidr) = &a.bootstrap_pool else {
         return Ok(());
@@ -101,7 +82,7 @@ async fn bootstrap(ipam: &Ipam, a: &Args) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    init_logging(&args)?;
+    tabby_runtime::init_logging(&args.log, args.log_format).context("--log")?;
     let workers = match args.worker_threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1)),
         n => n,
@@ -145,29 +126,39 @@ async fn run(args: Args) -> anyhow::Result<()> {
         epoch = store.epoch().id,
         "store open"
     );
-    let (ipam, owner) = Ipam::start(store.clone())?;
-    bootstrap(&ipam, &args).await?;
+    let (ipam, mut owner) = Ipam::start(store.clone())?;
+    tokio::select! {
+        r = bootstrap(&ipam, &args) => r?,
+        e = owner.failed() => owner_failed(e),
+    }
 
     tracing::info!(listen = %listener.local_addr()?, "serving gRPC");
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let shutdown = async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-        }
-    };
-    server::serve(listener, ipam, shutdown).await?;
+    let shutdown = tabby_runtime::shutdown_signal()?;
+    tokio::select! {
+        r = server::serve(listener, ipam, shutdown) => r?,
+        e = owner.failed() => owner_failed(e),
+    }
     // The server dropped its Ipam handles: the owner commits what is queued,
     // flushes and exits. Joined off the runtime thread, which keeps running
     // the answer delivery task meanwhile.
-    tokio::task::spawn_blocking(move || owner.join())
+    let joined = tokio::task::spawn_blocking(move || owner.join())
         .await
         .context("joining the IPAM owner")?;
+    if let Err(e) = joined {
+        owner_failed(e);
+    }
     store.flush()?;
     tracing::info!(
         revision = store.revision(),
         "shutdown complete, store flushed"
     );
     Ok(())
+}
+
+/// The IPAM owner stopped on an error (the store failed, a thread panicked):
+/// nothing more can be acknowledged. Exits with EX_SOFTWARE (70) at once;
+/// a restart recovers what is durable.
+fn owner_failed(e: Error) -> ! {
+    tracing::error!(error = %e, "the IPAM owner failed; exiting with code 70");
+    std::process::exit(70)
 }

@@ -13,6 +13,11 @@
 //! whole group's callers wake inside the runtime together and each connection
 //! writes their responses in one go (one wake and one write per group rather
 //! than per call).
+//!
+//! When the store fails for good (a flush, or the reload after a failed
+//! write), nothing more can be acknowledged: the thread that met the failure
+//! ends with it, and [`OwnerThread::failed`] hands it to the binary, which
+//! stops the process. A panic of either thread is reported the same way.
 use crate::intent::Encoded;
 use crate::{
     error::{Error, Result},
@@ -20,7 +25,10 @@ use crate::{
     ipam::IpamState,
 };
 use std::collections::BTreeSet;
-use std::{sync::Arc, thread};
+use std::{
+    sync::{Arc, Mutex, PoisonError},
+    thread,
+};
 use tabby_store::{Mutation, Op, Store, Written};
 use tokio::sync::broadcast;
 use tokio::sync::{mpsc, oneshot};
@@ -59,16 +67,101 @@ pub struct Ipam {
     tx: mpsc::Sender<Job>,
 }
 
-/// Joins the owner thread at shutdown.
-pub struct OwnerThread(thread::JoinHandle<()>);
+/// The owner thread: tells when it failed, and joins it at shutdown.
+pub struct OwnerThread {
+    thread: thread::JoinHandle<()>,
+    /// The first error that stopped the owner or the committer; `None` once
+    /// [`OwnerThread::failed`] returned it.
+    failed: Option<oneshot::Receiver<Error>>,
+}
 
 impl OwnerThread {
+    /// Resolves with the error that stopped the owner's threads: the store
+    /// could not be flushed or reloaded, the answer delivery task is gone, a
+    /// thread could not start or panicked. Pending while they work and after
+    /// a clean stop. Cancel-safe: select on it alongside the server. Nothing
+    /// more will be acknowledged: the process should stop.
+    pub async fn failed(&mut self) -> Error {
+        let Some(rx) = self.failed.as_mut() else {
+            return std::future::pending().await;
+        };
+        let r = rx.await;
+        self.failed = None;
+        match r {
+            Ok(e) => e,
+            // Both threads ended without an error: a clean stop.
+            Err(_) => std::future::pending().await,
+        }
+    }
+
     /// Waits until every queued job is durable and its answer handed to the
     /// delivery task, and the store is flushed. All [`Ipam`] handles must
     /// have been dropped first. Blocks: call it off the runtime's threads.
-    pub fn join(self) {
-        let _ = self.0.join();
+    /// Fails with what stopped the threads, unless [`OwnerThread::failed`]
+    /// returned it already.
+    pub fn join(mut self) -> Result<()> {
+        let joined = join(self.thread, OWNER);
+        match self.failed.as_mut().map(|rx| rx.try_recv()) {
+            Some(Ok(e)) => Err(e),
+            _ => joined,
+        }
     }
+}
+
+const OWNER: &str = "ipam-owner";
+const COMMITTER: &str = "ipam-commit";
+
+/// Carries the first error that stops one of the owner's threads to
+/// [`OwnerThread`]; later ones are consequences of it.
+#[derive(Clone)]
+struct Failure(Arc<Mutex<Option<oneshot::Sender<Error>>>>);
+
+impl Failure {
+    fn report(&self, e: Error) {
+        let first = self.0.lock().unwrap_or_else(PoisonError::into_inner).take();
+        match first {
+            // Without an OwnerThread there is no one left to tell.
+            Some(tx) => drop(tx.send(e)),
+            None => tracing::debug!(error = %e, "IPAM owner: further failure"),
+        }
+    }
+}
+
+/// Reports a panic of the thread it lives on when unwinding drops it.
+struct PanicReport(Failure, &'static str);
+
+impl Drop for PanicReport {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            tracing::error!(thread = self.1, "thread panicked; the controller stops");
+            self.0
+                .report(Error::Internal(format!("thread {} panicked", self.1)));
+        }
+    }
+}
+
+/// Starts thread `name` running `f`; its error or panic goes to `failure`.
+fn spawn(
+    name: &'static str,
+    failure: Failure,
+    f: impl FnOnce() -> Result<()> + Send + 'static,
+) -> Result<thread::JoinHandle<()>> {
+    thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let _panic = PanicReport(failure.clone(), name);
+            if let Err(e) = f() {
+                failure.report(e);
+            }
+        })
+        .map_err(|e| Error::Internal(format!("cannot start thread {name}: {e}")))
+}
+
+/// Joins a thread started by [`spawn`]: its own error went to the failure
+/// report, a panic is an error here too.
+fn join(t: thread::JoinHandle<()>, name: &str) -> Result<()> {
+    t.join()
+        .map_err(|_| Error::Internal(format!("thread {name} panicked")))
 }
 
 impl Ipam {
@@ -98,11 +191,19 @@ impl Ipam {
                 }
             }
         });
-        let t = thread::Builder::new()
-            .name("ipam-owner".into())
-            .spawn(move || run(state, store, rx, dtx, before_flush))
-            .map_err(|e| Error::Internal(format!("cannot start the IPAM owner thread: {e}")))?;
-        Ok((Ipam { tx }, OwnerThread(t)))
+        let (ftx, frx) = oneshot::channel();
+        let failure = Failure(Arc::new(Mutex::new(Some(ftx))));
+        let f2 = failure.clone();
+        let thread = spawn(OWNER, failure, move || {
+            run(state, store, rx, dtx, before_flush, f2)
+        })?;
+        Ok((
+            Ipam { tx },
+            OwnerThread {
+                thread,
+                failed: Some(frx),
+            },
+        ))
     }
 
     /// Runs `f` on the state; answers with its output and the revision at
@@ -176,13 +277,14 @@ struct Flight {
 }
 
 /// Flushes written groups, then broadcasts their deltas and hands their
-/// answers to the delivery task, in order.
+/// answers to the delivery task, in order. Fails when a flush fails or the
+/// delivery task is gone: nothing more can be acknowledged then.
 fn commit_loop(
     store: Arc<Store>,
     rx: std::sync::mpsc::Receiver<Flight>,
     deliver: mpsc::UnboundedSender<Answers>,
     mut before_flush: Option<BeforeFlush>,
-) {
+) -> Result<()> {
     while let Ok(first) = rx.recv() {
         let mut flights = vec![first];
         flights.extend(rx.try_iter());
@@ -206,7 +308,7 @@ fn commit_loop(
                 if deliver.send(answers).is_err() {
                     // Committed changes could no longer be acknowledged.
                     tracing::error!("the answer delivery task is gone; the controller stops");
-                    std::process::exit(70);
+                    return Err(Error::Internal("the answer delivery task is gone".into()));
                 }
             }
             Err(e) => {
@@ -219,10 +321,11 @@ fn commit_loop(
                         finish(Err(&e));
                     }
                 }
-                std::process::exit(70);
+                return Err(e);
             }
         }
     }
+    Ok(())
 }
 
 fn run(
@@ -231,13 +334,13 @@ fn run(
     mut rx: mpsc::Receiver<Job>,
     deliver: mpsc::UnboundedSender<Answers>,
     before_flush: Option<BeforeFlush>,
-) {
+    failure: Failure,
+) -> Result<()> {
     let (ctx, crx) = std::sync::mpsc::channel::<Flight>();
     let s2 = store.clone();
-    let committer = thread::Builder::new()
-        .name("ipam-commit".into())
-        .spawn(move || commit_loop(s2, crx, deliver, before_flush))
-        .expect("spawning the committer thread");
+    let committer = spawn(COMMITTER, failure, move || {
+        commit_loop(s2, crx, deliver, before_flush)
+    })?;
     let mut mutations = Vec::with_capacity(MAX_GROUP);
     let mut finishes: Vec<Finish> = Vec::with_capacity(MAX_GROUP);
     while let Some(job) = rx.blocking_recv() {
@@ -304,7 +407,9 @@ fn run(
                     })
                     .is_err()
                 {
-                    return;
+                    // The committer stopped and reported why: this group is
+                    // never answered.
+                    return join(committer, COMMITTER);
                 }
             }
             Err(e) => {
@@ -318,8 +423,12 @@ fn run(
                 match Owned::load(&store) {
                     Ok(s) => state = s,
                     Err(e) => {
-                        tracing::error!(error = %e, "cannot reload the store; IPAM stops");
-                        return;
+                        tracing::error!(error = %e, "cannot reload the store; the controller stops");
+                        // Groups written before the failure are still
+                        // answered once durable.
+                        drop(ctx);
+                        join(committer, COMMITTER)?;
+                        return Err(e);
                     }
                 }
             }
@@ -327,10 +436,11 @@ fn run(
         mutations.clear();
     }
     drop(ctx);
-    let _ = committer.join();
+    join(committer, COMMITTER)?;
     if let Err(e) = store.flush() {
         tracing::error!(error = %e, "final flush failed");
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -375,6 +485,48 @@ mod tests {
             .expect("delta");
         drop(open_tx);
         drop((ipam, watch));
-        owner.join();
+        owner.join().unwrap();
+    }
+
+    /// Starts an owner whose committer panics at its first flush, and makes
+    /// one call, which must not be acknowledged.
+    async fn dying_committer() -> (Ipam, OwnerThread, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let (ipam, owner) = Ipam::start_with(store, Some(Box::new(|| panic!("injected")))).unwrap();
+        let r = ipam
+            .call(|s| s.create_pool(pool("p", "10.0.0.0/16", 26)))
+            .await;
+        assert!(matches!(r, Err(Error::Unavailable)), "{r:?}");
+        (ipam, owner, dir)
+    }
+
+    /// A thread that dies is reported at once to whoever watches `failed`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dead_committer_is_reported() {
+        let (ipam, mut owner, _dir) = dying_committer().await;
+        let e = tokio::time::timeout(Duration::from_secs(5), owner.failed())
+            .await
+            .expect("the failure is reported");
+        assert!(e.to_string().contains("ipam-commit panicked"), "{e}");
+        drop(ipam);
+        tokio::task::spawn_blocking(move || owner.join())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    /// Unless `failed` took it, `join` returns the failure.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn join_returns_the_failure() {
+        let (ipam, owner, _dir) = dying_committer().await;
+        drop(ipam);
+        let r = tokio::task::spawn_blocking(move || owner.join())
+            .await
+            .unwrap();
+        assert!(
+            matches!(&r, Err(Error::Internal(m)) if m.contains("ipam-commit panicked")),
+            "{r:?}"
+        );
     }
 }

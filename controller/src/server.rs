@@ -1,9 +1,10 @@
 //! Assembles the controller's gRPC server: IpamAdmin, NodeAgent (behind the
 //! node identity layer), reflection v1 and v1alpha, and grpc.health.v1.
 use crate::{
+    auth::node_identity_interceptor,
     error::{Error, Result},
     owner::Ipam,
-    service::{node_identity_interceptor, AdminService, NodeService},
+    service::{AdminService, NodeService},
     watch::IntentStreamServer,
 };
 use std::future::Future;
@@ -18,23 +19,17 @@ pub async fn serve(
     ipam: Ipam,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
-    let reflection = |b: tonic_reflection::server::Builder<'static>| {
-        // The descriptor set also holds tabby-node's PodNetwork: list only
-        // what this server serves.
-        b.register_encoded_file_descriptor_set(tabby_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .with_service_name("tabby.v1.IpamAdmin")
-            .with_service_name("tabby.v1.NodeAgent")
-            .with_service_name("tabby.v1.IntentStream")
-            .with_service_name("grpc.health.v1.Health")
-    };
-    let refl_v1 = reflection(tonic_reflection::server::Builder::configure())
-        .build_v1()
-        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
-    let refl_v1alpha = reflection(tonic_reflection::server::Builder::configure())
-        .build_v1alpha()
-        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
-    let (health, health_svc) = tonic_health::server::health_reporter();
+    // The descriptor set also holds tabby-node's PodNetwork: list only what
+    // this server serves.
+    let tabby_runtime::Introspection { health, routes } = tabby_runtime::introspection(
+        tabby_proto::FILE_DESCRIPTOR_SET,
+        &[
+            "tabby.v1.IpamAdmin",
+            "tabby.v1.NodeAgent",
+            "tabby.v1.IntentStream",
+        ],
+    )
+    .map_err(|e| Error::Internal(e.to_string()))?;
     health.set_serving::<IpamAdminServer<AdminService>>().await;
     health.set_serving::<NodeAgentServer<NodeService>>().await;
 
@@ -56,9 +51,7 @@ pub async fn serve(
     );
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     Server::builder()
-        .add_service(health_svc)
-        .add_service(refl_v1)
-        .add_service(refl_v1alpha)
+        .add_routes(routes)
         .add_service(admin)
         .add_service(node)
         .add_service(watch)

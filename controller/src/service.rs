@@ -1,122 +1,19 @@
 //! gRPC services: translate protobuf to IPAM calls and back. No logic lives
 //! here beyond parsing; every decision is in [`crate::ipam`].
 use crate::{
-    error::{Error, Result},
-    ipam::{parse_addr, parse_cidr, AllocationView, AssignRequest, PoolUpdate, ProblemKind},
+    auth::caller,
+    convert::{
+        alloc_to_pb, cluster_route_to_pb, encap_from_pb, node_to_pb, parse_addrs, pool_from_pb,
+        pool_to_pb, release_to_pb,
+    },
+    error::Error,
+    ipam::{parse_addr, AllocationView, AssignRequest, PoolUpdate, ProblemKind},
     owner::Ipam,
 };
-use std::{collections::BTreeMap, net::IpAddr};
+use std::collections::BTreeMap;
 use tabby_proto::v1 as pb;
-use tabby_store::{Encapsulation, Node, Pool};
+use tabby_store::Node;
 use tonic::{Request, Response, Status};
-
-/// The calling node's identity, put into request extensions by exactly one
-/// layer ([`node_identity_interceptor`]); handlers read nothing else.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NodeIdentity(pub String);
-
-/// Sets [`NodeIdentity`] from the `tabby-node` metadata header. When mTLS
-/// arrives, only this function changes (to read the peer certificate).
-pub fn node_identity_interceptor(mut req: Request<()>) -> std::result::Result<Request<()>, Status> {
-    let name = req
-        .metadata()
-        .get(tabby_proto::NODE_IDENTITY_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .filter(|s| !s.is_empty())
-        .ok_or_else(|| {
-            Status::unauthenticated(format!(
-                "node-facing calls need the caller's node name in metadata {:?}",
-                tabby_proto::NODE_IDENTITY_HEADER
-            ))
-        })?;
-    req.extensions_mut().insert(NodeIdentity(name));
-    Ok(req)
-}
-
-fn caller<T>(req: &Request<T>) -> Result<String> {
-    req.extensions()
-        .get::<NodeIdentity>()
-        .map(|n| n.0.clone())
-        .ok_or_else(|| Error::Unauthenticated("no node identity on this call".into()))
-}
-
-fn encap_from_pb(v: i32) -> Result<Encapsulation> {
-    Ok(match pb::Encapsulation::try_from(v) {
-        Ok(pb::Encapsulation::None) => Encapsulation::None,
-        Ok(pb::Encapsulation::Vxlan) => Encapsulation::Vxlan,
-        Ok(pb::Encapsulation::VxlanCrossSubnet) => Encapsulation::VxlanCrossSubnet,
-        Ok(pb::Encapsulation::Ipip) => Encapsulation::Ipip,
-        Ok(pb::Encapsulation::IpipCrossSubnet) => Encapsulation::IpipCrossSubnet,
-        Err(_) => {
-            return Err(Error::InvalidArgument(format!(
-                "encapsulation {v} is unknown: use ENCAPSULATION_NONE, _VXLAN, _VXLAN_CROSS_SUBNET, _IPIP or _IPIP_CROSS_SUBNET"
-            )))
-        }
-    })
-}
-
-/// Converts a stored encapsulation to its protobuf enum.
-pub fn encap_to_pb(e: Encapsulation) -> pb::Encapsulation {
-    match e {
-        Encapsulation::None => pb::Encapsulation::None,
-        Encapsulation::Vxlan => pb::Encapsulation::Vxlan,
-        Encapsulation::VxlanCrossSubnet => pb::Encapsulation::VxlanCrossSubnet,
-        Encapsulation::Ipip => pb::Encapsulation::Ipip,
-        Encapsulation::IpipCrossSubnet => pb::Encapsulation::IpipCrossSubnet,
-    }
-}
-
-/// Converts a stored pool to protobuf.
-pub fn pool_to_pb(p: &Pool) -> pb::Pool {
-    pb::Pool {
-        name: p.name.clone(),
-        cidr: p.cidr.to_string(),
-        block_size: p.block_size as u32,
-        nat_outgoing: p.nat_outgoing,
-        encapsulation: encap_to_pb(p.encapsulation) as i32,
-        disabled: p.disabled,
-        node_selector: p.node_selector.clone(),
-    }
-}
-
-fn pool_from_pb(p: pb::Pool) -> Result<Pool> {
-    let block_size = u8::try_from(p.block_size).map_err(|_| {
-        Error::InvalidArgument(format!("block size /{} is out of range", p.block_size))
-    })?;
-    Ok(Pool {
-        cidr: parse_cidr(&p.cidr)?,
-        name: p.name,
-        block_size,
-        nat_outgoing: p.nat_outgoing,
-        encapsulation: encap_from_pb(p.encapsulation)?,
-        disabled: p.disabled,
-        node_selector: p.node_selector,
-    })
-}
-
-fn node_to_pb(n: &Node) -> pb::Node {
-    pb::Node {
-        name: n.name.clone(),
-        addresses: n.addresses.iter().map(ToString::to_string).collect(),
-        labels: n.labels.clone().into_iter().collect(),
-    }
-}
-
-fn alloc_to_pb(a: &AllocationView) -> pb::Allocation {
-    pb::Allocation {
-        address: a.address.to_string(),
-        handle: a.handle.clone(),
-        node: a.node.clone(),
-        block: a.block.to_string(),
-        block_affinity: a.block_affinity.clone().unwrap_or_default(),
-        borrowed: a.borrowed(),
-    }
-}
-
-fn parse_addrs(v: &[String]) -> Result<Vec<IpAddr>> {
-    v.iter().map(|s| parse_addr(s)).collect()
-}
 
 /// `tabby.v1.IpamAdmin`.
 #[derive(Clone)]
@@ -374,19 +271,34 @@ impl pb::ipam_admin_server::IpamAdmin for AdminService {
         }))
     }
 
-    async fn show_routes(&self, _: Request<pb::ShowRoutesRequest>) -> Res<pb::ShowRoutesResponse> {
-        let (routes, rev) = self.ipam.read(|s| s.routes()).await?;
+    async fn show_routes(
+        &self,
+        req: Request<pb::ShowRoutesRequest>,
+    ) -> Res<pb::ShowRoutesResponse> {
+        let node = req.into_inner().node;
+        let (table, rev) = self
+            .ipam
+            .read(move |s| {
+                let intent = s.routing_intent(0);
+                if node.is_empty() {
+                    return Ok((tabby_routing::cluster_routes(&intent, None), Vec::new()));
+                }
+                if !intent.nodes.contains_key(&node) {
+                    return Err(Error::NotFound(format!("node {node} is not registered")));
+                }
+                let d = tabby_routing::desired(&intent, &node);
+                let problems = d.unroutable.into_iter().chain(d.unsupported).collect();
+                Ok((
+                    tabby_routing::cluster_routes(&intent, Some(&node)),
+                    problems,
+                ))
+            })
+            .await?;
+        let (routes, problems) = table?;
         Ok(Response::new(pb::ShowRoutesResponse {
-            routes: routes
-                .into_iter()
-                .map(|(dst, node, hop, borrowed)| pb::ClusterRoute {
-                    destination: dst.to_string(),
-                    node,
-                    next_hop: hop.map(|h| h.to_string()).unwrap_or_default(),
-                    kind: if borrowed { "borrowed" } else { "block" }.into(),
-                })
-                .collect(),
+            routes: routes.into_iter().map(cluster_route_to_pb).collect(),
             revision: rev,
+            problems,
         }))
     }
 
@@ -403,7 +315,8 @@ impl pb::ipam_admin_server::IpamAdmin for AdminService {
     }
 }
 
-/// `tabby.v1.NodeAgent`. Must be served behind [`node_identity_interceptor`].
+/// `tabby.v1.NodeAgent`. Must be served behind
+/// [`node_identity_interceptor`](crate::auth::node_identity_interceptor).
 #[derive(Clone)]
 pub struct NodeService {
     ipam: Ipam,
@@ -494,12 +407,5 @@ impl pb::node_agent_server::NodeAgent for NodeService {
         let me = caller(&req)?;
         let (handles, _) = self.ipam.read(move |s| s.handles_of(&me)).await?;
         Ok(Response::new(pb::ListHandlesResponse { handles }))
-    }
-}
-
-fn release_to_pb(v: Vec<IpAddr>, rev: u64) -> pb::ReleaseResponse {
-    pb::ReleaseResponse {
-        released: v.iter().map(ToString::to_string).collect(),
-        revision: rev,
     }
 }

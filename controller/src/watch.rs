@@ -3,6 +3,7 @@
 //! thread and every stream only copies the bytes. On the wire it is exactly
 //! the generated `IntentUpdate` stream (clients use the generated client).
 use crate::{
+    auth::caller,
     intent::{Encoded, PreEncoded, ResumeFrom},
     owner::Ipam,
 };
@@ -96,11 +97,7 @@ impl ServerStreamingService<pb::WatchRequest> for WatchSvc {
     fn call(&mut self, req: Request<pb::WatchRequest>) -> Self::Future {
         let (ipam, stop) = (self.0.clone(), self.1.clone());
         Box::pin(async move {
-            let node = req
-                .extensions()
-                .get::<crate::service::NodeIdentity>()
-                .map(|n| n.0.clone())
-                .ok_or_else(|| Status::unauthenticated("no node identity on this call"))?;
+            let node = caller(&req)?;
             let req = req.into_inner();
             let since = req.since_revision;
             let from = ResumeFrom {
@@ -256,6 +253,6 @@ mod tests {
             "after it, the complete block set"
         );
         drop(ipam);
-        owner.join();
+        owner.join().unwrap();
     }
 }

@@ -25,9 +25,9 @@ use tabby_integration::netns;
 use tabby_node::{
     kernel::RouteTable,
     netlink::NetlinkRoutes,
-    plan::{self, BlockIntent, Intent, PoolIntent},
+    plan,
 };
-use tabby_proto::v1 as pb;
+use tabby_routing::{BlockIntent, Encapsulation, Intent, PoolIntent};
 
 const NODE_V4: &str = "192.168.77.1";
 const GW_V4: &str = "192.168.77.2";
@@ -71,7 +71,7 @@ fn snapshot(n: usize, v6: bool) -> Intent {
         PoolIntent {
             cidr: pool,
             nat_outgoing: false,
-            encapsulation: pb::Encapsulation::None,
+            encapsulation: Encapsulation::None,
         },
     );
     let (me, gw) = if v6 {

@@ -4,3 +4,4 @@
 pub mod echo;
 pub mod lab;
 pub mod netns;
+pub mod rtnl;

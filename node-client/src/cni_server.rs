@@ -1,11 +1,14 @@
 //! `tabby.v1.PodNetwork` on the node's Unix socket: what the CNI plugin calls.
-//! Addresses come from the controller (this node never allocates); the veth
-//! work happens in [`crate::netlink`] on blocking threads.
+//! Addresses come from the controller (this node never allocates), through
+//! [`Ipam`]; the veth work happens through [`PodWiring`] (the kernel's is
+//! [`NodePods`]) on blocking threads. Errors become `tonic::Status` through
+//! the one mapping in [`crate::error`].
 use crate::{
-    controller::{is_unavailable, Controller},
+    controller::{is_unavailable, Controller, Ipam},
     daemon::{lock_status, SharedStatus},
+    kernel::PodWiring,
     netlink::{self, PodSpec},
-    reaper::Reaper,
+    reaper::NodePods,
     Error,
 };
 use ipnet::IpNet;
@@ -18,15 +21,16 @@ use std::{
 use tabby_proto::v1 as pb;
 use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 /// The PodNetwork service.
 #[derive(Clone)]
 pub struct PodNetworkService {
-    ctl: Controller,
+    ipam: Arc<dyn Ipam>,
+    pods: Arc<dyn PodWiring>,
     status: SharedStatus,
     default_mtu: u32,
     locks: HandleLocks,
-    reaper: Reaper,
 }
 
 /// One async lock per IPAM handle: ADD, DEL and CHECK of one attachment run
@@ -74,16 +78,8 @@ impl Drop for HandleGuard {
 /// started under `ip netns exec`, or on a host whose `/run/netns` is not
 /// propagated into tabby-node's container) is a plain empty file here.
 fn is_netns_file(path: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    const NSFS_MAGIC: i64 = 0x6e73_6673;
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
-        return false;
-    };
-    // SAFETY: a zeroed `statfs` is a valid value of this plain C struct.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a valid C string and `st` a struct we own for the call.
-    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
-    rc == 0 && st.f_type as i64 == NSFS_MAGIC
+    use nix::sys::statfs::{statfs, NSFS_MAGIC};
+    statfs(path).is_ok_and(|st| st.filesystem_type() == NSFS_MAGIC)
 }
 
 fn check_netns(path: &str) -> Result<(), Status> {
@@ -101,14 +97,31 @@ fn check_netns(path: &str) -> Result<(), Status> {
 }
 
 impl PodNetworkService {
-    /// A service using `ctl` for IPAM; `default_mtu` when the plugin sends 0.
+    /// A service using `ctl` for IPAM and this node's kernel for the pods;
+    /// `default_mtu` when the plugin sends 0. Starts the veth reaper (one
+    /// that cannot be started is logged, and tried again by the first DEL).
     pub fn new(ctl: Controller, status: SharedStatus, default_mtu: u32) -> Self {
+        Self::with_parts(
+            Arc::new(ctl),
+            Arc::new(NodePods::start_or_log()),
+            status,
+            default_mtu,
+        )
+    }
+
+    /// A service on the given IPAM and pod wiring (fakes in tests).
+    pub fn with_parts(
+        ipam: Arc<dyn Ipam>,
+        pods: Arc<dyn PodWiring>,
+        status: SharedStatus,
+        default_mtu: u32,
+    ) -> Self {
         PodNetworkService {
-            ctl,
+            ipam,
+            pods,
             status,
             default_mtu,
             locks: HandleLocks::default(),
-            reaper: Reaper::start(),
         }
     }
 }
@@ -137,18 +150,18 @@ impl PodNetworkService {
     /// intent snapshot.
     pub async fn reclaim(&self) -> Reclaimed {
         let mut out = Reclaimed::default();
-        let owners = match blocking(netlink::attachment_owners).await {
+        let pods = self.pods.clone();
+        let owners = match blocking(move || pods.attachment_owners()).await {
             Ok(o) => o,
             Err(e) => {
                 out.problems.push(format!("listing attachments: {e}"));
                 return out;
             }
         };
-        let mut agent = self.ctl.agent.clone();
         for owner in owners {
             let _lock = self.locks.lock(&owner).await;
-            let o = owner.clone();
-            let att = match blocking(move || netlink::held_attachment(&o)).await {
+            let (pods, o) = (self.pods.clone(), owner.clone());
+            let att = match blocking(move || pods.held_attachment(&o)).await {
                 Ok(Some(a)) => a,
                 Ok(None) => continue, // deleted meanwhile
                 Err(e) => {
@@ -172,7 +185,8 @@ impl PodNetworkService {
                 attributes.insert("container_id".to_string(), id.to_string());
             }
             attributes.insert("reclaimed_from".to_string(), att.host_ifname.clone());
-            let res = agent
+            let res = self
+                .ipam
                 .assign(pb::AssignRequest {
                     handle: owner.clone(),
                     attributes,
@@ -182,13 +196,8 @@ impl PodNetworkService {
                 })
                 .await;
             match res {
-                Ok(r) => {
-                    let mut got: Vec<String> = r
-                        .into_inner()
-                        .allocations
-                        .into_iter()
-                        .map(|a| a.address)
-                        .collect();
+                Ok(allocations) => {
+                    let mut got: Vec<String> = allocations.into_iter().map(|a| a.address).collect();
                     got.sort();
                     if got == held {
                         out.confirmed += 1;
@@ -218,7 +227,10 @@ impl PodNetworkService {
     pub async fn reclaim_after_snapshots(self, snapshots: Arc<tokio::sync::Notify>) {
         loop {
             snapshots.notified().await;
-            let mut delay = Duration::from_secs(1);
+            let mut backoff = tabby_runtime::Backoff::exponential(
+                Duration::from_secs(1),
+                Duration::from_secs(30),
+            );
             loop {
                 let r = self.reclaim().await;
                 for p in &r.problems {
@@ -239,10 +251,9 @@ impl PodNetworkService {
                     break;
                 }
                 tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
                     _ = snapshots.notified() => {}
                 }
-                delay = (delay * 2).min(Duration::from_secs(30));
             }
         }
     }
@@ -298,35 +309,25 @@ fn identify(
     Ok((a, handle, netlink::host_veth_name(&key)))
 }
 
-fn ctl_status(what: &str, e: Status) -> Status {
-    if is_unavailable(&e) {
-        Status::unavailable(format!(
-            "controller unavailable during {what}: {}",
-            e.message()
-        ))
-    } else {
-        Status::new(
-            e.code(),
-            format!("controller refused {what}: {}", e.message()),
-        )
-    }
-}
-
-fn kernel_status(e: Error) -> Status {
-    match e {
-        Error::Exists(m) => Status::already_exists(m),
-        Error::NotFound(m) => Status::not_found(m),
-        Error::Invalid(m) => Status::failed_precondition(m),
-        e => Status::internal(e.to_string()),
-    }
-}
-
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> crate::Result<T> + Send + 'static,
 ) -> crate::Result<T> {
     tokio::task::spawn_blocking(f)
         .await
-        .unwrap_or_else(|e| Err(Error::Netlink(format!("worker failed: {e}"))))
+        .unwrap_or_else(|e| Err(join_error(e)))
+}
+
+/// A blocking task that did not return: it panicked, or the runtime shut
+/// down before it ran.
+fn join_error(e: tokio::task::JoinError) -> Error {
+    if e.is_panic() {
+        Error::Panicked {
+            name: "blocking task".into(),
+            message: netlink::panic_message(e.into_panic().as_ref()),
+        }
+    } else {
+        Error::Io("blocking task".into(), std::io::Error::other(e))
+    }
 }
 
 fn host_len(a: &str) -> Result<IpNet, Status> {
@@ -334,6 +335,142 @@ fn host_len(a: &str) -> Result<IpNet, Status> {
         .parse()
         .map_err(|_| Status::internal(format!("controller sent bad address {a:?}")))?;
     Ok(IpNet::from(ip))
+}
+
+/// An ADD that passed validation.
+struct AddRequest {
+    att: pb::PodAttachment,
+    handle: String,
+    host_if: String,
+    netns: String,
+    pod_namespace: String,
+    pod_name: String,
+    requested: Vec<String>,
+    mtu: u32,
+}
+
+impl PodNetworkService {
+    /// ADD under the handle's lock: refuses a duplicate, settles retired
+    /// pairs of the namespace, assigns, wires, and rolls back on failure.
+    async fn add_locked(&self, a: AddRequest) -> Result<Response<pb::PodAddResponse>, Status> {
+        let AddRequest {
+            att,
+            handle,
+            host_if,
+            netns,
+            ..
+        } = &a;
+        let _lock = self.locks.lock(handle).await;
+        // The handle is the attachment's identity: a veth it owns means this
+        // is a duplicate ADD, which must neither wire a second interface nor
+        // (on failure) release the first one's address.
+        let (pods, h, name) = (self.pods.clone(), handle.clone(), host_if.clone());
+        let owned = blocking(move || Ok((pods.owned_links(&h)?, pods.link_exists(&name)))).await?;
+        if !owned.0.is_empty() || owned.1 {
+            return Err(Status::already_exists(format!(
+                "container {} already has {} in network {} (host interface {}); DEL it first",
+                att.container_id,
+                att.ifname,
+                att.network,
+                owned.0.first().unwrap_or(host_if)
+            )));
+        }
+        // A pair retired by a DEL into this same namespace must be gone first.
+        if self.pods.retired_pending() > 0 {
+            let (pods, ns) = (self.pods.clone(), PathBuf::from(netns));
+            blocking(move || {
+                pods.settle(&ns);
+                Ok(())
+            })
+            .await?;
+        }
+        let mut attrs = std::collections::HashMap::new();
+        attrs.insert("container_id".to_string(), att.container_id.clone());
+        attrs.insert("ifname".to_string(), att.ifname.clone());
+        if !a.pod_namespace.is_empty() {
+            attrs.insert("namespace".to_string(), a.pod_namespace.clone());
+        }
+        if !a.pod_name.is_empty() {
+            attrs.insert("pod".to_string(), a.pod_name.clone());
+        }
+        let allocations = self
+            .ipam
+            .assign(pb::AssignRequest {
+                handle: handle.clone(),
+                attributes: attrs,
+                num_v4: 0,
+                num_v6: 0,
+                requested: a.requested.clone(),
+            })
+            .await
+            .map_err(|e| Error::controller("Assign", e))?;
+        let addresses = allocations
+            .iter()
+            .map(|a| host_len(&a.address))
+            .collect::<Result<Vec<_>, _>>()?;
+        let spec = PodSpec {
+            netns_path: PathBuf::from(netns),
+            host_ifname: host_if.clone(),
+            pod_ifname: att.ifname.clone(),
+            addresses: addresses.clone(),
+            mtu: a.mtu,
+            owner: handle.clone(),
+        };
+        let pods = self.pods.clone();
+        match blocking(move || pods.wire(&spec)).await {
+            Ok(w) => {
+                tracing::info!(addresses = ?addresses, host_if = %w.host_ifname, "pod wired");
+                let gateways = addresses
+                    .iter()
+                    .map(|a| match a {
+                        IpNet::V4(_) => crate::POD_GATEWAY_V4.to_string(),
+                        IpNet::V6(_) => crate::POD_GATEWAY_V6.to_string(),
+                    })
+                    .collect();
+                Ok(Response::new(pb::PodAddResponse {
+                    host_ifname: w.host_ifname,
+                    host_mac: "ee:ee:ee:ee:ee:ee".into(),
+                    pod_ifname: w.pod_ifname,
+                    pod_mac: w.pod_mac,
+                    addresses: addresses.iter().map(ToString::to_string).collect(),
+                    gateways,
+                    mtu: a.mtu,
+                }))
+            }
+            Err(e) => {
+                let e = self.roll_back(handle, netns, e).await;
+                tracing::error!("{e}");
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Undoes a failed ADD: retires what is left of the wiring and releases
+    /// the handle's address. Returns the error to answer with: the wiring
+    /// failure, with every cleanup failure chained to it.
+    async fn roll_back(&self, handle: &str, netns: &str, wiring: Error) -> Error {
+        // Wiring removes what it made; should its own cleanup have failed,
+        // retire what is left, so that no veth naming this handle outlives
+        // its address (reclaim would assign it again).
+        let (pods, owner, ns) = (self.pods.clone(), handle.to_string(), PathBuf::from(netns));
+        let wiring = match blocking(move || pods.retire(&owner, Some(&ns))).await {
+            Ok(_) => wiring,
+            Err(re) => Error::cleanup(wiring, re),
+        };
+        match self.ipam.release_handle(handle).await {
+            Ok(_) => Error::Wiring {
+                source: Box::new(wiring),
+                released: true,
+            },
+            Err(re) => Error::cleanup(
+                Error::Wiring {
+                    source: Box::new(wiring),
+                    released: false,
+                },
+                Error::controller(format!("releasing {handle}"), re),
+            ),
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -360,125 +497,19 @@ impl pb::pod_network_server::PodNetwork for PodNetworkService {
         if !(68..=65535).contains(&mtu) {
             return Err(invalid(format!("MTU {mtu} is out of range (68..65535)")));
         }
-        let _lock = self.locks.lock(&handle).await;
-        // The handle is the attachment's identity: a veth it owns means this
-        // is a duplicate ADD, which must neither wire a second interface nor
-        // (on failure) release the first one's address.
-        let (h, name) = (handle.clone(), host_if.clone());
-        let owned = blocking(move || Ok((netlink::owned_links(&h)?, netlink::link_exists(&name))))
-            .await
-            .map_err(kernel_status)?;
-        if !owned.0.is_empty() || owned.1 {
-            return Err(Status::already_exists(format!(
-                "container {} already has {} in network {} (host interface {}); DEL it first",
-                att.container_id,
-                att.ifname,
-                att.network,
-                owned.0.first().unwrap_or(&host_if)
-            )));
-        }
-        // A pair retired by a DEL into this same namespace must be gone first.
-        if self.reaper.pending() > 0 {
-            let (r, ns) = (self.reaper.clone(), PathBuf::from(&r.netns));
-            blocking(move || {
-                r.settle(&ns);
-                Ok(())
-            })
-            .await
-            .map_err(kernel_status)?;
-        }
-        let mut agent = self.ctl.agent.clone();
         let span = tracing::info_span!("add", container = %att.container_id, pod = %format!("{}/{}", r.pod_namespace, r.pod_name));
-        let _e = span.enter();
-        let mut attrs = std::collections::HashMap::new();
-        attrs.insert("container_id".to_string(), att.container_id.clone());
-        attrs.insert("ifname".to_string(), att.ifname.clone());
-        if !r.pod_namespace.is_empty() {
-            attrs.insert("namespace".to_string(), r.pod_namespace.clone());
-        }
-        if !r.pod_name.is_empty() {
-            attrs.insert("pod".to_string(), r.pod_name.clone());
-        }
-        let assigned = agent
-            .assign(pb::AssignRequest {
-                handle: handle.clone(),
-                attributes: attrs,
-                num_v4: 0,
-                num_v6: 0,
-                requested,
-            })
-            .await
-            .map_err(|e| {
-                // "Requested address taken" is a bad request, not an existing
-                // attachment (what AlreadyExists means to the plugin).
-                if e.code() == tonic::Code::AlreadyExists {
-                    invalid(format!("controller refused Assign: {}", e.message()))
-                } else {
-                    ctl_status("Assign", e)
-                }
-            })?
-            .into_inner();
-        let addresses = assigned
-            .allocations
-            .iter()
-            .map(|a| host_len(&a.address))
-            .collect::<Result<Vec<_>, _>>()?;
-        let spec = PodSpec {
-            netns_path: PathBuf::from(&r.netns),
-            host_ifname: host_if.clone(),
-            pod_ifname: att.ifname.clone(),
-            addresses: addresses.clone(),
+        self.add_locked(AddRequest {
+            att,
+            handle,
+            host_if,
+            netns: r.netns,
+            pod_namespace: r.pod_namespace,
+            pod_name: r.pod_name,
+            requested,
             mtu,
-            owner: handle.clone(),
-        };
-        match blocking(move || netlink::wire_pod(&spec)).await {
-            Ok(w) => {
-                tracing::info!(addresses = ?addresses, host_if = %w.host_ifname, "pod wired");
-                let gateways = addresses
-                    .iter()
-                    .map(|a| match a {
-                        IpNet::V4(_) => crate::POD_GATEWAY_V4.to_string(),
-                        IpNet::V6(_) => crate::POD_GATEWAY_V6.to_string(),
-                    })
-                    .collect();
-                Ok(Response::new(pb::PodAddResponse {
-                    host_ifname: w.host_ifname,
-                    host_mac: "ee:ee:ee:ee:ee:ee".into(),
-                    pod_ifname: w.pod_ifname,
-                    pod_mac: w.pod_mac,
-                    addresses: addresses.iter().map(ToString::to_string).collect(),
-                    gateways,
-                    mtu,
-                }))
-            }
-            Err(e) => {
-                // wire_pod removes what it made; should its own cleanup have
-                // failed, retire what is left, so that no veth naming this
-                // handle outlives its address (reclaim would assign it again).
-                let (reaper, owner, ns) = (self.reaper.clone(), handle.clone(), r.netns.clone());
-                if let Err(re) = blocking(move || reaper.retire(&owner, Some(Path::new(&ns)))).await
-                {
-                    tracing::warn!(error = %re, "retiring after a failed wiring");
-                }
-                // Roll back the assignment; report both errors if that fails too.
-                let rb = agent
-                    .release_handle(pb::ReleaseHandleRequest {
-                        handle: handle.clone(),
-                    })
-                    .await;
-                let msg = match rb {
-                    Ok(_) => format!("wiring failed: {e} (address released)"),
-                    Err(re) => format!(
-                        "wiring failed: {e}; rollback failed too: releasing {handle}: {}",
-                        re.message()
-                    ),
-                };
-                tracing::error!("{msg}");
-                let mut st = kernel_status(e);
-                st = Status::new(st.code(), msg);
-                Err(st)
-            }
-        }
+        })
+        .instrument(span)
+        .await
     }
 
     async fn del(
@@ -490,19 +521,13 @@ impl pb::pod_network_server::PodNetwork for PodNetworkService {
         let _lock = self.locks.lock(&handle).await;
         let netns = (!r.netns.is_empty()).then(|| PathBuf::from(&r.netns));
         // Out of service now (down, /32 gone, name free); deleted in the background.
-        let (reaper, owner) = (self.reaper.clone(), handle.clone());
-        blocking(move || reaper.retire(&owner, netns.as_deref()))
+        let (pods, owner) = (self.pods.clone(), handle.clone());
+        blocking(move || pods.retire(&owner, netns.as_deref())).await?;
+        let released = self
+            .ipam
+            .release_handle(&handle)
             .await
-            .map_err(kernel_status)?;
-        let mut agent = self.ctl.agent.clone();
-        let released = agent
-            .release_handle(pb::ReleaseHandleRequest {
-                handle: handle.clone(),
-            })
-            .await
-            .map_err(|e| ctl_status("ReleaseHandle", e))?
-            .into_inner()
-            .released;
+            .map_err(|e| Error::controller("ReleaseHandle", e))?;
         tracing::info!(container = %att.container_id, released = ?released, host_if = %host_if, "pod deleted");
         Ok(Response::new(pb::PodDelResponse { released }))
     }
@@ -533,9 +558,8 @@ impl pb::pod_network_server::PodNetwork for PodNetworkService {
             mtu: 0,
             owner: handle.clone(),
         };
-        blocking(move || netlink::check_pod(&spec))
-            .await
-            .map_err(kernel_status)?;
+        let pods = self.pods.clone();
+        blocking(move || pods.check(&spec)).await?;
         Ok(Response::new(pb::PodCheckResponse {}))
     }
 
@@ -578,13 +602,11 @@ impl pb::pod_network_server::PodNetwork for PodNetworkService {
             .iter()
             .map(|a| format!("{}.{}", r.network, a.container_id))
             .collect();
-        let mut agent = self.ctl.agent.clone();
-        let handles = agent
-            .list_handles(pb::ListHandlesRequest {})
+        let handles = self
+            .ipam
+            .list_handles()
             .await
-            .map_err(|e| ctl_status("ListHandles", e))?
-            .into_inner()
-            .handles;
+            .map_err(|e| Error::controller("ListHandles", e))?;
         let prefix = format!("{}.", r.network);
         let mut released = Vec::new();
         for h in handles
@@ -595,14 +617,12 @@ impl pb::pod_network_server::PodNetwork for PodNetworkService {
             // between the retire and the release would assign it again.
             let _lock = self.locks.lock(&h).await;
             // The interface is normally gone with its netns; retire it if not.
-            let (reaper, owner) = (self.reaper.clone(), h.clone());
-            blocking(move || reaper.retire(&owner, None))
+            let (pods, owner) = (self.pods.clone(), h.clone());
+            blocking(move || pods.retire(&owner, None)).await?;
+            self.ipam
+                .release_handle(&h)
                 .await
-                .map_err(kernel_status)?;
-            agent
-                .release_handle(pb::ReleaseHandleRequest { handle: h.clone() })
-                .await
-                .map_err(|e| ctl_status("ReleaseHandle", e))?;
+                .map_err(|e| Error::controller("ReleaseHandle", e))?;
             released.push(h);
         }
         tracing::info!(released = ?released, "gc");

@@ -63,6 +63,51 @@ impl Controller {
     }
 }
 
+/// The controller's IPAM calls the CNI server makes, as a trait so that
+/// its locking and rollback can be tested against a fake controller.
+/// Errors are the controller's (or the transport's) answers.
+#[tonic::async_trait]
+pub trait Ipam: Send + Sync {
+    /// `NodeAgent.Assign`: the handle's allocations.
+    async fn assign(
+        &self,
+        req: pb::AssignRequest,
+    ) -> std::result::Result<Vec<pb::Allocation>, Status>;
+    /// `NodeAgent.ReleaseHandle`: the addresses released (none for an
+    /// unknown handle).
+    async fn release_handle(&self, handle: &str) -> std::result::Result<Vec<String>, Status>;
+    /// `NodeAgent.ListHandles`: the handles this node holds.
+    async fn list_handles(&self) -> std::result::Result<Vec<String>, Status>;
+}
+
+#[tonic::async_trait]
+impl Ipam for Controller {
+    async fn assign(
+        &self,
+        req: pb::AssignRequest,
+    ) -> std::result::Result<Vec<pb::Allocation>, Status> {
+        let r = self.agent.clone().assign(req).await?;
+        Ok(r.into_inner().allocations)
+    }
+
+    async fn release_handle(&self, handle: &str) -> std::result::Result<Vec<String>, Status> {
+        let req = pb::ReleaseHandleRequest {
+            handle: handle.to_string(),
+        };
+        let r = self.agent.clone().release_handle(req).await?;
+        Ok(r.into_inner().released)
+    }
+
+    async fn list_handles(&self) -> std::result::Result<Vec<String>, Status> {
+        let r = self
+            .agent
+            .clone()
+            .list_handles(pb::ListHandlesRequest {})
+            .await?;
+        Ok(r.into_inner().handles)
+    }
+}
+
 /// True when a status means the controller could not be reached (as opposed
 /// to refusing the request).
 pub fn is_unavailable(s: &Status) -> bool {

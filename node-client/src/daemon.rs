@@ -17,6 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 use tabby_proto::v1 as pb;
+use tabby_runtime::Backoff;
 
 /// What the reconciler reacts to.
 #[derive(Debug)]
@@ -192,8 +193,9 @@ impl<T: RouteTable> Reconciler<T> {
     }
 
     fn take_update(&mut self, u: &pb::IntentUpdate) {
-        match self.intent.apply(u) {
-            Ok(()) => {
+        match plan::intent_delta(u) {
+            Ok(delta) => {
+                self.intent.apply(delta);
                 self.have_intent = true;
                 if u.snapshot && !self.synced {
                     tracing::info!(revision = u.revision, "first full intent sync");
@@ -310,48 +312,15 @@ impl<T: RouteTable> Reconciler<T> {
     }
 }
 
-/// Backoff with jitter for reconnects: 100 ms doubling to 5 s, ±25 %.
-#[derive(Debug)]
-pub struct Backoff {
-    next: Duration,
-    seed: u64,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1)
-            | 1;
-        Backoff {
-            next: Duration::from_millis(100),
-            seed,
-        }
-    }
-}
-
-impl Backoff {
-    /// The next delay.
-    pub fn next_delay(&mut self) -> Duration {
-        // xorshift: jitter only, no need for a real RNG.
-        self.seed ^= self.seed << 13;
-        self.seed ^= self.seed >> 7;
-        self.seed ^= self.seed << 17;
-        let base = self.next;
-        self.next = (self.next * 2).min(Duration::from_secs(5));
-        let jitter = (self.seed % 500) as f64 / 1000.0 + 0.75; // 0.75..1.25
-        base.mul_f64(jitter)
-    }
-    /// Back to the shortest delay after a success.
-    pub fn reset(&mut self) {
-        self.next = Duration::from_millis(100);
-    }
+/// Backoff for reconnects: 100 ms doubling to 5 s, ±25 % jitter so that
+/// nodes cut off together do not reconnect in step.
+fn reconnect_backoff() -> Backoff {
+    Backoff::exponential(Duration::from_millis(100), Duration::from_secs(5)).with_jitter(0.25)
 }
 
 /// Registers this node, retrying until it works or `stop` is set.
 pub async fn register(ctl: &Controller, node: pb::Node, status: &SharedStatus, stop: &AtomicBool) {
-    let mut backoff = Backoff::default();
+    let mut backoff = reconnect_backoff();
     while !stop.load(Ordering::Relaxed) {
         let mut agent = ctl.agent.clone();
         match agent
@@ -387,7 +356,7 @@ pub async fn watch(
     stop: Arc<AtomicBool>,
     snapshots: Arc<tokio::sync::Notify>,
 ) {
-    let mut backoff = Backoff::default();
+    let mut backoff = reconnect_backoff();
     while !stop.load(Ordering::Relaxed) {
         // Register before every watch: cheap when unchanged, and a restarted
         // controller with a fresh store learns about us again.

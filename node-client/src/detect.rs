@@ -1,27 +1,116 @@
 //! Finds this node's address from the interface of its default route, the way
 //! Calico's autodetection does by default ("first-found" on the route's link).
 use crate::{Error, Result};
+use netlink_packet_core::{
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
+};
+use netlink_packet_route::route::{RouteAttribute, RouteHeader, RouteMessage, RouteType};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use std::net::IpAddr;
 
-/// Name of the interface holding the IPv4 default route, from `/proc/net/route`
-/// text (pure, for tests).
-pub fn default_iface(proc_net_route: &str) -> Option<String> {
-    proc_net_route.lines().skip(1).find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        // Iface Destination Gateway Flags RefCnt Use Metric Mask
-        (f.len() >= 8 && f[1] == "00000000" && f[7] == "00000000").then(|| f[0].to_string())
-    })
+/// Index of the interface holding the IPv4 default route of the main table,
+/// from a route dump (pure, for tests). Of several, the lowest metric wins,
+/// as in the kernel's lookup; a multipath route counts by its first hop.
+pub fn default_route_ifindex(routes: &[RouteMessage]) -> Option<u32> {
+    routes
+        .iter()
+        .filter_map(|m| {
+            let h = &m.header;
+            if h.address_family != AddressFamily::Inet
+                || h.destination_prefix_length != 0
+                || h.kind != RouteType::Unicast
+            {
+                return None;
+            }
+            let (mut table, mut oif, mut metric) = (u32::from(h.table), None, 0);
+            for a in &m.attributes {
+                match a {
+                    RouteAttribute::Table(t) => table = *t,
+                    RouteAttribute::Oif(i) => oif = Some(*i),
+                    RouteAttribute::Priority(p) => metric = *p,
+                    RouteAttribute::MultiPath(hops) => {
+                        oif = oif.or(hops.first().map(|n| n.interface_index))
+                    }
+                    _ => {}
+                }
+            }
+            (table == u32::from(RouteHeader::RT_TABLE_MAIN)).then_some((metric, oif?))
+        })
+        .min_by_key(|(metric, _)| *metric)
+        .map(|(_, oif)| oif)
+}
+
+/// Every IPv4 route of the calling thread's network namespace (all tables),
+/// by one rtnetlink dump.
+///
+/// The socket of [`crate::netlink`] filters its dumps to tabby's own routes
+/// and is not public, so this is a minimal one-shot dump of its own.
+fn dump_ipv4_routes() -> Result<Vec<RouteMessage>> {
+    let io = |what: &str, e: std::io::Error| Error::Io(format!("route dump: {what}"), e);
+    let mut sock = Socket::new(NETLINK_ROUTE).map_err(|e| io("socket", e))?;
+    sock.bind_auto().map_err(|e| io("bind", e))?;
+    sock.connect(&SocketAddr::new(0, 0))
+        .map_err(|e| io("connect", e))?;
+    let mut req = RouteMessage::default();
+    req.header.address_family = AddressFamily::Inet;
+    let mut hdr = NetlinkHeader::default();
+    hdr.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    hdr.sequence_number = 1;
+    let mut msg = NetlinkMessage::new(
+        hdr,
+        NetlinkPayload::InnerMessage(RouteNetlinkMessage::GetRoute(req)),
+    );
+    msg.finalize();
+    let mut buf = vec![0; msg.buffer_len()];
+    msg.serialize(&mut buf);
+    sock.send(&buf, 0).map_err(|e| io("send", e))?;
+
+    let mut routes = Vec::new();
+    loop {
+        let (buf, _) = sock.recv_from_full().map_err(|e| io("recv", e))?;
+        let mut off = 0;
+        while off + 16 <= buf.len() {
+            let len = u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap()) as usize;
+            if len < 16 || off + len > buf.len() {
+                return Err(io(
+                    "recv",
+                    std::io::Error::other("malformed netlink message"),
+                ));
+            }
+            match NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[off..off + len]) {
+                Ok(m) => match m.payload {
+                    NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(r)) => {
+                        routes.push(r)
+                    }
+                    NetlinkPayload::Done(d) if d.code != 0 => {
+                        return Err(io("kernel", std::io::Error::from_raw_os_error(-d.code)))
+                    }
+                    NetlinkPayload::Done(_) => return Ok(routes),
+                    NetlinkPayload::Error(e) if e.code.is_some() => {
+                        return Err(io("kernel", e.to_io()))
+                    }
+                    _ => {}
+                },
+                // A route this crate cannot decode cannot be the one we need.
+                Err(e) => tracing::debug!("undecodable route message: {e}"),
+            }
+            off += (len + 3) & !3;
+        }
+    }
 }
 
 /// Addresses of the default route's interface (IPv4 first).
 pub fn node_addresses() -> Result<Vec<IpAddr>> {
-    let routes = std::fs::read_to_string("/proc/net/route")
-        .map_err(|e| Error::Io("/proc/net/route".into(), e))?;
-    let iface = default_iface(&routes).ok_or_else(|| {
+    let index = default_route_ifindex(&dump_ipv4_routes()?).ok_or_else(|| {
         Error::Invalid(
             "no IPv4 default route to autodetect the node address from; pass --node-ip".into(),
         )
     })?;
+    let iface = nix::net::if_::if_indextoname(index)
+        .map_err(|e| Error::Io(format!("name of interface {index}"), e.into()))?
+        .to_string_lossy()
+        .into_owned();
     let mut v4 = Vec::new();
     let mut v6 = Vec::new();
     for ifa in nix::ifaddrs::getifaddrs().map_err(|e| Error::Io("getifaddrs".into(), e.into()))? {
@@ -49,13 +138,77 @@ pub fn node_addresses() -> Result<Vec<IpAddr>> {
 
 #[cfg(test)]
 mod tests {
+    use super::default_route_ifindex;
+    use netlink_packet_route::route::{
+        RouteAttribute, RouteHeader, RouteMessage, RouteNextHop, RouteType,
+    };
+    use netlink_packet_route::AddressFamily;
+
+    fn route(prefix: u8, attrs: Vec<RouteAttribute>) -> RouteMessage {
+        let mut m = RouteMessage::default();
+        m.header.address_family = AddressFamily::Inet;
+        m.header.destination_prefix_length = prefix;
+        m.header.table = RouteHeader::RT_TABLE_MAIN;
+        m.header.kind = RouteType::Unicast;
+        m.attributes = attrs;
+        m
+    }
+
     #[test]
     fn finds_default_route_iface() {
-        let t =
-            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
-                 eth0\t000012AC\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0\n\
-                 eth0\t00000000\t010012AC\t0003\t0\t0\t0\t00000000\t0\t0\t0\n";
-        assert_eq!(super::default_iface(t).as_deref(), Some("eth0"));
-        assert_eq!(super::default_iface("Iface\n"), None);
+        let routes = [
+            route(16, vec![RouteAttribute::Oif(2)]),
+            route(0, vec![RouteAttribute::Oif(3)]),
+        ];
+        assert_eq!(default_route_ifindex(&routes), Some(3));
+        assert_eq!(default_route_ifindex(&routes[..1]), None);
+        assert_eq!(default_route_ifindex(&[]), None);
+    }
+
+    #[test]
+    fn lowest_metric_wins() {
+        let routes = [
+            route(
+                0,
+                vec![RouteAttribute::Oif(4), RouteAttribute::Priority(600)],
+            ),
+            route(
+                0,
+                vec![RouteAttribute::Oif(5), RouteAttribute::Priority(100)],
+            ),
+            route(
+                0,
+                vec![RouteAttribute::Oif(6), RouteAttribute::Priority(100)],
+            ),
+        ];
+        assert_eq!(default_route_ifindex(&routes), Some(5));
+    }
+
+    #[test]
+    fn only_unicast_in_the_main_table() {
+        let mut other_table = route(0, vec![RouteAttribute::Oif(7)]);
+        other_table.header.table = 100;
+        let mut big_table = route(0, vec![RouteAttribute::Oif(8), RouteAttribute::Table(1000)]);
+        big_table.header.table = 252;
+        let mut unreachable = route(0, vec![]);
+        unreachable.header.kind = RouteType::Unreachable;
+        let mut v6 = route(0, vec![RouteAttribute::Oif(9)]);
+        v6.header.address_family = AddressFamily::Inet6;
+        let routes = [other_table, big_table, unreachable, v6];
+        assert_eq!(default_route_ifindex(&routes), None);
+    }
+
+    #[test]
+    fn multipath_counts_by_its_first_hop() {
+        let hop = |i| {
+            let mut h = RouteNextHop::default();
+            h.interface_index = i;
+            h
+        };
+        let routes = [route(
+            0,
+            vec![RouteAttribute::MultiPath(vec![hop(11), hop(12)])],
+        )];
+        assert_eq!(default_route_ifindex(&routes), Some(11));
     }
 }

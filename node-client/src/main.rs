@@ -1,8 +1,7 @@
 //! `tabby-node`: the per-node client of tabby.
 use anyhow::Context;
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use std::{
-    io::IsTerminal,
     net::IpAddr,
     os::unix::fs::PermissionsExt,
     path::PathBuf,
@@ -17,13 +16,7 @@ use tabby_node::{
     nft::Nft,
 };
 use tabby_proto::v1::pod_network_server::PodNetworkServer;
-use tokio::signal::unix::{signal, SignalKind};
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum LogFormat {
-    Human,
-    Json,
-}
+use tabby_runtime::{parse_duration, LogFormat};
 
 /// tabby node client: registers this node, applies the controller's route and
 /// NAT intent, and wires pods for the `tabby` CNI plugin.
@@ -59,18 +52,6 @@ struct Args {
     log: String,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = n
-        .parse()
-        .map_err(|_| format!("{s:?}: want e.g. 500ms, 2s"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" | "" => Ok(Duration::from_secs(n)),
-        _ => Err(format!("{s:?}: unit must be ms or s")),
-    }
-}
-
 struct ProcSysctl;
 
 impl Sysctl for ProcSysctl {
@@ -93,15 +74,7 @@ fn labels(v: &[String]) -> anyhow::Result<Vec<(String, String)>> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&a.log).context("--log")?;
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    match a.log_format {
-        LogFormat::Human => b.init(),
-        LogFormat::Json => b.json().init(),
-    }
+    tabby_runtime::init_logging(&a.log, a.log_format).context("--log")?;
     if !(68..=65535).contains(&a.mtu) {
         anyhow::bail!("--mtu {} is out of range (68..65535)", a.mtu);
     }
@@ -129,17 +102,30 @@ async fn main() -> anyhow::Result<()> {
         resume.clone(),
     );
     let interval = a.resync_interval;
+    // The reconciler's end, however it comes (a panic included), is seen by
+    // the server loop below: a node that no longer reconciles must not keep
+    // serving pods.
+    let (rec_done, mut rec_ended) = tokio::sync::oneshot::channel::<()>();
     let rec_thread = std::thread::Builder::new()
         .name("reconciler".into())
-        .spawn(move || rec.run(rx, interval))?;
+        .spawn(move || {
+            let _done = rec_done;
+            rec.run(rx, interval)
+        })
+        .context("starting the reconciler thread")?;
     // Route deletions by others wake the reconciler at once.
     {
         let tx = tx.clone();
-        let _ = std::thread::Builder::new().name("route-monitor".into()).spawn(move || {
-            if let Err(e) = netlink::monitor_route_deletions(move || tx.send(Event::Poke).is_ok()) {
-                tracing::warn!(error = %e, "route monitor unavailable; relying on the periodic resync");
-            }
-        });
+        std::thread::Builder::new()
+            .name("route-monitor".into())
+            .spawn(move || {
+                if let Err(e) =
+                    netlink::monitor_route_deletions(move || tx.send(Event::Poke).is_ok())
+                {
+                    tracing::warn!(error = %e, "route monitor unavailable; relying on the periodic resync");
+                }
+            })
+            .context("starting the route monitor thread")?;
     }
     // After every intent snapshot (start, or a controller that could not
     // resume us: perhaps restored from an older copy), the controller is
@@ -171,7 +157,9 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::UnixListener::bind(&a.cni_socket)
         .with_context(|| format!("binding {}", a.cni_socket.display()))?;
     std::fs::set_permissions(&a.cni_socket, std::fs::Permissions::from_mode(0o600))?;
-    let (health, health_svc) = tonic_health::server::health_reporter();
+    // Reflection, so an operator can ask a node with grpcurl -unix.
+    let tabby_runtime::Introspection { health, routes } =
+        tabby_runtime::introspection(tabby_proto::FILE_DESCRIPTOR_SET, &["tabby.v1.PodNetwork"])?;
     {
         let st = st.clone();
         tokio::spawn(async move {
@@ -194,39 +182,37 @@ async fn main() -> anyhow::Result<()> {
         });
     }
     tracing::info!(socket = %a.cni_socket.display(), "serving the CNI socket");
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let shutdown = async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-        }
+    let signal = tabby_runtime::shutdown_signal()?;
+    let (stop_serving, serving_stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_routes(routes)
+            .add_service(PodNetworkServer::new(pods))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::UnixListenerStream::new(listener),
+                async move {
+                    let _ = serving_stopped.await;
+                },
+            ),
+    );
+    let rec_failed = tokio::select! {
+        () = signal => false,
+        _ = &mut rec_ended => true,
     };
-    // Reflection, so an operator can ask a node with grpcurl -unix.
-    let reflection = |b: tonic_reflection::server::Builder<'static>| {
-        b.register_encoded_file_descriptor_set(tabby_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .with_service_name("tabby.v1.PodNetwork")
-            .with_service_name("grpc.health.v1.Health")
-    };
-    let refl_v1 = reflection(tonic_reflection::server::Builder::configure()).build_v1()?;
-    let refl_v1alpha =
-        reflection(tonic_reflection::server::Builder::configure()).build_v1alpha()?;
-    tonic::transport::Server::builder()
-        .add_service(health_svc)
-        .add_service(refl_v1)
-        .add_service(refl_v1alpha)
-        .add_service(PodNetworkServer::new(pods))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::UnixListenerStream::new(listener),
-            shutdown,
-        )
-        .await?;
+    let _ = stop_serving.send(());
+    let served = server.await;
     // Routes and NAT stay in place: pods keep working while we are away.
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = tx.send(Event::Shutdown);
-    let _ = rec_thread.join();
+    let joined = rec_thread.join();
     let _ = std::fs::remove_file(&a.cni_socket);
+    served.context("CNI socket server task")??;
+    if joined.is_err() {
+        anyhow::bail!("the reconciler thread panicked");
+    }
+    if rec_failed {
+        anyhow::bail!("the reconciler thread stopped unexpectedly");
+    }
     tracing::info!("tabby-node stopped");
     Ok(())
 }

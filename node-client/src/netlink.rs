@@ -11,14 +11,17 @@
 //! caller's thread: [`in_netns`] enters a namespace on a fresh thread.
 //!
 //! Kernel replies map to errors as EEXIST -> [`crate::Error::Exists`],
-//! ESRCH/ENOENT/ENODEV -> [`crate::Error::NotFound`], anything else ->
-//! [`crate::Error::Netlink`], with the object in the message.
+//! ESRCH/ENOENT/ENODEV -> [`crate::Error::NotFound`] (with the operation,
+//! the object and the kernel's message in the text), anything else ->
+//! [`crate::Error::Netlink`] carrying a [`crate::error::NetlinkError`]: the
+//! operation, the errno and the kernel's extended ack message.
 
 mod ns;
 mod pod;
 mod routes;
 mod socket;
 
+pub(crate) use ns::panic_message;
 pub use ns::{get_sysctl, in_netns, set_sysctl};
 pub use pod::{
     attachment_owners, check_pod, delete_link_named, format_mac, held_attachment, host_veth_name,

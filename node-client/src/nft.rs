@@ -11,14 +11,7 @@ use std::{
 /// Name of the table (in both the `ip` and `ip6` families).
 pub const TABLE: &str = "tabby";
 
-/// What NAT should look like for one family.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct NatSets {
-    /// Pools with nat_outgoing.
-    pub masq: Vec<IpNet>,
-    /// Every pool.
-    pub all: Vec<IpNet>,
-}
+pub use tabby_routing::NatSets;
 
 fn elements(v: &[IpNet]) -> String {
     v.iter()
@@ -112,10 +105,10 @@ impl Nft {
             .wait_with_output()
             .map_err(|e| Error::Io("waiting for nft".into(), e))?;
         if !out.status.success() {
-            return Err(Error::Nft(format!(
-                "{}; transaction was:\n{script}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
+            return Err(Error::Nft {
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                script: Some(script.to_string()),
+            });
         }
         Ok(())
     }
@@ -141,9 +134,10 @@ impl Nft {
             .output()
             .map_err(|e| Error::Io("running nft".into(), e))?;
         if !out.status.success() {
-            return Err(Error::Nft(
-                String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            ));
+            return Err(Error::Nft {
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                script: None,
+            });
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }

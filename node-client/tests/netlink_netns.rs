@@ -265,7 +265,10 @@ fn routes_add_list_del() {
         // An unreachable gateway is a netlink error naming the route.
         let res = t.add(&[via("10.203.0.0/24", "10.250.0.1")]);
         match &res[0] {
-            Err(Error::Netlink(m)) => assert!(m.contains("10.203.0.0/24 via 10.250.0.1"), "{m}"),
+            Err(Error::Netlink(e)) => {
+                assert!(e.op.contains("10.203.0.0/24 via 10.250.0.1"), "{e}");
+                assert_eq!(e.errno, tabby_node::error::Errno::ENETUNREACH, "{e}");
+            }
             other => panic!("unreachable gateway: {other:?}"),
         }
         // Foreign routes are neither listed nor deletable by tabby.
@@ -790,7 +793,7 @@ fn retire_takes_a_pod_out_of_service_and_reaper_deletes_it() {
     // The reaper deletes it; settle() for the pod's netns waits for that.
     let pod_path = spec.netns_path.clone();
     inside(&n, move || {
-        let r = Reaper::start();
+        let r = Reaper::start().expect("starting the reaper");
         r.settle(&pod_path);
         assert_eq!(r.pending(), 0);
     });
@@ -802,7 +805,7 @@ fn retire_takes_a_pod_out_of_service_and_reaper_deletes_it() {
     // Wire, retire through the reaper, settle, and wire the same pod again.
     inside(&n, || wire_pod(&spec)).unwrap();
     inside(&n, || {
-        let r = Reaper::start();
+        let r = Reaper::start().expect("starting the reaper");
         assert_eq!(r.retire(&spec.owner, Some(&spec.netns_path)).unwrap(), 1);
         r.settle(&spec.netns_path);
         wire_pod(&spec).unwrap();

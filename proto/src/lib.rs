@@ -7,6 +7,8 @@ pub mod v1 {
     tonic::include_proto!("tabby.v1");
 }
 
+pub mod limits;
+
 /// Encoded `FileDescriptorSet` of every tabby proto file, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/tabby_descriptor.bin"));

@@ -284,12 +284,33 @@ fn meta_u64(key: &[u8], v: &[u8]) -> Result<u64> {
     })?))
 }
 
-/// `bytes` random bytes as hex: a store's or an epoch's identity.
-fn new_id(bytes: usize) -> std::io::Result<String> {
-    use std::io::Read;
-    let mut b = vec![0u8; bytes];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
-    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+/// A store's identity: a random (v4) UUID as 32 lowercase hex digits, the
+/// width and alphabet of the 16 random bytes earlier versions wrote.
+fn new_store_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// An epoch's identity: 64 random bits as 16 lowercase hex digits.
+fn new_epoch_id() -> String {
+    // The halves' fixed version and variant bits sit at different
+    // positions, so their XOR is 64 random bits.
+    let (hi, lo) = uuid::Uuid::new_v4().as_u64_pair();
+    format!("{:016x}", hi ^ lo)
+}
+
+#[cfg(test)]
+mod id_tests {
+    fn is_hex(s: &str, len: usize) -> bool {
+        s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    }
+
+    #[test]
+    fn ids_keep_their_width_and_alphabet() {
+        let (a, b) = (super::new_store_id(), super::new_store_id());
+        assert!(is_hex(&a, 32) && is_hex(&b, 32) && a != b, "{a} {b}");
+        let (a, b) = (super::new_epoch_id(), super::new_epoch_id());
+        assert!(is_hex(&a, 16) && is_hex(&b, 16) && a != b, "{a} {b}");
+    }
 }
 const CONFIG_KEY: &[u8] = b"c/ipam";
 
@@ -357,7 +378,7 @@ impl Store {
                 why: "not UTF-8".into(),
             })?,
             None => {
-                let id = new_id(16).map_err(sled::Error::Io)?;
+                let id = new_store_id();
                 tree.insert(ID_KEY, id.as_bytes())?;
                 id
             }
@@ -367,7 +388,7 @@ impl Store {
             None => Vec::new(),
         };
         epochs.push(Epoch {
-            id: new_id(8).map_err(sled::Error::Io)?,
+            id: new_epoch_id(),
             start: revision,
         });
         let drop_old = epochs.len().saturating_sub(MAX_EPOCHS);

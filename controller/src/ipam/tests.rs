@@ -1,5 +1,9 @@
 use super::*;
+use crate::error::{Error, Result};
+use ipnet::IpNet;
 use proptest::prelude::*;
+use std::{collections::BTreeMap, net::IpAddr};
+use tabby_store::{Allocation, Block, Encapsulation, Handle, Node, Pool, Snapshot};
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -635,33 +639,35 @@ fn route_table_lists_blocks_and_borrowed_addresses_via_their_nodes() {
     }
     h.assign("n2", "b0").unwrap();
     let borrowed = h.assign("n1", "a16").unwrap()[0].address;
-    let r = h.st.routes();
-    assert_eq!(r.len(), 3, "{r:?}");
+    let table = |node: Option<&str>| -> Vec<(IpNet, String, Option<IpAddr>, &'static str)> {
+        tabby_routing::cluster_routes(&h.st.routing_intent(0), node)
+            .into_iter()
+            .map(|r| (r.destination, r.node, r.next_hop, r.kind.as_str()))
+            .collect()
+    };
+    let n1 = Some(ip("172.18.0.2"));
+    let n2 = Some(ip("172.18.0.3"));
     assert_eq!(
-        r[0],
-        (
-            "10.0.0.0/28".parse().unwrap(),
-            "n1".into(),
-            Some(ip("172.18.0.2")),
-            false
-        )
+        table(None),
+        vec![
+            ("10.0.0.0/28".parse().unwrap(), "n1".into(), n1, "block"),
+            ("10.0.0.16/28".parse().unwrap(), "n2".into(), n2, "block"),
+            (IpNet::from(borrowed), "n1".into(), n1, "borrowed"),
+        ]
     );
+    // What n2 installs: n1's block and the address n1 borrowed from n2's
+    // block via n1, and a blackhole for its own block.
     assert_eq!(
-        r[1],
-        (
-            "10.0.0.16/28".parse().unwrap(),
-            "n2".into(),
-            Some(ip("172.18.0.3")),
-            false
-        )
-    );
-    assert_eq!(
-        r[2],
-        (
-            IpNet::from(borrowed),
-            "n1".into(),
-            Some(ip("172.18.0.2")),
-            true
-        )
+        table(Some("n2")),
+        vec![
+            ("10.0.0.0/28".parse().unwrap(), "n1".into(), n1, "block"),
+            (
+                "10.0.0.16/28".parse().unwrap(),
+                "n2".into(),
+                None,
+                "blackhole"
+            ),
+            (IpNet::from(borrowed), "n1".into(), n1, "borrowed"),
+        ]
     );
 }

@@ -10,25 +10,42 @@ use std::path::{Component, Path, PathBuf};
 ///
 /// Blocking (it joins the thread). The thread exits afterwards, so no thread
 /// of the process is ever left in a foreign namespace; the caller's thread
-/// never calls `setns`. A panic in `f` is propagated.
+/// never calls `setns`. A thread that cannot be started is
+/// [`Error::Spawn`]; a panic in `f` is [`Error::Panicked`] (so a caller
+/// that must undo something on failure still gets to).
 pub fn in_netns<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> Result<T> {
+    const NAME: &str = "tabby-netns";
     let ns = std::fs::File::open(path)
         .map_err(|e| Error::Io(format!("opening netns {}", path.display()), e))?;
     std::thread::scope(|s| {
         let handle = std::thread::Builder::new()
-            .name("tabby-netns".into())
+            .name(NAME.into())
             .spawn_scoped(s, move || {
                 nix::sched::setns(&ns, CloneFlags::CLONE_NEWNET)
                     .map_err(|e| Error::Io(format!("setns {}", path.display()), e.into()))?;
                 drop(ns);
                 Ok(f())
             })
-            .map_err(|e| Error::Io("spawning netns thread".into(), e))?;
-        match handle.join() {
-            Ok(r) => r,
-            Err(panic) => std::panic::resume_unwind(panic),
-        }
+            .map_err(|source| Error::Spawn {
+                name: NAME.into(),
+                source,
+            })?;
+        handle.join().unwrap_or_else(|panic| {
+            Err(Error::Panicked {
+                name: format!("thread {NAME} ({})", path.display()),
+                message: panic_message(panic.as_ref()),
+            })
+        })
     })
+}
+
+/// The message of a panic payload (`panic!` with a literal or a format).
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
 }
 
 fn sysctl_path(path: &str) -> Result<PathBuf> {
@@ -77,6 +94,22 @@ mod tests {
         assert!(sysctl_path("net/../../etc/passwd").is_err());
         assert!(sysctl_path("/etc/passwd").is_err());
         assert!(sysctl_path("").is_err());
+    }
+
+    #[test]
+    fn in_netns_reports_a_panic() {
+        let err = in_netns(Path::new("/proc/self/ns/net"), || -> u32 {
+            panic!("boom {}", 7)
+        });
+        match err {
+            Err(Error::Panicked { name, message }) => {
+                assert_eq!(message, "boom 7");
+                assert!(name.contains("tabby-netns"), "{name}");
+            }
+            // Without CAP_SYS_ADMIN, setns itself is refused first.
+            Err(Error::Io(m, _)) if m.starts_with("setns") => {}
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! monitor that reports their deletion.
 use super::socket::{grow_rcvbuf, parse_datagram, NlSocket, Reply};
 use crate::kernel::{Route, RouteTable, RouteTarget};
-use crate::{Error, Result, ROUTE_PROTOCOL};
+use crate::{error::Errno, Error, Result, ROUTE_PROTOCOL};
 use ipnet::IpNet;
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL};
 use netlink_packet_route::route::{
@@ -11,6 +11,7 @@ use netlink_packet_route::route::{
 };
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+use nix::sys::socket::MsgFlags;
 use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
@@ -300,7 +301,8 @@ impl RouteMonitor {
                 events: libc::POLLIN,
                 revents: 0,
             };
-            // SAFETY: one valid pollfd.
+            // SAFETY: `pfd` is one initialised pollfd that outlives the call,
+            // and the count passed is 1.
             let r = unsafe { libc::poll(&mut pfd, 1, -1) };
             if r < 0 {
                 let e = std::io::Error::last_os_error();
@@ -329,17 +331,15 @@ fn read_datagram(
     buf: &mut [u8],
     pending: &mut VecDeque<RouteEvent>,
 ) -> std::io::Result<()> {
-    // SAFETY: buf is a valid writable buffer of the given length.
-    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
-    if n < 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::ENOBUFS) {
+    let n = match nix::sys::socket::recv(fd, buf, MsgFlags::MSG_DONTWAIT) {
+        Ok(n) => n,
+        Err(Errno::ENOBUFS) => {
             pending.push_back(RouteEvent::Resync);
             return Ok(());
         }
-        return Err(e);
-    }
-    let parsed = parse_datagram(&buf[..n as usize], |reply| {
+        Err(e) => return Err(e.into()),
+    };
+    let parsed = parse_datagram(&buf[..n.min(buf.len())], |reply| {
         if let Reply::Msg(_, _, m) = reply {
             if let RouteNetlinkMessage::DelRoute(r) = *m {
                 if let Some(route) = route_from_message(&r) {

@@ -1,18 +1,20 @@
 //! A small synchronous rtnetlink socket: batched requests, single requests,
 //! gets and dumps. Blocking; callers run it on a blocking thread.
+use crate::error::{Errno, NetlinkError};
 use netlink_packet_core::{
-    NetlinkDeserializable, NetlinkHeader, NetlinkMessage, NetlinkPayload, NLMSG_DONE, NLMSG_ERROR,
-    NLMSG_NOOP, NLMSG_OVERRUN, NLM_F_ACK, NLM_F_CAPPED, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST,
+    DoneBuffer, ErrorBuffer, NetlinkBuffer, NetlinkDeserializable, NetlinkHeader, NetlinkMessage,
+    NetlinkPayload, NlasIterator, Parseable, NLMSG_DONE, NLMSG_ERROR, NLMSG_NOOP, NLMSG_OVERRUN,
+    NLM_F_ACK, NLM_F_ACK_TLVS, NLM_F_CAPPED, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST,
 };
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+use nix::sys::socket::{setsockopt, sockopt::RcvBufForce, MsgFlags};
 use std::fmt;
 use std::os::fd::AsRawFd;
 
-/// `NLM_F_ACK_TLVS`: the error message carries extended-ack attributes.
-const NLM_F_ACK_TLVS: u16 = 0x200;
 /// `NLMSGERR_ATTR_MSG`: the kernel's human readable error string.
 const NLMSGERR_ATTR_MSG: u16 = 1;
+/// Length of a netlink message header.
 const NLMSG_HDRLEN: usize = 16;
 /// Receive buffer: larger than any datagram the kernel sends (dump skbs are
 /// at most 32 KiB).
@@ -29,46 +31,71 @@ const MAX_BATCH_BYTES: usize = 128 * 1024;
 /// How often a dump interrupted by concurrent changes is retried.
 const DUMP_RETRIES: usize = 5;
 
-/// A failed netlink operation: an errno and the kernel's (or our) explanation.
+/// A failed netlink request before the caller said what it was doing: an
+/// errno, the kernel's extended ack message, or where it failed locally.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct NlError {
-    /// Positive errno.
-    pub errno: i32,
-    /// Extended ack message or local context; may be empty.
-    pub detail: String,
+    /// The errno.
+    pub errno: Errno,
+    /// The kernel's extended ack message.
+    pub ext_ack: Option<String>,
+    /// Where it failed on this side, when the kernel's answer was not the problem.
+    pub local: Option<&'static str>,
 }
 
 impl NlError {
-    pub(crate) fn new(errno: i32, detail: impl Into<String>) -> Self {
+    /// A failure on this side (`what`), with the errno it stands for.
+    pub(crate) fn local(errno: Errno, what: &'static str) -> Self {
         NlError {
             errno,
-            detail: detail.into(),
+            ext_ack: None,
+            local: Some(what),
         }
     }
 
-    fn io(e: std::io::Error, what: &str) -> Self {
-        NlError::new(e.raw_os_error().unwrap_or(libc::EIO), what)
+    /// The kernel's answer: a negative errno and maybe an extended ack message.
+    fn kernel(code: i32, ext_ack: Option<String>) -> Self {
+        NlError {
+            errno: Errno::from_raw(code.saturating_neg()),
+            ext_ack: ext_ack.filter(|m| !m.is_empty()),
+            local: None,
+        }
+    }
+
+    fn io(e: std::io::Error, what: &'static str) -> Self {
+        NlError::local(Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)), what)
+    }
+
+    /// The typed error of `op` (what was being done, to what object).
+    pub(crate) fn into_netlink(self, op: impl fmt::Display) -> NetlinkError {
+        NetlinkError {
+            op: op.to_string(),
+            errno: self.errno,
+            ext_ack: self.ext_ack,
+            note: self.local.map(str::to_string),
+        }
     }
 
     /// Maps to the crate error: EEXIST -> Exists, ESRCH/ENOENT/ENODEV ->
-    /// NotFound, everything else -> Netlink; `what` says which object.
-    pub(crate) fn into_error(self, what: impl fmt::Display) -> crate::Error {
-        let text = format!("{what}: {self}");
-        match self.errno {
-            libc::EEXIST => crate::Error::Exists(text),
-            libc::ESRCH | libc::ENOENT | libc::ENODEV => crate::Error::NotFound(text),
-            _ => crate::Error::Netlink(text),
+    /// NotFound, everything else -> Netlink; `op` says what was being done
+    /// to which object.
+    pub(crate) fn into_error(self, op: impl fmt::Display) -> crate::Error {
+        let errno = self.errno;
+        let e = self.into_netlink(op);
+        match errno {
+            Errno::EEXIST => crate::Error::Exists(e.to_string()),
+            Errno::ESRCH | Errno::ENOENT | Errno::ENODEV => crate::Error::NotFound(e.to_string()),
+            _ => crate::Error::Netlink(e),
         }
     }
 }
 
 impl fmt::Display for NlError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let os = std::io::Error::from_raw_os_error(self.errno);
-        if self.detail.is_empty() {
-            write!(f, "{os}")
-        } else {
-            write!(f, "{os} ({})", self.detail)
+        let os = std::io::Error::from_raw_os_error(self.errno as i32);
+        match self.ext_ack.as_deref().or(self.local) {
+            None => write!(f, "{os}"),
+            Some(d) => write!(f, "{os} ({d})"),
         }
     }
 }
@@ -85,87 +112,76 @@ pub(crate) enum Reply {
     Other,
 }
 
-/// Parses every netlink message in one datagram.
+/// Parses every netlink message in one datagram (headers and error
+/// messages through `netlink-packet-core`'s checked buffers).
 pub(crate) fn parse_datagram(buf: &[u8], mut f: impl FnMut(Reply)) -> Result<(), NlError> {
+    let malformed = || NlError::local(Errno::EIO, "malformed netlink message");
     let mut off = 0;
     while off + NLMSG_HDRLEN <= buf.len() {
-        let len = u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap()) as usize;
-        if len < NLMSG_HDRLEN || off + len > buf.len() {
-            return Err(NlError::new(libc::EIO, "malformed netlink message"));
-        }
-        let ty = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().unwrap());
-        let flags = u16::from_ne_bytes(buf[off + 6..off + 8].try_into().unwrap());
-        let seq = u32::from_ne_bytes(buf[off + 8..off + 12].try_into().unwrap());
-        let payload = &buf[off + NLMSG_HDRLEN..off + len];
+        let msg = NetlinkBuffer::new_checked(&buf[off..]).map_err(|_| malformed())?;
+        let hdr = NetlinkHeader::parse(&msg).map_err(|_| malformed())?;
+        let len = hdr.length as usize;
+        let payload = msg.payload();
+        let (ty, flags, seq) = (hdr.message_type, hdr.flags, hdr.sequence_number);
         match ty {
-            NLMSG_ERROR | NLMSG_DONE => {
-                let code = if payload.len() >= 4 {
-                    i32::from_ne_bytes(payload[0..4].try_into().unwrap())
-                } else {
-                    0
-                };
-                let err = (code != 0).then(|| {
-                    NlError::new(
-                        -code,
-                        ext_ack_message(ty, flags, payload).unwrap_or_default(),
-                    )
+            NLMSG_ERROR => {
+                // A truncated error message is an error we cannot read.
+                let e = ErrorBuffer::new_checked(payload).map_err(|_| malformed())?;
+                let err = e
+                    .code()
+                    .map(|code| NlError::kernel(code.get(), error_ext_ack(flags, e.payload())));
+                f(Reply::Status(seq, err));
+            }
+            NLMSG_DONE => {
+                // A bare done (no error code) ends a dump successfully.
+                let err = DoneBuffer::new_checked(payload).ok().and_then(|d| {
+                    (d.code() != 0).then(|| {
+                        let ack = (flags & NLM_F_ACK_TLVS != 0)
+                            .then(|| ext_ack_message(d.extended_ack()))
+                            .flatten();
+                        NlError::kernel(d.code(), ack)
+                    })
                 });
-                f(if ty == NLMSG_ERROR {
-                    Reply::Status(seq, err)
-                } else {
-                    Reply::Done(seq, err)
-                });
+                f(Reply::Done(seq, err));
             }
             NLMSG_NOOP | NLMSG_OVERRUN => f(Reply::Other),
-            _ => {
-                let mut hdr = NetlinkHeader::default();
-                hdr.length = len as u32;
-                hdr.message_type = ty;
-                hdr.flags = flags;
-                hdr.sequence_number = seq;
-                match RouteNetlinkMessage::deserialize(&hdr, payload) {
-                    Ok(m) => f(Reply::Msg(seq, flags, Box::new(m))),
-                    Err(e) => {
-                        tracing::debug!(ty, "undecodable netlink message: {e}");
-                        f(Reply::Other)
-                    }
+            _ => match RouteNetlinkMessage::deserialize(&hdr, payload) {
+                Ok(m) => f(Reply::Msg(seq, flags, Box::new(m))),
+                Err(e) => {
+                    tracing::debug!(ty, "undecodable netlink message: {e}");
+                    f(Reply::Other)
                 }
-            }
+            },
         }
         off += (len + 3) & !3;
     }
     Ok(())
 }
 
-/// The `NLMSGERR_ATTR_MSG` string of an error (or done) message, if present.
-fn ext_ack_message(ty: u16, flags: u16, payload: &[u8]) -> Option<String> {
+/// The extended ack message of an `NLMSG_ERROR` whose payload after the
+/// error code is `rest`: the request's header (capped) or the whole request,
+/// then the attributes.
+fn error_ext_ack(flags: u16, rest: &[u8]) -> Option<String> {
     if flags & NLM_F_ACK_TLVS == 0 {
         return None;
     }
-    let mut off = if ty == NLMSG_ERROR {
-        // error code, then the request's header (capped) or whole request.
-        let orig_len = if flags & NLM_F_CAPPED != 0 {
-            NLMSG_HDRLEN
-        } else {
-            let l = payload.get(4..8)?;
-            u32::from_ne_bytes(l.try_into().ok()?) as usize
-        };
-        4 + ((orig_len + 3) & !3)
+    let orig_len = if flags & NLM_F_CAPPED != 0 {
+        NLMSG_HDRLEN
     } else {
-        4
+        NetlinkBuffer::new_checked(rest).ok()?.length() as usize
     };
-    while off + 4 <= payload.len() {
-        let nla_len = u16::from_ne_bytes(payload[off..off + 2].try_into().ok()?) as usize;
-        let nla_ty = u16::from_ne_bytes(payload[off + 2..off + 4].try_into().ok()?) & 0x3fff;
-        if nla_len < 4 || off + nla_len > payload.len() {
-            return None;
-        }
-        if nla_ty == NLMSGERR_ATTR_MSG {
-            let v = &payload[off + 4..off + nla_len];
+    ext_ack_message(rest.get((orig_len + 3) & !3..)?)
+}
+
+/// The `NLMSGERR_ATTR_MSG` string among extended ack attributes.
+fn ext_ack_message(attrs: &[u8]) -> Option<String> {
+    for nla in NlasIterator::new(attrs) {
+        let nla = nla.ok()?;
+        if nla.kind() == NLMSGERR_ATTR_MSG {
+            let v = nla.value();
             let v = v.split(|b| *b == 0).next().unwrap_or(v);
             return Some(String::from_utf8_lossy(v).into_owned());
         }
-        off += (nla_len + 3) & !3;
     }
     None
 }
@@ -219,25 +235,18 @@ impl NlSocket {
     }
 
     /// Receives one datagram into `self.rbuf`; returns its length.
-    fn recv(&mut self, flags: libc::c_int) -> Result<usize, std::io::Error> {
+    fn recv(&mut self, flags: MsgFlags) -> Result<usize, std::io::Error> {
         loop {
-            // SAFETY: rbuf is a valid writable buffer of the given length.
-            let n = unsafe {
-                libc::recv(
-                    self.sock.as_raw_fd(),
-                    self.rbuf.as_mut_ptr().cast(),
-                    self.rbuf.len(),
-                    flags | libc::MSG_TRUNC,
-                )
+            // MSG_TRUNC: the datagram's real length, even if it did not fit.
+            let n = match nix::sys::socket::recv(
+                self.sock.as_raw_fd(),
+                &mut self.rbuf,
+                flags | MsgFlags::MSG_TRUNC,
+            ) {
+                Ok(n) => n,
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
             };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            let n = n as usize;
             if n > self.rbuf.len() {
                 // Cannot happen with a 256 KiB buffer; do not parse garbage.
                 self.rbuf.resize(n, 0);
@@ -293,7 +302,11 @@ impl NlSocket {
         let mut done = false;
         let mut nonblocking = false;
         while !done {
-            let flags = if nonblocking { libc::MSG_DONTWAIT } else { 0 };
+            let flags = if nonblocking {
+                MsgFlags::MSG_DONTWAIT
+            } else {
+                MsgFlags::empty()
+            };
             let n = match self.recv(flags) {
                 Ok(n) => n,
                 Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) && !nonblocking => {
@@ -301,8 +314,8 @@ impl NlSocket {
                     // unknown. Say so, then drain what is still queued (the
                     // kernel answers a request before `send` returns).
                     for r in results.iter_mut().filter(|r| r.is_ok()) {
-                        *r = Err(NlError::new(
-                            libc::ENOBUFS,
+                        *r = Err(NlError::local(
+                            Errno::ENOBUFS,
                             "reply lost (netlink receive queue overrun); state unknown",
                         ));
                     }
@@ -326,7 +339,7 @@ impl NlSocket {
                         match status {
                             Some(e) => results[idx] = Err(e),
                             None => {
-                                if matches!(&results[idx], Err(e) if e.errno == libc::ENOBUFS) {
+                                if matches!(&results[idx], Err(e) if e.errno == Errno::ENOBUFS) {
                                     results[idx] = Ok(());
                                 }
                             }
@@ -369,7 +382,7 @@ impl NlSocket {
             Reply::Status(s, st) if s == seq => {
                 if out.is_none() {
                     out = Some(Err(st.unwrap_or_else(|| {
-                        NlError::new(libc::EIO, "kernel acked a get without answering")
+                        NlError::local(Errno::EIO, "kernel acked a get without answering")
                     })));
                 }
                 true
@@ -380,7 +393,7 @@ impl NlSocket {
             }
             _ => false,
         })?;
-        out.unwrap_or_else(|| Err(NlError::new(libc::EIO, "no reply")))
+        out.unwrap_or_else(|| Err(NlError::local(Errno::EIO, "no reply")))
     }
 
     /// A dump; retried when the kernel says it was interrupted by changes.
@@ -406,9 +419,10 @@ impl NlSocket {
                     true
                 }
                 Reply::Status(s, st) if s == seq => {
-                    failed = Some(
-                        st.unwrap_or_else(|| NlError::new(libc::EIO, "dump acked without data")),
-                    );
+                    failed =
+                        Some(st.unwrap_or_else(|| {
+                            NlError::local(Errno::EIO, "dump acked without data")
+                        }));
                     true
                 }
                 _ => false,
@@ -434,7 +448,9 @@ impl NlSocket {
     fn read_until(&mut self, mut f: impl FnMut(Reply) -> bool) -> Result<(), NlError> {
         let mut done = false;
         while !done {
-            let n = self.recv(0).map_err(|e| NlError::io(e, "netlink recv"))?;
+            let n = self
+                .recv(MsgFlags::empty())
+                .map_err(|e| NlError::io(e, "netlink recv"))?;
             let rbuf = std::mem::take(&mut self.rbuf);
             let r = parse_datagram(&rbuf[..n], |reply| {
                 if !done {
@@ -462,21 +478,123 @@ fn push_msg(buf: &mut Vec<u8>, msg: RouteNetlinkMessage, flags: u16, seq: u32) {
 }
 
 /// Raises the socket's receive queue (SO_RCVBUFFORCE when privileged, else
-/// up to rmem_max) and returns what the kernel granted.
+/// SO_RCVBUF, capped by the kernel at rmem_max) and returns what the kernel
+/// granted.
 pub(crate) fn grow_rcvbuf(sock: &Socket, want: usize) -> usize {
-    let val = want as libc::c_int;
-    // SAFETY: plain setsockopt with a c_int option value.
-    let forced = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&val as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if forced != 0 {
-        let _ = sock.set_rx_buf_sz(val);
+    if setsockopt(sock, RcvBufForce, &want).is_err() {
+        // An int, as SO_RCVBUF wants it.
+        let _ = sock.set_rx_buf_sz(libc::c_int::try_from(want).unwrap_or(libc::c_int::MAX));
     }
     sock.get_rx_buf_sz().unwrap_or(212_992)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A netlink message: header, then `payload` (padded).
+    fn msg(ty: u16, flags: u16, seq: u32, payload: &[u8]) -> Vec<u8> {
+        let len = (NLMSG_HDRLEN + payload.len()) as u32;
+        let mut m = Vec::new();
+        m.extend_from_slice(&len.to_ne_bytes());
+        m.extend_from_slice(&ty.to_ne_bytes());
+        m.extend_from_slice(&flags.to_ne_bytes());
+        m.extend_from_slice(&seq.to_ne_bytes());
+        m.extend_from_slice(&0u32.to_ne_bytes());
+        m.extend_from_slice(payload);
+        m.resize((m.len() + 3) & !3, 0);
+        m
+    }
+
+    fn ext_ack_attr(text: &str) -> Vec<u8> {
+        let mut v = text.as_bytes().to_vec();
+        v.push(0);
+        let mut a = Vec::new();
+        a.extend_from_slice(&((4 + v.len()) as u16).to_ne_bytes());
+        a.extend_from_slice(&NLMSGERR_ATTR_MSG.to_ne_bytes());
+        a.extend_from_slice(&v);
+        a.resize((a.len() + 3) & !3, 0);
+        a
+    }
+
+    fn replies(buf: &[u8]) -> Result<Vec<(char, u32, Option<NlError>)>, NlError> {
+        let mut out = Vec::new();
+        parse_datagram(buf, |r| match r {
+            Reply::Status(s, e) => out.push(('s', s, e)),
+            Reply::Done(s, e) => out.push(('d', s, e)),
+            Reply::Msg(s, _, _) => out.push(('m', s, None)),
+            Reply::Other => out.push(('o', 0, None)),
+        })?;
+        Ok(out)
+    }
+
+    #[test]
+    fn errors_acks_and_extended_acks() {
+        // An ack, then EEXIST with a capped request header and an ext ack.
+        let mut buf = msg(NLMSG_ERROR, 0, 7, &[0; 20]);
+        let mut p = (-libc::EEXIST).to_ne_bytes().to_vec();
+        p.extend_from_slice(&msg(24, 0, 8, &[])); // the request's header
+        p.extend(ext_ack_attr("Route exists"));
+        buf.extend(msg(NLMSG_ERROR, NLM_F_CAPPED | NLM_F_ACK_TLVS, 8, &p));
+        // An uncapped error carries the whole request before the attributes.
+        let mut p = (-libc::ERANGE).to_ne_bytes().to_vec();
+        p.extend_from_slice(&msg(16, 0, 9, &[1, 2, 3, 4, 5]));
+        p.extend(ext_ack_attr("MTU too large"));
+        buf.extend(msg(NLMSG_ERROR, NLM_F_ACK_TLVS, 9, &p));
+        // A dump that failed, and a bare done.
+        let mut p = (-libc::EINTR).to_ne_bytes().to_vec();
+        p.extend(ext_ack_attr("dump interrupted"));
+        buf.extend(msg(NLMSG_DONE, NLM_F_ACK_TLVS, 10, &p));
+        buf.extend(msg(NLMSG_DONE, 0, 11, &[]));
+        buf.extend(msg(NLMSG_NOOP, 0, 0, &[]));
+
+        let r = replies(&buf).unwrap();
+        assert_eq!(r.len(), 6);
+        assert_eq!(r[0], ('s', 7, None));
+        let e = r[1].2.clone().unwrap();
+        assert_eq!((r[1].1, e.errno), (8, Errno::EEXIST));
+        assert_eq!(e.ext_ack.as_deref(), Some("Route exists"));
+        let e = r[2].2.clone().unwrap();
+        assert_eq!(
+            (e.errno, e.ext_ack.as_deref()),
+            (Errno::ERANGE, Some("MTU too large"))
+        );
+        assert_eq!(
+            e.into_error("creating veth x").to_string(),
+            "netlink: creating veth x: Numerical result out of range (os error 34) (MTU too large)"
+        );
+        let e = r[3].2.clone().unwrap();
+        assert_eq!((r[3].0, e.errno), ('d', Errno::EINTR));
+        assert_eq!(e.ext_ack.as_deref(), Some("dump interrupted"));
+        assert_eq!(r[4], ('d', 11, None));
+        assert_eq!(r[5].0, 'o');
+    }
+
+    #[test]
+    fn kinds_of_errno() {
+        let k = |errno| NlError::local(errno, "x").into_error("op");
+        assert!(
+            matches!(k(Errno::EEXIST), crate::Error::Exists(m) if m == "op: File exists (os error 17) (x)")
+        );
+        for errno in [Errno::ESRCH, Errno::ENOENT, Errno::ENODEV] {
+            assert!(matches!(k(errno), crate::Error::NotFound(_)));
+        }
+        assert!(
+            matches!(k(Errno::ENETUNREACH), crate::Error::Netlink(n) if n.errno == Errno::ENETUNREACH && n.op == "op")
+        );
+    }
+
+    #[test]
+    fn malformed_datagrams_are_refused() {
+        let mut m = msg(NLMSG_ERROR, 0, 1, &[0; 4]);
+        m[0] = 200; // length beyond the datagram
+        assert!(replies(&m).is_err());
+        let mut m = msg(NLMSG_ERROR, 0, 1, &[0; 4]);
+        m[0] = 8; // shorter than a header
+        assert!(replies(&m).is_err());
+        // An error message too short for its code.
+        assert!(replies(&msg(NLMSG_ERROR, 0, 1, &[])).is_err());
+        // Trailing bytes shorter than a header are ignored.
+        assert!(replies(&[0; 8]).unwrap().is_empty());
+    }
 }

@@ -1,0 +1,133 @@
+//! Conversions between the store's and IPAM's plain data and protobuf. The
+//! one place that knows both shapes; services and intent only call it.
+use crate::{
+    error::{Error, Result},
+    ipam::{parse_addr, parse_cidr, AllocationView},
+};
+use std::net::IpAddr;
+use tabby_proto::v1 as pb;
+use tabby_store::{Block, Encapsulation, Node, Pool};
+
+/// Parses a list of addresses.
+pub(crate) fn parse_addrs(v: &[String]) -> Result<Vec<IpAddr>> {
+    v.iter().map(|s| parse_addr(s)).collect()
+}
+
+/// Converts a protobuf encapsulation to the stored one.
+pub(crate) fn encap_from_pb(v: i32) -> Result<Encapsulation> {
+    Ok(match pb::Encapsulation::try_from(v) {
+        Ok(pb::Encapsulation::None) => Encapsulation::None,
+        Ok(pb::Encapsulation::Vxlan) => Encapsulation::Vxlan,
+        Ok(pb::Encapsulation::VxlanCrossSubnet) => Encapsulation::VxlanCrossSubnet,
+        Ok(pb::Encapsulation::Ipip) => Encapsulation::Ipip,
+        Ok(pb::Encapsulation::IpipCrossSubnet) => Encapsulation::IpipCrossSubnet,
+        Err(_) => {
+            return Err(Error::InvalidArgument(format!(
+                "encapsulation {v} is unknown: use ENCAPSULATION_NONE, _VXLAN, _VXLAN_CROSS_SUBNET, _IPIP or _IPIP_CROSS_SUBNET"
+            )))
+        }
+    })
+}
+
+/// Converts a stored encapsulation to its protobuf enum.
+pub fn encap_to_pb(e: Encapsulation) -> pb::Encapsulation {
+    match e {
+        Encapsulation::None => pb::Encapsulation::None,
+        Encapsulation::Vxlan => pb::Encapsulation::Vxlan,
+        Encapsulation::VxlanCrossSubnet => pb::Encapsulation::VxlanCrossSubnet,
+        Encapsulation::Ipip => pb::Encapsulation::Ipip,
+        Encapsulation::IpipCrossSubnet => pb::Encapsulation::IpipCrossSubnet,
+    }
+}
+
+/// Converts a stored pool to protobuf.
+pub fn pool_to_pb(p: &Pool) -> pb::Pool {
+    pb::Pool {
+        name: p.name.clone(),
+        cidr: p.cidr.to_string(),
+        block_size: p.block_size as u32,
+        nat_outgoing: p.nat_outgoing,
+        encapsulation: encap_to_pb(p.encapsulation) as i32,
+        disabled: p.disabled,
+        node_selector: p.node_selector.clone(),
+    }
+}
+
+/// Converts a protobuf pool to a stored one; validates the CIDR and block size.
+pub(crate) fn pool_from_pb(p: pb::Pool) -> Result<Pool> {
+    let block_size = u8::try_from(p.block_size).map_err(|_| {
+        Error::InvalidArgument(format!("block size /{} is out of range", p.block_size))
+    })?;
+    Ok(Pool {
+        cidr: parse_cidr(&p.cidr)?,
+        name: p.name,
+        block_size,
+        nat_outgoing: p.nat_outgoing,
+        encapsulation: encap_from_pb(p.encapsulation)?,
+        disabled: p.disabled,
+        node_selector: p.node_selector,
+    })
+}
+
+/// Converts a stored node to protobuf (node lists and intent alike).
+pub fn node_to_pb(n: &Node) -> pb::Node {
+    pb::Node {
+        name: n.name.clone(),
+        addresses: n.addresses.iter().map(ToString::to_string).collect(),
+        labels: n.labels.clone().into_iter().collect(),
+    }
+}
+
+/// Converts an allocation to protobuf.
+pub(crate) fn alloc_to_pb(a: &AllocationView) -> pb::Allocation {
+    pb::Allocation {
+        address: a.address.to_string(),
+        handle: a.handle.clone(),
+        node: a.node.clone(),
+        block: a.block.to_string(),
+        block_affinity: a.block_affinity.clone().unwrap_or_default(),
+        borrowed: a.borrowed(),
+    }
+}
+
+/// The answer to a release.
+pub(crate) fn release_to_pb(v: Vec<IpAddr>, rev: u64) -> pb::ReleaseResponse {
+    pb::ReleaseResponse {
+        released: v.iter().map(ToString::to_string).collect(),
+        revision: rev,
+    }
+}
+
+/// Converts a pool to its intent form.
+pub(crate) fn intent_pool(p: &Pool) -> pb::IntentPool {
+    pb::IntentPool {
+        name: p.name.clone(),
+        cidr: p.cidr.to_string(),
+        nat_outgoing: p.nat_outgoing,
+        encapsulation: encap_to_pb(p.encapsulation) as i32,
+        disabled: p.disabled,
+    }
+}
+
+/// Converts a block to its intent form.
+pub(crate) fn intent_block(b: &Block) -> pb::IntentBlock {
+    pb::IntentBlock {
+        cidr: b.cidr.to_string(),
+        node: b.affinity.clone().unwrap_or_default(),
+        pool: b.pool.clone(),
+    }
+}
+
+/// Converts one route of the routing model's cluster table to protobuf.
+pub fn cluster_route_to_pb(r: tabby_routing::ClusterRoute) -> pb::ClusterRoute {
+    // Both enums carry the proto's names.
+    let encapsulation = pb::Encapsulation::from_str_name(r.encapsulation.as_str_name())
+        .unwrap_or(pb::Encapsulation::None);
+    pb::ClusterRoute {
+        destination: r.destination.to_string(),
+        node: r.node,
+        next_hop: r.next_hop.map(|h| h.to_string()).unwrap_or_default(),
+        kind: r.kind.as_str().into(),
+        encapsulation: encapsulation as i32,
+    }
+}

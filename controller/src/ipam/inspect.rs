@@ -1,0 +1,245 @@
+//! Inspection and repair: utilization, the consistency check, and the admin
+//! release that repairs what the check finds.
+use super::{
+    addr::addr_at,
+    records::{
+        BlockUsage, IpamUsage, LeakRelease, NodeUsage, PoolUsage, Problem, ProblemKind, Slot,
+    },
+    IpamState,
+};
+use crate::error::Result;
+use ipnet::IpNet;
+use std::{collections::BTreeMap, net::IpAddr};
+use tabby_store::{Allocation, Mutation};
+
+impl IpamState {
+    /// Utilization per pool, node and block.
+    pub fn usage(&self) -> IpamUsage {
+        let mut u = IpamUsage::default();
+        for p in self.pools.values() {
+            let host_bits = (p.rec.cidr.max_prefix_len() - p.rec.cidr.prefix_len()) as u32;
+            let size = 1u64.checked_shl(host_bits).unwrap_or(u64::MAX);
+            let blocks = self.blocks_in(&p.rec.cidr);
+            let used = blocks.iter().map(|c| self.blocks[c].used() as u64).sum();
+            u.pools.push(PoolUsage {
+                pool: p.rec.clone(),
+                size,
+                blocks: blocks.len() as u64,
+                used,
+            });
+        }
+        let mut nodes: BTreeMap<String, NodeUsage> = self
+            .nodes
+            .keys()
+            .map(|n| {
+                (
+                    n.clone(),
+                    NodeUsage {
+                        name: n.clone(),
+                        ..Default::default()
+                    },
+                )
+            })
+            .collect();
+        for (n, set) in &self.node_blocks {
+            nodes
+                .entry(n.clone())
+                .or_insert_with(|| NodeUsage {
+                    name: n.clone(),
+                    ..Default::default()
+                })
+                .blocks = set.iter().copied().collect();
+        }
+        for b in self.blocks.values() {
+            for s in &b.slots {
+                if let Slot::Used(a) = s {
+                    let e = nodes.entry(a.node.clone()).or_insert_with(|| NodeUsage {
+                        name: a.node.clone(),
+                        ..Default::default()
+                    });
+                    e.addresses += 1;
+                    if b.rec.affinity.as_deref() != Some(a.node.as_str()) {
+                        e.borrowed += 1;
+                    }
+                }
+            }
+            u.blocks.push(BlockUsage {
+                block: b.rec.clone(),
+                size: b.slots.len() as u64,
+                used: b.used() as u64,
+            });
+        }
+        u.nodes = nodes.into_values().collect();
+        u
+    }
+
+    /// Number of allocated addresses and of handles.
+    pub fn counts(&self) -> (u64, u64) {
+        let alloc =
+            self.blocks.values().map(|b| b.used() as u64).sum::<u64>() + self.orphans.len() as u64;
+        (alloc, self.handles.len() as u64)
+    }
+
+    /// Consistency check.
+    pub fn check(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        let mut seen: BTreeMap<IpAddr, &Allocation> = BTreeMap::new();
+        for b in self.blocks.values() {
+            let c = b.rec.cidr;
+            let in_pool = self
+                .pools
+                .get(&b.rec.pool)
+                .is_some_and(|p| p.rec.cidr.contains(&c));
+            if !in_pool {
+                out.push(Problem {
+                    kind: ProblemKind::BlockOutsidePools,
+                    address: None,
+                    handle: None,
+                    block: Some(c),
+                    detail: format!(
+                        "block {c} claims pool {:?}, which does not exist or does not contain it; recreate the pool or release the block's addresses",
+                        b.rec.pool
+                    ),
+                    repairable: false,
+                });
+            }
+            if let Some(n) = &b.rec.affinity {
+                if !self.nodes.contains_key(n) {
+                    out.push(Problem {
+                        kind: ProblemKind::BlockOfUnknownNode,
+                        address: None,
+                        handle: None,
+                        block: Some(c),
+                        detail: format!(
+                            "block {c} is affine to node {n:?}, which is not registered; DeleteNode {n:?} frees it once empty"
+                        ),
+                        repairable: false,
+                    });
+                }
+            }
+            for (o, s) in b.slots.iter().enumerate() {
+                if let Slot::Used(al) = s {
+                    let a = addr_at(&c, o as u32);
+                    seen.insert(a, al);
+                    self.check_alloc(a, al, b.rec.affinity.as_deref(), Some(c), &mut out);
+                }
+            }
+        }
+        for (a, al) in &self.orphans {
+            seen.insert(*a, al);
+            out.push(Problem {
+                kind: ProblemKind::AddressWithoutHandle,
+                address: Some(*a),
+                handle: Some(al.handle.clone()),
+                block: None,
+                detail: format!("{a} is recorded as allocated but lies in no block; release it"),
+                repairable: true,
+            });
+        }
+        let mut handles: Vec<_> = self.handles.iter().collect();
+        handles.sort_by(|x, y| x.0.cmp(y.0));
+        for (hid, h) in handles {
+            for a in &h.addresses {
+                if seen.get(a).map(|al| al.handle.as_str()) != Some(hid.as_str()) {
+                    out.push(Problem {
+                        kind: ProblemKind::HandlePointsNowhere,
+                        address: Some(*a),
+                        handle: Some(hid.clone()),
+                        block: self.block_key_containing(*a),
+                        detail: format!(
+                            "handle {hid:?} lists {a}, which is not allocated to it; repair drops it from the handle"
+                        ),
+                        repairable: true,
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    fn check_alloc(
+        &self,
+        a: IpAddr,
+        al: &Allocation,
+        affinity: Option<&str>,
+        block: Option<IpNet>,
+        out: &mut Vec<Problem>,
+    ) {
+        let listed = self
+            .handles
+            .get(&al.handle)
+            .is_some_and(|h| h.addresses.contains(&a));
+        if !listed {
+            out.push(Problem {
+                kind: ProblemKind::AddressWithoutHandle,
+                address: Some(a),
+                handle: Some(al.handle.clone()),
+                block,
+                detail: format!(
+                    "{a} is allocated to handle {:?}, which does not list it: nothing will release it (leaked)",
+                    al.handle
+                ),
+                repairable: true,
+            });
+        }
+        if affinity != Some(al.node.as_str()) {
+            out.push(Problem {
+                kind: ProblemKind::BorrowedAddress,
+                address: Some(a),
+                handle: Some(al.handle.clone()),
+                block,
+                detail: format!(
+                    "{a} on node {:?} is borrowed from block {} affine to {:?} (valid; routed by its own /32)",
+                    al.node,
+                    block.map(|b| b.to_string()).unwrap_or_default(),
+                    affinity.unwrap_or("")
+                ),
+                repairable: false,
+            });
+        }
+    }
+
+    /// Admin release: the listed addresses, and with `repair` every
+    /// repairable problem of [`IpamState::check`].
+    pub fn release_leaked(
+        &mut self,
+        addresses: &[IpAddr],
+        repair: bool,
+    ) -> Result<(LeakRelease, Mutation)> {
+        let mut out = LeakRelease::default();
+        let mut ops = Vec::new();
+        for a in addresses {
+            match self.holder(*a).cloned() {
+                Some(al) => {
+                    self.free_slot(*a, &mut ops);
+                    self.drop_from_handle(&al.handle, *a, &mut ops);
+                    out.released.push(*a);
+                }
+                None => out.not_allocated.push(*a),
+            }
+        }
+        if repair {
+            for p in self.check() {
+                if !p.repairable {
+                    continue;
+                }
+                match (p.kind, p.address, p.handle) {
+                    (ProblemKind::AddressWithoutHandle, Some(a), _)
+                        if self.free_slot(a, &mut ops) =>
+                    {
+                        out.released.push(a);
+                    }
+                    (ProblemKind::HandlePointsNowhere, Some(a), Some(h)) => {
+                        let before = self.handles.contains_key(&h);
+                        self.drop_from_handle(&h, a, &mut ops);
+                        if before && !self.handles.contains_key(&h) {
+                            out.handles_removed.push(h);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok((out, Mutation { ops }))
+    }
+}

@@ -1,0 +1,200 @@
+//! Records: what the state holds per block and pool, and the plain data
+//! that requests carry in and answers carry out.
+use super::{addr::block_len, selector::Selector};
+use ipnet::IpNet;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+use tabby_store::{Allocation, Block, Encapsulation, Pool};
+
+#[derive(Debug, Clone)]
+pub(super) enum Slot {
+    /// Free; `seq` is the release order (0: never released).
+    Free {
+        seq: u64,
+    },
+    Used(Allocation),
+}
+
+#[derive(Debug, Clone)]
+pub(super) struct BlockState {
+    pub(super) rec: Block,
+    pub(super) slots: Vec<Slot>,
+    /// Free ordinals ordered by (release seq, ordinal): least recently released first.
+    pub(super) free: BTreeSet<(u64, u32)>,
+}
+
+impl BlockState {
+    pub(super) fn new(rec: Block) -> BlockState {
+        let n = block_len(&rec.cidr);
+        BlockState {
+            rec,
+            slots: vec![Slot::Free { seq: 0 }; n as usize],
+            free: (0..n).map(|o| (0, o)).collect(),
+        }
+    }
+    pub(super) fn used(&self) -> u32 {
+        self.slots.len() as u32 - self.free.len() as u32
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(super) struct PoolState {
+    pub(super) rec: Pool,
+    pub(super) selector: Selector,
+}
+
+/// One assigned address as reported to callers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllocationView {
+    /// The address.
+    pub address: IpAddr,
+    /// The handle holding it.
+    pub handle: String,
+    /// The node holding it.
+    pub node: String,
+    /// Its block.
+    pub block: IpNet,
+    /// Node the block is affine to.
+    pub block_affinity: Option<String>,
+}
+
+impl AllocationView {
+    /// Borrowed from another node's block.
+    pub fn borrowed(&self) -> bool {
+        self.block_affinity.as_deref() != Some(self.node.as_str())
+    }
+}
+
+/// What to assign.
+#[derive(Debug, Clone, Default)]
+pub struct AssignRequest {
+    /// Handle id.
+    pub handle: String,
+    /// Attributes kept with the handle.
+    pub attributes: BTreeMap<String, String>,
+    /// IPv4 addresses wanted (0 or 1).
+    pub num_v4: u32,
+    /// IPv6 addresses wanted (0 or 1).
+    pub num_v6: u32,
+    /// Specific addresses wanted.
+    pub requested: Vec<IpAddr>,
+}
+
+/// Changes to a pool; `None` keeps the current value.
+#[derive(Debug, Clone, Default)]
+pub struct PoolUpdate {
+    /// New nat_outgoing.
+    pub nat_outgoing: Option<bool>,
+    /// New encapsulation.
+    pub encapsulation: Option<Encapsulation>,
+    /// New disabled flag.
+    pub disabled: Option<bool>,
+    /// New node selector.
+    pub node_selector: Option<String>,
+    /// Must equal the current CIDR if given.
+    pub cidr: Option<String>,
+    /// Must equal the current block size if given.
+    pub block_size: Option<u32>,
+}
+
+/// Utilization of a pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolUsage {
+    /// The pool.
+    pub pool: Pool,
+    /// Addresses in the pool (saturating).
+    pub size: u64,
+    /// Blocks claimed.
+    pub blocks: u64,
+    /// Addresses allocated.
+    pub used: u64,
+}
+
+/// Utilization of a node.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NodeUsage {
+    /// Node name.
+    pub name: String,
+    /// Affine blocks.
+    pub blocks: Vec<IpNet>,
+    /// Addresses held.
+    pub addresses: u64,
+    /// Of which borrowed.
+    pub borrowed: u64,
+}
+
+/// Utilization of a block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockUsage {
+    /// The block record.
+    pub block: Block,
+    /// Addresses in it.
+    pub size: u64,
+    /// Allocated.
+    pub used: u64,
+}
+
+/// The whole `ShowIpam` view.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct IpamUsage {
+    /// Per pool.
+    pub pools: Vec<PoolUsage>,
+    /// Per node (registered or holding blocks/addresses).
+    pub nodes: Vec<NodeUsage>,
+    /// Per block.
+    pub blocks: Vec<BlockUsage>,
+}
+
+/// Kinds of inconsistency `check` reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProblemKind {
+    /// Allocated address whose handle does not list it.
+    AddressWithoutHandle,
+    /// Handle lists an address not allocated to it.
+    HandlePointsNowhere,
+    /// Block in no pool.
+    BlockOutsidePools,
+    /// Block affine to an unregistered node.
+    BlockOfUnknownNode,
+    /// Borrowed address (informational).
+    BorrowedAddress,
+}
+
+/// One problem found by `check`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// What kind.
+    pub kind: ProblemKind,
+    /// Address concerned.
+    pub address: Option<IpAddr>,
+    /// Handle concerned.
+    pub handle: Option<String>,
+    /// Block concerned.
+    pub block: Option<IpNet>,
+    /// Explanation and fix.
+    pub detail: String,
+    /// Fixed by `release_leaked(repair = true)`.
+    pub repairable: bool,
+}
+
+/// Result of an admin release.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LeakRelease {
+    /// Addresses released.
+    pub released: Vec<IpAddr>,
+    /// Listed addresses that were not allocated.
+    pub not_allocated: Vec<IpAddr>,
+    /// Dangling handle records removed.
+    pub handles_removed: Vec<String>,
+}
+
+/// Result of deleting a node.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NodeDeletion {
+    /// Empty blocks removed.
+    pub blocks_freed: Vec<IpNet>,
+    /// Blocks still holding addresses.
+    pub blocks_in_use: Vec<IpNet>,
+}

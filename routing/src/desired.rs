@@ -1,0 +1,211 @@
+//! From the cluster intent to one node's desired kernel state, and the
+//! cluster-wide route table built from the same intent.
+use crate::model::{Encapsulation, Intent, Route, RouteTarget};
+use ipnet::IpNet;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+/// The two interval sets of one NAT table (`ip tabby` or `ip6 tabby`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NatSets {
+    /// Pools with nat_outgoing.
+    pub masq: Vec<IpNet>,
+    /// Every pool.
+    pub all: Vec<IpNet>,
+}
+
+/// What one node's kernel should hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Desired {
+    /// Every tabby route.
+    pub routes: BTreeSet<Route>,
+    /// NAT sets for `ip tabby`.
+    pub nat_v4: NatSets,
+    /// NAT sets for `ip6 tabby`.
+    pub nat_v6: NatSets,
+    /// IPv6 forwarding needed (an IPv6 pool exists).
+    pub ipv6: bool,
+    /// Pools whose encapsulation is not applied yet.
+    pub unsupported: Vec<String>,
+    /// Blocks or addresses that could not be routed (owner has no address of the family).
+    pub unroutable: Vec<String>,
+}
+
+/// Whether remote destinations in `n` are routed plainly (no pool, or a pool
+/// without encapsulation). Encapsulated pools get no remote routes until
+/// overlays exist.
+fn plain(intent: &Intent, n: &IpNet) -> bool {
+    intent
+        .pool_of(n)
+        .is_none_or(|(_, p)| p.encapsulation == Encapsulation::None)
+}
+
+/// Computes node `me`'s desired state from the cluster intent: a blackhole
+/// for each of its own blocks, a route via the owner's address for every
+/// other node's block and for each address borrowed by another node, and the
+/// NAT sets. Its own borrowed addresses need nothing here: pod wiring gives
+/// them link routes.
+pub fn desired(intent: &Intent, me: &str) -> Desired {
+    let mut d = Desired::default();
+    for (name, p) in &intent.pools {
+        if p.encapsulation != Encapsulation::None {
+            d.unsupported.push(format!(
+                "pool {name} ({}) uses {}: not applied by this tabby-node; its remote blocks get no routes",
+                p.cidr,
+                p.encapsulation.as_str_name()
+            ));
+        }
+        let sets = if p.cidr.addr().is_ipv4() {
+            &mut d.nat_v4
+        } else {
+            &mut d.nat_v6
+        };
+        sets.all.push(p.cidr);
+        if p.nat_outgoing {
+            sets.masq.push(p.cidr);
+        }
+        d.ipv6 |= p.cidr.addr().is_ipv6();
+    }
+    for (cidr, b) in &intent.blocks {
+        match b.node.as_deref() {
+            Some(n) if n == me => {
+                d.routes.insert(Route {
+                    dst: *cidr,
+                    target: RouteTarget::Blackhole,
+                });
+            }
+            Some(n) if plain(intent, cidr) => match intent.node_addr(n, cidr) {
+                Some(gw) => {
+                    d.routes.insert(Route {
+                        dst: *cidr,
+                        target: RouteTarget::Via(gw),
+                    });
+                }
+                None => d.unroutable.push(format!(
+                    "block {cidr}: node {n} has no address of its family"
+                )),
+            },
+            _ => {}
+        }
+    }
+    for (a, holder) in &intent.borrowed {
+        let dst = IpNet::from(*a);
+        if holder == me || !plain(intent, &dst) {
+            continue;
+        }
+        match intent.node_addr(holder, &dst) {
+            Some(gw) => {
+                d.routes.insert(Route {
+                    dst,
+                    target: RouteTarget::Via(gw),
+                });
+            }
+            None => d.unroutable.push(format!(
+                "borrowed {a}: node {holder} has no address of its family"
+            )),
+        }
+    }
+    d
+}
+
+/// What a cluster route stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ClusterRouteKind {
+    /// A block, routed to its affine node.
+    Block,
+    /// An address borrowed from another node's block, routed to its holder.
+    Borrowed,
+    /// One of the node's own blocks (the node view only).
+    Blackhole,
+}
+
+impl ClusterRouteKind {
+    /// The name `ShowRoutes` prints.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClusterRouteKind::Block => "block",
+            ClusterRouteKind::Borrowed => "borrowed",
+            ClusterRouteKind::Blackhole => "blackhole",
+        }
+    }
+}
+
+/// One route of the cluster table, or of one node's view of it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ClusterRoute {
+    /// Destination: a block, or a borrowed address as a host prefix.
+    pub destination: IpNet,
+    /// Node the destination lives on.
+    pub node: String,
+    /// That node's address of the destination's family; None when it has none
+    /// (or for a blackhole).
+    pub next_hop: Option<IpAddr>,
+    /// What the route stands for.
+    pub kind: ClusterRouteKind,
+    /// The encapsulation of the destination's pool.
+    pub encapsulation: Encapsulation,
+}
+
+fn encapsulation_of(intent: &Intent, n: &IpNet) -> Encapsulation {
+    intent
+        .pool_of(n)
+        .map(|(_, p)| p.encapsulation)
+        .unwrap_or_default()
+}
+
+/// The cluster route table: every affine block and every borrowed address,
+/// with its node and next hop, ordered by destination. With `node`, only what
+/// that node installs (exactly [`desired`]'s routes), each with its origin.
+pub fn cluster_routes(intent: &Intent, node: Option<&str>) -> Vec<ClusterRoute> {
+    let owners: BTreeMap<IpNet, (&str, ClusterRouteKind)> = intent
+        .blocks
+        .iter()
+        .filter_map(|(c, b)| Some((*c, (b.node.as_deref()?, ClusterRouteKind::Block))))
+        .chain(
+            intent
+                .borrowed
+                .iter()
+                .map(|(a, n)| (IpNet::from(*a), (n.as_str(), ClusterRouteKind::Borrowed))),
+        )
+        .collect();
+    let mut v: Vec<ClusterRoute> = match node {
+        None => owners
+            .iter()
+            .map(|(dst, (n, kind))| ClusterRoute {
+                destination: *dst,
+                node: n.to_string(),
+                next_hop: intent.node_addr(n, dst),
+                kind: *kind,
+                encapsulation: encapsulation_of(intent, dst),
+            })
+            .collect(),
+        Some(me) => desired(intent, me)
+            .routes
+            .into_iter()
+            .map(|r| {
+                let (owner, kind) = owners
+                    .get(&r.dst)
+                    .copied()
+                    .unwrap_or((me, ClusterRouteKind::Block));
+                let (next_hop, kind) = match r.target {
+                    RouteTarget::Via(gw) => (Some(gw), kind),
+                    RouteTarget::Blackhole => (None, ClusterRouteKind::Blackhole),
+                };
+                ClusterRoute {
+                    destination: r.dst,
+                    node: owner.to_string(),
+                    next_hop,
+                    kind,
+                    encapsulation: encapsulation_of(intent, &r.dst),
+                }
+            })
+            .collect(),
+    };
+    v.sort();
+    v
+}
+
+#[cfg(test)]
+mod tests;

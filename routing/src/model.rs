@@ -1,0 +1,158 @@
+//! The cluster intent: pools, blocks, borrowed addresses and nodes, as the
+//! controller streams them, and the route values a node installs.
+use ipnet::IpNet;
+use std::{collections::BTreeMap, fmt, net::IpAddr};
+
+/// How inter-node traffic of a pool is carried.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Encapsulation {
+    /// Plain routes via the node address.
+    #[default]
+    None,
+    /// VXLAN to every node.
+    Vxlan,
+    /// VXLAN only across subnets.
+    VxlanCrossSubnet,
+    /// IP-in-IP to every node.
+    Ipip,
+    /// IP-in-IP only across subnets.
+    IpipCrossSubnet,
+}
+
+impl Encapsulation {
+    /// The proto enum's name (`ENCAPSULATION_VXLAN`), as operators see it.
+    pub fn as_str_name(self) -> &'static str {
+        match self {
+            Encapsulation::None => "ENCAPSULATION_NONE",
+            Encapsulation::Vxlan => "ENCAPSULATION_VXLAN",
+            Encapsulation::VxlanCrossSubnet => "ENCAPSULATION_VXLAN_CROSS_SUBNET",
+            Encapsulation::Ipip => "ENCAPSULATION_IPIP",
+            Encapsulation::IpipCrossSubnet => "ENCAPSULATION_IPIP_CROSS_SUBNET",
+        }
+    }
+}
+
+/// A pool as the data path sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolIntent {
+    /// Pool CIDR.
+    pub cidr: IpNet,
+    /// Masquerade egress.
+    pub nat_outgoing: bool,
+    /// Inter-node transport.
+    pub encapsulation: Encapsulation,
+}
+
+/// A block and its owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockIntent {
+    /// Affine node, if any.
+    pub node: Option<String>,
+    /// Pool name.
+    pub pool: String,
+}
+
+/// The cluster-wide intent.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Intent {
+    /// Revision of the last update applied.
+    pub revision: u64,
+    /// Blocks by CIDR.
+    pub blocks: BTreeMap<IpNet, BlockIntent>,
+    /// Borrowed addresses and the node holding each.
+    pub borrowed: BTreeMap<IpAddr, String>,
+    /// Pools by name.
+    pub pools: BTreeMap<String, PoolIntent>,
+    /// Node addresses by node name.
+    pub nodes: BTreeMap<String, Vec<IpAddr>>,
+}
+
+/// One change to the intent, already parsed: a snapshot replaces everything,
+/// a delta upserts and removes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IntentDelta {
+    /// Replace the whole intent with what this delta carries.
+    pub snapshot: bool,
+    /// Revision the intent is at after this delta.
+    pub revision: u64,
+    /// Blocks added or changed.
+    pub blocks: Vec<(IpNet, BlockIntent)>,
+    /// Blocks gone.
+    pub removed_blocks: Vec<IpNet>,
+    /// Borrowed addresses added or moved, with their holder.
+    pub borrowed: Vec<(IpAddr, String)>,
+    /// Borrowed addresses gone.
+    pub removed_borrowed: Vec<IpAddr>,
+    /// The complete pool list, when pools changed (always with a snapshot).
+    pub pools: Option<Vec<(String, PoolIntent)>>,
+    /// Nodes added or changed, with their addresses.
+    pub nodes: Vec<(String, Vec<IpAddr>)>,
+    /// Nodes gone.
+    pub removed_nodes: Vec<String>,
+}
+
+impl Intent {
+    /// Applies one delta (or snapshot).
+    pub fn apply(&mut self, d: IntentDelta) {
+        if d.snapshot {
+            *self = Intent::default();
+        }
+        for c in d.removed_blocks {
+            self.blocks.remove(&c);
+        }
+        self.blocks.extend(d.blocks);
+        for a in d.removed_borrowed {
+            self.borrowed.remove(&a);
+        }
+        self.borrowed.extend(d.borrowed);
+        if let Some(pools) = d.pools {
+            self.pools = pools.into_iter().collect();
+        }
+        for n in d.removed_nodes {
+            self.nodes.remove(&n);
+        }
+        self.nodes.extend(d.nodes);
+        self.revision = d.revision;
+    }
+
+    /// The pool whose CIDR contains `n`.
+    pub fn pool_of(&self, n: &IpNet) -> Option<(&String, &PoolIntent)> {
+        self.pools.iter().find(|(_, p)| p.cidr.contains(n))
+    }
+
+    /// `node`'s first address of `dst`'s family.
+    pub fn node_addr(&self, node: &str, dst: &IpNet) -> Option<IpAddr> {
+        self.nodes
+            .get(node)?
+            .iter()
+            .find(|a| a.is_ipv4() == dst.addr().is_ipv4())
+            .copied()
+    }
+}
+
+/// Where a tabby route sends traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RouteTarget {
+    /// `<dst> via <gateway>` (resolved on-link by the kernel).
+    Via(IpAddr),
+    /// `blackhole <dst>`.
+    Blackhole,
+}
+
+/// A route tabby owns (its own route protocol, main table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Route {
+    /// Destination.
+    pub dst: IpNet,
+    /// Target.
+    pub target: RouteTarget,
+}
+
+impl fmt::Display for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.target {
+            RouteTarget::Via(gw) => write!(f, "{} via {}", self.dst, gw),
+            RouteTarget::Blackhole => write!(f, "blackhole {}", self.dst),
+        }
+    }
+}

@@ -208,8 +208,8 @@ pub fn parse(verb: Verb, obj: Map<String, Value>) -> Result<NetConf, CniError> {
         ));
     }
     let mtu = raw.mtu.unwrap_or(0);
-    if mtu != 0 && !(68..=65535).contains(&mtu) {
-        return Err(CniError::config(format!("mtu {mtu} is outside 68..=65535")));
+    if mtu != 0 {
+        tabby_proto::limits::check_mtu(mtu).map_err(CniError::config)?;
     }
     let log_file = match raw.log_file {
         None => None,

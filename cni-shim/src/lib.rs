@@ -3,9 +3,10 @@
 //! (`tabby.v1.PodNetwork`), and prints the CNI result or error.
 //!
 //! Pure parts — [`verb`], [`env`], [`args`], [`config`], [`version`],
-//! [`result`], [`error`], [`plan`] — take plain data and return plain data.
-//! The edge — [`client`] and [`run`] — does the socket, stdin and stdout;
-//! the binary alone ends the process.
+//! [`result`], [`error`] — take plain data and return plain data; so does
+//! [`plan`], apart from its calls through [`plan::NodeApi`], which tests
+//! replace. The edge — [`client`] and [`run`] — does the socket, stdin and
+//! stdout; the binary alone ends the process.
 
 pub mod args;
 pub mod client;

@@ -2,6 +2,7 @@
 //! `tabby.v1.PodNetwork` server on a Unix socket in a temp dir. The fake
 //! only exercises the shim's own protocol handling; end-to-end tests against
 //! a real `tabby-node` live with the root tests.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

@@ -4,6 +4,7 @@
 //! controller's resident memory with all watchers attached.
 //!
 //! Run: `cargo bench -p tabby-controller --bench fanout`. Prints; asserts nothing.
+#![allow(clippy::unwrap_used)]
 #[path = "../tests/common/mod.rs"]
 mod common;
 

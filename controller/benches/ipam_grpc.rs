@@ -11,6 +11,7 @@
 //! built for this bench (`CARGO_BIN_EXE_tabby-controller`, release profile);
 //! `tabby-controller` beside the bench's own directory; or
 //! `<workspace>/target/release/tabby-controller`.
+#![allow(clippy::unwrap_used)]
 #[path = "../tests/common/mod.rs"]
 mod common;
 
@@ -87,8 +88,11 @@ fn cpu_time(pid: &str) -> Duration {
         .take(2)
         .filter_map(|x| x.parse().ok())
         .collect();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100)
+        .max(1) as f64;
     Duration::from_secs_f64(f.iter().sum::<u64>() as f64 / hz)
 }
 
@@ -258,7 +262,7 @@ fn pass(ok: bool) -> &'static str {
     }
 }
 
-async fn run() {
+async fn run() -> std::process::ExitCode {
     let (bin, how) = find_binary();
     if !bin.is_file() {
         eprintln!(
@@ -266,7 +270,7 @@ async fn run() {
              `cargo build --release -p tabby-controller` or set TABBY_CONTROLLER_BIN",
             bin.display()
         );
-        std::process::exit(2);
+        return std::process::ExitCode::from(2);
     }
     let dir = tempfile::Builder::new()
         .prefix("tabby-bench")
@@ -284,8 +288,7 @@ async fn run() {
     // Write back what the build just left dirty, so that its writeback does
     // not land on our fsyncs (it halved the rate when measured right after
     // a link).
-    // SAFETY: sync has no preconditions.
-    unsafe { libc::sync() };
+    nix::unistd::sync();
     let flush = sled_flush_cost(dir.path());
 
     let mut c = Controller::start_bin(&bin, &data, &[]);
@@ -423,12 +426,13 @@ async fn run() {
         "note: each counted Assign is followed by a ReleaseHandle, so the server answers twice as many calls; \
          client and server share {cpus} CPUs"
     );
+    std::process::ExitCode::SUCCESS
 }
 
-fn main() {
+fn main() -> std::process::ExitCode {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("tokio runtime")
-        .block_on(run());
+        .block_on(run())
 }

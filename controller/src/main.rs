@@ -1,7 +1,7 @@
 //! `tabby-controller`: IPAM and the control plane of tabby.
 use anyhow::Context;
 use clap::Parser;
-use std::{path::PathBuf, sync::Arc};
+use std::{path::PathBuf, process::ExitCode, sync::Arc};
 use tabby_controller::{ipam::parse_cidr, owner::Ipam, server, Error};
 use tabby_runtime::LogFormat;
 use tabby_store::{Encapsulation, Pool, Store};
@@ -80,7 +80,34 @@ async fn bootstrap(ipam: &Ipam, a: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn main() -> anyhow::Result<()> {
+/// EX_SOFTWARE: the IPAM owner failed.
+const EXIT_OWNER_FAILED: u8 = 70;
+
+fn main() -> ExitCode {
+    match start() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => match e.downcast::<OwnerFailed>() {
+            Ok(OwnerFailed(e)) => {
+                tracing::error!(error = %e, "the IPAM owner failed; exiting with code 70");
+                ExitCode::from(EXIT_OWNER_FAILED)
+            }
+            // As `main` returning the error would print it.
+            Err(e) => {
+                eprintln!("Error: {e:?}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+/// The IPAM owner stopped on an error (the store failed, a thread panicked):
+/// nothing more can be acknowledged. `main` exits with EX_SOFTWARE (70) as
+/// soon as it gets this; a restart recovers what is durable.
+#[derive(Debug, thiserror::Error)]
+#[error("the IPAM owner failed: {0}")]
+struct OwnerFailed(Error);
+
+fn start() -> anyhow::Result<()> {
     let args = Args::parse();
     tabby_runtime::init_logging(&args.log, args.log_format).context("--log")?;
     let workers = match args.worker_threads {
@@ -100,11 +127,17 @@ fn main() -> anyhow::Result<()> {
         b
     };
     // (With the current-thread scheduler this names only blocking-pool threads.)
-    rt.thread_name("tabby-grpc")
+    let rt = rt
+        .thread_name("tabby-grpc")
         .enable_all()
         .build()
-        .context("starting the async runtime")?
-        .block_on(run(args))
+        .context("starting the async runtime")?;
+    let r = rt.block_on(run(args));
+    if r.as_ref().is_err_and(|e| e.is::<OwnerFailed>()) {
+        // Stop at once: no waiting for blocking tasks of a dead owner.
+        rt.shutdown_background();
+    }
+    r
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -129,14 +162,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (ipam, mut owner) = Ipam::start(store.clone())?;
     tokio::select! {
         r = bootstrap(&ipam, &args) => r?,
-        e = owner.failed() => owner_failed(e),
+        e = owner.failed() => return Err(OwnerFailed(e).into()),
     }
 
     tracing::info!(listen = %listener.local_addr()?, "serving gRPC");
     let shutdown = tabby_runtime::shutdown_signal()?;
     tokio::select! {
         r = server::serve(listener, ipam, shutdown) => r?,
-        e = owner.failed() => owner_failed(e),
+        e = owner.failed() => return Err(OwnerFailed(e).into()),
     }
     // The server dropped its Ipam handles: the owner commits what is queued,
     // flushes and exits. Joined off the runtime thread, which keeps running
@@ -144,21 +177,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let joined = tokio::task::spawn_blocking(move || owner.join())
         .await
         .context("joining the IPAM owner")?;
-    if let Err(e) = joined {
-        owner_failed(e);
-    }
+    joined.map_err(OwnerFailed)?;
     store.flush()?;
     tracing::info!(
         revision = store.revision(),
         "shutdown complete, store flushed"
     );
     Ok(())
-}
-
-/// The IPAM owner stopped on an error (the store failed, a thread panicked):
-/// nothing more can be acknowledged. Exits with EX_SOFTWARE (70) at once;
-/// a restart recovers what is durable.
-fn owner_failed(e: Error) -> ! {
-    tracing::error!(error = %e, "the IPAM owner failed; exiting with code 70");
-    std::process::exit(70)
 }

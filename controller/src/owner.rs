@@ -4,9 +4,9 @@
 //! send it closures; it runs every queued closure against the state and
 //! writes all resulting mutations as one atomic batch (group commit). A
 //! second thread, the committer, flushes written batches to disk and only
-//! then broadcasts their intent deltas and hands their answers, in order, to
-//! one task on the gRPC runtime, while the owner already prepares the next
-//! group. An answer therefore never reveals state that is not on disk, and a
+//! then hands their answers, in order, to one task on the gRPC runtime and
+//! broadcasts their intent deltas after them, while the owner already
+//! prepares the next group. An answer therefore never reveals state that is not on disk, and a
 //! crash loses nothing that was acknowledged.
 //!
 //! Answers go through that task, not straight from the committer, so that a
@@ -276,8 +276,8 @@ struct Flight {
     delta: Option<(broadcast::Sender<Arc<Encoded>>, Arc<Encoded>)>,
 }
 
-/// Flushes written groups, then broadcasts their deltas and hands their
-/// answers to the delivery task, in order. Fails when a flush fails or the
+/// Flushes written groups, then hands their answers to the delivery task,
+/// in order, and broadcasts their deltas after them. Fails when a flush fails or the
 /// delivery task is gone: nothing more can be acknowledged then.
 fn commit_loop(
     store: Arc<Store>,
@@ -298,17 +298,21 @@ fn commit_loop(
         match store.make_durable(written) {
             Ok(()) => {
                 let mut answers = Vec::new();
+                let mut deltas = Vec::new();
                 for f in flights {
                     answers.extend(f.answers);
-                    if let Some((tx, e)) = f.delta {
-                        // No watchers is fine.
-                        let _ = tx.send(e);
-                    }
+                    deltas.extend(f.delta);
                 }
+                // Answers first: woken before the watchers, the callers do
+                // not queue behind the fan-out to every node.
                 if deliver.send(answers).is_err() {
                     // Committed changes could no longer be acknowledged.
                     tracing::error!("the answer delivery task is gone; the controller stops");
                     return Err(Error::Internal("the answer delivery task is gone".into()));
+                }
+                for (tx, e) in deltas {
+                    // No watchers is fine.
+                    let _ = tx.send(e);
                 }
             }
             Err(e) => {

@@ -1,6 +1,7 @@
 //! 16,000 concurrent Assign calls through gRPC against the real binary: no
 //! failures, no duplicate addresses, affinity respected, and the state is
 //! identical after a clean restart.
+#![allow(clippy::unwrap_used)]
 mod common;
 
 use common::{create_pool, node_client, register, temp_dir, Controller};

@@ -4,6 +4,7 @@
 //!
 //! The random schedule comes from a fixed seed (printed); set
 //! TABBY_CRASH_SEED to replay another one.
+#![allow(clippy::unwrap_used)]
 mod common;
 
 use common::{create_pool, node_client, register, temp_dir, Controller, XorShift};

@@ -2,6 +2,7 @@
 //! revisions, resume from a revision (also across a controller restart), and
 //! a slow watcher that neither stalls the others nor ends up wrong (bounded
 //! buffering, then a resync).
+#![allow(clippy::unwrap_used)]
 mod common;
 
 use common::{create_pool, register, Controller, NodeHeader};

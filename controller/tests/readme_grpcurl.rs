@@ -1,6 +1,7 @@
 //! Runs every grpcurl example of the README, in order, with real grpcurl
 //! against a fresh controller, so the docs cannot rot. grpcurl comes from
 //! `make deps` (TABBY_GRPCURL); a missing grpcurl fails the test, it never skips.
+#![allow(clippy::unwrap_used)]
 use std::{
     io::{BufRead, BufReader},
     path::PathBuf,

@@ -1,6 +1,7 @@
 //! What an operator with grpcurl relies on: reflection v1 and v1alpha, the
 //! health service, node identity enforcement, and clean errors for bad
 //! input that change nothing.
+#![allow(clippy::unwrap_used)]
 mod common;
 
 use common::{create_pool, node_client, pool, register, temp_dir, Controller};

@@ -1,4 +1,4 @@
-//! CNI ADD+DEL cycle (issue 4): each verb a separate process exactly as a
+//! CNI ADD+DEL cycle: each verb a separate process exactly as a
 //! runtime runs it (`ip netns exec <node-ns> <plugin>` with the CNI env and
 //! the network config on stdin; DEL carries the ADD result as prevResult),
 //! for `tabby` (controller and tabby-node already running, in a one-node
@@ -8,6 +8,7 @@
 //!
 //! Run (root, release binaries built): `cargo bench -p tabby-integration --bench cni_cycle`.
 //! Env: CYCLES (default 150 per plugin). Prints; asserts nothing.
+#![allow(clippy::unwrap_used)]
 mod common;
 
 use anyhow::{bail, Context, Result};

@@ -30,10 +30,14 @@
 //!   (hold 3, keepalive 1, connect delay/retry 1, error wait 1).
 //!
 //! Per rep: add, pause, withdraw, pause, [tabby: register node 1 again],
-//! pause; pauses are uniform random in 300–900 ms. CPU per update counts
-//! utime+stime (+ reaped children, e.g. `nft`) of every node process over
-//! add..second pause (the re-registration pause is left out for both
-//! systems) and divides by the two updates of each rep.
+//! pause; pauses are uniform random in 300–900 ms. CPU per update: the
+//! on-CPU time of every node process (all threads, from schedstat in ns,
+//! plus reaped children such as `nft`) from the add to the end of the
+//! second pause (the re-registration pause is left out for both systems),
+//! divided by the two updates of each rep; the whole-loop figure and the
+//! same from `/proc/<pid>/stat` utime+stime ticks (10 ms, too coarse for
+//! one BIRD update) are printed beside it. Memory: `/proc/<pid>/smaps_rollup`
+//! Rss and Private_Clean+Private_Dirty after the reps.
 //!
 //! Also: one tabby-node holding 10 vs 10,000 remote routes (blocks of a
 //! fake node preloaded through Assign before the nodes start), the CPU one
@@ -65,7 +69,7 @@ use std::{
 };
 use tabby_integration::{
     netns,
-    rtnl::{NlSocket, RouteEvent, RTPROT_STATIC, RT_TABLE_MAIN},
+    rtnl::{make_thread_realtime, NlSocket, RouteEvent, RTPROT_STATIC, RT_TABLE_MAIN},
 };
 use tabby_proto::v1 as pb;
 
@@ -88,6 +92,9 @@ const TABBY_PROTO: u8 = 77;
 const BIRD_PROTO: &str = "bird";
 const AS: u32 = 64512;
 const IDLE: Duration = Duration::from_secs(2);
+/// The unit of /proc/<pid>/stat times: fixed at 100 per second by the
+/// kernel's ABI (what sysconf(_SC_CLK_TCK) answers).
+const USER_HZ: f64 = 100.0;
 
 // ---------------------------------------------------------------------------
 // Configuration, addresses, small helpers
@@ -113,7 +120,10 @@ fn env_list(k: &str, d: &str) -> Result<Vec<usize>> {
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| s.parse().with_context(|| format!("{k}: {s:?} is not a number")))
+        .map(|s| {
+            s.parse()
+                .with_context(|| format!("{k}: {s:?} is not a number"))
+        })
         .collect()
 }
 
@@ -123,7 +133,11 @@ impl Cfg {
         if nodes.iter().any(|&n| !(3..=1000).contains(&n)) {
             bail!("CONV_NODES: each N must be 3..=1000");
         }
-        let reps = env_list("CONV_REPS", "10")?.first().copied().unwrap_or(10).max(1);
+        let reps = env_list("CONV_REPS", "10")?
+            .first()
+            .copied()
+            .unwrap_or(10)
+            .max(1);
         if reps > 1000 {
             bail!("CONV_REPS: at most 1000");
         }
@@ -227,26 +241,16 @@ fn sleep(d: Duration) -> Result<()> {
 // /proc: CPU and memory of the processes we started
 // ---------------------------------------------------------------------------
 
-fn clk_tck() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 {
-        t as f64
-    } else {
-        100.0
-    }
-}
-
-/// utime+stime+cutime+cstime of `pid`, in clock ticks (children count
-/// once reaped: a daemon's `nft` runs are its cost too).
-fn cpu_ticks(pid: u32) -> Result<u64> {
+/// Fields 14..=17 of `/proc/<pid>/stat`: utime, stime, cutime, cstime
+/// (clock ticks; children count once reaped).
+fn stat_ticks(pid: u32) -> Result<[u64; 4]> {
     let s = fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("reading /proc/{pid}/stat"))?;
     let rest = s
         .rsplit_once(')')
         .map(|(_, r)| r)
         .ok_or_else(|| anyhow!("odd /proc/{pid}/stat"))?;
-    // Fields after the command: state is field 3; utime..cstime are 14..17.
+    // After the command comes field 3 (state).
     let f: Vec<&str> = rest.split_whitespace().collect();
     let g = |i: usize| -> Result<u64> {
         f.get(i - 3)
@@ -255,11 +259,92 @@ fn cpu_ticks(pid: u32) -> Result<u64> {
             .map(|v| v.max(0) as u64)
             .map_err(Into::into)
     };
-    Ok(g(14)? + g(15)? + g(16)? + g(17)?)
+    Ok([g(14)?, g(15)?, g(16)?, g(17)?])
 }
 
-fn cpu_all(pids: &[u32]) -> Result<Vec<u64>> {
-    pids.iter().map(|&p| cpu_ticks(p)).collect()
+/// On-CPU nanoseconds of each live thread of `pid` (schedstat).
+fn thread_ns(pid: u32) -> Result<BTreeMap<u32, u64>> {
+    let mut m = BTreeMap::new();
+    let dir = fs::read_dir(format!("/proc/{pid}/task"))
+        .with_context(|| format!("process {pid} is gone"))?;
+    for e in dir.flatten() {
+        let Some(tid) = e.file_name().to_str().and_then(|t| t.parse::<u32>().ok()) else {
+            continue;
+        };
+        // A thread that exits between the listing and the read is skipped.
+        if let Ok(s) = fs::read_to_string(e.path().join("schedstat")) {
+            if let Some(ns) = s.split_whitespace().next().and_then(|v| v.parse().ok()) {
+                m.insert(tid, ns);
+            }
+        }
+    }
+    Ok(m)
+}
+
+/// CPU time of the processes we measure, as deltas between samples.
+///
+/// The main figure is precise: the on-CPU time of every live thread
+/// (`/proc/<pid>/task/<tid>/schedstat`, ns; a thread that exits loses only
+/// its time since the previous sample) plus the reaped children's
+/// cutime+cstime (a daemon's `nft` runs are its cost too; clock ticks).
+/// `/proc/<pid>/stat` utime+stime(+children) alone counts in 10 ms ticks,
+/// too coarse for a BIRD update; it is kept as a cross-check.
+struct CpuMeter {
+    pids: Vec<u32>,
+    threads: Vec<BTreeMap<u32, u64>>,
+    stat: Vec<[u64; 4]>,
+    ns_per_tick: f64,
+}
+
+/// One delta: per pid, precise ns and the stat-tick figure in ns.
+struct CpuDelta {
+    ns: Vec<u64>,
+    stat_ns: Vec<u64>,
+}
+
+impl CpuMeter {
+    fn new(pids: &[u32]) -> Result<CpuMeter> {
+        let mut m = CpuMeter {
+            pids: pids.to_vec(),
+            threads: vec![BTreeMap::new(); pids.len()],
+            stat: vec![[0; 4]; pids.len()],
+            ns_per_tick: 1e9 / USER_HZ,
+        };
+        m.delta()?;
+        Ok(m)
+    }
+
+    /// CPU used since the previous call.
+    fn delta(&mut self) -> Result<CpuDelta> {
+        let mut out = CpuDelta {
+            ns: Vec::new(),
+            stat_ns: Vec::new(),
+        };
+        for (k, &pid) in self.pids.iter().enumerate() {
+            let th = thread_ns(pid)?;
+            let st = stat_ticks(pid)?;
+            let mut ns: u64 = th
+                .iter()
+                .map(|(tid, v)| v.saturating_sub(*self.threads[k].get(tid).unwrap_or(&0)))
+                .sum();
+            let d: Vec<u64> = (0..4)
+                .map(|i| st[i].saturating_sub(self.stat[k][i]))
+                .collect();
+            ns += ((d[2] + d[3]) as f64 * self.ns_per_tick) as u64;
+            out.ns.push(ns);
+            out.stat_ns
+                .push((d.iter().sum::<u64>() as f64 * self.ns_per_tick) as u64);
+            self.threads[k] = th;
+            self.stat[k] = st;
+        }
+        Ok(out)
+    }
+}
+
+fn add_to(acc: &mut [u64], d: &[u64]) {
+    for (a, x) in acc.iter_mut().zip(d) {
+        *a += x;
+    }
 }
 
 /// (Rss, Private_Clean + Private_Dirty) in KiB.
@@ -302,7 +387,14 @@ impl Procs {
 
     /// Starts `bin args` inside `ns` (`ip netns exec` execs it: the child's
     /// pid is the daemon's), output to `<role>.log`.
-    fn spawn(&mut self, role: &str, ns: &str, bin: &Path, args: &[String], env: &[(&str, &str)]) -> Result<u32> {
+    fn spawn(
+        &mut self,
+        role: &str,
+        ns: &str,
+        bin: &Path,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> Result<u32> {
         let logf = fs::File::create(self.log(role))?;
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", ns])
@@ -317,7 +409,9 @@ impl Procs {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
         let pid = child.id();
         self.list.push((role.to_string(), child));
         Ok(pid)
@@ -327,7 +421,8 @@ impl Procs {
     fn check_alive(&mut self) -> Result<()> {
         for (role, c) in self.list.iter_mut() {
             if let Ok(Some(st)) = c.try_wait() {
-                let log = fs::read_to_string(self.dir.join(format!("{role}.log"))).unwrap_or_default();
+                let log =
+                    fs::read_to_string(self.dir.join(format!("{role}.log"))).unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(15).collect();
                 let tail: Vec<&str> = tail.into_iter().rev().collect();
                 bail!("{role} exited ({st}); log tail:\n{}", tail.join("\n"));
@@ -392,7 +487,11 @@ fn wait_routes(nss: &[String], proto: &str, want: usize, timeout: Duration) -> R
             return Ok(t.elapsed());
         }
         if t.elapsed() > timeout {
-            let some: Vec<String> = short.iter().take(5).map(|(n, c)| format!("{n}: {c}")).collect();
+            let some: Vec<String> = short
+                .iter()
+                .take(5)
+                .map(|(n, c)| format!("{n}: {c}"))
+                .collect();
             bail!(
                 "timed out after {timeout:?}: {} namespace(s) do not hold {want} proto {proto} routes ({})",
                 short.len(),
@@ -492,13 +591,6 @@ struct Monitors {
     realtime: bool,
 }
 
-/// Puts the calling thread at SCHED_FIFO priority 10 (root only).
-fn make_realtime() -> bool {
-    let p = libc::sched_param { sched_priority: 10 };
-    // SAFETY: changes only the calling thread's policy.
-    unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &p) == 0 }
-}
-
 impl Monitors {
     /// One monitor per namespace; node i (1-based) is `nss[i-1]`. Returns
     /// once every socket is subscribed.
@@ -515,10 +607,11 @@ impl Monitors {
             realtime: true,
         };
         for (k, ns) in nss.iter().enumerate() {
-            let (tx, ready, stop, overflow) = (tx.clone(), ready_tx.clone(), stop.clone(), overflow.clone());
+            let (tx, ready, stop, overflow) =
+                (tx.clone(), ready_tx.clone(), stop.clone(), overflow.clone());
             let node = k + 1;
             let h = netns::spawn_within(ns, move || -> Result<()> {
-                let rt = make_realtime();
+                let rt = make_thread_realtime(10);
                 let s = NlSocket::monitor_v4_routes().context("route monitor socket")?;
                 s.set_recv_timeout(Duration::from_millis(200))?;
                 let _ = ready.send(rt);
@@ -563,7 +656,15 @@ impl Monitors {
     /// Waits until each node of `nodes` reports the add (`add`) or delete
     /// of `dst/plen` in its main table after `t0`. Per node: the delay, or
     /// None when `timeout` passed first.
-    fn wait(&self, dst: Ipv4Addr, plen: u8, add: bool, nodes: &[usize], t0: Instant, timeout: Duration) -> Result<Vec<Option<Duration>>> {
+    fn wait(
+        &self,
+        dst: Ipv4Addr,
+        plen: u8,
+        add: bool,
+        nodes: &[usize],
+        t0: Instant,
+        timeout: Duration,
+    ) -> Result<Vec<Option<Duration>>> {
         let max = nodes.iter().copied().max().unwrap_or(0);
         let mut want = vec![false; max + 1];
         for &i in nodes {
@@ -577,7 +678,10 @@ impl Monitors {
             if now >= deadline {
                 break;
             }
-            match self.rx.recv_timeout((deadline - now).min(Duration::from_millis(100))) {
+            match self
+                .rx
+                .recv_timeout((deadline - now).min(Duration::from_millis(100)))
+            {
                 Ok((i, e)) => {
                     if i <= max
                         && want[i]
@@ -615,18 +719,33 @@ impl Drop for Monitors {
 
 enum Req {
     Register(pb::Node),
-    Assign { node: String, handle: String, addr: String },
-    Release { node: String, handle: String },
+    Assign {
+        node: String,
+        handle: String,
+        addr: String,
+    },
+    Release {
+        node: String,
+        handle: String,
+    },
     DeleteNode(String),
     ListNodes,
     /// Assign each (handle, address) as `node`, `conc` calls in flight.
-    Bulk { node: String, items: Vec<(String, String)>, conc: usize },
+    Bulk {
+        node: String,
+        items: Vec<(String, String)>,
+        conc: usize,
+    },
 }
 
 enum Resp {
     /// When the call left, how long the answer took, and what it said
     /// (blocks of an Assign, blocks freed by DeleteNode).
-    Call { t0: Instant, took: Duration, blocks: Vec<String> },
+    Call {
+        t0: Instant,
+        took: Duration,
+        blocks: Vec<String>,
+    },
     Nodes(Vec<pb::Node>),
 }
 
@@ -654,13 +773,14 @@ async fn serve(ch: tonic::transport::Channel, req: Req) -> Result<Resp> {
     let mut admin = IpamAdminClient::new(ch.clone());
     Ok(match req {
         Req::Register(n) => {
-            let r = as_node(
-                &n.name.clone(),
-                pb::RegisterNodeRequest { node: Some(n) },
-            )?;
+            let r = as_node(&n.name.clone(), pb::RegisterNodeRequest { node: Some(n) })?;
             let t0 = Instant::now();
             agent.register_node(r).await?;
-            Resp::Call { t0, took: t0.elapsed(), blocks: vec![] }
+            Resp::Call {
+                t0,
+                took: t0.elapsed(),
+                blocks: vec![],
+            }
         }
         Req::Assign { node, handle, addr } => {
             let r = as_node(
@@ -684,7 +804,11 @@ async fn serve(ch: tonic::transport::Channel, req: Req) -> Result<Resp> {
             let r = as_node(&node, pb::ReleaseHandleRequest { handle })?;
             let t0 = Instant::now();
             agent.release_handle(r).await?;
-            Resp::Call { t0, took: t0.elapsed(), blocks: vec![] }
+            Resp::Call {
+                t0,
+                took: t0.elapsed(),
+                blocks: vec![],
+            }
         }
         Req::DeleteNode(name) => {
             let mut r = tonic::Request::new(pb::DeleteNodeRequest { name });
@@ -697,7 +821,13 @@ async fn serve(ch: tonic::transport::Channel, req: Req) -> Result<Resp> {
                 blocks: d.blocks_freed,
             }
         }
-        Req::ListNodes => Resp::Nodes(admin.list_nodes(pb::ListNodesRequest {}).await?.into_inner().nodes),
+        Req::ListNodes => Resp::Nodes(
+            admin
+                .list_nodes(pb::ListNodesRequest {})
+                .await?
+                .into_inner()
+                .nodes,
+        ),
         Req::Bulk { node, items, conc } => {
             let t0 = Instant::now();
             let mut set = tokio::task::JoinSet::new();
@@ -730,7 +860,11 @@ async fn serve(ch: tonic::transport::Channel, req: Req) -> Result<Resp> {
                 r??;
                 spawn_next(&mut set)?;
             }
-            Resp::Call { t0, took: t0.elapsed(), blocks: vec![] }
+            Resp::Call {
+                t0,
+                took: t0.elapsed(),
+                blocks: vec![],
+            }
         }
     })
 }
@@ -740,7 +874,9 @@ impl Ctl {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Req, Reply)>();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<()>>();
         let thread = netns::spawn_within(fabric, move || -> Result<()> {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             rt.block_on(async move {
                 let t = Instant::now();
                 let ch = loop {
@@ -830,7 +966,12 @@ impl Trigger {
                 let r = s
                     .blackhole(add, dst, BLOCK_LEN, RTPROT_STATIC)
                     .map(|()| t0)
-                    .with_context(|| format!("{} blackhole {dst}/{BLOCK_LEN}", if add { "adding" } else { "deleting" }));
+                    .with_context(|| {
+                        format!(
+                            "{} blackhole {dst}/{BLOCK_LEN}",
+                            if add { "adding" } else { "deleting" }
+                        )
+                    });
                 let _ = reply.send(r);
             }
             Ok(())
@@ -899,7 +1040,11 @@ fn rep_of(d: &[Option<Duration>]) -> Rep {
     let got: Vec<Duration> = d.iter().flatten().copied().collect();
     let missing = d.len() - got.len();
     Rep {
-        all: if missing == 0 { got.iter().max().copied() } else { None },
+        all: if missing == 0 {
+            got.iter().max().copied()
+        } else {
+            None
+        },
         node_median: (!got.is_empty()).then(|| median(&got)),
         missing,
     }
@@ -908,14 +1053,15 @@ fn rep_of(d: &[Option<Duration>]) -> Rep {
 struct Measured {
     add: Vec<Rep>,
     wd: Vec<Rep>,
-    /// CPU ticks per measured pid inside the windows, and the windows' time.
-    win_ticks: Vec<u64>,
+    /// CPU ns per measured pid inside the windows, and the windows' time.
+    win_ns: Vec<u64>,
     win_time: Duration,
-    /// Same over the whole loop (re-registration pauses included).
-    loop_ticks: Vec<u64>,
-    loop_time: Duration,
-    /// CPU ticks per pid over an idle window of `idle_time` before the reps.
-    idle_ticks: Vec<u64>,
+    /// Over the whole loop (re-registration pauses included): precise, and
+    /// from /proc/<pid>/stat ticks.
+    loop_ns: Vec<u64>,
+    loop_stat_ns: Vec<u64>,
+    /// CPU ns per pid over an idle window of `idle_time` before the reps.
+    idle_ns: Vec<u64>,
     idle_time: Duration,
     updates: usize,
     acks: Vec<Duration>,
@@ -932,21 +1078,23 @@ fn measure(
     cfg: &Cfg,
     rng: &mut Rng,
 ) -> Result<Measured> {
-    let c0 = cpu_all(pids)?;
+    let mut cpu = CpuMeter::new(pids)?;
     let ti = Instant::now();
     sleep(IDLE)?;
-    let c1 = cpu_all(pids)?;
+    let idle_ns = cpu.delta()?.ns;
     let idle_time = ti.elapsed();
-    let idle_ticks: Vec<u64> = c1.iter().zip(&c0).map(|(a, b)| a - b).collect();
-    let mut win_ticks = vec![0u64; pids.len()];
+    let z = || vec![0u64; pids.len()];
+    let (mut win_ns, mut loop_ns, mut loop_stat_ns) = (z(), z(), z());
     let mut win_time = Duration::ZERO;
     let (mut add, mut wd) = (Vec::new(), Vec::new());
-    let loop_c0 = cpu_all(pids)?;
-    let tl = Instant::now();
     for r in 0..reps {
         check_interrupted()?;
         let dst = block(TRIGGER_BLOCK + r as u32);
-        let w0 = cpu_all(pids)?;
+        let out = cpu.delta()?;
+        if r > 0 {
+            add_to(&mut loop_ns, &out.ns);
+            add_to(&mut loop_stat_ns, &out.stat_ns);
+        }
         let tw = Instant::now();
         mon.drain();
         let t0 = d.add(r)?;
@@ -957,11 +1105,11 @@ fn measure(
         let t0 = d.withdraw(r)?;
         let w = rep_of(&mon.wait(dst, BLOCK_LEN, false, receivers, t0, cfg.timeout)?);
         sleep(rng.pause(cfg.pause))?;
-        let w1 = cpu_all(pids)?;
+        let win = cpu.delta()?;
         win_time += tw.elapsed();
-        for (k, (x, y)) in w1.iter().zip(&w0).enumerate() {
-            win_ticks[k] += x - y;
-        }
+        add_to(&mut win_ns, &win.ns);
+        add_to(&mut loop_ns, &win.ns);
+        add_to(&mut loop_stat_ns, &win.stat_ns);
         d.after(r)?;
         sleep(rng.pause(cfg.pause))?;
         let f = |x: &Rep| match x.all {
@@ -979,15 +1127,17 @@ fn measure(
         add.push(a);
         wd.push(w);
     }
-    let loop_c1 = cpu_all(pids)?;
+    let out = cpu.delta()?;
+    add_to(&mut loop_ns, &out.ns);
+    add_to(&mut loop_stat_ns, &out.stat_ns);
     Ok(Measured {
         add,
         wd,
-        win_ticks,
+        win_ns,
         win_time,
-        loop_ticks: loop_c1.iter().zip(&loop_c0).map(|(a, b)| a - b).collect(),
-        loop_time: tl.elapsed(),
-        idle_ticks,
+        loop_ns,
+        loop_stat_ns,
+        idle_ns,
         idle_time,
         updates: 2 * reps,
         acks: d.acks(),
@@ -1006,8 +1156,12 @@ struct Summary {
     wd_timeouts: usize,
     /// Mean per node, ms of CPU per update (windows).
     cpu_update: f64,
+    /// The same less what the node burns idle over the windows' time.
+    cpu_update_net: f64,
     /// Mean per node, ms of CPU per update (whole loop).
     cpu_update_loop: f64,
+    /// The same from /proc/<pid>/stat utime+stime+cutime+cstime ticks.
+    cpu_update_stat: f64,
     /// Mean per node, ms of CPU per second while idle.
     cpu_idle: f64,
     rss_med: u64,
@@ -1033,9 +1187,8 @@ fn med_u64(v: &mut [u64]) -> u64 {
 
 /// `pids[..nodes]` are the node daemons, `pids[nodes]` the central one.
 fn summarize(m: &Measured, pids: &[u32], nodes: usize, overflow: usize) -> Result<Summary> {
-    let tck = clk_tck();
-    let ms_of = |t: u64| t as f64 / tck * 1e3;
-    let per_node = |ticks: &[u64]| ms_of(ticks[..nodes].iter().sum()) / nodes as f64;
+    let ms_of = |ns: u64| ns as f64 / 1e6;
+    let per_node = |ns: &[u64]| ms_of(ns[..nodes].iter().sum()) / nodes as f64;
     let upd = m.updates.max(1) as f64;
     let mut rss = Vec::new();
     let mut prv = Vec::new();
@@ -1057,14 +1210,18 @@ fn summarize(m: &Measured, pids: &[u32], nodes: usize, overflow: usize) -> Resul
         wd_max: w.iter().max().copied(),
         wd_node_med: nmed(&m.wd),
         wd_timeouts: m.wd.len() - w.len(),
-        cpu_update: per_node(&m.win_ticks) / upd,
-        cpu_update_loop: per_node(&m.loop_ticks) / upd,
-        cpu_idle: per_node(&m.idle_ticks) / m.idle_time.as_secs_f64(),
+        cpu_update: per_node(&m.win_ns) / upd,
+        cpu_update_net: (per_node(&m.win_ns)
+            - per_node(&m.idle_ns) / m.idle_time.as_secs_f64() * m.win_time.as_secs_f64())
+            / upd,
+        cpu_update_loop: per_node(&m.loop_ns) / upd,
+        cpu_update_stat: per_node(&m.loop_stat_ns) / upd,
+        cpu_idle: per_node(&m.idle_ns) / m.idle_time.as_secs_f64(),
         rss_med: med_u64(&mut rss.clone()),
         rss_max: *rss.iter().max().unwrap_or(&0),
         priv_med: med_u64(&mut prv.clone()),
         priv_max: *prv.iter().max().unwrap_or(&0),
-        central_cpu_update: ms_of(m.win_ticks[nodes]) / upd,
+        central_cpu_update: ms_of(m.win_ns[nodes]) / upd,
         central_rss: crss,
         central_priv: cpriv,
         ack_med: med_opt(m.acks.clone()),
@@ -1129,13 +1286,23 @@ template bgp rrclients {{
 "#
     );
     for i in 1..=n {
-        s += &format!("protocol bgp c{i} from rrclients {{ neighbor {} as {AS}; }}\n", node_ip(i));
+        s += &format!(
+            "protocol bgp c{i} from rrclients {{ neighbor {} as {AS}; }}\n",
+            node_ip(i)
+        );
     }
     s
 }
 
 fn which(bin: &str) -> Result<PathBuf> {
-    for d in ["/usr/sbin", "/usr/bin", "/sbin", "/bin", "/usr/local/sbin", "/usr/local/bin"] {
+    for d in [
+        "/usr/sbin",
+        "/usr/bin",
+        "/sbin",
+        "/bin",
+        "/usr/local/sbin",
+        "/usr/local/bin",
+    ] {
         let p = Path::new(d).join(bin);
         if p.exists() {
             return Ok(p);
@@ -1207,13 +1374,26 @@ fn run_bird(pfx: &str, n: usize, cfg: &Cfg, rng: &mut Rng) -> Result<Summary> {
     lab.procs.check_alive()?;
     waited?;
     lab.trigger = Some(Trigger::start(lab.ns(1))?);
-    println!("BIRD N={n}: {} BIRD nodes + route reflector up and converged in {:.1} s", n, t.elapsed().as_secs_f64());
+    println!(
+        "BIRD N={n}: {n} BIRD nodes + route reflector up and converged in {:.1} s{}",
+        t.elapsed().as_secs_f64(),
+        rt_note(&lab)
+    );
     let receivers: Vec<usize> = (2..=n).collect();
     let mon = lab.mon.as_ref().expect("started");
     let mut d = BirdDriver {
         trigger: lab.trigger.as_ref().expect("started"),
     };
-    let m = measure(&format!("BIRD  N={n}"), &mut d, mon, &receivers, &pids, cfg.reps, cfg, rng)?;
+    let m = measure(
+        &format!("BIRD  N={n}"),
+        &mut d,
+        mon,
+        &receivers,
+        &pids,
+        cfg.reps,
+        cfg,
+        rng,
+    )?;
     lab.procs.check_alive()?;
     summarize(&m, &pids, n, mon.overflow.load(Ordering::Relaxed))
 }
@@ -1241,7 +1421,11 @@ impl Driver for TabbyDriver<'_> {
             addr: block_addr(k),
         })?;
         if blocks != vec![block_cidr(k)] {
-            bail!("Assign for {} got blocks {blocks:?}, want [{}]", block_addr(k), block_cidr(k));
+            bail!(
+                "Assign for {} got blocks {blocks:?}, want [{}]",
+                block_addr(k),
+                block_cidr(k)
+            );
         }
         self.acks.push(took);
         Ok(t0)
@@ -1257,7 +1441,11 @@ impl Driver for TabbyDriver<'_> {
         let k = TRIGGER_BLOCK + r as u32;
         let (t0, _, freed) = self.ctl.timed(Req::DeleteNode(self.node1.name.clone()))?;
         if freed != vec![block_cidr(k)] {
-            bail!("DeleteNode {} freed {freed:?}, want [{}]", self.node1.name, block_cidr(k));
+            bail!(
+                "DeleteNode {} freed {freed:?}, want [{}]",
+                self.node1.name,
+                block_cidr(k)
+            );
         }
         Ok(t0)
     }
@@ -1303,7 +1491,11 @@ fn tabby_lab(tag: &str, n: usize, bulk: usize) -> Result<(Lab, Vec<u32>, pb::Nod
         ],
         &[],
     )?;
-    let waited = wait_log(&lab.procs.log("controller"), "serving gRPC", Duration::from_secs(20));
+    let waited = wait_log(
+        &lab.procs.log("controller"),
+        "serving gRPC",
+        Duration::from_secs(20),
+    );
     lab.procs.check_alive()?;
     waited?;
     lab.ctl = Some(Ctl::start(&f, format!("http://{listen}"))?);
@@ -1326,7 +1518,10 @@ fn tabby_lab(tag: &str, n: usize, bulk: usize) -> Result<(Lab, Vec<u32>, pb::Nod
             addr: block_addr(k),
         })?;
         if blocks != vec![block_cidr(k)] {
-            bail!("base Assign for node {i} got blocks {blocks:?}, want [{}]", block_cidr(k));
+            bail!(
+                "base Assign for node {i} got blocks {blocks:?}, want [{}]",
+                block_cidr(k)
+            );
         }
     }
     if bulk > 0 {
@@ -1338,12 +1533,21 @@ fn tabby_lab(tag: &str, n: usize, bulk: usize) -> Result<(Lab, Vec<u32>, pb::Nod
         let items = (0..bulk)
             .map(|k| (format!("conv.bulk{k}"), block_addr(BULK_BLOCK + k as u32)))
             .collect();
-        let (_, took, _) = ctl.timed(Req::Bulk {
-            node: BULK_NODE.into(),
-            items,
-            conc: 64,
-        })?;
-        println!("  preloaded {bulk} blocks of node {BULK_NODE:?} in {}", ms(took));
+        let took = match ctl.call(
+            Req::Bulk {
+                node: BULK_NODE.into(),
+                items,
+                conc: 64,
+            },
+            Duration::from_secs(300),
+        )? {
+            Resp::Call { took, .. } => took,
+            Resp::Nodes(_) => unreachable!("not a list"),
+        };
+        println!(
+            "  preloaded {bulk} blocks of node {BULK_NODE:?} in {}",
+            ms(took)
+        );
     }
     let mut pids = Vec::new();
     for i in 1..=n {
@@ -1365,7 +1569,12 @@ fn tabby_lab(tag: &str, n: usize, bulk: usize) -> Result<(Lab, Vec<u32>, pb::Nod
     }
     pids.push(ctl_pid);
     // Every node: N-1 routes (+ the fake node's blocks).
-    let waited = wait_routes(&lab.nodes, &TABBY_PROTO.to_string(), n - 1 + bulk, Duration::from_secs(90));
+    let waited = wait_routes(
+        &lab.nodes,
+        &TABBY_PROTO.to_string(),
+        n - 1 + bulk,
+        Duration::from_secs(90),
+    );
     lab.procs.check_alive()?;
     waited?;
     let ctl = lab.ctl.as_ref().expect("started");
@@ -1379,10 +1588,25 @@ fn tabby_lab(tag: &str, n: usize, bulk: usize) -> Result<(Lab, Vec<u32>, pb::Nod
     Ok((lab, pids, node1))
 }
 
+/// Says when the route monitors could not get real-time priority (their
+/// timestamps then include waiting for a CPU behind busy daemons).
+fn rt_note(lab: &Lab) -> &'static str {
+    match &lab.mon {
+        Some(m) if !m.realtime => {
+            " (route monitors NOT at SCHED_FIFO: delays include their scheduling)"
+        }
+        _ => "",
+    }
+}
+
 fn run_tabby(pfx: &str, n: usize, cfg: &Cfg, rng: &mut Rng) -> Result<Summary> {
     let t = Instant::now();
     let (mut lab, pids, node1) = tabby_lab(&format!("{pfx}t{n}"), n, 0)?;
-    println!("tabby N={n}: controller + {n} tabby-nodes up and converged in {:.1} s", t.elapsed().as_secs_f64());
+    println!(
+        "tabby N={n}: controller + {n} tabby-nodes up and converged in {:.1} s{}",
+        t.elapsed().as_secs_f64(),
+        rt_note(&lab)
+    );
     let receivers: Vec<usize> = (2..=n).collect();
     let mut d = TabbyDriver {
         ctl: lab.ctl.as_ref().expect("started"),
@@ -1390,7 +1614,16 @@ fn run_tabby(pfx: &str, n: usize, cfg: &Cfg, rng: &mut Rng) -> Result<Summary> {
         acks: Vec::new(),
     };
     let mon = lab.mon.as_ref().expect("started");
-    let m = measure(&format!("tabby N={n}"), &mut d, mon, &receivers, &pids, cfg.reps, cfg, rng)?;
+    let m = measure(
+        &format!("tabby N={n}"),
+        &mut d,
+        mon,
+        &receivers,
+        &pids,
+        cfg.reps,
+        cfg,
+        rng,
+    )?;
     let overflow = mon.overflow.load(Ordering::Relaxed);
     lab.procs.check_alive()?;
     summarize(&m, &pids, n, overflow)
@@ -1425,10 +1658,19 @@ fn mib(k: u64) -> String {
 
 fn print_summary(n: usize, reps: usize, t: Option<&Summary>, b: Option<&Summary>) {
     println!("\nconvergence, N={n} nodes, {reps} reps (receivers: nodes 2..{n}):");
-    println!("  {:<40} {:>14} {:>14} {:>11}", "", "tabby", "BIRD RR", "tabby/BIRD");
+    println!(
+        "  {:<40} {:>14} {:>14} {:>11}",
+        "", "tabby", "BIRD RR", "tabby/BIRD"
+    );
     let row_d = |name: &str, f: &dyn Fn(&Summary) -> Option<Duration>| {
         let (x, y) = (t.and_then(f), b.and_then(f));
-        println!("  {:<40} {:>14} {:>14} {:>11}", name, od(x), od(y), ratio_d(x, y));
+        println!(
+            "  {:<40} {:>14} {:>14} {:>11}",
+            name,
+            od(x),
+            od(y),
+            ratio_d(x, y)
+        );
     };
     let row_f = |name: &str, f: &dyn Fn(&Summary) -> f64, fmt: &dyn Fn(f64) -> String| {
         let (x, y) = (t.map(f), b.map(f));
@@ -1448,22 +1690,62 @@ fn print_summary(n: usize, reps: usize, t: Option<&Summary>, b: Option<&Summary>
     let mibf = |v: f64| mib(v as u64);
     row_d("add→all median", &|s| s.add_med);
     row_d("add→all max", &|s| s.add_max);
-    row_d("add, node-median delay (median of reps)", &|s| s.add_node_med);
+    row_d("add, node-median delay (median of reps)", &|s| {
+        s.add_node_med
+    });
     row_d("withdraw→all median", &|s| s.wd_med);
     row_d("withdraw→all max", &|s| s.wd_max);
     row_d("withdraw, node-median delay", &|s| s.wd_node_med);
-    let to = |s: Option<&Summary>| s.map(|s| format!("{}/{}", s.add_timeouts, s.wd_timeouts)).unwrap_or_else(|| "-".into());
-    println!("  {:<40} {:>14} {:>14}", "timed-out reps (add/withdraw)", to(t), to(b));
+    let to = |s: Option<&Summary>| {
+        s.map(|s| format!("{}/{}", s.add_timeouts, s.wd_timeouts))
+            .unwrap_or_else(|| "-".into())
+    };
+    println!(
+        "  {:<40} {:>14} {:>14}",
+        "timed-out reps (add/withdraw)",
+        to(t),
+        to(b)
+    );
     row_f("CPU per node per update", &|s| s.cpu_update, &msf);
-    row_f("  same, whole loop (incl. re-register)", &|s| s.cpu_update_loop, &msf);
+    row_f("  same, net of idle CPU", &|s| s.cpu_update_net, &msf);
+    row_f(
+        "  same, whole loop (incl. re-register)",
+        &|s| s.cpu_update_loop,
+        &msf,
+    );
+    row_f(
+        "  same, whole loop, /proc stat ticks",
+        &|s| s.cpu_update_stat,
+        &msf,
+    );
     row_f("  idle CPU per node per second", &|s| s.cpu_idle, &msf);
     row_f("RSS per node (median)", &|s| s.rss_med as f64, &mibf);
     row_f("RSS per node (max)", &|s| s.rss_max as f64, &mibf);
-    row_f("private memory per node (median)", &|s| s.priv_med as f64, &mibf);
-    row_f("private memory per node (max)", &|s| s.priv_max as f64, &mibf);
-    row_f("controller / reflector CPU per update", &|s| s.central_cpu_update, &msf);
-    row_f("controller / reflector RSS", &|s| s.central_rss as f64, &mibf);
-    row_f("controller / reflector private memory", &|s| s.central_priv as f64, &mibf);
+    row_f(
+        "private memory per node (median)",
+        &|s| s.priv_med as f64,
+        &mibf,
+    );
+    row_f(
+        "private memory per node (max)",
+        &|s| s.priv_max as f64,
+        &mibf,
+    );
+    row_f(
+        "controller / reflector CPU per update",
+        &|s| s.central_cpu_update,
+        &msf,
+    );
+    row_f(
+        "controller / reflector RSS",
+        &|s| s.central_rss as f64,
+        &mibf,
+    );
+    row_f(
+        "controller / reflector private memory",
+        &|s| s.central_priv as f64,
+        &mibf,
+    );
     if let Some(t) = t {
         println!("  tabby Assign answered after (median): {}", od(t.ack_med));
     }
@@ -1492,7 +1774,10 @@ fn run_bulk(pfx: &str, bulk: usize, cfg: &Cfg, rng: &mut Rng) -> Result<BulkResu
     // Node 1 triggers, node 2 is measured.
     let (mut lab, pids, node1) = tabby_lab(&format!("{pfx}k{bulk}"), 2, bulk)?;
     let routes = count_routes(lab.ns(2), &TABBY_PROTO.to_string());
-    println!("tabby, one node holding {routes} routes: up in {:.1} s", t.elapsed().as_secs_f64());
+    println!(
+        "tabby, one node holding {routes} routes: up in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
     let mut d = TabbyDriver {
         ctl: lab.ctl.as_ref().expect("started"),
         node1,
@@ -1511,10 +1796,9 @@ fn run_bulk(pfx: &str, bulk: usize, cfg: &Cfg, rng: &mut Rng) -> Result<BulkResu
         rng,
     )?;
     lab.procs.check_alive()?;
-    let tck = clk_tck();
     let upd = m.updates as f64;
-    let cpu_update = m.win_ticks[0] as f64 / tck * 1e3 / upd;
-    let idle_rate = m.idle_ticks[0] as f64 / tck * 1e3 / m.idle_time.as_secs_f64();
+    let cpu_update = m.win_ns[0] as f64 / 1e6 / upd;
+    let idle_rate = m.idle_ns[0] as f64 / 1e6 / m.idle_time.as_secs_f64();
     let all = |v: &[Rep]| med_opt(v.iter().filter_map(|r| r.all).collect());
     Ok(BulkResult {
         routes,
@@ -1531,7 +1815,13 @@ fn print_bulk(rs: &[BulkResult], reps: usize) {
     println!("\none tabby-node, CPU of one update against the routes it holds ({reps} reps, 2 updates each):");
     println!(
         "  {:>7} {:>12} {:>14} {:>18} {:>16} {:>22} {:>10}",
-        "routes", "add median", "withdraw med.", "CPU per update", "idle CPU per s", "CPU/update net of idle", "RSS"
+        "routes",
+        "add median",
+        "withdraw med.",
+        "CPU per update",
+        "idle CPU per s",
+        "CPU/update net of idle",
+        "RSS"
     );
     for r in rs {
         println!(
@@ -1575,8 +1865,16 @@ fn main() -> Result<()> {
     let t = Instant::now();
     let mut results: BTreeMap<usize, (Option<Summary>, Option<Summary>)> = BTreeMap::new();
     for &n in &cfg.nodes {
-        let b = if cfg.bird { Some(run_bird(&pfx, n, &cfg, &mut rng)?) } else { None };
-        let tb = if cfg.tabby { Some(run_tabby(&pfx, n, &cfg, &mut rng)?) } else { None };
+        let b = if cfg.bird {
+            Some(run_bird(&pfx, n, &cfg, &mut rng)?)
+        } else {
+            None
+        };
+        let tb = if cfg.tabby {
+            Some(run_tabby(&pfx, n, &cfg, &mut rng)?)
+        } else {
+            None
+        };
         print_summary(n, cfg.reps, tb.as_ref(), b.as_ref());
         results.insert(n, (tb, b));
     }

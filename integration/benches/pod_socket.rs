@@ -1,4 +1,4 @@
-//! Pod Add+Del through the node's socket (issue 3), no shim: a one-node lab
+//! Pod Add+Del through the node's socket, no shim: a one-node lab
 //! (controller + tabby-node in namespaces), then N pods, each with its own
 //! namespace made before the clock starts, wired and unwired by calling
 //! `tabby.v1.PodNetwork` Add and Del over the Unix socket with one tonic
@@ -6,6 +6,7 @@
 //!
 //! Run (root, release binaries built): `cargo bench -p tabby-integration --bench pod_socket`.
 //! Env: PODS (default 300). Prints; asserts nothing.
+#![allow(clippy::unwrap_used)]
 mod common;
 
 use anyhow::{bail, Context, Result};

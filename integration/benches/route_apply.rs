@@ -1,4 +1,4 @@
-//! Route apply (issue 3): a snapshot of 10,000 remote blocks installed into a
+//! Route apply: a snapshot of 10,000 remote blocks installed into a
 //! fresh network namespace by tabby's reconciler path (intent -> `desired` ->
 //! list -> `plan_routes` -> `apply_plan` over `NetlinkRoutes`, until every
 //! ack is in), against `ip -batch` installing the same 10,000 routes
@@ -8,6 +8,7 @@
 //!
 //! Run (root): `cargo bench -p tabby-integration --bench route_apply`.
 //! Env: ROUTES (default 10000), ROUNDS (default 5). Prints; asserts nothing.
+#![allow(clippy::unwrap_used)]
 mod common;
 
 use anyhow::{bail, Context, Result};
@@ -22,11 +23,7 @@ use std::{
     time::{Duration, Instant},
 };
 use tabby_integration::netns;
-use tabby_node::{
-    kernel::RouteTable,
-    netlink::NetlinkRoutes,
-    plan,
-};
+use tabby_node::{kernel::RouteTable, netlink::NetlinkRoutes, plan};
 use tabby_routing::{BlockIntent, Encapsulation, Intent, PoolIntent};
 
 const NODE_V4: &str = "192.168.77.1";

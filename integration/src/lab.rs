@@ -4,6 +4,10 @@
 //! `tabby-node` per node, and pods made by running the real `tabby` CNI plugin.
 use crate::netns;
 use anyhow::{anyhow, bail, Context, Result};
+use nix::{
+    sys::signal::{kill, Signal},
+    unistd::Pid,
+};
 use serde::{Deserialize, Serialize};
 use std::{
     collections::BTreeMap,
@@ -26,7 +30,7 @@ pub const OUTSIDE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
 /// The CNI network name.
 pub const NETWORK: &str = "k8s-pod-network";
 
-/// The walkthrough's nodes and addresses.
+/// The standard lab's three nodes (kind's names) and their fabric addresses.
 pub fn walkthrough_nodes() -> Vec<(String, Ipv4Addr)> {
     vec![
         ("control-plane".into(), Ipv4Addr::new(172, 18, 0, 5)),
@@ -57,7 +61,8 @@ pub struct LabConfig {
 }
 
 impl LabConfig {
-    /// A walkthrough-shaped lab with a unique prefix under `dir`.
+    /// The standard lab (three nodes, pool 10.244.0.0/16 in /26 blocks) with
+    /// a unique prefix under `dir`.
     pub fn walkthrough(prefix: &str, dir: PathBuf) -> LabConfig {
         LabConfig {
             prefix: prefix.to_string(),
@@ -308,13 +313,14 @@ impl Lab {
     }
 
     /// Kills a lab process with `sig` and waits for it.
-    pub fn signal(&mut self, role: &str, sig: i32) -> Result<()> {
+    pub fn signal(&mut self, role: &str, sig: Signal) -> Result<()> {
         let mut c = self
             .children
             .remove(role)
             .ok_or_else(|| anyhow!("{role} is not running"))?;
-        // SAFETY: the pid is our own child, not yet reaped.
-        unsafe { libc::kill(c.id() as i32, sig) };
+        // Our own child, not yet reaped: the pid cannot have been reused.
+        let pid = child_pid(&c);
+        let _ = kill(pid, sig);
         // Bounded: a process that ignores the signal fails the caller rather
         // than hanging the test run.
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -323,8 +329,7 @@ impl Lab {
                 break true;
             }
             if Instant::now() > deadline {
-                // SAFETY: as above.
-                unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
+                let _ = kill(pid, Signal::SIGKILL);
                 let _ = c.wait();
                 break false;
             }
@@ -340,7 +345,7 @@ impl Lab {
 
     /// Stops the controller (SIGKILL: an outage, not a shutdown).
     pub fn kill_controller(&mut self) -> Result<()> {
-        self.signal("controller", libc::SIGKILL)
+        self.signal("controller", Signal::SIGKILL)
     }
 
     /// Adds a node: namespace, fabric link, address, default route, tabby-node.
@@ -455,7 +460,7 @@ impl Lab {
 
     /// Kills a node's tabby-node with SIGKILL.
     pub fn kill_node(&mut self, node: &str) -> Result<()> {
-        self.signal(&format!("node:{node}"), libc::SIGKILL)
+        self.signal(&format!("node:{node}"), Signal::SIGKILL)
     }
 
     /// The network config the lab gives the plugin.
@@ -644,14 +649,21 @@ impl Drop for Lab {
     }
 }
 
+/// A child's pid for kill(2) (pid_max is at most 2^22, so it fits).
+fn child_pid(c: &Child) -> Pid {
+    Pid::from_raw(c.id() as i32)
+}
+
 /// Removes what a saved lab state lists: processes (only if the pid still
 /// runs one of our binaries), namespaces (pods first), and the lab directory.
 pub fn teardown_state(s: &LabState) {
     for p in &s.procs {
         let cmdline = fs::read(format!("/proc/{}/cmdline", p.pid)).unwrap_or_default();
         if String::from_utf8_lossy(&cmdline).contains("tabby") {
-            // SAFETY: plain kill(2) of a pid we started (checked by its cmdline).
-            unsafe { libc::kill(p.pid as i32, libc::SIGKILL) };
+            // A pid we started (checked by its cmdline).
+            if let Ok(pid) = i32::try_from(p.pid) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
             for _ in 0..100 {
                 if !Path::new(&format!("/proc/{}", p.pid)).exists() {
                     break;

@@ -4,4 +4,6 @@
 pub mod echo;
 pub mod lab;
 pub mod netns;
+// Raw netlink sockets through libc: every block carries its SAFETY comment.
+#[allow(unsafe_code)]
 pub mod rtnl;

@@ -4,7 +4,6 @@
 use anyhow::{bail, Context, Result};
 use std::{
     fs::File,
-    os::fd::AsRawFd,
     path::PathBuf,
     process::{Command, Output},
 };
@@ -95,8 +94,7 @@ pub fn within<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'stati
 
 /// Fails loudly when not root: root-only tests must never skip silently.
 pub fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !nix::unistd::geteuid().is_root() {
         panic!("this test needs root (network namespaces); CI runs it as root");
     }
 }
@@ -108,11 +106,9 @@ pub fn spawn_within<T: Send + 'static>(
 ) -> Result<std::thread::JoinHandle<Result<T>>> {
     let file = File::open(path(ns)).with_context(|| format!("opening netns {ns}"))?;
     Ok(std::thread::spawn(move || {
-        // SAFETY: setns on this dedicated thread only; fd is valid for the call.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        if rc != 0 {
-            bail!("setns: {}", std::io::Error::last_os_error());
-        }
+        // On this dedicated thread only.
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| anyhow::anyhow!("setns: {e}"))?;
         f()
     }))
 }

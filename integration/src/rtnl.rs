@@ -58,6 +58,27 @@ pub struct NlSocket {
     seq: u32,
 }
 
+fn u16_at(b: &[u8], o: usize) -> u16 {
+    u16::from_ne_bytes([b[o], b[o + 1]])
+}
+
+fn u32_at(b: &[u8], o: usize) -> u32 {
+    u32::from_ne_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
+}
+
+/// Puts the calling thread at SCHED_FIFO priority `prio` (needs root or
+/// CAP_SYS_NICE), so a route monitor timestamps a message when the kernel
+/// sends it rather than when a CPU frees up behind busy daemons. False when
+/// refused.
+pub fn make_thread_realtime(prio: i32) -> bool {
+    let p = libc::sched_param {
+        sched_priority: prio,
+    };
+    // SAFETY: changes only the calling thread's scheduling policy; p is a
+    // valid sched_param.
+    unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &p) == 0 }
+}
+
 fn cvt(rc: libc::c_int) -> io::Result<libc::c_int> {
     if rc < 0 {
         Err(io::Error::last_os_error())
@@ -187,7 +208,16 @@ impl NlSocket {
         m.extend_from_slice(&seq.to_ne_bytes());
         m.extend_from_slice(&0u32.to_ne_bytes());
         // rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags
-        m.extend_from_slice(&[AF_INET, plen, 0, 0, RT_TABLE_MAIN as u8, proto, 0, RTN_BLACKHOLE]);
+        m.extend_from_slice(&[
+            AF_INET,
+            plen,
+            0,
+            0,
+            RT_TABLE_MAIN as u8,
+            proto,
+            0,
+            RTN_BLACKHOLE,
+        ]);
         m.extend_from_slice(&0u32.to_ne_bytes());
         m.extend_from_slice(&8u16.to_ne_bytes());
         m.extend_from_slice(&RTA_DST.to_ne_bytes());
@@ -209,14 +239,14 @@ impl NlSocket {
             let n = self.recv(&mut buf)?;
             let mut off = 0;
             while off + HDR <= n {
-                let mlen = u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap()) as usize;
-                let mty = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().unwrap());
-                let mseq = u32::from_ne_bytes(buf[off + 8..off + 12].try_into().unwrap());
+                let mlen = u32_at(&buf, off) as usize;
+                let mty = u16_at(&buf, off + 4);
+                let mseq = u32_at(&buf, off + 8);
                 if mlen < HDR || off + mlen > n {
                     break;
                 }
                 if mseq == seq && mty == NLMSG_ERROR && mlen >= HDR + 4 {
-                    let err = i32::from_ne_bytes(buf[off + HDR..off + HDR + 4].try_into().unwrap());
+                    let err = u32_at(&buf, off + HDR) as i32;
                     return if err == 0 {
                         Ok(())
                     } else {
@@ -233,28 +263,29 @@ impl NlSocket {
 pub fn parse_route_events(buf: &[u8], at: Instant, out: &mut Vec<RouteEvent>) {
     let mut off = 0;
     while off + HDR <= buf.len() {
-        let mlen = u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap()) as usize;
-        let mty = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().unwrap());
+        let mlen = u32_at(buf, off) as usize;
+        let mty = u16_at(buf, off + 4);
         if mlen < HDR || off + mlen > buf.len() || mty == NLMSG_DONE {
             break;
         }
         let body = &buf[off + HDR..off + mlen];
-        if (mty == RTM_NEWROUTE || mty == RTM_DELROUTE) && body.len() >= RTMSG && body[0] == AF_INET {
+        if (mty == RTM_NEWROUTE || mty == RTM_DELROUTE) && body.len() >= RTMSG && body[0] == AF_INET
+        {
             let plen = body[1];
             let mut table = body[4] as u32;
             let protocol = body[5];
             let mut dst = Ipv4Addr::UNSPECIFIED;
             let mut a = RTMSG;
             while a + 4 <= body.len() {
-                let alen = u16::from_ne_bytes(body[a..a + 2].try_into().unwrap()) as usize;
-                let aty = u16::from_ne_bytes(body[a + 2..a + 4].try_into().unwrap()) & 0x3fff;
+                let alen = u16_at(body, a) as usize;
+                let aty = u16_at(body, a + 2) & 0x3fff;
                 if alen < 4 || a + alen > body.len() {
                     break;
                 }
                 let v = &body[a + 4..a + alen];
                 match aty {
                     RTA_DST if v.len() == 4 => dst = Ipv4Addr::new(v[0], v[1], v[2], v[3]),
-                    RTA_TABLE if v.len() == 4 => table = u32::from_ne_bytes(v.try_into().unwrap()),
+                    RTA_TABLE if v.len() == 4 => table = u32_at(v, 0),
                     _ => {}
                 }
                 a += (alen + 3) & !3;

@@ -2,6 +2,7 @@
 //! every verb run as its own process inside a lab node's namespace, with env
 //! and stdin exactly as a runtime sends them, and the outcome read back from
 //! the kernel (`ip -n ...`) and from the controller (grpcurl).
+#![allow(clippy::unwrap_used)]
 mod common;
 
 use common::*;

@@ -2,6 +2,7 @@
 //! (`ShowRoutes{node}`) is what that node's kernel holds under tabby's route
 //! protocol, for every node, with plain blocks, a borrowed address and an
 //! encapsulated pool in the cluster.
+#![allow(clippy::unwrap_used)]
 mod common;
 
 use common::*;
@@ -133,7 +134,9 @@ fn show_routes_for_a_node_is_what_its_kernel_holds() {
             "{node}: its own blocks are blackholed: {view:?}"
         );
         assert!(
-            !view.iter().any(|(d, t)| d.starts_with("10.50.") && t != "blackhole"),
+            !view
+                .iter()
+                .any(|(d, t)| d.starts_with("10.50.") && t != "blackhole"),
             "{node}: no route into the encapsulated pool: {view:?}"
         );
         let b = (format!("{borrowed}/32"), lab.node_ip("worker").to_string());
@@ -144,20 +147,14 @@ fn show_routes_for_a_node_is_what_its_kernel_holds() {
         );
     }
     // The cluster table still lists the encapsulated block, marked as such.
-    let all = lab
-        .grpcurl(&["tabby.v1.IpamAdmin/ShowRoutes"])
-        .unwrap();
+    let all = lab.grpcurl(&["tabby.v1.IpamAdmin/ShowRoutes"]).unwrap();
     assert!(
         all.contains("10.50.0.0/26") && all.contains("ENCAPSULATION_VXLAN"),
         "{all}"
     );
     // An unknown node is an error, not an empty table.
     let e = lab
-        .grpcurl(&[
-            "-d",
-            r#"{"node":"nope"}"#,
-            "tabby.v1.IpamAdmin/ShowRoutes",
-        ])
+        .grpcurl(&["-d", r#"{"node":"nope"}"#, "tabby.v1.IpamAdmin/ShowRoutes"])
         .unwrap_err();
     assert!(e.to_string().contains("NotFound"), "{e}");
 }

@@ -1,7 +1,9 @@
-//! The Calico walkthrough's observations, asserted from the kernel's own views
-//! in a three-node lab, plus the data path: cross-node traffic both ways,
+//! What a pod and a node look like, asserted from the kernel's own views in
+//! the three-node lab (the pod's /32 and its 169.254.1.1 gateway, the node's
+//! block routes, blackhole and per-pod routes), plus the data path: cross-node traffic both ways,
 //! masquerade to the outside, never between pods, and not for a pool with
 //! nat_outgoing off.
+#![allow(clippy::unwrap_used)]
 mod common;
 
 use common::*;

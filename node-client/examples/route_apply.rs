@@ -4,6 +4,7 @@
 //!
 //! Usage (root): `route_apply [N] [ROUNDS]`, default 10000 routes, 3 rounds.
 //! Creates namespaces `tabby-bench-<pid>-<n>` and removes them on exit.
+#![allow(clippy::unwrap_used)]
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;

@@ -18,7 +18,7 @@ use std::{
     sync::{Arc, Mutex},
     time::Duration,
 };
-use tabby_proto::v1 as pb;
+use tabby_proto::{limits, v1 as pb};
 use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
@@ -273,14 +273,14 @@ fn identify(
         .clone()
         .ok_or_else(|| invalid("attachment is required"))?;
     let id_ok = !a.container_id.is_empty()
-        && a.container_id.len() <= 256
         && a.container_id
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
     if !id_ok {
         return Err(invalid(format!(
-            "container id {:?} is invalid: want 1..256 of [A-Za-z0-9_.-]",
-            a.container_id
+            "container id {:?} is invalid: want 1..{} of [A-Za-z0-9_.-]",
+            a.container_id,
+            limits::MAX_CONTAINER_ID_LEN
         )));
     }
     let if_ok = !a.ifname.is_empty()
@@ -300,6 +300,9 @@ fn identify(
     if a.network.is_empty() {
         return Err(invalid("network name is required"));
     }
+    // Checked before anything is assigned: a longer handle could never be
+    // written into the host veth's alias.
+    limits::check_attachment(&a.network, &a.container_id).map_err(|e| invalid(e.to_string()))?;
     let handle = format!("{}.{}", a.network, a.container_id);
     let key = if !ns.is_empty() && !pod.is_empty() {
         format!("{ns}.{pod}")
@@ -494,9 +497,7 @@ impl pb::pod_network_server::PodNetwork for PodNetworkService {
             vec![a.to_string()]
         };
         let mtu = if r.mtu == 0 { self.default_mtu } else { r.mtu };
-        if !(68..=65535).contains(&mtu) {
-            return Err(invalid(format!("MTU {mtu} is out of range (68..65535)")));
-        }
+        limits::check_mtu(mtu).map_err(invalid)?;
         let span = tracing::info_span!("add", container = %att.container_id, pod = %format!("{}/{}", r.pod_namespace, r.pod_name));
         self.add_locked(AddRequest {
             att,
@@ -517,17 +518,30 @@ impl pb::pod_network_server::PodNetwork for PodNetworkService {
         req: Request<pb::PodDelRequest>,
     ) -> Result<Response<pb::PodDelResponse>, Status> {
         let r = req.into_inner();
-        let (att, handle, host_if) = identify(&r.attachment, &r.pod_namespace, &r.pod_name)?;
+        // Kubelet retries a failed DEL until it succeeds. An attachment that
+        // ADD would have refused (the same checks) cannot exist: nothing to do.
+        let (att, handle, host_if) = match identify(&r.attachment, &r.pod_namespace, &r.pod_name) {
+            Ok(id) => id,
+            Err(refused) => {
+                tracing::warn!(reason = %refused.message(), "DEL of an attachment no ADD could have made: nothing to delete");
+                return Ok(Response::new(pb::PodDelResponse::default()));
+            }
+        };
         let _lock = self.locks.lock(&handle).await;
         let netns = (!r.netns.is_empty()).then(|| PathBuf::from(&r.netns));
         // Out of service now (down, /32 gone, name free); deleted in the background.
         let (pods, owner) = (self.pods.clone(), handle.clone());
         blocking(move || pods.retire(&owner, netns.as_deref())).await?;
-        let released = self
-            .ipam
-            .release_handle(&handle)
-            .await
-            .map_err(|e| Error::controller("ReleaseHandle", e))?;
+        let released = match self.ipam.release_handle(&handle).await {
+            Ok(r) => r,
+            // The controller refuses this handle as malformed, so it refused
+            // the Assign of an ADD for it too: nothing was ever assigned.
+            Err(e) if e.code() == tonic::Code::InvalidArgument => {
+                tracing::warn!(handle = %handle, reason = %e.message(), "DEL of a handle the controller refuses: nothing was assigned to it");
+                Vec::new()
+            }
+            Err(e) => return Err(Error::controller("ReleaseHandle", e).into()),
+        };
         tracing::info!(container = %att.container_id, released = ?released, host_if = %host_if, "pod deleted");
         Ok(Response::new(pb::PodDelResponse { released }))
     }
@@ -538,6 +552,8 @@ impl pb::pod_network_server::PodNetwork for PodNetworkService {
     ) -> Result<Response<pb::PodCheckResponse>, Status> {
         let r = req.into_inner();
         let (att, handle, host_if) = identify(&r.attachment, &r.pod_namespace, &r.pod_name)?;
+        // The same answer as ADD gives for the same netns.
+        check_netns(&r.netns)?;
         let _lock = self.locks.lock(&handle).await;
         if r.expected_addresses.is_empty() {
             return Err(invalid("CHECK needs the expected addresses (prevResult)"));

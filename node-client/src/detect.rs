@@ -71,7 +71,11 @@ fn dump_ipv4_routes() -> Result<Vec<RouteMessage>> {
         let (buf, _) = sock.recv_from_full().map_err(|e| io("recv", e))?;
         let mut off = 0;
         while off + 16 <= buf.len() {
-            let len = u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap()) as usize;
+            let len = u32::from_ne_bytes(
+                buf[off..off + 4]
+                    .try_into()
+                    .expect("a 4-byte slice converts to [u8; 4]"),
+            ) as usize;
             if len < 16 || off + len > buf.len() {
                 return Err(io(
                     "recv",

@@ -7,10 +7,26 @@ pub use tabby_routing::{Route, RouteTarget};
 pub trait RouteTable {
     /// Every route of protocol [`crate::ROUTE_PROTOCOL`] in the main table (both families).
     fn list(&mut self) -> crate::Result<Vec<Route>>;
+    /// Like [`RouteTable::list`], the IPv6 routes only when `v6`: a node
+    /// without IPv6 pools does not dump the IPv6 table on every pass.
+    fn list_families(&mut self, v6: bool) -> crate::Result<Vec<Route>> {
+        let mut all = self.list()?;
+        all.retain(|r| v6 || r.dst.addr().is_ipv4());
+        Ok(all)
+    }
     /// Installs routes; returns one result per route, in order.
     fn add(&mut self, routes: &[Route]) -> Vec<crate::Result<()>>;
     /// Removes routes; returns one result per route, in order.
     fn del(&mut self, routes: &[Route]) -> Vec<crate::Result<()>>;
+}
+
+/// The `ip tabby` / `ip6 tabby` tables, as the reconciler drives them
+/// ([`crate::nft::Nft`] in production).
+pub trait NatTables: Send {
+    /// Makes `<family> tabby` hold these sets, in one transaction.
+    fn sync(&self, family: &str, sets: &crate::nft::NatSets) -> crate::Result<()>;
+    /// The table as `nft list table <family> tabby` prints it.
+    fn list(&self, family: &str) -> crate::Result<String>;
 }
 
 /// Pod interfaces in the node's network namespace, as the CNI server drives

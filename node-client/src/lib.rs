@@ -13,8 +13,10 @@ pub mod error;
 pub mod kernel;
 pub mod netlink;
 pub mod nft;
+pub mod nft_monitor;
 pub mod plan;
 pub mod reaper;
+pub mod reconciler;
 
 pub use error::{Error, Result};
 

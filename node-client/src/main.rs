@@ -11,9 +11,10 @@ use std::{
 use tabby_node::{
     cni_server::PodNetworkService,
     controller::Controller,
-    daemon::{self, lock_status, Event, NodeStatus, Reconciler, SharedResume, Sysctl},
+    daemon::{self, lock_status, Event, NodeStatus, Reconciler, SharedResume, Sysctl, Timers},
     detect, netlink,
     nft::Nft,
+    nft_monitor,
 };
 use tabby_proto::v1::pod_network_server::PodNetworkServer;
 use tabby_runtime::{parse_duration, LogFormat};
@@ -41,9 +42,15 @@ struct Args {
     /// Pod MTU when the network config does not set one.
     #[arg(long, env = "TABBY_MTU", default_value_t = 1500)]
     mtu: u32,
-    /// Full reconcile period (also restores tabby routes deleted by hand).
-    #[arg(long, env = "TABBY_RESYNC_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    /// Mean period of the full reconcile (dump, plan, apply; each period
+    /// jittered by ±20%). Deltas and hand changes the route monitor reports
+    /// are applied at once; this catches what it cannot see.
+    #[arg(long, env = "TABBY_RESYNC_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     resync_interval: Duration,
+    /// Mean period of comparing the `tabby` nftables tables with what was
+    /// written, when nftables reported no change to them (jittered ±20%).
+    #[arg(long, env = "TABBY_NFT_VERIFY_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    nft_verify_interval: Duration,
     /// Log format.
     #[arg(long, env = "TABBY_LOG_FORMAT", value_enum, default_value = "human")]
     log_format: LogFormat,
@@ -75,9 +82,7 @@ fn labels(v: &[String]) -> anyhow::Result<Vec<(String, String)>> {
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     tabby_runtime::init_logging(&a.log, a.log_format).context("--log")?;
-    if !(68..=65535).contains(&a.mtu) {
-        anyhow::bail!("--mtu {} is out of range (68..65535)", a.mtu);
-    }
+    tabby_proto::limits::check_mtu(a.mtu).map_err(|e| anyhow::anyhow!("--mtu: {e}"))?;
     let addrs = if a.node_ip.is_empty() {
         detect::node_addresses().context("autodetecting --node-ip")?
     } else {
@@ -96,12 +101,15 @@ async fn main() -> anyhow::Result<()> {
     let rec = Reconciler::new(
         a.node_name.clone(),
         table,
-        Nft::new(),
+        Box::new(Nft::new()),
         Box::new(ProcSysctl),
         st.clone(),
         resume.clone(),
+        Timers {
+            resync: a.resync_interval,
+            nft_verify: a.nft_verify_interval,
+        },
     );
-    let interval = a.resync_interval;
     // The reconciler's end, however it comes (a panic included), is seen by
     // the server loop below: a node that no longer reconciles must not keep
     // serving pods.
@@ -110,22 +118,30 @@ async fn main() -> anyhow::Result<()> {
         .name("reconciler".into())
         .spawn(move || {
             let _done = rec_done;
-            rec.run(rx, interval)
+            rec.run(rx)
         })
         .context("starting the reconciler thread")?;
-    // Route deletions by others wake the reconciler at once.
+    // Route changes by others reach the reconciler at once, and so do
+    // changes to our nftables tables.
     {
-        let tx = tx.clone();
+        let route_tx = tx.clone();
         std::thread::Builder::new()
             .name("route-monitor".into())
             .spawn(move || {
-                if let Err(e) =
-                    netlink::monitor_route_deletions(move || tx.send(Event::Poke).is_ok())
-                {
+                if let Err(e) = netlink::monitor_routes(move |ev| route_tx.send(Event::Route(ev)).is_ok()) {
                     tracing::warn!(error = %e, "route monitor unavailable; relying on the periodic resync");
                 }
             })
             .context("starting the route monitor thread")?;
+        let nft_tx = tx.clone();
+        std::thread::Builder::new()
+            .name("nft-monitor".into())
+            .spawn(move || {
+                if let Err(e) = nft_monitor::monitor_nft_tables(move |ev| nft_tx.send(Event::Nft(ev)).is_ok()) {
+                    tracing::warn!(error = %e, "nftables monitor unavailable; relying on the periodic check");
+                }
+            })
+            .context("starting the nftables monitor thread")?;
     }
     // After every intent snapshot (start, or a controller that could not
     // resume us: perhaps restored from an older copy), the controller is

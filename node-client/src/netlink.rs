@@ -3,7 +3,7 @@
 //!
 //! Everything here is synchronous and blocking except [`RouteMonitor::next`]
 //! (async, tokio): from tokio, run it with `tokio::task::spawn_blocking`, or
-//! on a dedicated thread ([`monitor_route_deletions`] is a blocking loop made
+//! on a dedicated thread ([`monitor_routes`] is a blocking loop made
 //! for one). Netlink sockets are
 //! bound to the network namespace of the thread that opens them, so all
 //! functions act on the calling thread's namespace (the node's, for any
@@ -22,10 +22,11 @@ mod routes;
 mod socket;
 
 pub(crate) use ns::panic_message;
+pub(crate) use socket::grow_rcvbuf;
 pub use ns::{get_sysctl, in_netns, set_sysctl};
 pub use pod::{
     attachment_owners, check_pod, delete_link_named, format_mac, held_attachment, host_veth_name,
     link_exists, owned_links, retire_owned, retired_links, wire_pod, HeldAttachment, PodSpec,
     WiredPod, RETIRED_PREFIX,
 };
-pub use routes::{monitor_route_deletions, NetlinkRoutes, RouteEvent, RouteMonitor};
+pub use routes::{monitor_routes, NetlinkRoutes, RouteEvent, RouteMonitor};

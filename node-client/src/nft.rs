@@ -1,4 +1,4 @@
-//! The `ip tabby` / `ip6 tabby` nftables tables (design.md section 4): two
+//! The `ip tabby` / `ip6 tabby` nftables tables: two
 //! interval sets and one masquerade rule, written with `nft -f -` as one
 //! atomic transaction per change. No other table is ever touched.
 use crate::{Error, Result};
@@ -140,6 +140,15 @@ impl Nft {
             });
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl crate::kernel::NatTables for Nft {
+    fn sync(&self, family: &str, sets: &NatSets) -> Result<()> {
+        Nft::sync(self, family, sets)
+    }
+    fn list(&self, family: &str) -> Result<String> {
+        Nft::list(self, family)
     }
 }
 

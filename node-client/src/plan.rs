@@ -25,13 +25,10 @@ fn addr(s: &str) -> Result<IpAddr> {
 /// The routing model's encapsulation for the proto's; unknown values (a newer
 /// controller) count as plain.
 pub fn encapsulation(e: i32) -> Encapsulation {
-    match pb::Encapsulation::try_from(e).unwrap_or(pb::Encapsulation::None) {
-        pb::Encapsulation::None => Encapsulation::None,
-        pb::Encapsulation::Vxlan => Encapsulation::Vxlan,
-        pb::Encapsulation::VxlanCrossSubnet => Encapsulation::VxlanCrossSubnet,
-        pb::Encapsulation::Ipip => Encapsulation::Ipip,
-        pb::Encapsulation::IpipCrossSubnet => Encapsulation::IpipCrossSubnet,
-    }
+    pb::Encapsulation::try_from(e)
+        .ok()
+        .and_then(|e| Encapsulation::from_str_name(e.as_str_name()))
+        .unwrap_or_default()
 }
 
 /// Parses one stream message into the routing model's delta. Any malformed

@@ -1,6 +1,7 @@
 //! The CNI server's ADD/DEL logic (handle locking, assign -> wire ->
 //! rollback and release, DEL idempotence) against a fake controller and a
 //! fake kernel with injected failures. No root needed.
+#![allow(clippy::unwrap_used)]
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{mpsc, Arc, Mutex};
@@ -437,4 +438,75 @@ async fn add_and_del_of_one_handle_are_serialised() {
 fn add_ok(r: std::result::Result<pb::PodAddResponse, Status>) {
     let r = r.unwrap();
     assert_eq!(r.addresses, ["10.244.0.1/32"]);
+}
+
+/// A container id that makes the handle `net.<id>` exactly `len` bytes.
+fn cid_for_handle_len(len: usize) -> String {
+    "c".repeat(len - NET.len() - 1)
+}
+
+#[tokio::test]
+async fn an_add_whose_handle_cannot_be_attached_is_refused_before_any_assign() {
+    let f = fixture();
+    let longest = cid_for_handle_len(tabby_proto::limits::MAX_HANDLE_LEN);
+    let over = cid_for_handle_len(tabby_proto::limits::MAX_HANDLE_LEN + 1);
+    let st = add(&f.svc, &over).await.unwrap_err();
+    assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");
+    assert!(st.message().contains("handle"), "{st:?}");
+    assert!(
+        f.log.all().is_empty(),
+        "nothing assigned: {:?}",
+        f.log.all()
+    );
+    // One byte less is attached.
+    add(&f.svc, &longest).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_del_no_add_could_have_made_succeeds_without_calls() {
+    let f = fixture();
+    let over = cid_for_handle_len(tabby_proto::limits::MAX_HANDLE_LEN + 1);
+    assert!(del(&f.svc, &over).await.unwrap().released.is_empty());
+    assert!(f.log.all().is_empty(), "{:?}", f.log.all());
+}
+
+#[tokio::test]
+async fn a_del_whose_handle_the_controller_refuses_succeeds() {
+    let f = fixture();
+    *f.ipam.fail_release.lock().unwrap() = Some(Status::invalid_argument("handle is invalid"));
+    assert!(del(&f.svc, "c1").await.unwrap().released.is_empty());
+    // Any other refusal still fails the DEL, so kubelet retries it.
+    *f.ipam.fail_release.lock().unwrap() = Some(Status::unavailable("controller away"));
+    assert_eq!(
+        del(&f.svc, "c1").await.unwrap_err().code(),
+        Code::Unavailable
+    );
+}
+
+#[tokio::test]
+async fn check_of_a_missing_netns_answers_as_add_does() {
+    let f = fixture();
+    let missing = "/run/netns/tabby-test-no-such-netns";
+    let add_st = f
+        .svc
+        .add(Request::new(pb::PodAddRequest {
+            attachment: attachment("c1"),
+            netns: missing.into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    let check_st = f
+        .svc
+        .check(Request::new(pb::PodCheckRequest {
+            attachment: attachment("c1"),
+            netns: missing.into(),
+            expected_addresses: vec!["10.244.0.1/32".into()],
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(add_st.code(), Code::InvalidArgument, "{add_st:?}");
+    assert_eq!(check_st.code(), add_st.code(), "{check_st:?}");
+    assert_eq!(check_st.message(), add_st.message());
 }

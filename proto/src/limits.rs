@@ -132,6 +132,21 @@ pub fn handle_fits(handle: &str) -> bool {
     handle.len() <= MAX_HANDLE_LEN
 }
 
+/// Smallest MTU a pod interface may get: IPv4's minimum datagram size.
+pub const MIN_MTU: u32 = 68;
+
+/// Largest MTU a pod interface may get (the IPv4 total-length field).
+pub const MAX_MTU: u32 = 65535;
+
+/// `mtu` is within [`MIN_MTU`]..=[`MAX_MTU`]; the error says so.
+pub fn check_mtu(mtu: u32) -> Result<(), String> {
+    if (MIN_MTU..=MAX_MTU).contains(&mtu) {
+        Ok(())
+    } else {
+        Err(format!("MTU {mtu} is out of range ({MIN_MTU}..={MAX_MTU})"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

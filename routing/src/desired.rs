@@ -1,6 +1,6 @@
 //! From the cluster intent to one node's desired kernel state, and the
 //! cluster-wide route table built from the same intent.
-use crate::model::{Encapsulation, Intent, Route, RouteTarget};
+use crate::model::{BlockIntent, Encapsulation, Intent, Route, RouteTarget};
 use ipnet::IpNet;
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -42,11 +42,79 @@ fn plain(intent: &Intent, n: &IpNet) -> bool {
         .is_none_or(|(_, p)| p.encapsulation == Encapsulation::None)
 }
 
+/// The route `me` should hold for block `cidr`: a blackhole for its own
+/// block, a route via the owner's address for another node's block of a
+/// plainly routed pool; `Err` when the owner has no address of the family.
+fn block_route(
+    intent: &Intent,
+    me: &str,
+    cidr: &IpNet,
+    b: &BlockIntent,
+) -> Option<Result<Route, String>> {
+    match b.node.as_deref() {
+        Some(n) if n == me => Some(Ok(Route {
+            dst: *cidr,
+            target: RouteTarget::Blackhole,
+        })),
+        Some(n) if plain(intent, cidr) => Some(match intent.node_addr(n, cidr) {
+            Some(gw) => Ok(Route {
+                dst: *cidr,
+                target: RouteTarget::Via(gw),
+            }),
+            None => Err(format!(
+                "block {cidr}: node {n} has no address of its family"
+            )),
+        }),
+        _ => None,
+    }
+}
+
+/// The route `me` should hold for an address borrowed by `holder`: via the
+/// holder, unless that is `me` (pod wiring gives our own pods link routes).
+fn borrowed_route(
+    intent: &Intent,
+    me: &str,
+    a: &IpAddr,
+    holder: &str,
+) -> Option<Result<Route, String>> {
+    let dst = IpNet::from(*a);
+    if holder == me || !plain(intent, &dst) {
+        return None;
+    }
+    Some(match intent.node_addr(holder, &dst) {
+        Some(gw) => Ok(Route {
+            dst,
+            target: RouteTarget::Via(gw),
+        }),
+        None => Err(format!(
+            "borrowed {a}: node {holder} has no address of its family"
+        )),
+    })
+}
+
+/// The route node `me` should hold at one destination (a block, or a
+/// borrowed address as a host prefix), by the same rules as [`desired`]:
+/// what a node re-plans for the destinations a delta touched.
+pub fn route_at(intent: &Intent, me: &str, dst: &IpNet) -> Option<Route> {
+    let borrowed = (dst.prefix_len() == dst.max_prefix_len())
+        .then(|| intent.borrowed.get(&dst.addr()))
+        .flatten()
+        .and_then(|holder| borrowed_route(intent, me, &dst.addr(), holder));
+    let block = || {
+        intent
+            .blocks
+            .get(dst)
+            .and_then(|b| block_route(intent, me, dst, b))
+    };
+    borrowed.or_else(block).and_then(Result::ok)
+}
+
 /// Computes node `me`'s desired state from the cluster intent: a blackhole
 /// for each of its own blocks, a route via the owner's address for every
 /// other node's block and for each address borrowed by another node, and the
 /// NAT sets. Its own borrowed addresses need nothing here: pod wiring gives
-/// them link routes.
+/// them link routes. A borrowed address's route wins over a block route at
+/// the same prefix (a /32 block), as in [`route_at`].
 pub fn desired(intent: &Intent, me: &str) -> Desired {
     let mut d = Desired::default();
     for (name, p) in &intent.pools {
@@ -68,45 +136,24 @@ pub fn desired(intent: &Intent, me: &str) -> Desired {
         }
         d.ipv6 |= p.cidr.addr().is_ipv6();
     }
-    for (cidr, b) in &intent.blocks {
-        match b.node.as_deref() {
-            Some(n) if n == me => {
-                d.routes.insert(Route {
-                    dst: *cidr,
-                    target: RouteTarget::Blackhole,
-                });
+    let mut at: BTreeMap<IpNet, Route> = BTreeMap::new();
+    let blocks = intent
+        .blocks
+        .iter()
+        .filter_map(|(cidr, b)| block_route(intent, me, cidr, b));
+    let borrowed = intent
+        .borrowed
+        .iter()
+        .filter_map(|(a, holder)| borrowed_route(intent, me, a, holder));
+    for r in blocks.chain(borrowed) {
+        match r {
+            Ok(r) => {
+                at.insert(r.dst, r);
             }
-            Some(n) if plain(intent, cidr) => match intent.node_addr(n, cidr) {
-                Some(gw) => {
-                    d.routes.insert(Route {
-                        dst: *cidr,
-                        target: RouteTarget::Via(gw),
-                    });
-                }
-                None => d.unroutable.push(format!(
-                    "block {cidr}: node {n} has no address of its family"
-                )),
-            },
-            _ => {}
+            Err(e) => d.unroutable.push(e),
         }
     }
-    for (a, holder) in &intent.borrowed {
-        let dst = IpNet::from(*a);
-        if holder == me || !plain(intent, &dst) {
-            continue;
-        }
-        match intent.node_addr(holder, &dst) {
-            Some(gw) => {
-                d.routes.insert(Route {
-                    dst,
-                    target: RouteTarget::Via(gw),
-                });
-            }
-            None => d.unroutable.push(format!(
-                "borrowed {a}: node {holder} has no address of its family"
-            )),
-        }
-    }
+    d.routes = at.into_values().collect();
     d
 }
 

@@ -7,5 +7,7 @@
 mod desired;
 mod model;
 
-pub use desired::{cluster_routes, desired, ClusterRoute, ClusterRouteKind, Desired, NatSets};
+pub use desired::{
+    cluster_routes, desired, route_at, ClusterRoute, ClusterRouteKind, Desired, NatSets,
+};
 pub use model::{BlockIntent, Encapsulation, Intent, IntentDelta, PoolIntent, Route, RouteTarget};

@@ -1,10 +1,18 @@
 //! The cluster intent: pools, blocks, borrowed addresses and nodes, as the
 //! controller streams them, and the route values a node installs.
 use ipnet::IpNet;
-use std::{collections::BTreeMap, fmt, net::IpAddr};
+use serde::{Deserialize, Serialize};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::IpAddr,
+};
 
-/// How inter-node traffic of a pool is carried.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// How inter-node traffic of a pool is carried. Also the stored form: the
+/// store keeps it by variant index, so the order of variants is fixed.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 pub enum Encapsulation {
     /// Plain routes via the node address.
     #[default]
@@ -29,6 +37,19 @@ impl Encapsulation {
             Encapsulation::Ipip => "ENCAPSULATION_IPIP",
             Encapsulation::IpipCrossSubnet => "ENCAPSULATION_IPIP_CROSS_SUBNET",
         }
+    }
+
+    /// The inverse of [`Encapsulation::as_str_name`].
+    pub fn from_str_name(name: &str) -> Option<Self> {
+        [
+            Encapsulation::None,
+            Encapsulation::Vxlan,
+            Encapsulation::VxlanCrossSubnet,
+            Encapsulation::Ipip,
+            Encapsulation::IpipCrossSubnet,
+        ]
+        .into_iter()
+        .find(|e| e.as_str_name() == name)
     }
 }
 
@@ -89,6 +110,46 @@ pub struct IntentDelta {
     pub nodes: Vec<(String, Vec<IpAddr>)>,
     /// Nodes gone.
     pub removed_nodes: Vec<String>,
+}
+
+impl IntentDelta {
+    /// The destinations whose route may differ after this delta was applied
+    /// to `after` (the intent it produced): its blocks and borrowed
+    /// addresses, and every destination of a node whose addresses changed
+    /// or which is gone. `None`: everything may differ (a snapshot, or the
+    /// pools changed).
+    pub fn touched(&self, after: &Intent) -> Option<BTreeSet<IpNet>> {
+        if self.snapshot || self.pools.is_some() {
+            return None;
+        }
+        let mut t: BTreeSet<IpNet> = self.blocks.iter().map(|(c, _)| *c).collect();
+        t.extend(self.removed_blocks.iter().copied());
+        t.extend(self.borrowed.iter().map(|(a, _)| IpNet::from(*a)));
+        t.extend(self.removed_borrowed.iter().map(|a| IpNet::from(*a)));
+        let nodes: BTreeSet<&str> = self
+            .nodes
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .chain(self.removed_nodes.iter().map(String::as_str))
+            .collect();
+        if !nodes.is_empty() {
+            t.extend(
+                after
+                    .blocks
+                    .iter()
+                    .filter(|(_, b)| b.node.as_deref().is_some_and(|n| nodes.contains(n)))
+                    .map(|(c, _)| *c),
+            );
+            t.extend(
+                after
+                    .borrowed
+                    .iter()
+                    .filter(|(_, n)| nodes.contains(n.as_str()))
+                    .map(|(a, _)| IpNet::from(*a)),
+            );
+        }
+        Some(t)
+    }
 }
 
 impl Intent {

@@ -30,8 +30,7 @@ mod tests {
     #[tokio::test]
     async fn resolves_on_sigterm() {
         let shutdown = super::shutdown_signal().unwrap();
-        // SAFETY: raise has no preconditions; the handler is installed.
-        assert_eq!(unsafe { libc::raise(libc::SIGTERM) }, 0);
+        nix::sys::signal::raise(nix::sys::signal::Signal::SIGTERM).expect("raise SIGTERM");
         tokio::time::timeout(std::time::Duration::from_secs(5), shutdown)
             .await
             .expect("SIGTERM ends the future");

@@ -214,3 +214,22 @@ fn every_open_starts_an_epoch_at_the_current_revision() {
     assert_eq!(s.epochs()[MAX_EPOCHS - 2].id, last);
     assert!(!s.epochs().iter().any(|x| x.id == first.id));
 }
+
+#[test]
+fn encapsulations_keep_their_stored_encoding() {
+    // Stored by variant index: data written before the enum moved to
+    // tabby-routing must read back the same.
+    use crate::Encapsulation as E;
+    for (i, e) in [
+        E::None,
+        E::Vxlan,
+        E::VxlanCrossSubnet,
+        E::Ipip,
+        E::IpipCrossSubnet,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        assert_eq!(postcard::to_allocvec(&e).unwrap(), vec![i as u8], "{e:?}");
+    }
+}

@@ -3,21 +3,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use std::{collections::BTreeMap, net::IpAddr};
 
-/// How inter-node traffic of a pool is carried.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum Encapsulation {
-    /// Plain routes via the node address.
-    #[default]
-    None,
-    /// VXLAN to every node.
-    Vxlan,
-    /// VXLAN only across subnets.
-    VxlanCrossSubnet,
-    /// IP-in-IP to every node.
-    Ipip,
-    /// IP-in-IP only across subnets.
-    IpipCrossSubnet,
-}
+pub use tabby_routing::Encapsulation;
 
 /// An IP pool.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -2,18 +2,7 @@
 //! shared route computation (`tabby_routing`) over it, the same function
 //! every node runs over the intent stream.
 use super::IpamState;
-use tabby_routing::{BlockIntent, Encapsulation, Intent, PoolIntent};
-use tabby_store::Encapsulation as Stored;
-
-fn encapsulation(e: Stored) -> Encapsulation {
-    match e {
-        Stored::None => Encapsulation::None,
-        Stored::Vxlan => Encapsulation::Vxlan,
-        Stored::VxlanCrossSubnet => Encapsulation::VxlanCrossSubnet,
-        Stored::Ipip => Encapsulation::Ipip,
-        Stored::IpipCrossSubnet => Encapsulation::IpipCrossSubnet,
-    }
-}
+use tabby_routing::{BlockIntent, Intent, PoolIntent};
 
 impl IpamState {
     /// The cluster intent at this state: what the intent stream carries
@@ -30,7 +19,7 @@ impl IpamState {
                         PoolIntent {
                             cidr: p.rec.cidr,
                             nat_outgoing: p.rec.nat_outgoing,
-                            encapsulation: encapsulation(p.rec.encapsulation),
+                            encapsulation: p.rec.encapsulation,
                         },
                     )
                 })

@@ -44,9 +44,16 @@ pub(super) fn check_name(what: &str, s: &str) -> Result<()> {
 }
 
 pub(super) fn check_handle(h: &str) -> Result<()> {
-    if h.is_empty() || h.len() > 512 || h.chars().any(|c| c.is_control() || c == '/') {
+    use tabby_proto::limits::MAX_HANDLE_LEN;
+    if h.len() > MAX_HANDLE_LEN {
         return Err(Error::InvalidArgument(format!(
-            "handle {h:?} is invalid: want <network-name>.<container-id>, 1..512 printable characters, no '/'"
+            "handle of {} bytes is too long: at most {MAX_HANDLE_LEN} (a node keeps it in the pod's host veth alias)",
+            h.len()
+        )));
+    }
+    if h.is_empty() || h.chars().any(|c| c.is_control() || c == '/') {
+        return Err(Error::InvalidArgument(format!(
+            "handle {h:?} is invalid: want <network-name>.<container-id>, 1..{MAX_HANDLE_LEN} printable characters, no '/'"
         )));
     }
     Ok(())

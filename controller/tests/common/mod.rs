@@ -5,6 +5,10 @@
 //! part of it.
 #![allow(dead_code)]
 
+use nix::{
+    sys::signal::{kill, Signal},
+    unistd::Pid,
+};
 use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,
@@ -222,7 +226,7 @@ impl Controller {
 
     /// Sends SIGTERM, waits for the exit and asserts it was status 0.
     pub fn term(&mut self) {
-        self.signal(libc::SIGTERM);
+        self.signal(Signal::SIGTERM);
         let deadline = Instant::now() + TERM_TIMEOUT;
         loop {
             match self.child.try_wait() {
@@ -253,27 +257,22 @@ impl Controller {
         if self.exited.is_some() {
             return;
         }
-        self.signal(libc::SIGKILL);
+        self.signal(Signal::SIGKILL);
         match self.child.wait() {
             Ok(s) => self.exited = Some(s),
             Err(e) => panic!("waiting for tabby-controller: {e}"),
         }
     }
 
-    fn signal(&self, sig: libc::c_int) {
+    fn signal(&self, sig: Signal) {
         if self.exited.is_some() {
             return;
         }
-        // SAFETY: kill(2) on the pid of our own, not yet reaped child: the pid
-        // cannot have been reused by another process.
-        let r = unsafe { libc::kill(self.pid(), sig) };
-        assert_eq!(
-            r,
-            0,
-            "kill({}, {sig}): {}",
-            self.pid(),
-            std::io::Error::last_os_error()
-        );
+        // Our own, not yet reaped child: the pid cannot have been reused by
+        // another process.
+        if let Err(e) = kill(Pid::from_raw(self.pid()), sig) {
+            panic!("kill({}, {sig}): {e}", self.pid());
+        }
     }
 }
 
@@ -281,8 +280,8 @@ impl Drop for Controller {
     fn drop(&mut self) {
         if self.exited.is_none() {
             if let Ok(None) = self.child.try_wait() {
-                // SAFETY: as in `signal`: our own unreaped child.
-                unsafe { libc::kill(self.pid(), libc::SIGKILL) };
+                // As in `signal`: our own unreaped child.
+                let _ = kill(Pid::from_raw(self.pid()), Signal::SIGKILL);
             }
             let _ = self.child.wait();
         }

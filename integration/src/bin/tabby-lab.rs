@@ -1,5 +1,6 @@
-//! `tabby-lab`: the three-node lab of the Calico walkthrough, in network
-//! namespaces on this machine (`make lab`, `make lab-down`).
+//! `tabby-lab`: the three-node lab (controller, control-plane, worker,
+//! worker2, an outside host) in network namespaces on this machine (`make
+//! lab`, `make lab-down`).
 use anyhow::{bail, Context, Result};
 use std::{net::SocketAddr, path::PathBuf, process::Command};
 use tabby_integration::{

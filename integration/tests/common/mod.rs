@@ -14,7 +14,7 @@ use tabby_integration::{
 
 static N: AtomicU32 = AtomicU32::new(0);
 
-/// A walkthrough lab with a unique prefix; `tweak` adjusts the config.
+/// The three-node lab with a unique prefix; `tweak` adjusts the config.
 pub fn lab_with(tweak: impl FnOnce(&mut LabConfig)) -> (Lab, tempfile::TempDir) {
     netns::require_root();
     let dir = tempfile::Builder::new()
@@ -32,7 +32,7 @@ pub fn lab_with(tweak: impl FnOnce(&mut LabConfig)) -> (Lab, tempfile::TempDir) 
     (lab, dir)
 }
 
-/// A walkthrough lab.
+/// The three-node lab.
 pub fn lab() -> (Lab, tempfile::TempDir) {
     lab_with(|_| {})
 }

@@ -11,10 +11,12 @@ use netlink_packet_route::route::{
 };
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::MsgFlags;
 use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use tokio::io::unix::{AsyncFd, AsyncFdRegisterError};
 
 const RT_TABLE_MAIN: u32 = RouteHeader::RT_TABLE_MAIN as u32;
 /// Multicast groups of IPv4 and IPv6 route changes (RTMGRP_IPV4_ROUTE,
@@ -65,8 +67,14 @@ impl NetlinkRoutes {
 
 impl RouteTable for NetlinkRoutes {
     fn list(&mut self) -> Result<Vec<Route>> {
+        self.list_families(true)
+    }
+
+    fn list_families(&mut self, v6: bool) -> Result<Vec<Route>> {
         let mut out = self.dump_family(AddressFamily::Inet)?;
-        out.extend(self.dump_family(AddressFamily::Inet6)?);
+        if v6 {
+            out.extend(self.dump_family(AddressFamily::Inet6)?);
+        }
         Ok(out)
     }
 
@@ -160,13 +168,10 @@ pub(crate) fn route_from_message(m: &RouteMessage) -> Option<Route> {
     if u8::from(m.header.protocol) != ROUTE_PROTOCOL {
         return None;
     }
-    let mut table = u32::from(m.header.table);
-    let mut dst = None;
+    let dst = main_table_dst(m)?;
     let mut gw = None;
     for a in &m.attributes {
         match a {
-            RouteAttribute::Table(t) => table = *t,
-            RouteAttribute::Destination(d) => dst = ip_of(d),
             RouteAttribute::Gateway(g) => gw = ip_of(g),
             RouteAttribute::Via(RouteVia::Inet(a)) => gw = Some(IpAddr::V4(*a)),
             RouteAttribute::Via(RouteVia::Inet6(a)) => gw = Some(IpAddr::V6(*a)),
@@ -174,16 +179,6 @@ pub(crate) fn route_from_message(m: &RouteMessage) -> Option<Route> {
             _ => {}
         }
     }
-    if table != RT_TABLE_MAIN {
-        return None;
-    }
-    let dst = match (dst, m.header.address_family) {
-        (Some(d), _) => d,
-        (None, AddressFamily::Inet) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        (None, AddressFamily::Inet6) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-        _ => return None,
-    };
-    let dst = IpNet::new(dst, m.header.destination_prefix_length).ok()?;
     let target = match m.header.kind {
         RouteType::BlackHole => RouteTarget::Blackhole,
         RouteType::Unicast => RouteTarget::Via(gw?),
@@ -197,10 +192,26 @@ pub(crate) fn route_from_message(m: &RouteMessage) -> Option<Route> {
 pub enum RouteEvent {
     /// A tabby route (protocol 77, main table) was deleted: by hand, by the
     /// kernel, or by tabby itself (the reconciler filters its own deletions
-    /// by comparing with the desired state).
+    /// by comparing with what it holds).
     Deleted(Route),
+    /// A tabby route was added or replaced (by tabby itself, or by hand).
+    Added(Route),
+    /// A route of another protocol (or shape) was added or replaced in the
+    /// main table at this destination: it may have taken one of ours.
+    Foreign(IpNet),
     /// Notifications were lost (receive queue overrun): re-list everything.
     Resync,
+}
+
+/// Registers the monitor's socket with the tokio reactor, for reading.
+/// Must be called within a tokio runtime.
+#[allow(unsafe_code)]
+fn register_readable(
+    sock: Socket,
+) -> std::result::Result<AsyncFd<Socket>, AsyncFdRegisterError<Socket>> {
+    // SAFETY: the Socket owns its fd and keeps it open and unchanged for as
+    // long as the AsyncFd holds it (it is only given back by `into_inner`).
+    unsafe { AsyncFd::register_with_interest(sock, tokio::io::Interest::READABLE) }
 }
 
 /// Watches route deletions in the network namespace of the thread that
@@ -215,7 +226,7 @@ pub enum RouteEvent {
 /// because their link went down, so a periodic re-list is still needed.
 pub struct RouteMonitor {
     raw: Option<Socket>,
-    fd: Option<tokio::io::unix::AsyncFd<Socket>>,
+    fd: Option<AsyncFd<Socket>>,
     buf: Vec<u8>,
     pending: VecDeque<RouteEvent>,
 }
@@ -239,12 +250,16 @@ impl RouteMonitor {
         })
     }
 
-    fn raw_fd(&self) -> i32 {
+    fn socket_fd(&self) -> BorrowedFd<'_> {
         match (&self.raw, &self.fd) {
-            (Some(s), _) => s.as_raw_fd(),
-            (None, Some(fd)) => fd.get_ref().as_raw_fd(),
+            (Some(s), _) => s.as_fd(),
+            (None, Some(fd)) => fd.get_ref().as_fd(),
             (None, None) => unreachable!("monitor always holds its socket"),
         }
+    }
+
+    fn raw_fd(&self) -> i32 {
+        self.socket_fd().as_raw_fd()
     }
 
     /// The next deletion of a tabby route (or a request to re-list).
@@ -256,15 +271,7 @@ impl RouteMonitor {
             }
             if self.fd.is_none() {
                 let sock = self.raw.take().expect("socket present until registered");
-                // SAFETY: the Socket owns its fd and keeps it open and
-                // unchanged for as long as the AsyncFd holds it.
-                let fd = unsafe {
-                    tokio::io::unix::AsyncFd::register_with_interest(
-                        sock,
-                        tokio::io::Interest::READABLE,
-                    )
-                };
-                match fd {
+                match register_readable(sock) {
                     Ok(fd) => self.fd = Some(fd),
                     Err(e) => {
                         let (sock, e) = e.into_parts();
@@ -296,20 +303,11 @@ impl RouteMonitor {
             if let Some(ev) = self.pending.pop_front() {
                 return Ok(ev);
             }
-            let mut pfd = libc::pollfd {
-                fd: self.raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: `pfd` is one initialised pollfd that outlives the call,
-            // and the count passed is 1.
-            let r = unsafe { libc::poll(&mut pfd, 1, -1) };
-            if r < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(Error::Io("route monitor: poll".into(), e));
+            let mut pfd = [PollFd::new(self.socket_fd(), PollFlags::POLLIN)];
+            match poll(&mut pfd, PollTimeout::NONE) {
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(Error::Io("route monitor: poll".into(), e.into())),
             }
             let fd = self.raw_fd();
             match read_datagram(fd, &mut self.buf, &mut self.pending) {
@@ -341,10 +339,21 @@ fn read_datagram(
     };
     let parsed = parse_datagram(&buf[..n.min(buf.len())], |reply| {
         if let Reply::Msg(_, _, m) = reply {
-            if let RouteNetlinkMessage::DelRoute(r) = *m {
-                if let Some(route) = route_from_message(&r) {
-                    pending.push_back(RouteEvent::Deleted(route));
+            match *m {
+                RouteNetlinkMessage::DelRoute(r) => {
+                    if let Some(route) = route_from_message(&r) {
+                        pending.push_back(RouteEvent::Deleted(route));
+                    }
                 }
+                RouteNetlinkMessage::NewRoute(r) => match route_from_message(&r) {
+                    Some(route) => pending.push_back(RouteEvent::Added(route)),
+                    None => {
+                        if let Some(dst) = main_table_dst(&r) {
+                            pending.push_back(RouteEvent::Foreign(dst));
+                        }
+                    }
+                },
+                _ => {}
             }
         }
     });
@@ -355,18 +364,40 @@ fn read_datagram(
     Ok(())
 }
 
-/// Blocking loop for a dedicated thread: calls `on_change` whenever a tabby
-/// route is deleted in the calling thread's namespace (or notifications
-/// were lost and a re-list is due); returns `Ok(())` once `on_change`
-/// returns false, or the error that stopped the monitor.
-pub fn monitor_route_deletions(mut on_change: impl FnMut() -> bool) -> Result<()> {
+/// Blocking loop for a dedicated thread: calls `on_change` with every
+/// route change the monitor reports in the calling thread's namespace;
+/// returns `Ok(())` once `on_change` returns false, or the error that
+/// stopped the monitor.
+pub fn monitor_routes(mut on_change: impl FnMut(RouteEvent) -> bool) -> Result<()> {
     let mut mon = RouteMonitor::new()?;
     loop {
-        mon.next_blocking()?;
-        if !on_change() {
+        if !on_change(mon.next_blocking()?) {
             return Ok(());
         }
     }
+}
+
+/// The destination of a unicast-family route message in the main table.
+fn main_table_dst(m: &RouteMessage) -> Option<IpNet> {
+    let mut table = u32::from(m.header.table);
+    let mut dst = None;
+    for a in &m.attributes {
+        match a {
+            RouteAttribute::Table(t) => table = *t,
+            RouteAttribute::Destination(d) => dst = ip_of(d),
+            _ => {}
+        }
+    }
+    if table != RT_TABLE_MAIN {
+        return None;
+    }
+    let dst = match (dst, m.header.address_family) {
+        (Some(d), _) => d,
+        (None, AddressFamily::Inet) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        (None, AddressFamily::Inet6) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        _ => return None,
+    };
+    IpNet::new(dst, m.header.destination_prefix_length).ok()
 }
 
 #[cfg(test)]

@@ -30,8 +30,8 @@ fn block(cidr: &str, node: &str) -> (IpNet, BlockIntent) {
     )
 }
 
-/// The walkthrough's cluster: three nodes, a block each, one address
-/// borrowed each way between worker and worker2.
+/// A three-node cluster (the lab's): a block each, one address borrowed
+/// each way between worker and worker2.
 fn walkthrough(encapsulation: Encapsulation) -> Intent {
     let mut i = Intent::default();
     i.apply(IntentDelta {
@@ -269,4 +269,110 @@ proptest! {
             }
         }
     }
+}
+
+fn arb_delta() -> impl Strategy<Value = IntentDelta> {
+    let nodes = ["n0", "n1", "n2", "n3"];
+    (
+        proptest::collection::vec((0u8..64, 0usize..5), 0..4),
+        proptest::collection::vec(0u8..64, 0..3),
+        proptest::collection::vec((0u16..4096, 0usize..4), 0..4),
+        proptest::collection::vec(0u16..4096, 0..3),
+        proptest::collection::vec((0usize..4, 0u8..3), 0..2),
+        proptest::collection::vec(0usize..4, 0..2),
+    )
+        .prop_map(
+            move |(blocks, rm_blocks, borrowed, rm_borrowed, nodes_ch, rm_nodes)| {
+                let block = |k: u8| IpNet::new(IpAddr::from([10, 0, k, 0]), 26).unwrap();
+                let addr = |k: u16| IpAddr::from([10, 0, (k >> 6) as u8, (k & 63) as u8 + 1]);
+                IntentDelta {
+                    snapshot: false,
+                    revision: 2,
+                    blocks: blocks
+                        .into_iter()
+                        .map(|(k, o)| {
+                            (
+                                block(k),
+                                BlockIntent {
+                                    node: nodes.get(o).map(|s| s.to_string()),
+                                    pool: "p".into(),
+                                },
+                            )
+                        })
+                        .collect(),
+                    removed_blocks: rm_blocks.into_iter().map(block).collect(),
+                    borrowed: borrowed
+                        .into_iter()
+                        .map(|(k, h)| (addr(k), nodes[h].to_string()))
+                        .collect(),
+                    removed_borrowed: rm_borrowed.into_iter().map(addr).collect(),
+                    pools: None,
+                    // A node's address moves (or, for 2, it loses its IPv4 one).
+                    nodes: nodes_ch
+                        .into_iter()
+                        .map(|(n, v)| {
+                            let a = match v {
+                                2 => "fd00::9".parse().unwrap(),
+                                v => IpAddr::from([172, 18, 1, v]),
+                            };
+                            (nodes[n].to_string(), vec![a])
+                        })
+                        .collect(),
+                    removed_nodes: rm_nodes.into_iter().map(|n| nodes[n].to_string()).collect(),
+                }
+            },
+        )
+}
+
+proptest! {
+    /// Re-planning only the destinations a delta touched gives exactly the
+    /// routes a full recomputation gives.
+    #[test]
+    fn a_delta_replanned_at_its_touched_destinations_equals_a_full_plan(
+        before in arb_intent(),
+        delta in arb_delta(),
+        me in 0usize..4,
+    ) {
+        let me = ["n0", "n1", "n2", "n3"][me];
+        let mut want: BTreeMap<IpNet, Route> =
+            desired(&before, me).routes.into_iter().map(|r| (r.dst, r)).collect();
+        let mut after = before.clone();
+        after.apply(delta.clone());
+        let touched = delta.touched(&after).expect("a delta without pools");
+        for dst in &touched {
+            match route_at(&after, me, dst) {
+                Some(r) => want.insert(*dst, r),
+                None => want.remove(dst),
+            };
+        }
+        let full = desired(&after, me).routes;
+        prop_assert_eq!(want.into_values().collect::<BTreeSet<_>>(), full);
+    }
+}
+
+#[test]
+fn snapshots_and_pool_changes_touch_everything() {
+    let i = walkthrough(Encapsulation::None);
+    assert!(IntentDelta {
+        snapshot: true,
+        ..Default::default()
+    }
+    .touched(&i)
+    .is_none());
+    assert!(IntentDelta {
+        pools: Some(vec![]),
+        ..Default::default()
+    }
+    .touched(&i)
+    .is_none());
+    let moved = IntentDelta {
+        nodes: vec![("worker2".into(), vec![a("172.18.0.40")])],
+        ..Default::default()
+    };
+    let t = moved.touched(&i).unwrap();
+    assert_eq!(
+        t,
+        [n("10.244.0.128/26"), n("10.244.0.70/32")].into(),
+        "worker2's block and the address it holds"
+    );
 }

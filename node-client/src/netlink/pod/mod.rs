@@ -1,4 +1,4 @@
-//! Pod wiring (design.md section 4): a veth pair with the host side in the
+//! Pod wiring: a veth pair with the host side in the
 //! node's namespace and the pod side in the pod's, Calico style.
 //!
 //! [`link`] holds the netlink helpers (links, addresses, routes,

@@ -17,7 +17,7 @@ use netlink_packet_route::RouteNetlinkMessage;
 use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 
-/// Wires a pod (design.md section 4): creates the veth pair in the current
+/// Wires a pod the way Calico does: creates the veth pair in the current
 /// network namespace with the peer created directly in the pod's namespace,
 /// sets the host side's MAC `ee:ee:ee:ee:ee:ee`, sysctls (`proxy_arp=1`,
 /// `proxy_delay=0`, `forwarding=1`; with IPv6 also `proxy_ndp=1`,

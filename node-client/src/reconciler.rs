@@ -1,0 +1,491 @@
+//! The reconciler: one dedicated OS thread that owns the intent, tabby's
+//! routes and its nftables tables, and plans then applies.
+//!
+//! A delta from the stream is applied as the change it is: only the
+//! destinations it touched are re-planned, against the reconciler's view of
+//! its routes in the kernel, which the route monitor keeps current. A full
+//! pass (dump, plan, apply) runs at start, after a snapshot or a pool change,
+//! when notifications were lost or something else changed one of our
+//! destinations, after a failed change, and on a jittered timer. The NAT
+//! tables are compared with what tabby wrote when nftables reports a change
+//! to them, and on a rarer jittered timer. The node's own changes never
+//! trigger another pass.
+use crate::{
+    daemon::{lock_resume, lock_status, SharedResume, SharedStatus},
+    kernel::{NatTables, Route, RouteTable},
+    netlink::RouteEvent,
+    nft::NatSets,
+    nft_monitor::NftEvent,
+    plan::{self, Intent},
+    Result,
+};
+use ipnet::IpNet;
+use std::{
+    collections::{hash_map::Entry, BTreeMap, BTreeSet, HashMap},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+use tabby_proto::v1 as pb;
+
+/// What the reconciler reacts to.
+#[derive(Debug)]
+pub enum Event {
+    /// An intent update from the stream.
+    Update(Box<pb::IntentUpdate>),
+    /// The route monitor saw a change in the kernel.
+    Route(RouteEvent),
+    /// nftables reported a change to a `tabby` table.
+    Nft(NftEvent),
+    /// Something may have changed under us: run a full pass.
+    Poke,
+    /// Stop the reconciler.
+    Shutdown,
+}
+
+/// Kernel knobs the reconciler sets. Abstracted so tests can run it in a netns.
+pub trait Sysctl: Send {
+    /// Writes `/proc/sys/<path>`.
+    fn set(&mut self, path: &str, value: &str) -> Result<()>;
+}
+
+/// How often the reconciler checks on its own.
+#[derive(Debug, Clone, Copy)]
+pub struct Timers {
+    /// Mean period of the full pass (each period jittered by ±20%).
+    pub resync: Duration,
+    /// Mean period of the NAT table comparison without an nftables event.
+    pub nft_verify: Duration,
+}
+
+impl Default for Timers {
+    fn default() -> Self {
+        Timers {
+            resync: Duration::from_secs(10),
+            nft_verify: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Expected echoes kept at most (more means no monitor reads them).
+const MAX_ECHOES: usize = 100_000;
+
+/// Mean delay before a failed full pass is tried again.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// `d` ±20%, so that nodes that started or changed together drift apart.
+fn jittered(d: Duration) -> Duration {
+    d.mul_f64(0.8 + 0.4 * fastrand::f64())
+}
+
+/// How many passes of each kind ran (for tests and the benchmark).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Passes {
+    /// Dump, plan and apply over everything.
+    pub full: u64,
+    /// Re-plans of the destinations deltas or the monitor touched.
+    pub incremental: u64,
+    /// `nft list` comparisons.
+    pub nft_checks: u64,
+}
+
+/// The reconciler: owns intent and kernel programming.
+pub struct Reconciler<T: RouteTable> {
+    me: String,
+    table: T,
+    nft: Box<dyn NatTables>,
+    sysctl: Box<dyn Sysctl>,
+    status: SharedStatus,
+    resume: SharedResume,
+    timers: Timers,
+    intent: Intent,
+    have_intent: bool,
+    synced: bool,
+    /// The routes this node should hold, by destination.
+    want: BTreeMap<IpNet, Route>,
+    /// tabby's routes in the kernel as far as we know: the last dump, our
+    /// own successful changes, and what the monitor reported since.
+    installed: BTreeMap<IpNet, Route>,
+    /// Destinations to re-plan at the next incremental pass.
+    touched: BTreeSet<IpNet>,
+    /// Notifications our own changes will cause ((added, route) -> how
+    /// many), so that their echoes cause nothing even when they arrive
+    /// after later changes. Cleared by a full pass.
+    echoes: HashMap<(bool, Route), u32>,
+    full_due: bool,
+    next_full: Instant,
+    /// When a failed full pass is tried again.
+    retry_at: Instant,
+    /// Whether the IPv6 routes were dumped by the last full pass.
+    v6_listed: bool,
+    nat: (NatSets, NatSets),
+    ipv6: bool,
+    unsupported: Vec<String>,
+    nat_applied: Option<(NatSets, NatSets)>,
+    /// `nft list table <family> tabby` right after our last write, per family.
+    /// None: the listing failed, which counts as drift.
+    nat_listing: Vec<(&'static str, Option<String>)>,
+    nft_check_due: bool,
+    next_nft_check: Instant,
+    v6_forwarding: bool,
+    errors: Vec<String>,
+    passes: Passes,
+}
+
+impl<T: RouteTable> Reconciler<T> {
+    /// A reconciler that has applied nothing yet.
+    pub fn new(
+        me: String,
+        table: T,
+        nft: Box<dyn NatTables>,
+        sysctl: Box<dyn Sysctl>,
+        status: SharedStatus,
+        resume: SharedResume,
+        timers: Timers,
+    ) -> Self {
+        let now = Instant::now();
+        Reconciler {
+            me,
+            table,
+            nft,
+            sysctl,
+            status,
+            resume,
+            timers,
+            intent: Intent::default(),
+            have_intent: false,
+            synced: false,
+            want: BTreeMap::new(),
+            installed: BTreeMap::new(),
+            touched: BTreeSet::new(),
+            echoes: HashMap::new(),
+            full_due: true,
+            next_full: now + jittered(timers.resync),
+            retry_at: now,
+            v6_listed: false,
+            nat: Default::default(),
+            ipv6: false,
+            unsupported: Vec::new(),
+            nat_applied: None,
+            nat_listing: Vec::new(),
+            nft_check_due: false,
+            next_nft_check: now + jittered(timers.nft_verify),
+            v6_forwarding: false,
+            errors: Vec::new(),
+            passes: Passes::default(),
+        }
+    }
+
+    /// Passes run so far.
+    pub fn passes(&self) -> Passes {
+        self.passes
+    }
+
+    /// The route table (tests inspect their fake).
+    pub fn table(&self) -> &T {
+        &self.table
+    }
+
+    /// Runs until [`Event::Shutdown`] or the sender is gone.
+    pub fn run(mut self, rx: mpsc::Receiver<Event>) {
+        if let Err(e) = self.sysctl.set("net/ipv4/ip_forward", "1") {
+            tracing::error!(error = %e, "cannot enable ip_forward");
+        }
+        loop {
+            let mut wake = self.next_full.min(self.next_nft_check);
+            if self.have_intent && self.full_due {
+                // A failed pass is retried soon, not at the next period.
+                wake = wake.min(self.retry_at);
+            }
+            let wait = wake.saturating_duration_since(Instant::now());
+            let first = match rx.recv_timeout(wait) {
+                Ok(ev) => Some(ev),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            };
+            let events: Vec<Event> = first.into_iter().chain(rx.try_iter()).collect();
+            if !self.handle(events) {
+                return;
+            }
+        }
+    }
+
+    /// Takes a batch of events, then runs whatever pass is due. False on
+    /// [`Event::Shutdown`].
+    pub fn handle(&mut self, events: Vec<Event>) -> bool {
+        for ev in events {
+            match ev {
+                Event::Shutdown => return false,
+                Event::Poke => self.full_due = true,
+                Event::Update(u) => self.take_update(&u),
+                Event::Route(r) => self.take_route_event(r),
+                Event::Nft(_) => self.nft_check_due = true,
+            }
+        }
+        self.step(Instant::now());
+        true
+    }
+
+    /// Runs what is due at `now`.
+    pub fn step(&mut self, now: Instant) {
+        if !self.have_intent {
+            return;
+        }
+        if self.full_due || now >= self.next_full {
+            self.full_pass();
+            self.next_full = now + jittered(self.timers.resync);
+            self.retry_at = now + jittered(RETRY);
+        } else if !self.touched.is_empty() {
+            self.incremental_pass();
+        }
+        if self.nft_check_due || now >= self.next_nft_check {
+            self.check_nat();
+            self.next_nft_check = now + jittered(self.timers.nft_verify);
+        }
+    }
+
+    fn take_update(&mut self, u: &pb::IntentUpdate) {
+        match plan::intent_delta(u) {
+            Ok(delta) => {
+                self.intent.apply(delta.clone());
+                // A snapshot or a pool change (NAT sets, families) is
+                // planned whole; anything else at the destinations it touched.
+                match delta.touched(&self.intent) {
+                    Some(t) if self.have_intent => self.touched.extend(t),
+                    _ => self.full_due = true,
+                }
+                self.have_intent = true;
+                if u.snapshot && !self.synced {
+                    tracing::info!(revision = u.revision, "first full intent sync");
+                    self.synced = true;
+                }
+                lock_resume(&self.resume).record(u, true);
+            }
+            Err(e) => {
+                // The watch reconnects and asks for a snapshot.
+                tracing::error!(error = %e, "bad intent update ignored; will resync");
+                lock_resume(&self.resume).record(u, false);
+            }
+        }
+    }
+
+    /// A kernel change: our own changes (echoed back) are already in
+    /// `installed` and cause nothing.
+    fn take_route_event(&mut self, ev: RouteEvent) {
+        let echo = match &ev {
+            RouteEvent::Deleted(r) => Some((false, *r)),
+            RouteEvent::Added(r) => Some((true, *r)),
+            _ => None,
+        };
+        if let Some(Entry::Occupied(mut e)) = echo.map(|k| self.echoes.entry(k)) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+            return;
+        }
+        match ev {
+            RouteEvent::Deleted(r) => {
+                if self.installed.get(&r.dst) == Some(&r) {
+                    self.installed.remove(&r.dst);
+                    if self.want.get(&r.dst) == Some(&r) {
+                        // Deleted by hand (or by the kernel): put it back.
+                        self.touched.insert(r.dst);
+                    }
+                }
+            }
+            RouteEvent::Added(r) => match self.want.get(&r.dst) {
+                Some(w) if *w == r => {
+                    self.installed.insert(r.dst, r);
+                }
+                // Another tabby route at one of our destinations, or a
+                // stale one: only a full pass knows what else is there.
+                _ if self.installed.get(&r.dst) != Some(&r) => self.full_due = true,
+                _ => {}
+            },
+            RouteEvent::Foreign(dst) => {
+                if self.want.contains_key(&dst) {
+                    self.full_due = true;
+                }
+            }
+            RouteEvent::Resync => {
+                self.echoes.clear();
+                self.full_due = true;
+            }
+        }
+    }
+
+    /// Dump, plan and apply everything; also NAT and sysctls.
+    fn full_pass(&mut self) {
+        self.passes.full += 1;
+        self.full_due = false;
+        self.touched.clear();
+        self.echoes.clear();
+        self.errors.clear();
+        let d = tabby_routing::desired(&self.intent, &self.me);
+        self.want = d.routes.iter().map(|r| (r.dst, *r)).collect();
+        self.nat = (d.nat_v4.clone(), d.nat_v6.clone());
+        self.ipv6 = d.ipv6;
+        if self.unsupported != d.unsupported {
+            for u in &d.unsupported {
+                tracing::warn!("{u}");
+            }
+            self.unsupported.clone_from(&d.unsupported);
+        }
+        // IPv6 routes are dumped while an IPv6 pool exists, and once more
+        // after it is gone (and at start) so stale ones are found.
+        let v6 = d.ipv6 || !self.v6_listed || self.installed.keys().any(|d| d.addr().is_ipv6());
+        let actual = match self.table.list_families(v6) {
+            Ok(a) => a,
+            Err(e) => {
+                self.errors.push(format!("listing routes: {e}"));
+                self.full_due = true;
+                self.finish();
+                return;
+            }
+        };
+        self.v6_listed = !d.ipv6 && v6;
+        self.installed = actual.iter().map(|r| (r.dst, *r)).collect();
+        let p = plan::plan_routes(&d.routes, &actual, self.synced);
+        self.apply(&p, "routes reconciled");
+        self.sync_nat();
+        if self.ipv6 && !self.v6_forwarding {
+            match self.sysctl.set("net/ipv6/conf/all/forwarding", "1") {
+                Ok(()) => self.v6_forwarding = true,
+                Err(e) => self.errors.push(e.to_string()),
+            }
+        }
+        self.finish();
+    }
+
+    /// Re-plans the touched destinations against `installed`.
+    fn incremental_pass(&mut self) {
+        self.passes.incremental += 1;
+        self.errors.clear();
+        let mut want = BTreeSet::new();
+        let mut have = Vec::new();
+        for dst in std::mem::take(&mut self.touched) {
+            match tabby_routing::route_at(&self.intent, &self.me, &dst) {
+                Some(r) => {
+                    self.want.insert(dst, r);
+                    want.insert(r);
+                }
+                None => {
+                    self.want.remove(&dst);
+                }
+            }
+            have.extend(self.installed.get(&dst).copied());
+        }
+        let p = plan::plan_routes(&want, &have, self.synced);
+        self.apply(&p, "routes updated");
+        self.finish();
+    }
+
+    fn apply(&mut self, p: &plan::RoutePlan, what: &str) {
+        if p.is_empty() {
+            return;
+        }
+        let rep = plan::apply_plan(&mut self.table, p);
+        let failed: BTreeSet<Route> = rep.failed.iter().map(|(r, _)| *r).collect();
+        for r in &p.del {
+            self.installed.remove(&r.dst);
+            if !failed.contains(r) {
+                *self.echoes.entry((false, *r)).or_default() += 1;
+            }
+        }
+        for r in &p.add {
+            self.installed.insert(r.dst, *r);
+            if !failed.contains(r) {
+                *self.echoes.entry((true, *r)).or_default() += 1;
+            }
+        }
+        if self.echoes.len() > MAX_ECHOES {
+            // No monitor is consuming them.
+            self.echoes.clear();
+        }
+        tracing::info!(
+            added = p.add.len(),
+            deleted = p.del.len(),
+            failed = rep.failed.len(),
+            revision = self.intent.revision,
+            "{what}"
+        );
+        if !rep.failed.is_empty() {
+            // What failed is not what `installed` says: re-read it all.
+            self.full_due = true;
+            for (r, e) in rep.failed {
+                self.errors.push(format!("{r}: {e}"));
+            }
+        }
+    }
+
+    /// Writes the NAT tables when the sets changed or were found edited.
+    fn sync_nat(&mut self) {
+        if self.nat_applied.as_ref() == Some(&self.nat) {
+            return;
+        }
+        let mut ok = true;
+        let mut written = vec!["ip"];
+        if let Err(e) = self.nft.sync("ip", &self.nat.0) {
+            self.errors.push(e.to_string());
+            ok = false;
+        }
+        // An ip6 table we wrote stays ours to keep right, also once its
+        // pools are gone (then it is written empty).
+        let had_v6 = self.nat_listing.iter().any(|(f, _)| *f == "ip6");
+        if self.ipv6 || had_v6 {
+            written.push("ip6");
+            if let Err(e) = self.nft.sync("ip6", &self.nat.1) {
+                self.errors.push(e.to_string());
+                ok = false;
+            }
+        }
+        if ok {
+            self.nat_listing = written
+                .into_iter()
+                .map(|f| (f, self.nft.list(f).ok()))
+                .collect();
+            tracing::info!(masq = ?self.nat.0.masq, all = ?self.nat.0.all, "nftables table ip tabby updated");
+            self.nat_applied = Some(self.nat.clone());
+        }
+    }
+
+    /// Someone may have deleted or edited our tables: compare them with what
+    /// we wrote, and rewrite them when they differ.
+    fn check_nat(&mut self) {
+        self.nft_check_due = false;
+        if self.nat_applied.is_none() {
+            return;
+        }
+        self.passes.nft_checks += 1;
+        let drift = self
+            .nat_listing
+            .iter()
+            .find(|(f, want)| want.is_none() || self.nft.list(f).ok() != *want)
+            .map(|(f, _)| *f);
+        if let Some(family) = drift {
+            tracing::warn!(
+                family,
+                "table {family} tabby is not what tabby wrote (deleted or edited by hand); rewriting it"
+            );
+            self.nat_applied = None;
+            self.errors.clear();
+            self.sync_nat();
+            self.finish();
+        }
+    }
+
+    fn finish(&mut self) {
+        let mut st = lock_status(&self.status);
+        st.synced = self.synced;
+        st.revision = self.intent.revision;
+        st.routes = self.want.len();
+        st.unsupported.clone_from(&self.unsupported);
+        if !self.errors.is_empty() {
+            tracing::warn!(errors = ?self.errors, "reconcile incomplete; retrying at the next pass");
+        }
+        st.last_error = (!self.errors.is_empty()).then(|| self.errors.join("; "));
+    }
+}
+
+#[cfg(test)]
+mod tests;

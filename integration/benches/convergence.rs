@@ -950,14 +950,18 @@ impl Drop for Ctl {
 // BIRD's trigger: blackhole routes added and deleted on node 1 over netlink
 // ---------------------------------------------------------------------------
 
+/// Add (true) or delete a blackhole for a block; the answer is when the
+/// request left.
+type RouteCmd = (bool, Ipv4Addr, mpsc::Sender<Result<Instant>>);
+
 struct Trigger {
-    tx: Option<mpsc::Sender<(bool, Ipv4Addr, mpsc::Sender<Result<Instant>>)>>,
+    tx: Option<mpsc::Sender<RouteCmd>>,
     thread: Option<JoinHandle<Result<()>>>,
 }
 
 impl Trigger {
     fn start(ns: &str) -> Result<Trigger> {
-        let (tx, rx) = mpsc::channel::<(bool, Ipv4Addr, mpsc::Sender<Result<Instant>>)>();
+        let (tx, rx) = mpsc::channel::<RouteCmd>();
         let thread = netns::spawn_within(ns, move || -> Result<()> {
             let mut s = NlSocket::request()?;
             s.set_recv_timeout(Duration::from_secs(5))?;

@@ -227,10 +227,13 @@ impl PodNetworkService {
     pub async fn reclaim_after_snapshots(self, snapshots: Arc<tokio::sync::Notify>) {
         loop {
             snapshots.notified().await;
+            // Jittered: nodes cut off from the controller together do not
+            // come back to it in step.
             let mut backoff = tabby_runtime::Backoff::exponential(
                 Duration::from_secs(1),
                 Duration::from_secs(30),
-            );
+            )
+            .with_jitter(0.25);
             loop {
                 let r = self.reclaim().await;
                 for p in &r.problems {

@@ -43,9 +43,10 @@ struct Args {
     #[arg(long, env = "TABBY_MTU", default_value_t = 1500)]
     mtu: u32,
     /// Mean period of the full reconcile (dump, plan, apply; each period
-    /// jittered by ±20%). Deltas and hand changes the route monitor reports
-    /// are applied at once; this catches what it cannot see.
-    #[arg(long, env = "TABBY_RESYNC_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    /// jittered by ±20%). Deltas, hand changes, link changes and address
+    /// removals the route monitor reports are acted on at once; this
+    /// catches what it cannot see.
+    #[arg(long, env = "TABBY_RESYNC_INTERVAL", default_value = "90s", value_parser = parse_duration)]
     resync_interval: Duration,
     /// Mean period of comparing the `tabby` nftables tables with what was
     /// written, when nftables reported no change to them (jittered ±20%).
@@ -78,7 +79,7 @@ fn labels(v: &[String]) -> anyhow::Result<Vec<(String, String)>> {
         .collect()
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     tabby_runtime::init_logging(&a.log, a.log_format).context("--log")?;
@@ -114,6 +115,7 @@ async fn main() -> anyhow::Result<()> {
     // the server loop below: a node that no longer reconciles must not keep
     // serving pods.
     let (rec_done, mut rec_ended) = tokio::sync::oneshot::channel::<()>();
+    let echoes = rec.echo_filter();
     let rec_thread = std::thread::Builder::new()
         .name("reconciler".into())
         .spawn(move || {
@@ -128,7 +130,9 @@ async fn main() -> anyhow::Result<()> {
         std::thread::Builder::new()
             .name("route-monitor".into())
             .spawn(move || {
-                if let Err(e) = netlink::monitor_routes(move |ev| route_tx.send(Event::Route(ev)).is_ok()) {
+                if let Err(e) = netlink::monitor_routes(move |ev| {
+                    echoes.take(&ev) || route_tx.send(Event::Route(ev)).is_ok()
+                }) {
                     tracing::warn!(error = %e, "route monitor unavailable; relying on the periodic resync");
                 }
             })
@@ -193,7 +197,10 @@ async fn main() -> anyhow::Result<()> {
                         .set_not_serving::<PodNetworkServer<PodNetworkService>>()
                         .await;
                 }
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                // Serving soon after start; after that a rarer, jittered look
+                // (probes come every few seconds) costs an idle node less.
+                let ms = if ready { 1500 } else { 100 };
+                tokio::time::sleep(Duration::from_millis(ms + fastrand::u64(0..ms))).await;
             }
         });
     }

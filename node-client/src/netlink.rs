@@ -22,7 +22,6 @@ mod routes;
 mod socket;
 
 pub(crate) use ns::panic_message;
-pub(crate) use socket::grow_rcvbuf;
 pub use ns::{get_sysctl, in_netns, set_sysctl};
 pub use pod::{
     attachment_owners, check_pod, delete_link_named, format_mac, held_attachment, host_veth_name,
@@ -30,3 +29,4 @@ pub use pod::{
     WiredPod, RETIRED_PREFIX,
 };
 pub use routes::{monitor_routes, NetlinkRoutes, RouteEvent, RouteMonitor};
+pub(crate) use socket::grow_rcvbuf;

@@ -5,8 +5,10 @@
 //! destinations it touched are re-planned, against the reconciler's view of
 //! its routes in the kernel, which the route monitor keeps current. A full
 //! pass (dump, plan, apply) runs at start, after a snapshot or a pool change,
-//! when notifications were lost or something else changed one of our
-//! destinations, after a failed change, and on a jittered timer. The NAT
+//! when notifications were lost, a link changed or an address was removed
+//! (the kernel flushes IPv4 routes with them silently), something else
+//! changed one of our destinations, after a failed change, and on a
+//! jittered timer. The NAT
 //! tables are compared with what tabby wrote when nftables reports a change
 //! to them, and on a rarer jittered timer. The node's own changes never
 //! trigger another pass.
@@ -22,7 +24,7 @@ use crate::{
 use ipnet::IpNet;
 use std::{
     collections::{hash_map::Entry, BTreeMap, BTreeSet, HashMap},
-    sync::mpsc,
+    sync::{mpsc, Arc, Mutex},
     time::{Duration, Instant},
 };
 use tabby_proto::v1 as pb;
@@ -60,7 +62,7 @@ pub struct Timers {
 impl Default for Timers {
     fn default() -> Self {
         Timers {
-            resync: Duration::from_secs(10),
+            resync: Duration::from_secs(90),
             nft_verify: Duration::from_secs(60),
         }
     }
@@ -68,6 +70,73 @@ impl Default for Timers {
 
 /// Expected echoes kept at most (more means no monitor reads them).
 const MAX_ECHOES: usize = 100_000;
+
+/// What a full pass logs.
+const FULL: &str = "routes reconciled";
+
+/// The notifications the node's own route changes will cause, so that their
+/// echoes are dropped where they arrive (the route monitor's thread) and
+/// never wake the reconciler, even when they come after later changes.
+#[derive(Debug, Default)]
+pub struct EchoFilter(Mutex<HashMap<(bool, Route), u32>>);
+
+impl EchoFilter {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(bool, Route), u32>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Expects the echoes of `p`, less those of the `failed` changes
+    /// (which the kernel never announces).
+    fn expect(&self, p: &plan::RoutePlan, failed: &[Route]) {
+        let mut m = self.lock();
+        if m.len() > MAX_ECHOES {
+            // No monitor is consuming them.
+            m.clear();
+        }
+        for (added, r) in p
+            .del
+            .iter()
+            .map(|r| (false, *r))
+            .chain(p.add.iter().map(|r| (true, *r)))
+        {
+            *m.entry((added, r)).or_default() += 1;
+        }
+        for r in failed {
+            for added in [false, true] {
+                if let Entry::Occupied(mut e) = m.entry((added, *r)) {
+                    *e.get_mut() -= 1;
+                    if *e.get() == 0 {
+                        e.remove();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether `ev` is the echo of one of our own changes (then consumed).
+    pub fn take(&self, ev: &RouteEvent) -> bool {
+        let key = match ev {
+            RouteEvent::Deleted(r) => (false, *r),
+            RouteEvent::Added(r) => (true, *r),
+            _ => return false,
+        };
+        let mut m = self.lock();
+        match m.entry(key) {
+            Entry::Occupied(mut e) => {
+                *e.get_mut() -= 1;
+                if *e.get() == 0 {
+                    e.remove();
+                }
+                true
+            }
+            Entry::Vacant(_) => false,
+        }
+    }
+
+    fn clear(&self) {
+        self.lock().clear();
+    }
+}
 
 /// Mean delay before a failed full pass is tried again.
 const RETRY: Duration = Duration::from_secs(1);
@@ -107,10 +176,9 @@ pub struct Reconciler<T: RouteTable> {
     installed: BTreeMap<IpNet, Route>,
     /// Destinations to re-plan at the next incremental pass.
     touched: BTreeSet<IpNet>,
-    /// Notifications our own changes will cause ((added, route) -> how
-    /// many), so that their echoes cause nothing even when they arrive
-    /// after later changes. Cleared by a full pass.
-    echoes: HashMap<(bool, Route), u32>,
+    /// Notifications our own changes will cause, shared with the route
+    /// monitor's thread, which drops them there.
+    echoes: Arc<EchoFilter>,
     full_due: bool,
     next_full: Instant,
     /// When a failed full pass is tried again.
@@ -157,7 +225,7 @@ impl<T: RouteTable> Reconciler<T> {
             want: BTreeMap::new(),
             installed: BTreeMap::new(),
             touched: BTreeSet::new(),
-            echoes: HashMap::new(),
+            echoes: Arc::new(EchoFilter::default()),
             full_due: true,
             next_full: now + jittered(timers.resync),
             retry_at: now,
@@ -173,6 +241,11 @@ impl<T: RouteTable> Reconciler<T> {
             errors: Vec::new(),
             passes: Passes::default(),
         }
+    }
+
+    /// The echo filter, for the route monitor's thread.
+    pub fn echo_filter(&self) -> Arc<EchoFilter> {
+        self.echoes.clone()
     }
 
     /// Passes run so far.
@@ -271,16 +344,7 @@ impl<T: RouteTable> Reconciler<T> {
     /// A kernel change: our own changes (echoed back) are already in
     /// `installed` and cause nothing.
     fn take_route_event(&mut self, ev: RouteEvent) {
-        let echo = match &ev {
-            RouteEvent::Deleted(r) => Some((false, *r)),
-            RouteEvent::Added(r) => Some((true, *r)),
-            _ => None,
-        };
-        if let Some(Entry::Occupied(mut e)) = echo.map(|k| self.echoes.entry(k)) {
-            *e.get_mut() -= 1;
-            if *e.get() == 0 {
-                e.remove();
-            }
+        if self.echoes.take(&ev) {
             return;
         }
         match ev {
@@ -346,7 +410,7 @@ impl<T: RouteTable> Reconciler<T> {
         self.v6_listed = !d.ipv6 && v6;
         self.installed = actual.iter().map(|r| (r.dst, *r)).collect();
         let p = plan::plan_routes(&d.routes, &actual, self.synced);
-        self.apply(&p, "routes reconciled");
+        self.apply(&p, FULL);
         self.sync_nat();
         if self.ipv6 && !self.v6_forwarding {
             match self.sysctl.set("net/ipv6/conf/all/forwarding", "1") {
@@ -384,25 +448,29 @@ impl<T: RouteTable> Reconciler<T> {
         if p.is_empty() {
             return;
         }
+        // Expected before the kernel can announce them.
+        self.echoes.expect(p, &[]);
         let rep = plan::apply_plan(&mut self.table, p);
-        let failed: BTreeSet<Route> = rep.failed.iter().map(|(r, _)| *r).collect();
+        let failed: Vec<Route> = rep.failed.iter().map(|(r, _)| *r).collect();
+        self.echoes.expect(&plan::RoutePlan::default(), &failed);
         for r in &p.del {
             self.installed.remove(&r.dst);
-            if !failed.contains(r) {
-                *self.echoes.entry((false, *r)).or_default() += 1;
-            }
         }
         for r in &p.add {
             self.installed.insert(r.dst, *r);
-            if !failed.contains(r) {
-                *self.echoes.entry((true, *r)).or_default() += 1;
-            }
         }
-        if self.echoes.len() > MAX_ECHOES {
-            // No monitor is consuming them.
-            self.echoes.clear();
+        // Routine updates at debug: one line per route change on every node
+        // would be most of a node's work; full passes stay at info.
+        if what == FULL || !rep.failed.is_empty() {
+            tracing::info!(
+                added = p.add.len(),
+                deleted = p.del.len(),
+                failed = rep.failed.len(),
+                revision = self.intent.revision,
+                "{what}"
+            );
         }
-        tracing::info!(
+        tracing::debug!(
             added = p.add.len(),
             deleted = p.del.len(),
             failed = rep.failed.len(),

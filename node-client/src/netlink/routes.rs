@@ -9,7 +9,7 @@ use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
     RouteVia,
 };
-use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use netlink_packet_route::{link::LinkAttribute, AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::MsgFlags;
@@ -23,6 +23,12 @@ const RT_TABLE_MAIN: u32 = RouteHeader::RT_TABLE_MAIN as u32;
 /// RTMGRP_IPV6_ROUTE).
 const RTMGRP_IPV4_ROUTE: u32 = 0x40;
 const RTMGRP_IPV6_ROUTE: u32 = 0x400;
+/// Link changes (RTMGRP_LINK) and address removals (RTMGRP_IPV4_IFADDR,
+/// RTMGRP_IPV6_IFADDR): the kernel flushes IPv4 routes with a link or an
+/// address without a per-route notification, so these stand for them.
+const RTMGRP_LINK: u32 = 0x1;
+const RTMGRP_IPV4_IFADDR: u32 = 0x10;
+const RTMGRP_IPV6_IFADDR: u32 = 0x100;
 
 /// [`RouteTable`] on the real kernel, for the network namespace of the
 /// thread that called [`NetlinkRoutes::new`] (the node's own namespace when
@@ -199,7 +205,9 @@ pub enum RouteEvent {
     /// A route of another protocol (or shape) was added or replaced in the
     /// main table at this destination: it may have taken one of ours.
     Foreign(IpNet),
-    /// Notifications were lost (receive queue overrun): re-list everything.
+    /// Notifications were lost (receive queue overrun), or a link (not a
+    /// pod's host veth) changed or an address was removed, which may have
+    /// flushed routes silently: re-list everything.
     Resync,
 }
 
@@ -237,8 +245,15 @@ impl RouteMonitor {
     pub fn new() -> Result<Self> {
         let io = |what: &str, e: std::io::Error| Error::Io(format!("route monitor: {what}"), e);
         let mut sock = Socket::new(NETLINK_ROUTE).map_err(|e| io("socket", e))?;
-        sock.bind(&SocketAddr::new(0, RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE))
-            .map_err(|e| io("bind", e))?;
+        sock.bind(&SocketAddr::new(
+            0,
+            RTMGRP_IPV4_ROUTE
+                | RTMGRP_IPV6_ROUTE
+                | RTMGRP_LINK
+                | RTMGRP_IPV4_IFADDR
+                | RTMGRP_IPV6_IFADDR,
+        ))
+        .map_err(|e| io("bind", e))?;
         sock.set_non_blocking(true)
             .map_err(|e| io("set non-blocking", e))?;
         grow_rcvbuf(&sock, 4 * 1024 * 1024);
@@ -345,6 +360,15 @@ fn read_datagram(
                         pending.push_back(RouteEvent::Deleted(route));
                     }
                 }
+                RouteNetlinkMessage::NewLink(l) | RouteNetlinkMessage::DelLink(l) => {
+                    let pod_side = l.attributes.iter().any(|a| {
+                        matches!(a, LinkAttribute::IfName(n) if n.starts_with(crate::VETH_PREFIX))
+                    });
+                    if !pod_side {
+                        pending.push_back(RouteEvent::Resync);
+                    }
+                }
+                RouteNetlinkMessage::DelAddress(_) => pending.push_back(RouteEvent::Resync),
                 RouteNetlinkMessage::NewRoute(r) => match route_from_message(&r) {
                     Some(route) => pending.push_back(RouteEvent::Added(route)),
                     None => {

@@ -140,6 +140,9 @@ pub struct ApplyReport {
     pub applied: usize,
     /// What failed (retried at the next reconcile).
     pub failed: Vec<(Route, Error)>,
+    /// Counted as done, but the kernel changed nothing (the route was
+    /// already gone, or already there): no notification comes of these.
+    pub noops: Vec<Route>,
 }
 
 /// Executes a plan. A delete of a route already gone and an add of a route
@@ -148,7 +151,11 @@ pub fn apply_plan(table: &mut dyn RouteTable, plan: &RoutePlan) -> ApplyReport {
     let mut rep = ApplyReport::default();
     for (r, res) in plan.del.iter().zip(table.del(&plan.del)) {
         match res {
-            Ok(()) | Err(Error::NotFound(_)) => rep.applied += 1,
+            Ok(()) => rep.applied += 1,
+            Err(Error::NotFound(_)) => {
+                rep.applied += 1;
+                rep.noops.push(*r);
+            }
             Err(e) => rep.failed.push((*r, e)),
         }
     }
@@ -168,6 +175,7 @@ pub fn apply_plan(table: &mut dyn RouteTable, plan: &RoutePlan) -> ApplyReport {
                 for r in retry {
                     if now.contains(&r) {
                         rep.applied += 1;
+                        rep.noops.push(r);
                     } else {
                         rep.failed.push((
                             r,

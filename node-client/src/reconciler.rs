@@ -86,10 +86,10 @@ impl EchoFilter {
     }
 
     /// Expects the echoes of `p`, less those of the `failed` changes
-    /// (which the kernel never announces).
+    /// and the no-ops (which the kernel never announces).
     fn expect(&self, p: &plan::RoutePlan, failed: &[Route]) {
         let mut m = self.lock();
-        if m.len() > MAX_ECHOES {
+        if !p.is_empty() && m.len() > MAX_ECHOES {
             // No monitor is consuming them.
             m.clear();
         }
@@ -183,6 +183,8 @@ pub struct Reconciler<T: RouteTable> {
     next_full: Instant,
     /// When a failed full pass is tried again.
     retry_at: Instant,
+    /// Full passes in a row that left something to retry.
+    failed_passes: u32,
     /// Whether the IPv6 routes were dumped by the last full pass.
     v6_listed: bool,
     nat: (NatSets, NatSets),
@@ -229,6 +231,7 @@ impl<T: RouteTable> Reconciler<T> {
             full_due: true,
             next_full: now + jittered(timers.resync),
             retry_at: now,
+            failed_passes: 0,
             v6_listed: false,
             nat: Default::default(),
             ipv6: false,
@@ -264,12 +267,18 @@ impl<T: RouteTable> Reconciler<T> {
             tracing::error!(error = %e, "cannot enable ip_forward");
         }
         loop {
-            let mut wake = self.next_full.min(self.next_nft_check);
-            if self.have_intent && self.full_due {
-                // A failed pass is retried soon, not at the next period.
-                wake = wake.min(self.retry_at);
-            }
-            let wait = wake.saturating_duration_since(Instant::now());
+            let now = Instant::now();
+            let wait = if self.have_intent {
+                let mut wake = self.next_full.min(self.next_nft_check);
+                if self.full_due {
+                    // A failed pass is retried soon, not at the next period.
+                    wake = wake.min(self.retry_at);
+                }
+                wake.saturating_duration_since(now)
+            } else {
+                // Nothing to do before the first intent but wait for it.
+                self.timers.resync
+            };
             let first = match rx.recv_timeout(wait) {
                 Ok(ev) => Some(ev),
                 Err(mpsc::RecvTimeoutError::Timeout) => None,
@@ -306,7 +315,18 @@ impl<T: RouteTable> Reconciler<T> {
         if self.full_due || now >= self.next_full {
             self.full_pass();
             self.next_full = now + jittered(self.timers.resync);
-            self.retry_at = now + jittered(RETRY);
+            // Failing again and again (a foreign route holds one of our
+            // destinations, a gateway is unreachable): back off, up to the
+            // resync period.
+            self.failed_passes = if self.full_due {
+                self.failed_passes.saturating_add(1)
+            } else {
+                0
+            };
+            let backoff = RETRY
+                .saturating_mul(1 << self.failed_passes.min(10))
+                .min(self.timers.resync);
+            self.retry_at = now + jittered(backoff);
         } else if !self.touched.is_empty() {
             self.incremental_pass();
         }
@@ -347,6 +367,15 @@ impl<T: RouteTable> Reconciler<T> {
         if self.echoes.take(&ev) {
             return;
         }
+        let dst = match &ev {
+            RouteEvent::Deleted(r) | RouteEvent::Added(r) => Some(r.dst),
+            RouteEvent::Foreign(d) => Some(*d),
+            RouteEvent::Resync => None,
+        };
+        if dst.is_some_and(|d| d.addr().is_ipv6()) {
+            // Something changed in the IPv6 table: the next full pass looks.
+            self.v6_listed = false;
+        }
         match ev {
             RouteEvent::Deleted(r) => {
                 if self.installed.get(&r.dst) == Some(&r) {
@@ -383,7 +412,6 @@ impl<T: RouteTable> Reconciler<T> {
         self.passes.full += 1;
         self.full_due = false;
         self.touched.clear();
-        self.echoes.clear();
         self.errors.clear();
         let d = tabby_routing::desired(&self.intent, &self.me);
         self.want = d.routes.iter().map(|r| (r.dst, *r)).collect();
@@ -451,13 +479,22 @@ impl<T: RouteTable> Reconciler<T> {
         // Expected before the kernel can announce them.
         self.echoes.expect(p, &[]);
         let rep = plan::apply_plan(&mut self.table, p);
-        let failed: Vec<Route> = rep.failed.iter().map(|(r, _)| *r).collect();
-        self.echoes.expect(&plan::RoutePlan::default(), &failed);
-        for r in &p.del {
-            self.installed.remove(&r.dst);
+        let failed: BTreeSet<Route> = rep.failed.iter().map(|(r, _)| *r).collect();
+        let unannounced: Vec<Route> = failed.iter().chain(&rep.noops).copied().collect();
+        self.echoes
+            .expect(&plan::RoutePlan::default(), &unannounced);
+        // Only what was done changes the view; a failed IPv6 change has the
+        // next full pass dump IPv6 again.
+        for r in p.del.iter().filter(|r| !failed.contains(r)) {
+            if self.installed.get(&r.dst) == Some(r) {
+                self.installed.remove(&r.dst);
+            }
         }
-        for r in &p.add {
+        for r in p.add.iter().filter(|r| !failed.contains(r)) {
             self.installed.insert(r.dst, *r);
+        }
+        if failed.iter().any(|r| r.dst.addr().is_ipv6()) {
+            self.v6_listed = false;
         }
         // Routine updates at debug: one line per route change on every node
         // would be most of a node's work; full passes stay at info.
@@ -506,6 +543,10 @@ impl<T: RouteTable> Reconciler<T> {
                 self.errors.push(e.to_string());
                 ok = false;
             }
+        }
+        if !ok {
+            // Retried by the next full pass (soon, with backoff).
+            self.full_due = true;
         }
         if ok {
             self.nat_listing = written

@@ -100,13 +100,16 @@ pub fn route_at(intent: &Intent, me: &str, dst: &IpNet) -> Option<Route> {
         .then(|| intent.borrowed.get(&dst.addr()))
         .flatten()
         .and_then(|holder| borrowed_route(intent, me, &dst.addr(), holder));
-    let block = || {
-        intent
+    // As in `desired`: a borrowed route that cannot be made (its holder has
+    // no address of the family) leaves the block route at that prefix.
+    match borrowed {
+        Some(Ok(r)) => Some(r),
+        _ => intent
             .blocks
             .get(dst)
             .and_then(|b| block_route(intent, me, dst, b))
-    };
-    borrowed.or_else(block).and_then(Result::ok)
+            .and_then(Result::ok),
+    }
 }
 
 /// Computes node `me`'s desired state from the cluster intent: a blackhole

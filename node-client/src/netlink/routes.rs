@@ -9,7 +9,9 @@ use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
     RouteVia,
 };
-use netlink_packet_route::{link::LinkAttribute, AddressFamily, RouteNetlinkMessage};
+use netlink_packet_route::{
+    address::AddressScope, link::LinkAttribute, AddressFamily, RouteNetlinkMessage,
+};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::MsgFlags;
@@ -368,7 +370,11 @@ fn read_datagram(
                         pending.push_back(RouteEvent::Resync);
                     }
                 }
-                RouteNetlinkMessage::DelAddress(_) => pending.push_back(RouteEvent::Resync),
+                // A link-local address goes with every pod's host veth;
+                // only the removal of a wider one can take routes with it.
+                RouteNetlinkMessage::DelAddress(a) if a.header.scope != AddressScope::Link => {
+                    pending.push_back(RouteEvent::Resync)
+                }
                 RouteNetlinkMessage::NewRoute(r) => match route_from_message(&r) {
                     Some(route) => pending.push_back(RouteEvent::Added(route)),
                     None => {

@@ -221,8 +221,13 @@ fn arb_intent() -> impl Strategy<Value = Intent> {
                     },
                 },
             );
-            for (k, (owner, _)) in blocks {
-                let cidr = IpNet::new(IpAddr::from([10, 0, k, 0]), 26).unwrap();
+            for (k, (owner, host)) in blocks {
+                // Some /32 blocks, which a borrowed address can coincide with.
+                let cidr = if host {
+                    IpNet::new(IpAddr::from([10, 0, k, 1]), 32).unwrap()
+                } else {
+                    IpNet::new(IpAddr::from([10, 0, k, 0]), 26).unwrap()
+                };
                 i.blocks.insert(
                     cidr,
                     BlockIntent {
@@ -283,7 +288,13 @@ fn arb_delta() -> impl Strategy<Value = IntentDelta> {
     )
         .prop_map(
             move |(blocks, rm_blocks, borrowed, rm_borrowed, nodes_ch, rm_nodes)| {
-                let block = |k: u8| IpNet::new(IpAddr::from([10, 0, k, 0]), 26).unwrap();
+                let block = |k: u8| {
+                    if k % 4 == 0 {
+                        IpNet::new(IpAddr::from([10, 0, k, 1]), 32).unwrap()
+                    } else {
+                        IpNet::new(IpAddr::from([10, 0, k, 0]), 26).unwrap()
+                    }
+                };
                 let addr = |k: u16| IpAddr::from([10, 0, (k >> 6) as u8, (k & 63) as u8 + 1]);
                 IntentDelta {
                     snapshot: false,
@@ -375,4 +386,21 @@ fn snapshots_and_pool_changes_touch_everything() {
         [n("10.244.0.128/26"), n("10.244.0.70/32")].into(),
         "worker2's block and the address it holds"
     );
+}
+
+#[test]
+fn an_unroutable_borrowed_address_leaves_the_block_route_at_its_prefix() {
+    // A /32 block of worker2's, whose one address node "far" (no IPv4
+    // address) borrowed: the block route stays, in both functions.
+    let mut i = walkthrough(Encapsulation::None);
+    i.apply(IntentDelta {
+        revision: 11,
+        blocks: vec![block("10.244.1.5/32", "worker2")],
+        borrowed: vec![(a("10.244.1.5"), "far".into())],
+        nodes: vec![("far".into(), vec![a("fd00::9")])],
+        ..Default::default()
+    });
+    let want = via("10.244.1.5/32", "172.18.0.4");
+    assert!(desired(&i, "worker").routes.contains(&want));
+    assert_eq!(route_at(&i, "worker", &n("10.244.1.5/32")), Some(want));
 }

@@ -1,4 +1,4 @@
-//! Convergence (issue 11): a new block for node 1, then the time until its
+//! Convergence: a new block for node 1, then the time until its
 //! route is in every other node's kernel (add→all); then the block is
 //! withdrawn, and the time until the route is gone from every other node
 //! (withdraw→all). tabby (one `tabby-controller`, N `tabby-node`s) against

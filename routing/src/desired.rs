@@ -209,46 +209,52 @@ fn encapsulation_of(intent: &Intent, n: &IpNet) -> Encapsulation {
 /// with its node and next hop, ordered by destination. With `node`, only what
 /// that node installs (exactly [`desired`]'s routes), each with its origin.
 pub fn cluster_routes(intent: &Intent, node: Option<&str>) -> Vec<ClusterRoute> {
-    let owners: BTreeMap<IpNet, (&str, ClusterRouteKind)> = intent
-        .blocks
-        .iter()
-        .filter_map(|(c, b)| Some((*c, (b.node.as_deref()?, ClusterRouteKind::Block))))
-        .chain(
-            intent
-                .borrowed
-                .iter()
-                .map(|(a, n)| (IpNet::from(*a), (n.as_str(), ClusterRouteKind::Borrowed))),
-        )
-        .collect();
+    let row = |dst: IpNet, owner: &str, next_hop, kind| ClusterRoute {
+        destination: dst,
+        node: owner.to_string(),
+        next_hop,
+        kind,
+        encapsulation: encapsulation_of(intent, &dst),
+    };
     let mut v: Vec<ClusterRoute> = match node {
-        None => owners
+        None => intent
+            .blocks
             .iter()
-            .map(|(dst, (n, kind))| ClusterRoute {
-                destination: *dst,
-                node: n.to_string(),
-                next_hop: intent.node_addr(n, dst),
-                kind: *kind,
-                encapsulation: encapsulation_of(intent, dst),
-            })
+            .filter_map(|(c, b)| Some((*c, b.node.as_deref()?, ClusterRouteKind::Block)))
+            .chain(
+                intent
+                    .borrowed
+                    .iter()
+                    .map(|(a, n)| (IpNet::from(*a), n.as_str(), ClusterRouteKind::Borrowed)),
+            )
+            .map(|(dst, n, kind)| row(dst, n, intent.node_addr(n, &dst), kind))
             .collect(),
         Some(me) => desired(intent, me)
             .routes
             .into_iter()
             .map(|r| {
-                let (owner, kind) = owners
-                    .get(&r.dst)
-                    .copied()
-                    .unwrap_or((me, ClusterRouteKind::Block));
-                let (next_hop, kind) = match r.target {
-                    RouteTarget::Via(gw) => (Some(gw), kind),
-                    RouteTarget::Blackhole => (None, ClusterRouteKind::Blackhole),
+                let RouteTarget::Via(gw) = r.target else {
+                    return row(r.dst, me, None, ClusterRouteKind::Blackhole);
                 };
-                ClusterRoute {
-                    destination: r.dst,
-                    node: owner.to_string(),
-                    next_hop,
-                    kind,
-                    encapsulation: encapsulation_of(intent, &r.dst),
+                // The rule that made this route names its origin: the
+                // borrowed address's holder, else the block's node.
+                let holder = intent
+                    .borrowed
+                    .get(&r.dst.addr())
+                    .filter(|_| r.dst.prefix_len() == r.dst.max_prefix_len())
+                    .filter(|h| {
+                        matches!(borrowed_route(intent, me, &r.dst.addr(), h), Some(Ok(b)) if b == r)
+                    });
+                match holder {
+                    Some(h) => row(r.dst, h, Some(gw), ClusterRouteKind::Borrowed),
+                    None => {
+                        let owner = intent
+                            .blocks
+                            .get(&r.dst)
+                            .and_then(|b| b.node.as_deref())
+                            .unwrap_or_default();
+                        row(r.dst, owner, Some(gw), ClusterRouteKind::Block)
+                    }
                 }
             })
             .collect(),

@@ -403,4 +403,23 @@ fn an_unroutable_borrowed_address_leaves_the_block_route_at_its_prefix() {
     let want = via("10.244.1.5/32", "172.18.0.4");
     assert!(desired(&i, "worker").routes.contains(&want));
     assert_eq!(route_at(&i, "worker", &n("10.244.1.5/32")), Some(want));
+    // The holder itself also routes the block to its owner, and its view
+    // names the rule that made the route: the block, worker2's.
+    let view = cluster_routes(&i, Some("far"));
+    let row = view
+        .iter()
+        .find(|r| r.destination == n("10.244.1.5/32"))
+        .expect("the block route");
+    assert_eq!(
+        (row.node.as_str(), row.kind),
+        ("worker2", ClusterRouteKind::Block)
+    );
+    // The cluster table lists both the block and the borrowed address.
+    let all = cluster_routes(&i, None);
+    assert_eq!(
+        all.iter()
+            .filter(|r| r.destination == n("10.244.1.5/32"))
+            .count(),
+        2
+    );
 }

@@ -289,7 +289,7 @@ fn arb_delta() -> impl Strategy<Value = IntentDelta> {
         .prop_map(
             move |(blocks, rm_blocks, borrowed, rm_borrowed, nodes_ch, rm_nodes)| {
                 let block = |k: u8| {
-                    if k % 4 == 0 {
+                    if k.is_multiple_of(4) {
                         IpNet::new(IpAddr::from([10, 0, k, 1]), 32).unwrap()
                     } else {
                         IpNet::new(IpAddr::from([10, 0, k, 0]), 26).unwrap()

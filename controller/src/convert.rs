@@ -120,14 +120,11 @@ pub(crate) fn intent_block(b: &Block) -> pb::IntentBlock {
 
 /// Converts one route of the routing model's cluster table to protobuf.
 pub fn cluster_route_to_pb(r: tabby_routing::ClusterRoute) -> pb::ClusterRoute {
-    // Both enums carry the proto's names.
-    let encapsulation = pb::Encapsulation::from_str_name(r.encapsulation.as_str_name())
-        .unwrap_or(pb::Encapsulation::None);
     pb::ClusterRoute {
         destination: r.destination.to_string(),
         node: r.node,
         next_hop: r.next_hop.map(|h| h.to_string()).unwrap_or_default(),
         kind: r.kind.as_str().into(),
-        encapsulation: encapsulation as i32,
+        encapsulation: encap_to_pb(r.encapsulation) as i32,
     }
 }

@@ -287,10 +287,10 @@ impl pb::ipam_admin_server::IpamAdmin for AdminService {
                     return Err(Error::NotFound(format!("node {node} is not registered")));
                 }
                 let d = tabby_routing::desired(&intent, &node);
-                let problems = d.unroutable.into_iter().chain(d.unsupported).collect();
+                let view = tabby_routing::node_view(&intent, &node, &d);
                 Ok((
-                    tabby_routing::cluster_routes(&intent, Some(&node)),
-                    problems,
+                    view,
+                    d.unroutable.into_iter().chain(d.unsupported).collect(),
                 ))
             })
             .await?;

@@ -1,12 +1,8 @@
 //! Finds this node's address from the interface of its default route, the way
 //! Calico's autodetection does by default ("first-found" on the route's link).
 use crate::{Error, Result};
-use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
-};
 use netlink_packet_route::route::{RouteAttribute, RouteHeader, RouteMessage, RouteType};
-use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
-use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+use netlink_packet_route::AddressFamily;
 use std::net::IpAddr;
 
 /// Index of the interface holding the IPv4 default route of the main table,
@@ -41,72 +37,9 @@ pub fn default_route_ifindex(routes: &[RouteMessage]) -> Option<u32> {
         .map(|(_, oif)| oif)
 }
 
-/// Every IPv4 route of the calling thread's network namespace (all tables),
-/// by one rtnetlink dump.
-///
-/// The socket of [`crate::netlink`] filters its dumps to tabby's own routes
-/// and is not public, so this is a minimal one-shot dump of its own.
-fn dump_ipv4_routes() -> Result<Vec<RouteMessage>> {
-    let io = |what: &str, e: std::io::Error| Error::Io(format!("route dump: {what}"), e);
-    let mut sock = Socket::new(NETLINK_ROUTE).map_err(|e| io("socket", e))?;
-    sock.bind_auto().map_err(|e| io("bind", e))?;
-    sock.connect(&SocketAddr::new(0, 0))
-        .map_err(|e| io("connect", e))?;
-    let mut req = RouteMessage::default();
-    req.header.address_family = AddressFamily::Inet;
-    let mut hdr = NetlinkHeader::default();
-    hdr.flags = NLM_F_REQUEST | NLM_F_DUMP;
-    hdr.sequence_number = 1;
-    let mut msg = NetlinkMessage::new(
-        hdr,
-        NetlinkPayload::InnerMessage(RouteNetlinkMessage::GetRoute(req)),
-    );
-    msg.finalize();
-    let mut buf = vec![0; msg.buffer_len()];
-    msg.serialize(&mut buf);
-    sock.send(&buf, 0).map_err(|e| io("send", e))?;
-
-    let mut routes = Vec::new();
-    loop {
-        let (buf, _) = sock.recv_from_full().map_err(|e| io("recv", e))?;
-        let mut off = 0;
-        while off + 16 <= buf.len() {
-            let len = u32::from_ne_bytes(
-                buf[off..off + 4]
-                    .try_into()
-                    .expect("a 4-byte slice converts to [u8; 4]"),
-            ) as usize;
-            if len < 16 || off + len > buf.len() {
-                return Err(io(
-                    "recv",
-                    std::io::Error::other("malformed netlink message"),
-                ));
-            }
-            match NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[off..off + len]) {
-                Ok(m) => match m.payload {
-                    NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(r)) => {
-                        routes.push(r)
-                    }
-                    NetlinkPayload::Done(d) if d.code != 0 => {
-                        return Err(io("kernel", std::io::Error::from_raw_os_error(-d.code)))
-                    }
-                    NetlinkPayload::Done(_) => return Ok(routes),
-                    NetlinkPayload::Error(e) if e.code.is_some() => {
-                        return Err(io("kernel", e.to_io()))
-                    }
-                    _ => {}
-                },
-                // A route this crate cannot decode cannot be the one we need.
-                Err(e) => tracing::debug!("undecodable route message: {e}"),
-            }
-            off += (len + 3) & !3;
-        }
-    }
-}
-
 /// Addresses of the default route's interface (IPv4 first).
 pub fn node_addresses() -> Result<Vec<IpAddr>> {
-    let index = default_route_ifindex(&dump_ipv4_routes()?).ok_or_else(|| {
+    let index = default_route_ifindex(&crate::netlink::dump_ipv4_routes()?).ok_or_else(|| {
         Error::Invalid(
             "no IPv4 default route to autodetect the node address from; pass --node-ip".into(),
         )

@@ -28,5 +28,5 @@ pub use pod::{
     link_exists, owned_links, retire_owned, retired_links, wire_pod, HeldAttachment, PodSpec,
     WiredPod, RETIRED_PREFIX,
 };
-pub use routes::{monitor_routes, NetlinkRoutes, RouteEvent, RouteMonitor};
+pub use routes::{dump_ipv4_routes, monitor_routes, NetlinkRoutes, RouteEvent, RouteMonitor};
 pub(crate) use socket::grow_rcvbuf;

@@ -85,32 +85,38 @@ impl EchoFilter {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Expects the echoes of `p`, less those of the `failed` changes
-    /// and the no-ops (which the kernel never announces).
-    fn expect(&self, p: &plan::RoutePlan, failed: &[Route]) {
+    /// Expects the echoes of every change in `p`.
+    fn expect(&self, p: &plan::RoutePlan) {
         let mut m = self.lock();
-        if !p.is_empty() && m.len() > MAX_ECHOES {
+        if m.len() > MAX_ECHOES {
             // No monitor is consuming them.
             m.clear();
         }
-        for (added, r) in p
-            .del
-            .iter()
-            .map(|r| (false, *r))
-            .chain(p.add.iter().map(|r| (true, *r)))
-        {
-            *m.entry((added, r)).or_default() += 1;
+        for key in Self::keys(p) {
+            *m.entry(key).or_default() += 1;
         }
-        for r in failed {
-            for added in [false, true] {
-                if let Entry::Occupied(mut e) = m.entry((added, *r)) {
-                    *e.get_mut() -= 1;
-                    if *e.get() == 0 {
-                        e.remove();
-                    }
+    }
+
+    /// Withdraws the expected echoes of those changes of `p` that the kernel
+    /// will not announce (they failed, or changed nothing).
+    fn withdraw(&self, p: &plan::RoutePlan, unannounced: &BTreeSet<Route>) {
+        let mut m = self.lock();
+        for key in Self::keys(p).filter(|(_, r)| unannounced.contains(r)) {
+            if let Entry::Occupied(mut e) = m.entry(key) {
+                *e.get_mut() -= 1;
+                if *e.get() == 0 {
+                    e.remove();
                 }
             }
         }
+    }
+
+    /// (added, route) of each change in `p`, as the monitor reports them.
+    fn keys(p: &plan::RoutePlan) -> impl Iterator<Item = (bool, Route)> + '_ {
+        p.del
+            .iter()
+            .map(|r| (false, *r))
+            .chain(p.add.iter().map(|r| (true, *r)))
     }
 
     /// Whether `ev` is the echo of one of our own changes (then consumed).
@@ -477,12 +483,11 @@ impl<T: RouteTable> Reconciler<T> {
             return;
         }
         // Expected before the kernel can announce them.
-        self.echoes.expect(p, &[]);
+        self.echoes.expect(p);
         let rep = plan::apply_plan(&mut self.table, p);
         let failed: BTreeSet<Route> = rep.failed.iter().map(|(r, _)| *r).collect();
-        let unannounced: Vec<Route> = failed.iter().chain(&rep.noops).copied().collect();
-        self.echoes
-            .expect(&plan::RoutePlan::default(), &unannounced);
+        let unannounced = failed.iter().chain(&rep.noops).copied().collect();
+        self.echoes.withdraw(p, &unannounced);
         // Only what was done changes the view; a failed IPv6 change has the
         // next full pass dump IPv6 again.
         for r in p.del.iter().filter(|r| !failed.contains(r)) {

@@ -866,3 +866,35 @@ fn held_attachments_are_read_back_from_the_kernel() {
         vec![a.owner.clone()]
     );
 }
+
+#[test]
+fn the_node_address_comes_from_the_default_routes_interface() {
+    need_root();
+    let mut ns = Netns::new();
+    let n = node_with_peer(&mut ns);
+    // Another route of another table and protocol must not confuse it.
+    ip(&[
+        "-n",
+        &n,
+        "route",
+        "add",
+        "10.99.0.0/24",
+        "via",
+        "10.77.0.2",
+        "proto",
+        "99",
+    ]);
+    ip(&["-n", &n, "route", "add", "default", "via", "10.77.0.2"]);
+    let addrs = inside(&n, || tabby_node::detect::node_addresses().unwrap());
+    assert_eq!(
+        addrs,
+        vec![
+            "10.77.0.1".parse::<IpAddr>().unwrap(),
+            "fd00:77::1".parse().unwrap()
+        ]
+    );
+    // Without a default route it says what to pass instead.
+    ip(&["-n", &n, "route", "del", "default"]);
+    let e = inside(&n, || tabby_node::detect::node_addresses().unwrap_err());
+    assert!(e.to_string().contains("--node-ip"), "{e}");
+}

@@ -209,58 +209,73 @@ fn encapsulation_of(intent: &Intent, n: &IpNet) -> Encapsulation {
 /// with its node and next hop, ordered by destination. With `node`, only what
 /// that node installs (exactly [`desired`]'s routes), each with its origin.
 pub fn cluster_routes(intent: &Intent, node: Option<&str>) -> Vec<ClusterRoute> {
-    let row = |dst: IpNet, owner: &str, next_hop, kind| ClusterRoute {
+    if let Some(me) = node {
+        return node_view(intent, me, &desired(intent, me));
+    }
+    let mut v: Vec<ClusterRoute> = intent
+        .blocks
+        .iter()
+        .filter_map(|(c, b)| Some((*c, b.node.as_deref()?, ClusterRouteKind::Block)))
+        .chain(
+            intent
+                .borrowed
+                .iter()
+                .map(|(a, n)| (IpNet::from(*a), n.as_str(), ClusterRouteKind::Borrowed)),
+        )
+        .map(|(dst, n, kind)| row(intent, dst, n, intent.node_addr(n, &dst), kind))
+        .collect();
+    v.sort();
+    v
+}
+
+/// What node `me` installs, `d` being [`desired`] for it, each route with its
+/// origin (what `ShowRoutes{node}` shows), ordered by destination (`d` holds
+/// one route per destination, in that order).
+pub fn node_view(intent: &Intent, me: &str, d: &Desired) -> Vec<ClusterRoute> {
+    d.routes
+        .iter()
+        .map(|r| {
+            let RouteTarget::Via(gw) = r.target else {
+                return row(intent, r.dst, me, None, ClusterRouteKind::Blackhole);
+            };
+            // The rule that made this route names its origin: the borrowed
+            // address's holder, else the block's node.
+            let holder = intent
+                .borrowed
+                .get(&r.dst.addr())
+                .filter(|_| r.dst.prefix_len() == r.dst.max_prefix_len())
+                .filter(|h| {
+                    matches!(borrowed_route(intent, me, &r.dst.addr(), h), Some(Ok(b)) if b == *r)
+                });
+            match holder {
+                Some(h) => row(intent, r.dst, h, Some(gw), ClusterRouteKind::Borrowed),
+                None => {
+                    let owner = intent
+                        .blocks
+                        .get(&r.dst)
+                        .and_then(|b| b.node.as_deref())
+                        .unwrap_or_default();
+                    row(intent, r.dst, owner, Some(gw), ClusterRouteKind::Block)
+                }
+            }
+        })
+        .collect()
+}
+
+fn row(
+    intent: &Intent,
+    dst: IpNet,
+    owner: &str,
+    next_hop: Option<IpAddr>,
+    kind: ClusterRouteKind,
+) -> ClusterRoute {
+    ClusterRoute {
         destination: dst,
         node: owner.to_string(),
         next_hop,
         kind,
         encapsulation: encapsulation_of(intent, &dst),
-    };
-    let mut v: Vec<ClusterRoute> = match node {
-        None => intent
-            .blocks
-            .iter()
-            .filter_map(|(c, b)| Some((*c, b.node.as_deref()?, ClusterRouteKind::Block)))
-            .chain(
-                intent
-                    .borrowed
-                    .iter()
-                    .map(|(a, n)| (IpNet::from(*a), n.as_str(), ClusterRouteKind::Borrowed)),
-            )
-            .map(|(dst, n, kind)| row(dst, n, intent.node_addr(n, &dst), kind))
-            .collect(),
-        Some(me) => desired(intent, me)
-            .routes
-            .into_iter()
-            .map(|r| {
-                let RouteTarget::Via(gw) = r.target else {
-                    return row(r.dst, me, None, ClusterRouteKind::Blackhole);
-                };
-                // The rule that made this route names its origin: the
-                // borrowed address's holder, else the block's node.
-                let holder = intent
-                    .borrowed
-                    .get(&r.dst.addr())
-                    .filter(|_| r.dst.prefix_len() == r.dst.max_prefix_len())
-                    .filter(|h| {
-                        matches!(borrowed_route(intent, me, &r.dst.addr(), h), Some(Ok(b)) if b == r)
-                    });
-                match holder {
-                    Some(h) => row(r.dst, h, Some(gw), ClusterRouteKind::Borrowed),
-                    None => {
-                        let owner = intent
-                            .blocks
-                            .get(&r.dst)
-                            .and_then(|b| b.node.as_deref())
-                            .unwrap_or_default();
-                        row(r.dst, owner, Some(gw), ClusterRouteKind::Block)
-                    }
-                }
-            })
-            .collect(),
-    };
-    v.sort();
-    v
+    }
 }
 
 #[cfg(test)]

@@ -8,6 +8,6 @@ mod desired;
 mod model;
 
 pub use desired::{
-    cluster_routes, desired, route_at, ClusterRoute, ClusterRouteKind, Desired, NatSets,
+    cluster_routes, desired, node_view, route_at, ClusterRoute, ClusterRouteKind, Desired, NatSets,
 };
 pub use model::{BlockIntent, Encapsulation, Intent, IntentDelta, PoolIntent, Route, RouteTarget};

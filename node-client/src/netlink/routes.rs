@@ -73,6 +73,30 @@ impl NetlinkRoutes {
     }
 }
 
+/// Every IPv4 route of the calling thread's network namespace, all tables
+/// and protocols, by one dump (what the node-address autodetection reads).
+pub fn dump_ipv4_routes() -> Result<Vec<RouteMessage>> {
+    let mut nl = NlSocket::new().map_err(|e| e.into_error("opening netlink socket"))?;
+    // With strict checking these header fields are kernel-side filters:
+    // leave every one open.
+    let mut req = RouteMessage::default();
+    req.header.address_family = AddressFamily::Inet;
+    req.header.table = RouteHeader::RT_TABLE_UNSPEC;
+    req.header.protocol = RouteProtocol::Unspec;
+    req.header.kind = RouteType::Unspec;
+    req.header.scope = RouteScope::Universe;
+    let msgs = nl
+        .dump(RouteNetlinkMessage::GetRoute(req))
+        .map_err(|e| e.into_error("listing IPv4 routes".to_string()))?;
+    Ok(msgs
+        .into_iter()
+        .filter_map(|m| match m {
+            RouteNetlinkMessage::NewRoute(r) => Some(r),
+            _ => None,
+        })
+        .collect())
+}
+
 impl RouteTable for NetlinkRoutes {
     fn list(&mut self) -> Result<Vec<Route>> {
         self.list_families(true)

@@ -4,15 +4,16 @@
 //! send it closures; it runs every queued closure against the state and
 //! writes all resulting mutations as one atomic batch (group commit). A
 //! second thread, the committer, flushes written batches to disk and only
-//! then hands their answers, in order, to one task on the gRPC runtime and
-//! broadcasts their intent deltas after them, while the owner already
-//! prepares the next group. An answer therefore never reveals state that is not on disk, and a
+//! then hands their answers and intent deltas, in order, to one task on the
+//! gRPC runtime, which answers and then broadcasts the deltas, while the
+//! owner already prepares the next group. An answer therefore never reveals state that is not on disk, and a
 //! crash loses nothing that was acknowledged.
 //!
 //! Answers go through that task, not straight from the committer, so that a
 //! whole group's callers wake inside the runtime together and each connection
 //! writes their responses in one go (one wake and one write per group rather
-//! than per call).
+//! than per call), and so that waking every watcher is a wake inside the
+//! runtime, not a cross-thread wake-up per watcher.
 //!
 //! When the store fails for good (a flush, or the reload after a failed
 //! write), nothing more can be acknowledged: the thread that met the failure
@@ -35,8 +36,12 @@ use tokio::sync::{mpsc, oneshot};
 
 type Finish = Box<dyn FnOnce(std::result::Result<u64, &Error>) + Send>;
 type Job = Box<dyn FnOnce(&mut Owned) -> (Mutation, Finish) + Send>;
-/// Durable answers on their way to the delivery task: finisher and revision.
-type Answers = Vec<(Finish, u64)>;
+/// A durable group on its way to the delivery task: the answers (finisher
+/// and revision), then the intent deltas to broadcast.
+struct Durable {
+    answers: Vec<(Finish, u64)>,
+    deltas: Vec<(broadcast::Sender<Arc<Encoded>>, Arc<Encoded>)>,
+}
 type BeforeFlush = Box<dyn FnMut() + Send>;
 
 /// What the owner thread owns.
@@ -183,11 +188,20 @@ impl Ipam {
         })?;
         let state = Owned::load(&store)?;
         let (tx, rx) = mpsc::channel::<Job>(4096);
-        let (dtx, mut drx) = mpsc::unbounded_channel::<Answers>();
+        let (dtx, mut drx) = mpsc::unbounded_channel::<Durable>();
         rt.spawn(async move {
-            while let Some(answers) = drx.recv().await {
+            while let Some(Durable { answers, deltas }) = drx.recv().await {
+                // Answers first: woken before the watchers, the callers do
+                // not queue behind the fan-out to every node.
                 for (finish, rev) in answers {
                     finish(Ok(rev));
+                }
+                // Broadcast from inside the runtime: waking every watcher
+                // from the committer's thread costs one cross-thread wake
+                // (a syscall) per watcher.
+                for (tx, e) in deltas {
+                    // No watchers is fine.
+                    let _ = tx.send(e);
                 }
             }
         });
@@ -272,17 +286,17 @@ impl Ipam {
 /// A written group on its way to the disk.
 struct Flight {
     written: Written,
-    answers: Answers,
+    answers: Vec<(Finish, u64)>,
     delta: Option<(broadcast::Sender<Arc<Encoded>>, Arc<Encoded>)>,
 }
 
-/// Flushes written groups, then hands their answers to the delivery task,
-/// in order, and broadcasts their deltas after them. Fails when a flush fails or the
+/// Flushes written groups, then hands their answers and deltas to the
+/// delivery task, in order. Fails when a flush fails or the
 /// delivery task is gone: nothing more can be acknowledged then.
 fn commit_loop(
     store: Arc<Store>,
     rx: std::sync::mpsc::Receiver<Flight>,
-    deliver: mpsc::UnboundedSender<Answers>,
+    deliver: mpsc::UnboundedSender<Durable>,
     mut before_flush: Option<BeforeFlush>,
 ) -> Result<()> {
     while let Ok(first) = rx.recv() {
@@ -303,16 +317,10 @@ fn commit_loop(
                     answers.extend(f.answers);
                     deltas.extend(f.delta);
                 }
-                // Answers first: woken before the watchers, the callers do
-                // not queue behind the fan-out to every node.
-                if deliver.send(answers).is_err() {
+                if deliver.send(Durable { answers, deltas }).is_err() {
                     // Committed changes could no longer be acknowledged.
                     tracing::error!("the answer delivery task is gone; the controller stops");
                     return Err(Error::Internal("the answer delivery task is gone".into()));
-                }
-                for (tx, e) in deltas {
-                    // No watchers is fine.
-                    let _ = tx.send(e);
                 }
             }
             Err(e) => {
@@ -336,7 +344,7 @@ fn run(
     mut state: Owned,
     store: Arc<Store>,
     mut rx: mpsc::Receiver<Job>,
-    deliver: mpsc::UnboundedSender<Answers>,
+    deliver: mpsc::UnboundedSender<Durable>,
     before_flush: Option<BeforeFlush>,
     failure: Failure,
 ) -> Result<()> {

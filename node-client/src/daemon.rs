@@ -1,13 +1,15 @@
 //! The node client's long-running parts: registration and the intent watch
 //! (async, on tokio), and the reconciler (one dedicated OS thread that owns
-//! the intent, the route table and nftables, and plans then applies).
+//! the intent, the route table and nftables, and plans then applies; the
+//! watch and the route monitor run on that thread's own runtime, so an
+//! update is read, applied and its echo dropped in one wake-up).
 use crate::controller::{is_unavailable, Controller};
-pub use crate::reconciler::{Event, Reconciler, Sysctl, Timers};
+pub use crate::reconciler::{EchoFilter, Event, Reconciler, Sysctl, Timers};
 use std::{
     net::IpAddr,
     sync::{
         atomic::{AtomicBool, Ordering},
-        mpsc, Arc, Mutex,
+        Arc, Mutex,
     },
     time::{Duration, Instant},
 };
@@ -124,7 +126,7 @@ pub async fn register(ctl: &Controller, node: pb::Node, status: &SharedStatus, s
 pub async fn watch(
     ctl: Controller,
     node: pb::Node,
-    tx: mpsc::Sender<Event>,
+    tx: tokio::sync::mpsc::UnboundedSender<Event>,
     resume: SharedResume,
     status: SharedStatus,
     stop: Arc<AtomicBool>,

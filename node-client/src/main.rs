@@ -5,7 +5,7 @@ use std::{
     net::IpAddr,
     os::unix::fs::PermissionsExt,
     path::PathBuf,
-    sync::{atomic::AtomicBool, mpsc, Arc, Mutex},
+    sync::{atomic::AtomicBool, Arc, Mutex},
     time::Duration,
 };
 use tabby_node::{
@@ -68,6 +68,21 @@ impl Sysctl for ProcSysctl {
     }
 }
 
+/// Feeds the reconciler the route changes it did not make itself, until the
+/// reconciler is gone.
+async fn monitor_routes(
+    echoes: &daemon::EchoFilter,
+    tx: &tokio::sync::mpsc::UnboundedSender<Event>,
+) -> tabby_node::Result<()> {
+    let mut mon = netlink::RouteMonitor::new()?;
+    loop {
+        let ev = mon.next().await?;
+        if !echoes.take(&ev) && tx.send(Event::Route(ev)).is_err() {
+            return Ok(());
+        }
+    }
+}
+
 fn labels(v: &[String]) -> anyhow::Result<Vec<(String, String)>> {
     v.iter()
         .filter(|s| !s.is_empty())
@@ -97,7 +112,11 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(node = %a.node_name, addresses = ?addrs, controller = %a.controller, "tabby-node starting");
 
     // The reconciler owns intent and kernel programming on its own thread.
-    let (tx, rx) = mpsc::channel::<Event>();
+    // That thread runs its own single-threaded runtime with the intent watch
+    // (over a connection of its own) and the route monitor beside it, so an
+    // update wakes one thread, which reads it, applies it and drops the
+    // echo of its own change; the CNI socket below never waits for a pass.
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
     let table = netlink::NetlinkRoutes::new().context("opening netlink")?;
     let rec = Reconciler::new(
         a.node_name.clone(),
@@ -111,32 +130,50 @@ async fn main() -> anyhow::Result<()> {
             nft_verify: a.nft_verify_interval,
         },
     );
+    let rec_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the reconciler's runtime")?;
+    // After every intent snapshot (start, or a controller that could not
+    // resume us: perhaps restored from an older copy), the controller is
+    // told again which addresses our pods hold.
+    let snapshots = Arc::new(tokio::sync::Notify::new());
     // The reconciler's end, however it comes (a panic included), is seen by
     // the server loop below: a node that no longer reconciles must not keep
     // serving pods.
     let (rec_done, mut rec_ended) = tokio::sync::oneshot::channel::<()>();
-    let echoes = rec.echo_filter();
-    let rec_thread = std::thread::Builder::new()
-        .name("reconciler".into())
-        .spawn(move || {
-            let _done = rec_done;
-            rec.run(rx)
-        })
-        .context("starting the reconciler thread")?;
-    // Route changes by others reach the reconciler at once, and so do
-    // changes to our nftables tables.
-    {
-        let route_tx = tx.clone();
+    let rec_thread = {
+        let (addr, name) = (a.controller.clone(), a.node_name.clone());
+        let (tx, st, stop, snapshots) = (tx.clone(), st.clone(), stop.clone(), snapshots.clone());
         std::thread::Builder::new()
-            .name("route-monitor".into())
+            .name("reconciler".into())
             .spawn(move || {
-                if let Err(e) = netlink::monitor_routes(move |ev| {
-                    echoes.take(&ev) || route_tx.send(Event::Route(ev)).is_ok()
-                }) {
-                    tracing::warn!(error = %e, "route monitor unavailable; relying on the periodic resync");
-                }
+                let _done = rec_done;
+                rec_rt.block_on(async move {
+                    // Created inside this runtime, so that the watch's
+                    // connection runs on this thread.
+                    match Controller::new(&addr, &name) {
+                        Ok(ctl) => {
+                            tokio::spawn(daemon::watch(ctl, node, tx.clone(), resume, st, stop, snapshots));
+                        }
+                        Err(e) => tracing::error!(error = %e, "intent watch not started"),
+                    }
+                    // Route changes by others reach the reconciler at once;
+                    // its own are dropped here.
+                    let echoes = rec.echo_filter();
+                    tokio::spawn(async move {
+                        if let Err(e) = monitor_routes(&echoes, &tx).await {
+                            tracing::warn!(error = %e, "route monitor unavailable; relying on the periodic resync");
+                        }
+                    });
+                    rec.run(rx).await;
+                });
             })
-            .context("starting the route monitor thread")?;
+            .context("starting the reconciler thread")?
+    };
+    // Changes to our nftables tables are rare (our own writes, or a hand
+    // edit): a thread of their own.
+    {
         let nft_tx = tx.clone();
         std::thread::Builder::new()
             .name("nft-monitor".into())
@@ -147,19 +184,6 @@ async fn main() -> anyhow::Result<()> {
             })
             .context("starting the nftables monitor thread")?;
     }
-    // After every intent snapshot (start, or a controller that could not
-    // resume us: perhaps restored from an older copy), the controller is
-    // told again which addresses our pods hold.
-    let snapshots = Arc::new(tokio::sync::Notify::new());
-    tokio::spawn(daemon::watch(
-        ctl.clone(),
-        node,
-        tx.clone(),
-        resume,
-        st.clone(),
-        stop.clone(),
-        snapshots.clone(),
-    ));
     let pods = PodNetworkService::new(ctl, st.clone(), a.mtu);
     tokio::spawn(pods.clone().reclaim_after_snapshots(snapshots));
 

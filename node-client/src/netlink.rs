@@ -2,9 +2,10 @@
 //! wiring (veth pairs across namespaces), namespaces and sysctls.
 //!
 //! Everything here is synchronous and blocking except [`RouteMonitor::next`]
-//! (async, tokio): from tokio, run it with `tokio::task::spawn_blocking`, or
-//! on a dedicated thread ([`monitor_routes`] is a blocking loop made
-//! for one). Netlink sockets are
+//! (async, tokio; `tabby-node` drives it on the reconciler's own runtime):
+//! from tokio, run the rest with `tokio::task::spawn_blocking`, or on a
+//! dedicated thread ([`monitor_routes`] is a blocking loop made for one).
+//! Netlink sockets are
 //! bound to the network namespace of the thread that opens them, so all
 //! functions act on the calling thread's namespace (the node's, for any
 //! ordinary thread of `tabby-node`). Nothing here calls `setns` on the

@@ -24,10 +24,11 @@ use crate::{
 use ipnet::IpNet;
 use std::{
     collections::{hash_map::Entry, BTreeMap, BTreeSet, HashMap},
-    sync::{mpsc, Arc, Mutex},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 use tabby_proto::v1 as pb;
+use tokio::sync::mpsc;
 
 /// What the reconciler reacts to.
 #[derive(Debug)]
@@ -267,30 +268,38 @@ impl<T: RouteTable> Reconciler<T> {
         &self.table
     }
 
-    /// Runs until [`Event::Shutdown`] or the sender is gone.
-    pub fn run(mut self, rx: mpsc::Receiver<Event>) {
+    /// Runs until [`Event::Shutdown`] or every sender is gone.
+    ///
+    /// Meant for a current-thread runtime of the reconciler's own thread
+    /// that also runs the intent watch and the route monitor: an update then
+    /// wakes one thread, which reads it, applies it and reads the echo of
+    /// its own change without another wake-up. Passes block that thread
+    /// while they talk to the kernel, which is what it is for.
+    pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Event>) {
         if let Err(e) = self.sysctl.set("net/ipv4/ip_forward", "1") {
             tracing::error!(error = %e, "cannot enable ip_forward");
         }
         loop {
-            let now = Instant::now();
             let wait = if self.have_intent {
                 let mut wake = self.next_full.min(self.next_nft_check);
                 if self.full_due {
                     // A failed pass is retried soon, not at the next period.
                     wake = wake.min(self.retry_at);
                 }
-                wake.saturating_duration_since(now)
+                wake
             } else {
                 // Nothing to do before the first intent but wait for it.
-                self.timers.resync
+                Instant::now() + self.timers.resync
             };
-            let first = match rx.recv_timeout(wait) {
-                Ok(ev) => Some(ev),
-                Err(mpsc::RecvTimeoutError::Timeout) => None,
-                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            let first = match tokio::time::timeout_at(wait.into(), rx.recv()).await {
+                Ok(Some(ev)) => Some(ev),
+                Ok(None) => return,
+                Err(_elapsed) => None,
             };
-            let events: Vec<Event> = first.into_iter().chain(rx.try_iter()).collect();
+            let mut events: Vec<Event> = first.into_iter().collect();
+            while let Ok(ev) = rx.try_recv() {
+                events.push(ev);
+            }
             if !self.handle(events) {
                 return;
             }

@@ -273,13 +273,38 @@ impl Ipam {
         orx.await.map_err(|_| Error::Unavailable)
     }
 
-    /// Runs a read-only `f` (it still waits for earlier writes to be durable).
+    /// A snapshot of the state with every earlier write durable in it, and
+    /// its revision. The owner's part is a clone of persistent maps, about
+    /// nothing: the reading itself never holds up a mutation.
+    pub async fn snapshot(&self) -> Result<(Arc<IpamState>, u64)> {
+        self.call(|st| Ok((Arc::new(st.clone()), Mutation::default())))
+            .await
+    }
+
+    /// Runs a cheap read-only `f` (a lookup) on a [`Ipam::snapshot`], on the
+    /// calling task.
     pub async fn read<T, F>(&self, f: F) -> Result<(T, u64)>
     where
         T: Send + 'static,
         F: FnOnce(&IpamState) -> T + Send + 'static,
     {
-        self.call(move |st| Ok((f(st), Mutation::default()))).await
+        let (snap, rev) = self.snapshot().await?;
+        Ok((f(&snap), rev))
+    }
+
+    /// Runs a read-only `f` that walks the tables (a check, a summary, the
+    /// route table) on a [`Ipam::snapshot`], on the blocking pool: neither
+    /// the owner nor the gRPC runtime waits for it.
+    pub async fn read_heavy<T, F>(&self, f: F) -> Result<(T, u64)>
+    where
+        T: Send + 'static,
+        F: FnOnce(&IpamState) -> T + Send + 'static,
+    {
+        let (snap, rev) = self.snapshot().await?;
+        let t = tokio::task::spawn_blocking(move || f(&snap))
+            .await
+            .map_err(|e| Error::Internal(format!("a read failed: {e}")))?;
+        Ok((t, rev))
     }
 }
 

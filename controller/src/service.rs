@@ -81,7 +81,7 @@ impl pb::ipam_admin_server::IpamAdmin for AdminService {
 
     async fn show_ipam(&self, req: Request<pb::ShowIpamRequest>) -> Res<pb::ShowIpamResponse> {
         let show_blocks = req.into_inner().show_blocks;
-        let (u, rev) = self.ipam.read(|s| s.usage()).await?;
+        let (u, rev) = self.ipam.read_heavy(|s| s.usage()).await?;
         Ok(Response::new(pb::ShowIpamResponse {
             pools: u
                 .pools
@@ -185,7 +185,7 @@ impl pb::ipam_admin_server::IpamAdmin for AdminService {
 
     async fn check_ipam(&self, _: Request<pb::CheckIpamRequest>) -> Res<pb::CheckIpamResponse> {
         let ((problems, (alloc, handles)), rev) =
-            self.ipam.read(|s| (s.check(), s.counts())).await?;
+            self.ipam.read_heavy(|s| (s.check(), s.counts())).await?;
         Ok(Response::new(pb::CheckIpamResponse {
             problems: problems
                 .into_iter()
@@ -265,7 +265,7 @@ impl pb::ipam_admin_server::IpamAdmin for AdminService {
     }
 
     async fn list_nodes(&self, _: Request<pb::ListNodesRequest>) -> Res<pb::ListNodesResponse> {
-        let (nodes, _) = self.ipam.read(|s| s.nodes()).await?;
+        let (nodes, _) = self.ipam.read_heavy(|s| s.nodes()).await?;
         Ok(Response::new(pb::ListNodesResponse {
             nodes: nodes.iter().map(node_to_pb).collect(),
         }))
@@ -278,7 +278,7 @@ impl pb::ipam_admin_server::IpamAdmin for AdminService {
         let node = req.into_inner().node;
         let (table, rev) = self
             .ipam
-            .read(move |s| {
+            .read_heavy(move |s| {
                 let intent = s.routing_intent(0);
                 if node.is_empty() {
                     return Ok((tabby_routing::cluster_routes(&intent, None), Vec::new()));

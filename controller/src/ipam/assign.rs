@@ -2,18 +2,19 @@
 //! a new block, a borrowed address, or the one requested), then apply the
 //! plan, so that a failure leaves nothing half done.
 use super::{
-    addr::{addr_at, addr_u128, block_of, ordinal_of, u128_addr, Family},
+    addr::{addr_at, block_of, ordinal_of, Family},
     records::{AllocationView, AssignRequest, BlockState, PoolState, Slot},
     validate::check_handle,
     IpamState,
 };
 use crate::error::{Error, Result};
 use ipnet::IpNet;
+use std::sync::Arc;
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
 };
-use tabby_store::{Allocation, Block, Handle, Mutation, Node, Op, Pool};
+use tabby_store::{Allocation, Block, Handle, Mutation, Node, Op};
 
 /// Where an assignment will come from (planned before anything changes).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,28 +39,6 @@ impl IpamState {
                     && p.selector.matches(&node.labels)
             })
             .collect()
-    }
-
-    fn first_free_block(&self, p: &Pool, planned: &[Pick]) -> Option<IpNet> {
-        let step: u128 = 1u128 << (p.cidr.max_prefix_len() - p.block_size);
-        let count: u128 = 1u128
-            .checked_shl((p.block_size - p.cidr.prefix_len()) as u32)
-            .unwrap_or(u128::MAX);
-        let base = addr_u128(p.cidr.network());
-        let fam = Family::of_net(&p.cidr);
-        let mut i: u128 = 0;
-        while i < count {
-            let c = IpNet::new(u128_addr(fam, base + i * step), p.block_size).expect("valid");
-            let taken = self.blocks.contains_key(&c)
-                || planned
-                    .iter()
-                    .any(|x| matches!(x, Pick::Claim { block, .. } if *block == c));
-            if !taken {
-                return Some(c);
-            }
-            i += 1;
-        }
-        None
     }
 
     fn plan_any(&self, fam: Family, node: &Node) -> Result<Pick> {
@@ -93,7 +72,7 @@ impl IpamState {
         let at_limit = max > 0 && owned >= max;
         if !at_limit {
             for p in &pools {
-                if let Some(block) = self.first_free_block(&p.rec, &[]) {
+                if let Some(block) = p.first_free_block() {
                     return Ok(Pick::Claim {
                         block,
                         pool: p.rec.name.clone(),
@@ -266,11 +245,11 @@ impl IpamState {
                     };
                     self.index_block(&rec);
                     ops.push(Op::PutBlock(rec.clone()));
-                    self.blocks.insert(block, BlockState::new(rec));
+                    self.blocks.insert(block, Arc::new(BlockState::new(rec)));
                     (block, ordinal)
                 }
             };
-            let b = self.blocks.get_mut(&block).expect("planned");
+            let b = Arc::make_mut(self.blocks.get_mut(&block).expect("planned"));
             let seq = match b.slots[ordinal as usize] {
                 Slot::Free { seq } => seq,
                 Slot::Used(_) => unreachable!("planned a free slot"),
@@ -294,7 +273,7 @@ impl IpamState {
             attributes: req.attributes,
         };
         ops.push(Op::PutHandle(req.handle.clone(), h.clone()));
-        self.handles.insert(req.handle, h);
+        self.put_handle(req.handle, h);
         let views = addrs
             .iter()
             .filter_map(|a| self.allocation_of(*a))

@@ -13,6 +13,7 @@
 //! - `validate`: parsing and checking what requests name;
 //! - `records`: per-block and per-pool records, request and answer types;
 //! - `state`: the state itself, loading, indices and lookups;
+//! - `free`: the unclaimed blocks of a pool, as ranges;
 //! - `pools`, `nodes`: pools, nodes and configuration;
 //! - `assign`, `release`: handing out and taking back addresses;
 //! - `inspect`: utilization, the consistency check and repair;
@@ -20,6 +21,7 @@
 
 mod addr;
 mod assign;
+mod free;
 mod inspect;
 mod nodes;
 mod pools;

@@ -48,7 +48,7 @@ impl IpamState {
             if self.blocks[&c].used() == 0 {
                 let b = self.blocks.remove(&c).expect("indexed");
                 self.unindex_block(&b.rec);
-                for (seq, o) in b.free {
+                for &(seq, o) in &b.free {
                     if seq > 0 {
                         ops.push(Op::ClearReleased(addr_at(&c, o)));
                     }

@@ -60,13 +60,8 @@ impl IpamState {
         }
         let selector = Selector::parse(&p.node_selector)
             .map_err(|e| Error::InvalidArgument(format!("node_selector: {e}")))?;
-        self.pools.insert(
-            p.name.clone(),
-            PoolState {
-                rec: p.clone(),
-                selector,
-            },
-        );
+        self.pools
+            .insert(p.name.clone(), PoolState::new(p.clone(), selector));
         let m = Mutation {
             ops: vec![Op::PutPool(p.clone())],
         };
@@ -112,13 +107,13 @@ impl IpamState {
         if let Some(v) = u.disabled {
             p.disabled = v;
         }
-        self.pools.insert(
-            name.to_string(),
-            PoolState {
-                rec: p.clone(),
-                selector,
-            },
-        );
+        // Block size and network never change: the free blocks stay.
+        let free = self.pools.get(name).map(|s| s.free.clone());
+        let mut st = PoolState::new(p.clone(), selector);
+        if let Some(free) = free {
+            st.free = free;
+        }
+        self.pools.insert(name.to_string(), st);
         Ok((
             p.clone(),
             Mutation {
@@ -163,7 +158,7 @@ impl IpamState {
         for c in &blocks {
             let b = self.blocks.remove(c).expect("listed");
             self.unindex_block(&b.rec);
-            for (seq, o) in b.free {
+            for &(seq, o) in &b.free {
                 if seq > 0 {
                     ops.push(Op::ClearReleased(addr_at(c, o)));
                 }

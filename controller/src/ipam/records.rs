@@ -1,6 +1,10 @@
 //! Records: what the state holds per block and pool, and the plain data
 //! that requests carry in and answers carry out.
-use super::{addr::block_len, selector::Selector};
+use super::{
+    addr::{addr_u128, block_len, u128_addr, Family},
+    free::FreeBlocks,
+    selector::Selector,
+};
 use ipnet::IpNet;
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -43,6 +47,54 @@ impl BlockState {
 pub(super) struct PoolState {
     pub(super) rec: Pool,
     pub(super) selector: Selector,
+    /// Derived index: the pool's unclaimed blocks.
+    pub(super) free: FreeBlocks,
+}
+
+impl PoolState {
+    /// A pool none of whose blocks is claimed yet.
+    pub(super) fn new(rec: Pool, selector: Selector) -> PoolState {
+        let free = FreeBlocks::all(block_count(&rec));
+        PoolState {
+            rec,
+            selector,
+            free,
+        }
+    }
+
+    /// Index of block `cidr` within this pool, if it is one of its blocks.
+    pub(super) fn block_index(&self, cidr: &IpNet) -> Option<u128> {
+        let p = &self.rec;
+        if cidr.prefix_len() != p.block_size || !p.cidr.contains(cidr) {
+            return None;
+        }
+        let shift = u32::from(p.cidr.max_prefix_len() - p.block_size);
+        Some((addr_u128(cidr.network()) - addr_u128(p.cidr.network())) >> shift)
+    }
+
+    /// The block at index `i` of this pool.
+    pub(super) fn block_at(&self, i: u128) -> IpNet {
+        let p = &self.rec;
+        let shift = u32::from(p.cidr.max_prefix_len() - p.block_size);
+        let a = u128_addr(
+            Family::of_net(&p.cidr),
+            addr_u128(p.cidr.network()) + (i << shift),
+        );
+        IpNet::new(a, p.block_size).expect("a block of a valid pool")
+    }
+
+    /// The lowest unclaimed block.
+    pub(super) fn first_free_block(&self) -> Option<IpNet> {
+        self.free.first().map(|i| self.block_at(i))
+    }
+}
+
+/// How many blocks pool `p` has (saturating for IPv6 pools of more than
+/// 2^128 - 1 blocks, which only a /0 pool of /128 blocks would be).
+pub(super) fn block_count(p: &Pool) -> u128 {
+    1u128
+        .checked_shl(u32::from(p.block_size - p.cidr.prefix_len()))
+        .unwrap_or(u128::MAX)
 }
 
 /// One assigned address as reported to callers.

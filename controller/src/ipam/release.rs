@@ -2,6 +2,7 @@
 use super::{addr::ordinal_of, records::Slot, validate::check_handle, IpamState};
 use crate::error::{Error, Result};
 use std::net::IpAddr;
+use std::sync::Arc;
 use tabby_store::{Mutation, Op};
 
 impl IpamState {
@@ -13,7 +14,7 @@ impl IpamState {
                 true
             };
         };
-        let b = self.blocks.get_mut(&k).expect("found");
+        let b = Arc::make_mut(self.blocks.get_mut(&k).expect("found"));
         let o = ordinal_of(&k, a);
         if let Slot::Free { .. } = b.slots[o as usize] {
             return false;
@@ -46,10 +47,10 @@ impl IpamState {
                 )));
             }
         }
-        let h = self.handles.remove(handle).expect("present");
+        let h = self.remove_handle(handle).expect("present");
         let mut ops = Vec::new();
         let mut released = Vec::new();
-        for a in h.addresses {
+        for &a in &h.addresses {
             // Only free what this handle really holds.
             if self.holder(a).is_some_and(|al| al.handle == handle) && self.free_slot(a, &mut ops) {
                 released.push(a);
@@ -85,10 +86,10 @@ impl IpamState {
 
     /// Drops `a` from a handle record, and the record once it is empty.
     pub(super) fn drop_from_handle(&mut self, handle: &str, a: IpAddr, ops: &mut Vec<Op>) {
-        if let Some(h) = self.handles.get_mut(handle) {
+        if let Some(h) = self.handles.get_mut(handle).map(Arc::make_mut) {
             h.addresses.retain(|x| *x != a);
             if h.addresses.is_empty() {
-                self.handles.remove(handle);
+                self.remove_handle(handle);
                 ops.push(Op::DeleteHandle(handle.to_string()));
             } else {
                 ops.push(Op::PutHandle(handle.to_string(), h.clone()));

@@ -5,27 +5,32 @@ use super::{
     records::{AllocationView, BlockState, PoolState, Slot},
     selector::Selector,
 };
+use im::{HashMap as ImHashMap, OrdMap, OrdSet};
 use ipnet::IpNet;
-use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
-    net::IpAddr,
-};
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 use tabby_store::{Allocation, Block, Handle, IpamConfig, Node, Pool, Snapshot};
 
 /// In-memory IPAM state. See the module docs.
+///
+/// The large tables are persistent maps (`im`), and blocks and handles sit
+/// behind `Arc`s: a clone, which readers get as their snapshot, costs
+/// about nothing, and the owner's next change copies only the path to what
+/// it changes. A growing table never pauses to rehash.
 #[derive(Debug, Clone, Default)]
 pub struct IpamState {
     pub(super) pools: BTreeMap<String, PoolState>,
-    pub(super) blocks: BTreeMap<IpNet, BlockState>,
-    pub(super) handles: HashMap<String, Handle>,
-    pub(super) nodes: BTreeMap<String, Node>,
+    pub(super) blocks: OrdMap<IpNet, Arc<BlockState>>,
+    pub(super) handles: ImHashMap<String, Arc<Handle>>,
+    pub(super) nodes: OrdMap<String, Node>,
     pub(super) config: IpamConfig,
     /// Allocation records that lie in no block (only from a damaged store).
     pub(super) orphans: BTreeMap<IpAddr, Allocation>,
     /// Last release sequence number handed out.
     pub(super) release_seq: u64,
     /// Derived index: blocks affine to each node.
-    pub(super) node_blocks: HashMap<String, BTreeSet<IpNet>>,
+    pub(super) node_blocks: ImHashMap<String, OrdSet<IpNet>>,
+    /// Derived index: handles held by each node (ListHandles, a node's GC).
+    pub(super) node_handles: ImHashMap<String, OrdSet<String>>,
 }
 
 impl IpamState {
@@ -34,20 +39,22 @@ impl IpamState {
     pub fn from_snapshot(s: Snapshot) -> IpamState {
         let mut st = IpamState {
             config: s.config,
-            nodes: s.nodes,
-            handles: s.handles.into_iter().collect(),
+            nodes: s.nodes.into_iter().collect(),
             ..Default::default()
         };
+        for (id, h) in s.handles {
+            st.put_handle(id, h);
+        }
         for (name, p) in s.pools {
             // A stored selector was validated on write; fall back to "none
             // selected" rather than "all" if it somehow no longer parses.
             let selector = Selector::parse(&p.node_selector)
                 .unwrap_or_else(|_| Selector::parse("has(tabby.invalid-selector)").expect("valid"));
-            st.pools.insert(name, PoolState { rec: p, selector });
+            st.pools.insert(name, PoolState::new(p, selector));
         }
         for (cidr, b) in s.blocks {
             st.index_block(&b);
-            st.blocks.insert(cidr, BlockState::new(b));
+            st.blocks.insert(cidr, Arc::new(BlockState::new(b)));
         }
         for (addr, seq) in &s.released {
             if let Some(b) = st.block_containing_mut(*addr) {
@@ -76,6 +83,11 @@ impl IpamState {
     }
 
     pub(super) fn index_block(&mut self, b: &Block) {
+        if let Some(p) = self.pools.get_mut(&b.pool) {
+            if let Some(i) = p.block_index(&b.cidr) {
+                p.free.take(i);
+            }
+        }
         if let Some(n) = &b.affinity {
             self.node_blocks
                 .entry(n.clone())
@@ -84,7 +96,90 @@ impl IpamState {
         }
     }
 
+    /// Where the derived indexes disagree with a recomputation from the
+    /// primary tables (empty when they agree). For tests.
+    #[cfg(test)]
+    pub(crate) fn index_problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut blocks: ImHashMap<String, OrdSet<IpNet>> = ImHashMap::new();
+        for b in self.blocks.values() {
+            if let Some(n) = &b.rec.affinity {
+                blocks.entry(n.clone()).or_default().insert(b.rec.cidr);
+            }
+        }
+        if blocks != self.node_blocks {
+            out.push(format!(
+                "node_blocks {:?} != {:?}",
+                self.node_blocks, blocks
+            ));
+        }
+        let mut handles: ImHashMap<String, OrdSet<String>> = ImHashMap::new();
+        for (id, h) in &self.handles {
+            handles
+                .entry(h.node.clone())
+                .or_default()
+                .insert(id.clone());
+        }
+        if handles != self.node_handles {
+            out.push(format!(
+                "node_handles {:?} != {:?}",
+                self.node_handles, handles
+            ));
+        }
+        for p in self.pools.values() {
+            let mut free = super::free::FreeBlocks::all(super::records::block_count(&p.rec));
+            for c in self.blocks.keys() {
+                if let Some(i) = p.block_index(c) {
+                    free.take(i);
+                }
+            }
+            if free != p.free {
+                out.push(format!(
+                    "pool {} free blocks {:?} != {:?}",
+                    p.rec.name, p.free, free
+                ));
+            }
+        }
+        out
+    }
+
+    /// Adds or replaces handle `id`, keeping the per-node index.
+    pub(super) fn put_handle(&mut self, id: String, h: Handle) {
+        if let Some(old) = self.handles.get(&id) {
+            if old.node != h.node {
+                let node = old.node.clone();
+                self.unindex_handle(&node, &id);
+            }
+        }
+        self.node_handles
+            .entry(h.node.clone())
+            .or_default()
+            .insert(id.clone());
+        self.handles.insert(id, Arc::new(h));
+    }
+
+    /// Removes handle `id`, keeping the per-node index.
+    pub(super) fn remove_handle(&mut self, id: &str) -> Option<Arc<Handle>> {
+        let h = self.handles.remove(id)?;
+        self.unindex_handle(&h.node, id);
+        Some(h)
+    }
+
+    fn unindex_handle(&mut self, node: &str, id: &str) {
+        if let Some(set) = self.node_handles.get_mut(node) {
+            set.remove(id);
+            if set.is_empty() {
+                self.node_handles.remove(node);
+            }
+        }
+    }
+
     pub(super) fn unindex_block(&mut self, b: &Block) {
+        if let Some(p) = self.pools.get_mut(&b.pool) {
+            if let Some(i) = p.block_index(&b.cidr) {
+                p.free.give(i);
+            }
+        }
         if let Some(n) = &b.affinity {
             if let Some(set) = self.node_blocks.get_mut(n) {
                 set.remove(&b.cidr);
@@ -105,7 +200,7 @@ impl IpamState {
 
     fn block_containing_mut(&mut self, a: IpAddr) -> Option<&mut BlockState> {
         let k = self.block_key_containing(a)?;
-        self.blocks.get_mut(&k)
+        self.blocks.get_mut(&k).map(Arc::make_mut)
     }
 
     pub(super) fn pool_containing(&self, a: IpAddr) -> Option<&PoolState> {
@@ -129,19 +224,15 @@ impl IpamState {
 
     /// A handle, if it exists.
     pub fn handle(&self, h: &str) -> Option<&Handle> {
-        self.handles.get(h)
+        self.handles.get(h).map(|h| &**h)
     }
 
     /// Handles held by a node, sorted.
     pub fn handles_of(&self, node: &str) -> Vec<String> {
-        let mut v: Vec<String> = self
-            .handles
-            .iter()
-            .filter(|(_, h)| h.node == node)
-            .map(|(k, _)| k.clone())
-            .collect();
-        v.sort();
-        v
+        self.node_handles
+            .get(node)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Every allocation, by address (from blocks; orphans excluded).

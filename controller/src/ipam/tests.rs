@@ -114,8 +114,12 @@ impl Harness {
             .filter(|p| p.kind != ProblemKind::BorrowedAddress)
             .collect();
         assert!(problems.is_empty(), "{problems:?}");
+        let bad = self.st.index_problems();
+        assert!(bad.is_empty(), "indexes: {bad:?}");
         // The durable picture rebuilds the same state.
         let re = IpamState::from_snapshot(self.replica.clone());
+        let bad = re.index_problems();
+        assert!(bad.is_empty(), "indexes after a reload: {bad:?}");
         assert_eq!(re.allocations(), allocs);
         assert_eq!(re.handles, self.st.handles);
         assert_eq!(re.usage(), self.st.usage());
@@ -551,6 +555,10 @@ enum Action {
         offset: u8,
     },
     Strict(bool),
+    /// DeleteNode (frees its empty blocks), then the node registers again.
+    DeleteNode {
+        node: usize,
+    },
 }
 
 fn action() -> impl Strategy<Value = Action> {
@@ -560,6 +568,7 @@ fn action() -> impl Strategy<Value = Action> {
         4 => (0..40usize).prop_map(|handle| Action::Release { handle }),
         1 => any::<u8>().prop_map(|offset| Action::ReleaseAddr { offset }),
         1 => any::<bool>().prop_map(Action::Strict),
+        1 => (0..3usize).prop_map(|node| Action::DeleteNode { node }),
     ]
 }
 
@@ -621,6 +630,14 @@ proptest! {
                     prop_assert!(h.st.allocation_of(a).is_none());
                 }
                 Action::Strict(s) => h.set_config(s, 0),
+                Action::DeleteNode { node } => {
+                    let name = format!("n{node}");
+                    if let Ok((_, m)) = h.st.delete_node(&name) {
+                        h.replica.apply(&m);
+                    }
+                    let (_, m) = h.st.register_node(self::node(&name)).unwrap();
+                    h.replica.apply(&m);
+                }
             }
             h.check_invariants();
         }

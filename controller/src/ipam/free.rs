@@ -1,0 +1,108 @@
+//! The unclaimed blocks of one pool, as disjoint ranges of block indices, so
+//! that claiming the lowest free block, claiming a given one and freeing one
+//! each cost O(log gaps) instead of a walk over the claimed blocks.
+use im::OrdMap;
+
+/// Free block indices `[start, end)`, keyed by `start`; ranges never touch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(super) struct FreeBlocks(OrdMap<u128, u128>);
+
+impl FreeBlocks {
+    /// Every index in `0..count` free.
+    pub(super) fn all(count: u128) -> FreeBlocks {
+        let mut m = OrdMap::new();
+        if count > 0 {
+            m.insert(0, count);
+        }
+        FreeBlocks(m)
+    }
+
+    /// The lowest free index.
+    pub(super) fn first(&self) -> Option<u128> {
+        self.0.get_min().map(|(s, _)| *s)
+    }
+
+    /// The range holding `i`, if `i` is free.
+    fn range_of(&self, i: u128) -> Option<(u128, u128)> {
+        self.0
+            .get_prev(&i)
+            .map(|(s, e)| (*s, *e))
+            .filter(|(_, e)| i < *e)
+    }
+
+    /// Whether `i` is free.
+    #[cfg(test)]
+    pub(super) fn contains(&self, i: u128) -> bool {
+        self.range_of(i).is_some()
+    }
+
+    /// Marks `i` claimed; false if it was not free.
+    pub(super) fn take(&mut self, i: u128) -> bool {
+        let Some((s, e)) = self.range_of(i) else {
+            return false;
+        };
+        self.0.remove(&s);
+        if s < i {
+            self.0.insert(s, i);
+        }
+        if i + 1 < e {
+            self.0.insert(i + 1, e);
+        }
+        true
+    }
+
+    /// Marks `i` free again, merging with its neighbours.
+    pub(super) fn give(&mut self, i: u128) {
+        if self.range_of(i).is_some() {
+            return;
+        }
+        let (mut s, mut e) = (i, i + 1);
+        if let Some((ps, pe)) = self.0.get_prev(&i).map(|(a, b)| (*a, *b)) {
+            if pe == i {
+                self.0.remove(&ps);
+                s = ps;
+            }
+        }
+        if let Some(ne) = self.0.get(&e).copied() {
+            self.0.remove(&e);
+            e = ne;
+        }
+        self.0.insert(s, e);
+    }
+
+    /// Number of disjoint free ranges (what a clone of this costs, at most).
+    #[cfg(test)]
+    pub(super) fn ranges(&self) -> usize {
+        self.0.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any sequence of takes and gives leaves the same free set as a
+        /// plain set would, in the fewest ranges.
+        #[test]
+        fn behaves_like_a_set(ops in proptest::collection::vec((any::<bool>(), 0u128..40), 0..200)) {
+            let mut f = FreeBlocks::all(40);
+            let mut set: std::collections::BTreeSet<u128> = (0..40).collect();
+            for (take, i) in ops {
+                if take {
+                    prop_assert_eq!(f.take(i), set.remove(&i));
+                } else {
+                    f.give(i);
+                    set.insert(i);
+                }
+                prop_assert_eq!(f.first(), set.iter().next().copied());
+                for i in 0..40 {
+                    prop_assert_eq!(f.contains(i), set.contains(&i));
+                }
+                let runs = set.iter().filter(|i| **i == 0 || !set.contains(&(**i - 1))).count();
+                prop_assert_eq!(f.ranges(), runs);
+            }
+        }
+    }
+}

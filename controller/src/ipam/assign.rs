@@ -260,7 +260,11 @@ impl IpamState {
                 node: node.clone(),
             };
             b.slots[ordinal as usize] = Slot::Used(al.clone());
+            let borrowed = b.rec.affinity.as_deref() != Some(node.as_str());
             let addr = addr_at(&block, ordinal);
+            if borrowed {
+                self.borrowed.insert(addr, node.clone());
+            }
             if seq > 0 {
                 ops.push(Op::ClearReleased(addr));
             }

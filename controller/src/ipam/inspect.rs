@@ -3,14 +3,15 @@
 use super::{
     addr::addr_at,
     records::{
-        BlockUsage, IpamUsage, LeakRelease, NodeUsage, PoolUsage, Problem, ProblemKind, Slot,
+        BlockState, BlockUsage, IpamUsage, LeakRelease, NodeUsage, PoolUsage, Problem, ProblemKind,
+        Slot,
     },
     IpamState,
 };
 use crate::error::Result;
 use ipnet::IpNet;
 use std::{collections::BTreeMap, net::IpAddr};
-use tabby_store::{Allocation, Mutation};
+use tabby_store::{Allocation, Handle, Mutation};
 
 impl IpamState {
     /// Utilization per pool, node and block.
@@ -82,9 +83,68 @@ impl IpamState {
 
     /// Consistency check.
     pub fn check(&self) -> Vec<Problem> {
+        // Linear, in parts over the cores: every block, then every handle
+        // (a lookup of each address in its block, no map of all addresses).
+        let blocks: Vec<&BlockState> = self.blocks.values().map(|b| &**b).collect();
+        let handles: Vec<(&String, &Handle)> =
+            self.handles.iter().map(|(k, h)| (k, &**h)).collect();
+        // Threads pay off only on a large table.
+        let parts = if blocks.len() + handles.len() < 4096 {
+            1
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        };
+        let (mut out, mut stale) = if parts == 1 {
+            (self.check_blocks(&blocks), self.check_handles(&handles))
+        } else {
+            self.check_parts(&blocks, &handles, parts)
+        };
+        for (a, al) in &self.orphans {
+            out.push(Problem {
+                kind: ProblemKind::AddressWithoutHandle,
+                address: Some(*a),
+                handle: Some(al.handle.clone()),
+                block: None,
+                detail: format!("{a} is recorded as allocated but lies in no block; release it"),
+                repairable: true,
+            });
+        }
+        // Handles come in hash order: sort what was found, not the handles.
+        stale.sort_by(|x, y| (&x.handle, x.address).cmp(&(&y.handle, y.address)));
+        out.append(&mut stale);
+        out
+    }
+
+    /// [`IpamState::check`]'s two passes, each in `parts` threads.
+    fn check_parts(
+        &self,
+        blocks: &[&BlockState],
+        handles: &[(&String, &Handle)],
+        parts: usize,
+    ) -> (Vec<Problem>, Vec<Problem>) {
+        std::thread::scope(|sc| {
+            let chunk = blocks.len().div_ceil(parts).max(1);
+            let b: Vec<_> = blocks
+                .chunks(chunk)
+                .map(|c| sc.spawn(move || self.check_blocks(c)))
+                .collect();
+            let chunk = handles.len().div_ceil(parts).max(1);
+            let h: Vec<_> = handles
+                .chunks(chunk)
+                .map(|c| sc.spawn(move || self.check_handles(c)))
+                .collect();
+            let join = |v: Vec<std::thread::ScopedJoinHandle<'_, Vec<Problem>>>| {
+                v.into_iter()
+                    .flat_map(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                    .collect::<Vec<_>>()
+            };
+            (join(b), join(h))
+        })
+    }
+
+    pub(super) fn check_blocks(&self, blocks: &[&BlockState]) -> Vec<Problem> {
         let mut out = Vec::new();
-        let mut seen: BTreeMap<IpAddr, &Allocation> = BTreeMap::new();
-        for b in self.blocks.values() {
+        for b in blocks {
             let c = b.rec.cidr;
             let in_pool = self
                 .pools
@@ -120,31 +180,22 @@ impl IpamState {
             for (o, s) in b.slots.iter().enumerate() {
                 if let Slot::Used(al) = s {
                     let a = addr_at(&c, o as u32);
-                    seen.insert(a, al);
                     self.check_alloc(a, al, b.rec.affinity.as_deref(), Some(c), &mut out);
                 }
             }
         }
-        for (a, al) in &self.orphans {
-            seen.insert(*a, al);
-            out.push(Problem {
-                kind: ProblemKind::AddressWithoutHandle,
-                address: Some(*a),
-                handle: Some(al.handle.clone()),
-                block: None,
-                detail: format!("{a} is recorded as allocated but lies in no block; release it"),
-                repairable: true,
-            });
-        }
-        let mut handles: Vec<_> = self.handles.iter().collect();
-        handles.sort_by(|x, y| x.0.cmp(y.0));
+        out
+    }
+
+    pub(super) fn check_handles(&self, handles: &[(&String, &Handle)]) -> Vec<Problem> {
+        let mut out = Vec::new();
         for (hid, h) in handles {
             for a in &h.addresses {
-                if seen.get(a).map(|al| al.handle.as_str()) != Some(hid.as_str()) {
+                if self.holder(*a).map(|al| al.handle.as_str()) != Some(hid.as_str()) {
                     out.push(Problem {
                         kind: ProblemKind::HandlePointsNowhere,
                         address: Some(*a),
-                        handle: Some(hid.clone()),
+                        handle: Some((*hid).clone()),
                         block: self.block_key_containing(*a),
                         detail: format!(
                             "handle {hid:?} lists {a}, which is not allocated to it; repair drops it from the handle"

@@ -23,6 +23,7 @@ impl IpamState {
         let seq = self.release_seq;
         b.slots[o as usize] = Slot::Free { seq };
         b.free.insert((seq, o));
+        self.borrowed.remove(&a);
         ops.push(Op::DeleteAllocation(a));
         ops.push(Op::SetReleased(a, seq));
         true

@@ -37,12 +37,7 @@ impl IpamState {
                     )
                 })
                 .collect(),
-            borrowed: self
-                .allocations()
-                .into_iter()
-                .filter(|a| a.borrowed())
-                .map(|a| (a.address, a.node))
-                .collect(),
+            borrowed: self.borrowed.iter().map(|(a, n)| (*a, n.clone())).collect(),
             nodes: self
                 .nodes
                 .values()

@@ -29,6 +29,9 @@ pub struct IpamState {
     pub(super) release_seq: u64,
     /// Derived index: blocks affine to each node.
     pub(super) node_blocks: ImHashMap<String, OrdSet<IpNet>>,
+    /// Derived index: addresses held by a node other than their block's
+    /// (ShowRoutes, the intent), with the holder.
+    pub(super) borrowed: OrdMap<IpAddr, String>,
     /// Derived index: handles held by each node (ListHandles, a node's GC).
     pub(super) node_handles: ImHashMap<String, OrdSet<String>>,
 }
@@ -72,7 +75,14 @@ impl IpamState {
                     if let Slot::Free { seq } = b.slots[o as usize] {
                         b.free.remove(&(seq, o));
                     }
-                    b.slots[o as usize] = Slot::Used(a);
+                    let borrowed = b.rec.affinity.as_deref() != Some(a.node.as_str());
+                    if borrowed {
+                        let node = a.node.clone();
+                        b.slots[o as usize] = Slot::Used(a);
+                        st.borrowed.insert(addr, node);
+                    } else {
+                        b.slots[o as usize] = Slot::Used(a);
+                    }
                 }
                 None => {
                     st.orphans.insert(addr, a);
@@ -119,6 +129,15 @@ impl IpamState {
                 .entry(h.node.clone())
                 .or_default()
                 .insert(id.clone());
+        }
+        let borrowed: OrdMap<IpAddr, String> = self
+            .allocations()
+            .into_iter()
+            .filter(|a| a.borrowed())
+            .map(|a| (a.address, a.node))
+            .collect();
+        if borrowed != self.borrowed {
+            out.push(format!("borrowed {:?} != {:?}", self.borrowed, borrowed));
         }
         if handles != self.node_handles {
             out.push(format!(

@@ -36,6 +36,11 @@ struct Args {
     /// Log format.
     #[arg(long, env = "TABBY_LOG_FORMAT", value_enum, default_value = "human")]
     log_format: LogFormat,
+    /// Page cache of the embedded store, in MiB. The controller keeps the
+    /// state in its own memory and reads the store at start, so a small
+    /// cache costs little.
+    #[arg(long, env = "TABBY_STORE_CACHE_MB", default_value_t = 64)]
+    store_cache_mb: u64,
     /// gRPC worker threads; 0 means one less than the CPUs (at least 1), which
     /// leaves a core for the IPAM owner thread that every call goes through.
     /// With one worker the runtime uses Tokio's current-thread scheduler,
@@ -149,7 +154,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating --data-dir {}", args.data_dir.display()))?;
     let store = Arc::new(
-        Store::open(&args.data_dir)
+        Store::open_with_cache(&args.data_dir, args.store_cache_mb.saturating_mul(1024 * 1024))
             .with_context(|| format!("opening store in {}", args.data_dir.display()))?,
     );
     tracing::info!(

@@ -340,11 +340,23 @@ fn op_key(op: &Op) -> Vec<u8> {
     .into_bytes()
 }
 
+/// sled's page cache when none is given: the controller keeps its own
+/// picture of the state in memory and reads the store only at start, so
+/// sled's default (1 GiB) would mostly hold a second copy.
+pub const DEFAULT_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
 impl Store {
-    /// Opens (or creates) the store in `dir`.
+    /// Opens (or creates) the store in `dir`, with the default cache.
     pub fn open(dir: impl AsRef<Path>) -> Result<Store> {
+        Self::open_with_cache(dir, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Opens (or creates) the store in `dir`; sled's page cache holds at
+    /// most about `cache_bytes`.
+    pub fn open_with_cache(dir: impl AsRef<Path>, cache_bytes: u64) -> Result<Store> {
         let db = sled::Config::new()
             .path(dir.as_ref())
+            .cache_capacity(cache_bytes)
             // Durability comes from our explicit flush after each group commit.
             .flush_every_ms(None)
             .open()?;

@@ -154,8 +154,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating --data-dir {}", args.data_dir.display()))?;
     let store = Arc::new(
-        Store::open_with_cache(&args.data_dir, args.store_cache_mb.saturating_mul(1024 * 1024))
-            .with_context(|| format!("opening store in {}", args.data_dir.display()))?,
+        Store::open_with_cache(
+            &args.data_dir,
+            args.store_cache_mb.saturating_mul(1024 * 1024),
+        )
+        .with_context(|| format!("opening store in {}", args.data_dir.display()))?,
     );
     tracing::info!(
         data_dir = %args.data_dir.display(),

@@ -3,7 +3,7 @@
 //! plan, so that a failure leaves nothing half done.
 use super::{
     addr::{addr_at, block_of, ordinal_of, Family},
-    records::{AllocationView, AssignRequest, BlockState, PoolState, Slot},
+    records::{AllocationView, AssignRequest, PoolState, Slot},
     validate::check_handle,
     IpamState,
 };
@@ -54,16 +54,18 @@ impl IpamState {
         // 1. The node's own blocks: the least recently released free address
         // over all of them (never-used ones first), so a just-freed address
         // waits while any other is free.
+        // The per-node index is in that order already: the first entry of
+        // this family and an eligible pool, not a walk over every block.
         let own = self.node_blocks.get(&node.name);
-        let best = own
+        let best = self
+            .node_free
+            .get(&node.name)
             .into_iter()
             .flatten()
-            .filter(|c| {
-                Family::of_net(c) == fam && pool_names.contains(self.blocks[*c].rec.pool.as_str())
-            })
-            .filter_map(|c| self.blocks[c].free.first().map(|f| (*f, *c)))
-            .min();
-        if let Some(((_, ordinal), block)) = best {
+            .find(|(_, _, c)| {
+                Family::of_net(c) == fam && pool_names.contains(self.blocks[c].rec.pool.as_str())
+            });
+        if let Some(&(_, ordinal, block)) = best {
             return Ok(Pick::Existing { block, ordinal });
         }
         // 2. A new block, unless the node reached its limit.
@@ -243,12 +245,12 @@ impl IpamState {
                         pool,
                         affinity: Some(node.clone()),
                     };
-                    self.index_block(&rec);
                     ops.push(Op::PutBlock(rec.clone()));
-                    self.blocks.insert(block, Arc::new(BlockState::new(rec)));
+                    self.add_block(rec);
                     (block, ordinal)
                 }
             };
+            let old = self.blocks.get(&block).and_then(|b| b.free_key());
             let b = Arc::make_mut(self.blocks.get_mut(&block).expect("planned"));
             let seq = match b.slots[ordinal as usize] {
                 Slot::Free { seq } => seq,
@@ -265,6 +267,7 @@ impl IpamState {
             if borrowed {
                 self.borrowed.insert(addr, node.clone());
             }
+            self.refresh_free(&block, old);
             if seq > 0 {
                 ops.push(Op::ClearReleased(addr));
             }

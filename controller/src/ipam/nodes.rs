@@ -46,8 +46,7 @@ impl IpamState {
             .unwrap_or_default();
         for c in blocks {
             if self.blocks[&c].used() == 0 {
-                let b = self.blocks.remove(&c).expect("indexed");
-                self.unindex_block(&b.rec);
+                let b = self.remove_block(&c).expect("indexed");
                 for &(seq, o) in &b.free {
                     if seq > 0 {
                         ops.push(Op::ClearReleased(addr_at(&c, o)));

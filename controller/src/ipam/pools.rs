@@ -156,8 +156,7 @@ impl IpamState {
         let p = self.pools.remove(name).expect("checked").rec;
         let mut ops = vec![Op::DeletePool(name.to_string())];
         for c in &blocks {
-            let b = self.blocks.remove(c).expect("listed");
-            self.unindex_block(&b.rec);
+            let b = self.remove_block(c).expect("listed");
             for &(seq, o) in &b.free {
                 if seq > 0 {
                     ops.push(Op::ClearReleased(addr_at(c, o)));

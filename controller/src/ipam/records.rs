@@ -38,6 +38,10 @@ impl BlockState {
             free: (0..n).map(|o| (0, o)).collect(),
         }
     }
+    /// Its next free address, as the per-node index keys it.
+    pub(super) fn free_key(&self) -> Option<(u64, u32, IpNet)> {
+        self.free.first().map(|(s, o)| (*s, *o, self.rec.cidr))
+    }
     pub(super) fn used(&self) -> u32 {
         self.slots.len() as u32 - self.free.len() as u32
     }

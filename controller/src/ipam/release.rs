@@ -14,6 +14,7 @@ impl IpamState {
                 true
             };
         };
+        let old = self.blocks.get(&k).and_then(|b| b.free_key());
         let b = Arc::make_mut(self.blocks.get_mut(&k).expect("found"));
         let o = ordinal_of(&k, a);
         if let Slot::Free { .. } = b.slots[o as usize] {
@@ -24,6 +25,7 @@ impl IpamState {
         b.slots[o as usize] = Slot::Free { seq };
         b.free.insert((seq, o));
         self.borrowed.remove(&a);
+        self.refresh_free(&k, old);
         ops.push(Op::DeleteAllocation(a));
         ops.push(Op::SetReleased(a, seq));
         true

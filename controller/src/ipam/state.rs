@@ -10,6 +10,10 @@ use ipnet::IpNet;
 use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 use tabby_store::{Allocation, Block, Handle, IpamConfig, Node, Pool, Snapshot};
 
+/// A block's next free address, as the per-node index orders it: release
+/// seq (0: never used), ordinal, block.
+pub(super) type FreeKey = (u64, u32, IpNet);
+
 /// In-memory IPAM state. See the module docs.
 ///
 /// The large tables are persistent maps (`im`), and blocks and handles sit
@@ -32,6 +36,10 @@ pub struct IpamState {
     /// Derived index: addresses held by a node other than their block's
     /// (ShowRoutes, the intent), with the holder.
     pub(super) borrowed: OrdMap<IpAddr, String>,
+    /// Derived index: for each node, its blocks that have a free address,
+    /// keyed by that block's next address (release seq, ordinal): the first
+    /// entry is where the node's next address comes from.
+    pub(super) node_free: ImHashMap<String, OrdSet<FreeKey>>,
     /// Derived index: handles held by each node (ListHandles, a node's GC).
     pub(super) node_handles: ImHashMap<String, OrdSet<String>>,
 }
@@ -89,6 +97,14 @@ impl IpamState {
                 }
             }
         }
+        let keys: Vec<(String, FreeKey)> = st
+            .blocks
+            .values()
+            .filter_map(|b| Some((b.rec.affinity.clone()?, b.free_key()?)))
+            .collect();
+        for (n, k) in keys {
+            st.node_free.entry(n).or_default().insert(k);
+        }
         st
     }
 
@@ -104,6 +120,30 @@ impl IpamState {
                 .or_default()
                 .insert(b.cidr);
         }
+    }
+
+    /// Adds a new block (every address free) to the state and its indexes.
+    pub(super) fn add_block(&mut self, b: Block) {
+        self.index_block(&b);
+        let cidr = b.cidr;
+        self.blocks.insert(cidr, Arc::new(BlockState::new(b)));
+        self.refresh_free(&cidr, None);
+    }
+
+    /// Removes block `cidr` from the state and its indexes.
+    pub(super) fn remove_block(&mut self, cidr: &IpNet) -> Option<Arc<BlockState>> {
+        let b = self.blocks.get(cidr)?;
+        if let (Some(n), Some(k)) = (b.rec.affinity.clone(), b.free_key()) {
+            if let Some(set) = self.node_free.get_mut(&n) {
+                set.remove(&k);
+                if set.is_empty() {
+                    self.node_free.remove(&n);
+                }
+            }
+        }
+        let b = self.blocks.remove(cidr)?;
+        self.unindex_block(&b.rec);
+        Some(b)
     }
 
     /// Where the derived indexes disagree with a recomputation from the
@@ -122,6 +162,15 @@ impl IpamState {
                 "node_blocks {:?} != {:?}",
                 self.node_blocks, blocks
             ));
+        }
+        let mut free: ImHashMap<String, OrdSet<FreeKey>> = ImHashMap::new();
+        for b in self.blocks.values() {
+            if let (Some(n), Some(k)) = (&b.rec.affinity, b.free_key()) {
+                free.entry(n.clone()).or_default().insert(k);
+            }
+        }
+        if free != self.node_free {
+            out.push(format!("node_free {:?} != {:?}", self.node_free, free));
         }
         let mut handles: ImHashMap<String, OrdSet<String>> = ImHashMap::new();
         for (id, h) in &self.handles {
@@ -160,6 +209,31 @@ impl IpamState {
             }
         }
         out
+    }
+
+    /// Keeps the per-node free index right after block `cidr`'s free set
+    /// changed from having next address `old`.
+    pub(super) fn refresh_free(&mut self, cidr: &IpNet, old: Option<FreeKey>) {
+        let Some(b) = self.blocks.get(cidr) else {
+            return;
+        };
+        let new = b.free_key();
+        if new == old {
+            return;
+        }
+        let Some(n) = b.rec.affinity.clone() else {
+            return;
+        };
+        let set = self.node_free.entry(n.clone()).or_default();
+        if let Some(k) = old {
+            set.remove(&k);
+        }
+        if let Some(k) = new {
+            set.insert(k);
+        }
+        if set.is_empty() {
+            self.node_free.remove(&n);
+        }
     }
 
     /// Adds or replaces handle `id`, keeping the per-node index.

@@ -23,7 +23,7 @@ use crate::intent::Encoded;
 use crate::{
     error::{Error, Result},
     intent::{IntentTracker, ResumeFrom, WatchStart},
-    ipam::IpamState,
+    ipam::{IpamState, Loader},
 };
 use std::collections::BTreeSet;
 use std::{
@@ -54,9 +54,10 @@ impl Owned {
     /// State as `store` holds it; watchers of this store resume from its
     /// intent mark.
     fn load(store: &Store) -> Result<Owned> {
-        let snap = store.load()?;
-        let (revision, marked) = (snap.revision, snap.intent_revision);
-        let ipam = IpamState::from_snapshot(snap);
+        // Streamed: each record is placed as it is read.
+        let mut loader = Loader::default();
+        let (revision, marked) = store.load_each(|r| loader.take(r))?;
+        let ipam = loader.finish();
         let intent =
             IntentTracker::new(&ipam, revision).resumable(store.id(), store.epochs(), marked);
         Ok(Owned { ipam, intent })

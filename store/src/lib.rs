@@ -148,6 +148,25 @@ pub struct Commit {
     pub keys: Vec<Key>,
 }
 
+/// One stored record, as [`Store::load_each`] hands them over.
+#[derive(Debug, Clone)]
+pub enum Record {
+    /// A pool.
+    Pool(Pool),
+    /// A block.
+    Block(Block),
+    /// The release order of a free address that was released once.
+    Released(IpAddr, u64),
+    /// An allocated address.
+    Allocation(IpAddr, Allocation),
+    /// A handle, by id.
+    Handle(String, Handle),
+    /// A node.
+    Node(Node),
+    /// The IPAM configuration.
+    Config(IpamConfig),
+}
+
 /// Everything in the store, as loaded at start-up.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
@@ -453,53 +472,83 @@ impl Store {
 
     /// Reads every record.
     pub fn load(&self) -> Result<Snapshot> {
-        let c = *self.counters();
-        let mut s = Snapshot {
-            revision: c.revision,
-            intent_revision: c.intent,
-            ..Default::default()
-        };
-        for kv in self.tree.iter() {
-            let (k, v) = kv?;
-            let corrupt = |why: &str| StoreError::Corrupt {
-                key: String::from_utf8_lossy(&k).into_owned(),
-                why: why.to_string(),
-            };
-            let (prefix, rest) = match k.split_first() {
-                Some((p, r)) if r.first() == Some(&b'/') => (*p, &r[1..]),
-                _ => return Err(corrupt("no prefix")),
-            };
-            if prefix == b'm' {
-                continue;
+        let mut s = Snapshot::default();
+        let (revision, intent) = self.load_each(|r| match r {
+            Record::Pool(p) => {
+                s.pools.insert(p.name.clone(), p);
             }
-            let rest = std::str::from_utf8(rest).map_err(|_| corrupt("key is not UTF-8"))?;
-            match prefix {
-                b'p' => {
-                    s.pools.insert(rest.to_string(), dec(&k, &v)?);
-                }
-                b'b' => {
-                    let b: Block = dec(&k, &v)?;
-                    s.blocks.insert(b.cidr, b);
-                }
-                b'a' => {
-                    let ip = rest.parse().map_err(|_| corrupt("bad address"))?;
-                    s.allocations.insert(ip, dec(&k, &v)?);
-                }
-                b'r' => {
-                    let ip = rest.parse().map_err(|_| corrupt("bad address"))?;
-                    s.released.insert(ip, dec(&k, &v)?);
-                }
-                b'h' => {
-                    s.handles.insert(rest.to_string(), dec(&k, &v)?);
-                }
-                b'n' => {
-                    s.nodes.insert(rest.to_string(), dec(&k, &v)?);
-                }
-                b'c' => s.config = dec(&k, &v)?,
-                _ => return Err(corrupt("unknown prefix")),
+            Record::Block(b) => {
+                s.blocks.insert(b.cidr, b);
+            }
+            Record::Released(a, seq) => {
+                s.released.insert(a, seq);
+            }
+            Record::Allocation(a, al) => {
+                s.allocations.insert(a, al);
+            }
+            Record::Handle(id, h) => {
+                s.handles.insert(id, h);
+            }
+            Record::Node(n) => {
+                s.nodes.insert(n.name.clone(), n);
+            }
+            Record::Config(c) => s.config = c,
+        })?;
+        s.revision = revision;
+        s.intent_revision = intent;
+        Ok(s)
+    }
+
+    /// Reads every record and hands each to `f` as it is decoded, without
+    /// collecting them: pools first, then blocks, release marks,
+    /// allocations, handles, nodes and the configuration, so that a reader
+    /// can place each record where it belongs as it comes. Returns the
+    /// revision and the intent mark the records are at.
+    pub fn load_each(&self, mut f: impl FnMut(Record)) -> Result<(u64, u64)> {
+        let c = *self.counters();
+        for prefix in [b'p', b'b', b'r', b'a', b'h', b'n', b'c'] {
+            for kv in self.tree.scan_prefix([prefix, b'/']) {
+                let (k, v) = kv?;
+                let corrupt = |why: &str| StoreError::Corrupt {
+                    key: String::from_utf8_lossy(&k).into_owned(),
+                    why: why.to_string(),
+                };
+                let rest = std::str::from_utf8(&k[2..]).map_err(|_| corrupt("key is not UTF-8"))?;
+                let addr =
+                    || -> Result<IpAddr> { rest.parse().map_err(|_| corrupt("bad address")) };
+                f(match prefix {
+                    b'p' => Record::Pool(dec(&k, &v)?),
+                    b'b' => Record::Block(dec(&k, &v)?),
+                    b'r' => Record::Released(addr()?, dec(&k, &v)?),
+                    b'a' => Record::Allocation(addr()?, dec(&k, &v)?),
+                    b'h' => Record::Handle(rest.to_string(), dec(&k, &v)?),
+                    b'n' => Record::Node(dec(&k, &v)?),
+                    _ => Record::Config(dec(&k, &v)?),
+                });
             }
         }
-        Ok(s)
+        // Anything else is damage: say so rather than start on part of it.
+        // Known keys are `<prefix>/...`; look only into the gaps between.
+        let known = b"abchmnpr";
+        let mut lo: Vec<u8> = Vec::new();
+        for p in known.iter().map(Some).chain([None]) {
+            let hi = p.map(|p| vec![*p, b'/']);
+            let found = match &hi {
+                Some(hi) => self.tree.range(lo.clone()..hi.clone()).keys().next(),
+                None => self.tree.range(lo.clone()..).keys().next(),
+            };
+            if let Some(k) = found {
+                let k = k?;
+                return Err(StoreError::Corrupt {
+                    key: String::from_utf8_lossy(&k).into_owned(),
+                    why: "unknown prefix".into(),
+                });
+            }
+            if let Some(p) = p {
+                lo = vec![*p, b'/' + 1];
+            }
+        }
+        Ok((c.revision, c.intent))
     }
 
     /// Applies `mutations` as one atomic batch, each under its own revision,

@@ -149,6 +149,29 @@ fn corrupt_value_is_an_error_not_a_panic() {
     assert!(matches!(s.load(), Err(StoreError::Corrupt { .. })));
 }
 
+/// Keys that are no record of ours, before, between and after the known
+/// prefixes, are reported, not skipped.
+#[test]
+fn unknown_keys_are_an_error() {
+    for key in ["0", "a", "ax/1", "d/1", "i/x", "o", "q/1", "s/1", "zz"] {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = reopen(dir.path());
+            s.commit(&[Mutation {
+                ops: vec![Op::PutPool(pool())],
+            }])
+            .unwrap();
+            s.tree.insert(key, &[0u8][..]).unwrap();
+            s.flush().unwrap();
+        }
+        let s = reopen(dir.path());
+        match s.load() {
+            Err(StoreError::Corrupt { key: k, .. }) => assert_eq!(k, key),
+            other => panic!("{key}: {other:?}"),
+        }
+    }
+}
+
 #[test]
 fn identity_and_intent_mark_survive_a_reopen() {
     let dir = tempfile::tempdir().unwrap();

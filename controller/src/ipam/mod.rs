@@ -37,7 +37,7 @@ pub use records::{
     AllocationView, AssignRequest, BlockUsage, IpamUsage, LeakRelease, NodeDeletion, NodeUsage,
     PoolUpdate, PoolUsage, Problem, ProblemKind,
 };
-pub use state::IpamState;
+pub use state::{IpamState, Loader};
 pub use validate::{parse_addr, parse_cidr};
 
 #[cfg(test)]

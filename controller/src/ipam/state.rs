@@ -8,7 +8,7 @@ use super::{
 use im::{HashMap as ImHashMap, OrdMap, OrdSet};
 use ipnet::IpNet;
 use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
-use tabby_store::{Allocation, Block, Handle, IpamConfig, Node, Pool, Snapshot};
+use tabby_store::{Allocation, Block, Handle, IpamConfig, Node, Pool, Record, Snapshot};
 
 /// A block's next free address, as the per-node index orders it: release
 /// seq (0: never used), ordinal, block.
@@ -48,64 +48,23 @@ impl IpamState {
     /// Builds the state from a store snapshot. Inconsistent records are kept
     /// (so that `check` can report them), never a reason to fail start-up.
     pub fn from_snapshot(s: Snapshot) -> IpamState {
-        let mut st = IpamState {
-            config: s.config,
-            nodes: s.nodes.into_iter().collect(),
-            ..Default::default()
-        };
+        let mut l = Loader::default();
+        l.take(Record::Config(s.config));
+        s.pools.into_values().for_each(|p| l.take(Record::Pool(p)));
+        s.blocks
+            .into_values()
+            .for_each(|b| l.take(Record::Block(b)));
+        for (a, seq) in s.released {
+            l.take(Record::Released(a, seq));
+        }
+        for (a, al) in s.allocations {
+            l.take(Record::Allocation(a, al));
+        }
         for (id, h) in s.handles {
-            st.put_handle(id, h);
+            l.take(Record::Handle(id, h));
         }
-        for (name, p) in s.pools {
-            // A stored selector was validated on write; fall back to "none
-            // selected" rather than "all" if it somehow no longer parses.
-            let selector = Selector::parse(&p.node_selector)
-                .unwrap_or_else(|_| Selector::parse("has(tabby.invalid-selector)").expect("valid"));
-            st.pools.insert(name, PoolState::new(p, selector));
-        }
-        for (cidr, b) in s.blocks {
-            st.index_block(&b);
-            st.blocks.insert(cidr, Arc::new(BlockState::new(b)));
-        }
-        for (addr, seq) in &s.released {
-            if let Some(b) = st.block_containing_mut(*addr) {
-                let o = ordinal_of(&b.rec.cidr, *addr);
-                b.free.remove(&(0, o));
-                b.free.insert((*seq, o));
-                b.slots[o as usize] = Slot::Free { seq: *seq };
-            }
-            st.release_seq = st.release_seq.max(*seq);
-        }
-        for (addr, a) in s.allocations {
-            match st.block_containing_mut(addr) {
-                Some(b) => {
-                    let o = ordinal_of(&b.rec.cidr, addr);
-                    if let Slot::Free { seq } = b.slots[o as usize] {
-                        b.free.remove(&(seq, o));
-                    }
-                    let borrowed = b.rec.affinity.as_deref() != Some(a.node.as_str());
-                    if borrowed {
-                        let node = a.node.clone();
-                        b.slots[o as usize] = Slot::Used(a);
-                        st.borrowed.insert(addr, node);
-                    } else {
-                        b.slots[o as usize] = Slot::Used(a);
-                    }
-                }
-                None => {
-                    st.orphans.insert(addr, a);
-                }
-            }
-        }
-        let keys: Vec<(String, FreeKey)> = st
-            .blocks
-            .values()
-            .filter_map(|b| Some((b.rec.affinity.clone()?, b.free_key()?)))
-            .collect();
-        for (n, k) in keys {
-            st.node_free.entry(n).or_default().insert(k);
-        }
-        st
+        s.nodes.into_values().for_each(|n| l.take(Record::Node(n)));
+        l.finish()
     }
 
     pub(super) fn index_block(&mut self, b: &Block) {
@@ -385,5 +344,84 @@ impl IpamState {
             }
         }
         self.orphans.get(&a)
+    }
+}
+
+/// Builds the state record by record, in the order [`tabby_store::Store::load_each`]
+/// gives them: pools, then blocks, release marks and allocations (handles,
+/// nodes and the configuration in any order). Nothing is collected on the
+/// way, so a start holds one copy of the state, not two. Inconsistent
+/// records are kept (so that `check` can report them), never a reason to
+/// fail start-up.
+#[derive(Debug, Default)]
+pub struct Loader {
+    st: IpamState,
+}
+
+impl Loader {
+    /// Places one record.
+    pub fn take(&mut self, r: Record) {
+        let st = &mut self.st;
+        match r {
+            Record::Pool(p) => {
+                // A stored selector was validated on write; fall back to "none
+                // selected" rather than "all" if it somehow no longer parses.
+                let selector = Selector::parse(&p.node_selector).unwrap_or_else(|_| {
+                    Selector::parse("has(tabby.invalid-selector)").expect("valid")
+                });
+                st.pools.insert(p.name.clone(), PoolState::new(p, selector));
+            }
+            Record::Block(b) => {
+                st.index_block(&b);
+                st.blocks.insert(b.cidr, Arc::new(BlockState::new(b)));
+            }
+            Record::Released(addr, seq) => {
+                if let Some(b) = st.block_containing_mut(addr) {
+                    let o = ordinal_of(&b.rec.cidr, addr);
+                    b.free.remove(&(0, o));
+                    b.free.insert((seq, o));
+                    b.slots[o as usize] = Slot::Free { seq };
+                }
+                st.release_seq = st.release_seq.max(seq);
+            }
+            Record::Allocation(addr, a) => match st.block_containing_mut(addr) {
+                Some(b) => {
+                    let o = ordinal_of(&b.rec.cidr, addr);
+                    if let Slot::Free { seq } = b.slots[o as usize] {
+                        b.free.remove(&(seq, o));
+                    }
+                    let borrowed = b.rec.affinity.as_deref() != Some(a.node.as_str());
+                    if borrowed {
+                        let node = a.node.clone();
+                        b.slots[o as usize] = Slot::Used(a);
+                        st.borrowed.insert(addr, node);
+                    } else {
+                        b.slots[o as usize] = Slot::Used(a);
+                    }
+                }
+                None => {
+                    st.orphans.insert(addr, a);
+                }
+            },
+            Record::Handle(id, h) => st.put_handle(id, h),
+            Record::Node(n) => {
+                st.nodes.insert(n.name.clone(), n);
+            }
+            Record::Config(c) => st.config = c,
+        }
+    }
+
+    /// The state, with the indexes that need every record.
+    pub fn finish(self) -> IpamState {
+        let mut st = self.st;
+        let keys: Vec<(String, FreeKey)> = st
+            .blocks
+            .values()
+            .filter_map(|b| Some((b.rec.affinity.clone()?, b.free_key()?)))
+            .collect();
+        for (n, k) in keys {
+            st.node_free.entry(n).or_default().insert(k);
+        }
+        st
     }
 }

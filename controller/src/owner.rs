@@ -39,6 +39,8 @@ type Job = Box<dyn FnOnce(&mut Owned) -> (Mutation, Finish) + Send>;
 /// A durable group on its way to the delivery task: the answers (finisher
 /// and revision), then the intent deltas to broadcast.
 struct Durable {
+    /// The state after the group, for readers.
+    view: Option<(Arc<IpamState>, u64)>,
     answers: Vec<(Finish, u64)>,
     deltas: Vec<(broadcast::Sender<Arc<Encoded>>, Arc<Encoded>)>,
 }
@@ -71,6 +73,30 @@ const MAX_GROUP: usize = 512;
 #[derive(Clone)]
 pub struct Ipam {
     tx: mpsc::Sender<Job>,
+    view: Arc<View>,
+}
+
+/// The state readers see: the owner's state as of the last durable group,
+/// published before that group's answers (so a caller that heard of its
+/// write reads it), with its revision.
+#[derive(Default)]
+struct View(std::sync::RwLock<(Arc<IpamState>, u64)>);
+
+impl View {
+    fn get(&self) -> (Arc<IpamState>, u64) {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Publishes `st` at `rev`, unless a later state is out already.
+    fn publish(&self, st: Arc<IpamState>, rev: u64) {
+        let mut v = self.0.write().unwrap_or_else(PoisonError::into_inner);
+        if rev >= v.1 {
+            *v = (st, rev);
+        }
+    }
 }
 
 /// The owner thread: tells when it failed, and joins it at shutdown.
@@ -188,10 +214,21 @@ impl Ipam {
             Error::Internal("the IPAM owner must be started inside a Tokio runtime".into())
         })?;
         let state = Owned::load(&store)?;
+        let view = Arc::new(View::default());
+        view.publish(Arc::new(state.ipam.clone()), store.revision());
         let (tx, rx) = mpsc::channel::<Job>(4096);
         let (dtx, mut drx) = mpsc::unbounded_channel::<Durable>();
+        let v2 = view.clone();
         rt.spawn(async move {
-            while let Some(Durable { answers, deltas }) = drx.recv().await {
+            while let Some(Durable {
+                view,
+                answers,
+                deltas,
+            }) = drx.recv().await
+            {
+                if let Some((st, rev)) = view {
+                    v2.publish(st, rev);
+                }
                 // Answers first: woken before the watchers, the callers do
                 // not queue behind the fan-out to every node.
                 for (finish, rev) in answers {
@@ -209,11 +246,12 @@ impl Ipam {
         let (ftx, frx) = oneshot::channel();
         let failure = Failure(Arc::new(Mutex::new(Some(ftx))));
         let f2 = failure.clone();
+        let v3 = view.clone();
         let thread = spawn(OWNER, failure, move || {
-            run(state, store, rx, dtx, before_flush, f2)
+            run(state, store, rx, dtx, before_flush, f2, v3)
         })?;
         Ok((
-            Ipam { tx },
+            Ipam { tx, view },
             OwnerThread {
                 thread,
                 failed: Some(frx),
@@ -274,12 +312,12 @@ impl Ipam {
         orx.await.map_err(|_| Error::Unavailable)
     }
 
-    /// A snapshot of the state with every earlier write durable in it, and
-    /// its revision. The owner's part is a clone of persistent maps, about
-    /// nothing: the reading itself never holds up a mutation.
+    /// The state as of the last durable group, and its revision: every
+    /// write answered before this call is in it. Taken without the owner
+    /// (it publishes one after each group), so a read never queues behind
+    /// writes and never holds one up.
     pub async fn snapshot(&self) -> Result<(Arc<IpamState>, u64)> {
-        self.call(|st| Ok((Arc::new(st.clone()), Mutation::default())))
-            .await
+        Ok(self.view.get())
     }
 
     /// Runs a cheap read-only `f` (a lookup) on a [`Ipam::snapshot`], on the
@@ -312,6 +350,7 @@ impl Ipam {
 /// A written group on its way to the disk.
 struct Flight {
     written: Written,
+    view: Option<(Arc<IpamState>, u64)>,
     answers: Vec<(Finish, u64)>,
     delta: Option<(broadcast::Sender<Arc<Encoded>>, Arc<Encoded>)>,
 }
@@ -339,11 +378,20 @@ fn commit_loop(
             Ok(()) => {
                 let mut answers = Vec::new();
                 let mut deltas = Vec::new();
+                let mut view = None;
                 for f in flights {
                     answers.extend(f.answers);
                     deltas.extend(f.delta);
+                    view = f.view.or(view);
                 }
-                if deliver.send(Durable { answers, deltas }).is_err() {
+                if deliver
+                    .send(Durable {
+                        view,
+                        answers,
+                        deltas,
+                    })
+                    .is_err()
+                {
                     // Committed changes could no longer be acknowledged.
                     tracing::error!("the answer delivery task is gone; the controller stops");
                     return Err(Error::Internal("the answer delivery task is gone".into()));
@@ -373,6 +421,7 @@ fn run(
     deliver: mpsc::UnboundedSender<Durable>,
     before_flush: Option<BeforeFlush>,
     failure: Failure,
+    view: Arc<View>,
 ) -> Result<()> {
     let (ctx, crx) = std::sync::mpsc::channel::<Flight>();
     let s2 = store.clone();
@@ -436,10 +485,15 @@ fn run(
                     );
                     None
                 };
+                // Readers get the state after this group once it is
+                // durable: a clone of persistent maps, about nothing.
+                let changed = mutations.iter().any(|m| !m.is_empty());
+                let snap = changed.then(|| (Arc::new(state.ipam.clone()), last));
                 let answers = finishes.drain(..).zip(revs).collect();
                 if ctx
                     .send(Flight {
                         written,
+                        view: snap,
                         answers,
                         delta,
                     })
@@ -459,7 +513,10 @@ fn run(
                 // Memory ran ahead of the store: go back to what it holds.
                 // Watchers reconnect (their feed closes) and resume from it.
                 match Owned::load(&store) {
-                    Ok(s) => state = s,
+                    Ok(s) => {
+                        state = s;
+                        view.publish(Arc::new(state.ipam.clone()), store.revision());
+                    }
                     Err(e) => {
                         tracing::error!(error = %e, "cannot reload the store; the controller stops");
                         // Groups written before the failure are still
@@ -513,10 +570,20 @@ mod tests {
             watch.live.try_recv().is_err(),
             "delta broadcast before the flush ran"
         );
+        // Readers do not wait for the flush, and do not see the change yet.
+        let (pools, _) = tokio::time::timeout(Duration::from_secs(1), ipam.read(|s| s.pools()))
+            .await
+            .expect("a read does not wait for a flush")
+            .unwrap();
+        assert!(pools.is_empty(), "read before the flush ran: {pools:?}");
         open_tx.send(()).unwrap();
         let (created, rev) = call.await.unwrap().unwrap();
         assert_eq!(created.name, "p");
         assert!(rev > 0);
+        // Once answered, it is in what readers see, at its revision.
+        let (pools, read_rev) = ipam.read(|s| s.pools()).await.unwrap();
+        assert_eq!(pools.len(), 1, "read after the answer");
+        assert!(read_rev >= rev);
         tokio::time::timeout(Duration::from_secs(5), watch.live.recv())
             .await
             .expect("delta after the flush")

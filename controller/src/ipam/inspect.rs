@@ -82,9 +82,15 @@ impl IpamState {
     }
 
     /// Consistency check.
+    ///
+    /// Linear, and in parts over the cores on a large table. The blocks are
+    /// walked first without looking up each allocation's handle; then each
+    /// handle's addresses are looked up in their blocks. When the handles
+    /// list, without repeats, as many addresses that they hold as there are
+    /// allocations, every allocation is listed by its handle; only
+    /// otherwise are the blocks walked again with a lookup per allocation,
+    /// to name the leaked ones.
     pub fn check(&self) -> Vec<Problem> {
-        // Linear, in parts over the cores: every block, then every handle
-        // (a lookup of each address in its block, no map of all addresses).
         let blocks: Vec<&BlockState> = self.blocks.values().map(|b| &**b).collect();
         let handles: Vec<(&String, &Handle)> =
             self.handles.iter().map(|(k, h)| (k, &**h)).collect();
@@ -94,11 +100,24 @@ impl IpamState {
         } else {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         };
-        let (mut out, mut stale) = if parts == 1 {
-            (self.check_blocks(&blocks), self.check_handles(&handles))
-        } else {
-            self.check_parts(&blocks, &handles, parts)
-        };
+        let mut used = 0u64;
+        let mut out = Vec::new();
+        for (p, n) in in_parts(&blocks, parts, |c| self.check_blocks(c, false)) {
+            out.extend(p);
+            used += n;
+        }
+        let (mut stale, mut listed, mut repeats) = (Vec::new(), 0u64, false);
+        for (p, n, r) in in_parts(&handles, parts, |c| self.check_handles(c)) {
+            stale.extend(p);
+            listed += n;
+            repeats |= r;
+        }
+        if repeats || listed != used + self.orphans.len() as u64 {
+            out = in_parts(&blocks, parts, |c| self.check_blocks(c, true))
+                .into_iter()
+                .flat_map(|(p, _)| p)
+                .collect();
+        }
         for (a, al) in &self.orphans {
             out.push(Problem {
                 kind: ProblemKind::AddressWithoutHandle,
@@ -115,35 +134,11 @@ impl IpamState {
         out
     }
 
-    /// [`IpamState::check`]'s two passes, each in `parts` threads.
-    fn check_parts(
-        &self,
-        blocks: &[&BlockState],
-        handles: &[(&String, &Handle)],
-        parts: usize,
-    ) -> (Vec<Problem>, Vec<Problem>) {
-        std::thread::scope(|sc| {
-            let chunk = blocks.len().div_ceil(parts).max(1);
-            let b: Vec<_> = blocks
-                .chunks(chunk)
-                .map(|c| sc.spawn(move || self.check_blocks(c)))
-                .collect();
-            let chunk = handles.len().div_ceil(parts).max(1);
-            let h: Vec<_> = handles
-                .chunks(chunk)
-                .map(|c| sc.spawn(move || self.check_handles(c)))
-                .collect();
-            let join = |v: Vec<std::thread::ScopedJoinHandle<'_, Vec<Problem>>>| {
-                v.into_iter()
-                    .flat_map(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-                    .collect::<Vec<_>>()
-            };
-            (join(b), join(h))
-        })
-    }
-
-    pub(super) fn check_blocks(&self, blocks: &[&BlockState]) -> Vec<Problem> {
+    /// The block part of [`IpamState::check`], and the allocations it saw;
+    /// `lookup`: also whether each allocation's handle lists it.
+    pub(super) fn check_blocks(&self, blocks: &[&BlockState], lookup: bool) -> (Vec<Problem>, u64) {
         let mut out = Vec::new();
+        let mut used = 0;
         for b in blocks {
             let c = b.rec.cidr;
             let in_pool = self
@@ -179,19 +174,32 @@ impl IpamState {
             }
             for (o, s) in b.slots.iter().enumerate() {
                 if let Slot::Used(al) = s {
+                    used += 1;
                     let a = addr_at(&c, o as u32);
-                    self.check_alloc(a, al, b.rec.affinity.as_deref(), Some(c), &mut out);
+                    if lookup {
+                        self.check_listed(a, al, Some(c), &mut out);
+                    }
+                    check_affinity(a, al, b.rec.affinity.as_deref(), Some(c), &mut out);
                 }
             }
         }
-        out
+        (out, used)
     }
 
-    pub(super) fn check_handles(&self, handles: &[(&String, &Handle)]) -> Vec<Problem> {
+    /// The handle part of [`IpamState::check`]: problems, how many listed
+    /// addresses their handle holds, and whether a handle lists one twice.
+    pub(super) fn check_handles(
+        &self,
+        handles: &[(&String, &Handle)],
+    ) -> (Vec<Problem>, u64, bool) {
         let mut out = Vec::new();
+        let (mut held, mut repeats) = (0, false);
         for (hid, h) in handles {
-            for a in &h.addresses {
-                if self.holder(*a).map(|al| al.handle.as_str()) != Some(hid.as_str()) {
+            for (i, a) in h.addresses.iter().enumerate() {
+                repeats |= h.addresses[..i].contains(a);
+                if self.holder(*a).map(|al| al.handle.as_str()) == Some(hid.as_str()) {
+                    held += 1;
+                } else {
                     out.push(Problem {
                         kind: ProblemKind::HandlePointsNowhere,
                         address: Some(*a),
@@ -205,14 +213,14 @@ impl IpamState {
                 }
             }
         }
-        out
+        (out, held, repeats)
     }
 
-    fn check_alloc(
+    /// Whether `al`'s handle lists `a`; a problem if not.
+    fn check_listed(
         &self,
         a: IpAddr,
         al: &Allocation,
-        affinity: Option<&str>,
         block: Option<IpNet>,
         out: &mut Vec<Problem>,
     ) {
@@ -231,21 +239,6 @@ impl IpamState {
                     al.handle
                 ),
                 repairable: true,
-            });
-        }
-        if affinity != Some(al.node.as_str()) {
-            out.push(Problem {
-                kind: ProblemKind::BorrowedAddress,
-                address: Some(a),
-                handle: Some(al.handle.clone()),
-                block,
-                detail: format!(
-                    "{a} on node {:?} is borrowed from block {} affine to {:?} (valid; routed by its own /32)",
-                    al.node,
-                    block.map(|b| b.to_string()).unwrap_or_default(),
-                    affinity.unwrap_or("")
-                ),
-                repairable: false,
             });
         }
     }
@@ -293,4 +286,49 @@ impl IpamState {
         }
         Ok((out, Mutation { ops }))
     }
+}
+
+/// A borrowed address is no damage, but the check names it.
+fn check_affinity(
+    a: IpAddr,
+    al: &Allocation,
+    affinity: Option<&str>,
+    block: Option<IpNet>,
+    out: &mut Vec<Problem>,
+) {
+    if affinity != Some(al.node.as_str()) {
+        out.push(Problem {
+            kind: ProblemKind::BorrowedAddress,
+            address: Some(a),
+            handle: Some(al.handle.clone()),
+            block,
+            detail: format!(
+                "{a} on node {:?} is borrowed from block {} affine to {:?} (valid; routed by its own /32)",
+                al.node,
+                block.map(|b| b.to_string()).unwrap_or_default(),
+                affinity.unwrap_or("")
+            ),
+            repairable: false,
+        });
+    }
+}
+
+/// `f` over `items` in `parts` threads (in this thread for one part); the
+/// results in the order of the items.
+fn in_parts<I: Sync, T: Send>(items: &[I], parts: usize, f: impl Fn(&[I]) -> T + Sync) -> Vec<T> {
+    if parts <= 1 || items.len() < 2 {
+        return vec![f(items)];
+    }
+    let chunk = items.len().div_ceil(parts);
+    std::thread::scope(|sc| {
+        let f = &f;
+        let running: Vec<_> = items
+            .chunks(chunk)
+            .map(|c| sc.spawn(move || f(c)))
+            .collect();
+        running
+            .into_iter()
+            .map(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    })
 }

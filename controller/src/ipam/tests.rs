@@ -505,8 +505,9 @@ fn a_large_check_in_parts_finds_what_one_part_finds() {
             .map(|p| (p.kind, p.address, p.handle.clone()))
             .collect::<Vec<_>>()
     };
-    let mut one = st.check_blocks(&blocks);
-    let mut stale = st.check_handles(&handles);
+    // One part, every allocation looked up in its handle.
+    let (mut one, _) = st.check_blocks(&blocks, true);
+    let (mut stale, _, _) = st.check_handles(&handles);
     stale.sort_by(|x, y| (&x.handle, x.address).cmp(&(&y.handle, y.address)));
     one.append(&mut stale);
     assert_eq!(problems(&got), problems(&one));
@@ -525,6 +526,27 @@ fn a_large_check_in_parts_finds_what_one_part_finds() {
             .count(),
         1
     );
+}
+
+/// The check's shortcut (count the addresses handles hold instead of
+/// looking up every allocation's handle) is not fooled by a handle that
+/// lists an address twice while another address leaked.
+#[test]
+fn a_repeated_address_does_not_hide_a_leak() {
+    let mut h = Harness::new(&[pool("p", "10.0.0.0/24", 26)], &["n1"]);
+    let a = h.assign("n1", "a").unwrap()[0].address;
+    let b = h.assign("n1", "b").unwrap()[0].address;
+    let mut snap = h.replica.clone();
+    snap.handles.get_mut("a").unwrap().addresses = vec![a, a];
+    snap.handles.remove("b");
+    let st = IpamState::from_snapshot(snap);
+    let leaked: Vec<_> = st
+        .check()
+        .into_iter()
+        .filter(|p| p.kind == ProblemKind::AddressWithoutHandle)
+        .map(|p| p.address)
+        .collect();
+    assert_eq!(leaked, vec![Some(b)]);
 }
 
 #[test]

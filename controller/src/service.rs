@@ -81,7 +81,7 @@ impl pb::ipam_admin_server::IpamAdmin for AdminService {
 
     async fn show_ipam(&self, req: Request<pb::ShowIpamRequest>) -> Res<pb::ShowIpamResponse> {
         let show_blocks = req.into_inner().show_blocks;
-        let (u, rev) = self.ipam.read_heavy(|s| s.usage()).await?;
+        let (u, rev) = self.ipam.read_heavy(move |s| s.usage(show_blocks)).await?;
         Ok(Response::new(pb::ShowIpamResponse {
             pools: u
                 .pools

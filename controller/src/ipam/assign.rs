@@ -267,6 +267,7 @@ impl IpamState {
             if borrowed {
                 self.borrowed.insert(addr, node.clone());
             }
+            self.count_address(&node, borrowed, true);
             self.refresh_free(&block, old);
             if seq > 0 {
                 ops.push(Op::ClearReleased(addr));

@@ -14,8 +14,9 @@ use std::{collections::BTreeMap, net::IpAddr};
 use tabby_store::{Allocation, Handle, Mutation};
 
 impl IpamState {
-    /// Utilization per pool, node and block.
-    pub fn usage(&self) -> IpamUsage {
+    /// Utilization per pool and node, and per block when `blocks` is set.
+    /// From the indexes: no walk over the addresses.
+    pub fn usage(&self, blocks: bool) -> IpamUsage {
         let mut u = IpamUsage::default();
         for p in self.pools.values() {
             let host_bits = (p.rec.cidr.max_prefix_len() - p.rec.cidr.prefix_len()) as u32;
@@ -51,24 +52,24 @@ impl IpamState {
                 })
                 .blocks = set.iter().copied().collect();
         }
-        for b in self.blocks.values() {
-            for s in &b.slots {
-                if let Slot::Used(a) = s {
-                    let e = nodes.entry(a.node.clone()).or_insert_with(|| NodeUsage {
-                        name: a.node.clone(),
-                        ..Default::default()
-                    });
-                    e.addresses += 1;
-                    if b.rec.affinity.as_deref() != Some(a.node.as_str()) {
-                        e.borrowed += 1;
-                    }
-                }
-            }
-            u.blocks.push(BlockUsage {
-                block: b.rec.clone(),
-                size: b.slots.len() as u64,
-                used: b.used() as u64,
+        for (n, c) in &self.node_counts {
+            let e = nodes.entry(n.clone()).or_insert_with(|| NodeUsage {
+                name: n.clone(),
+                ..Default::default()
             });
+            e.addresses = c.addresses;
+            e.borrowed = c.borrowed;
+        }
+        if blocks {
+            u.blocks = self
+                .blocks
+                .values()
+                .map(|b| BlockUsage {
+                    block: b.rec.clone(),
+                    size: b.slots.len() as u64,
+                    used: b.used() as u64,
+                })
+                .collect();
         }
         u.nodes = nodes.into_values().collect();
         u

@@ -17,14 +17,16 @@ impl IpamState {
         let old = self.blocks.get(&k).and_then(|b| b.free_key());
         let b = Arc::make_mut(self.blocks.get_mut(&k).expect("found"));
         let o = ordinal_of(&k, a);
-        if let Slot::Free { .. } = b.slots[o as usize] {
-            return false;
-        }
+        let holder = match &b.slots[o as usize] {
+            Slot::Free { .. } => return false,
+            Slot::Used(al) => al.node.clone(),
+        };
         self.release_seq += 1;
         let seq = self.release_seq;
         b.slots[o as usize] = Slot::Free { seq };
         b.free.insert((seq, o));
-        self.borrowed.remove(&a);
+        let borrowed = self.borrowed.remove(&a).is_some();
+        self.count_address(&holder, borrowed, false);
         self.refresh_free(&k, old);
         ops.push(Op::DeleteAllocation(a));
         ops.push(Op::SetReleased(a, seq));

@@ -14,6 +14,15 @@ use tabby_store::{Allocation, Block, Handle, IpamConfig, Node, Pool, Record, Sna
 /// seq (0: never used), ordinal, block.
 pub(super) type FreeKey = (u64, u32, IpNet);
 
+/// What [`IpamState`] counts per node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct NodeCounts {
+    /// Addresses held, in blocks.
+    pub(super) addresses: u64,
+    /// Of them, in other nodes' blocks (or blocks of none).
+    pub(super) borrowed: u64,
+}
+
 /// In-memory IPAM state. See the module docs.
 ///
 /// The large tables are persistent maps (`im`), and blocks and handles sit
@@ -40,6 +49,9 @@ pub struct IpamState {
     /// keyed by that block's next address (release seq, ordinal): the first
     /// entry is where the node's next address comes from.
     pub(super) node_free: ImHashMap<String, OrdSet<FreeKey>>,
+    /// Derived index: per node, the addresses it holds in blocks, and how
+    /// many of them are borrowed (ShowIpam).
+    pub(super) node_counts: ImHashMap<String, NodeCounts>,
     /// Derived index: handles held by each node (ListHandles, a node's GC).
     pub(super) node_handles: ImHashMap<String, OrdSet<String>>,
 }
@@ -131,6 +143,18 @@ impl IpamState {
         if free != self.node_free {
             out.push(format!("node_free {:?} != {:?}", self.node_free, free));
         }
+        let mut counts: ImHashMap<String, NodeCounts> = ImHashMap::new();
+        for a in self.allocations() {
+            let c = counts.entry(a.node.clone()).or_default();
+            c.addresses += 1;
+            c.borrowed += u64::from(a.borrowed());
+        }
+        if counts != self.node_counts {
+            out.push(format!(
+                "node_counts {:?} != {:?}",
+                self.node_counts, counts
+            ));
+        }
         let mut handles: ImHashMap<String, OrdSet<String>> = ImHashMap::new();
         for (id, h) in &self.handles {
             handles
@@ -192,6 +216,19 @@ impl IpamState {
         }
         if set.is_empty() {
             self.node_free.remove(&n);
+        }
+    }
+
+    /// Counts an address that `node` took (`up`) or gave back.
+    pub(super) fn count_address(&mut self, node: &str, borrowed: bool, up: bool) {
+        let c = self.node_counts.entry(node.to_string()).or_default();
+        let d = |n: &mut u64| *n = if up { *n + 1 } else { n.saturating_sub(1) };
+        d(&mut c.addresses);
+        if borrowed {
+            d(&mut c.borrowed);
+        }
+        if *c == NodeCounts::default() {
+            self.node_counts.remove(node);
         }
     }
 
@@ -391,13 +428,12 @@ impl Loader {
                         b.free.remove(&(seq, o));
                     }
                     let borrowed = b.rec.affinity.as_deref() != Some(a.node.as_str());
+                    let node = a.node.clone();
+                    b.slots[o as usize] = Slot::Used(a);
                     if borrowed {
-                        let node = a.node.clone();
-                        b.slots[o as usize] = Slot::Used(a);
-                        st.borrowed.insert(addr, node);
-                    } else {
-                        b.slots[o as usize] = Slot::Used(a);
+                        st.borrowed.insert(addr, node.clone());
                     }
+                    st.count_address(&node, borrowed, true);
                 }
                 None => {
                     st.orphans.insert(addr, a);

@@ -122,7 +122,7 @@ impl Harness {
         assert!(bad.is_empty(), "indexes after a reload: {bad:?}");
         assert_eq!(re.allocations(), allocs);
         assert_eq!(re.handles, self.st.handles);
-        assert_eq!(re.usage(), self.st.usage());
+        assert_eq!(re.usage(true), self.st.usage(true));
         let free = |s: &IpamState| -> Vec<Vec<(u64, u32)>> {
             s.blocks
                 .values()
@@ -603,7 +603,7 @@ fn usage_reports_pools_nodes_blocks() {
     h.assign("n1", "a").unwrap();
     h.assign("n1", "b").unwrap();
     h.assign("n2", "c").unwrap();
-    let u = h.st.usage();
+    let u = h.st.usage(true);
     assert_eq!(
         (u.pools[0].size, u.pools[0].blocks, u.pools[0].used),
         (256, 2, 3)

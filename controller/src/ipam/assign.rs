@@ -56,10 +56,10 @@ impl IpamState {
         // waits while any other is free.
         // The per-node index is in that order already: the first entry of
         // this family and an eligible pool, not a walk over every block.
-        let own = self.node_blocks.get(&node.name);
+        let own = self.node_blocks.get(node.name.as_str());
         let best = self
             .node_free
-            .get(&node.name)
+            .get(node.name.as_str())
             .into_iter()
             .flatten()
             .find(|(_, _, c)| {
@@ -152,7 +152,7 @@ impl IpamState {
                 Slot::Free { .. } => Ok(Pick::Existing { block: c, ordinal }),
             },
             None => {
-                let owned = self.node_blocks.get(&node.name).map_or(0, |s| s.len()) as u32;
+                let owned = self.node_blocks.get(node.name.as_str()).map_or(0, |s| s.len()) as u32;
                 let max = self.config.max_blocks_per_node;
                 let claims = planned.iter().filter(|x| matches!(x, Pick::Claim { .. })).count() as u32;
                 if max > 0 && owned + claims >= max {
@@ -183,7 +183,7 @@ impl IpamState {
                 "node {node:?} is not registered; tabby-node registers itself at start (RegisterNode)"
             ))
         })?;
-        if let Some(h) = self.handles.get(&req.handle) {
+        if let Some(h) = self.handles.get(req.handle.as_str()) {
             if h.node != node {
                 return Err(Error::FailedPrecondition(format!(
                     "handle {:?} is held by node {:?}, not {node:?}",
@@ -261,7 +261,7 @@ impl IpamState {
                 handle: req.handle.clone(),
                 node: node.clone(),
             };
-            b.slots[ordinal as usize] = Slot::Used(al.clone());
+            b.slots[ordinal as usize] = Slot::Used(Arc::new(al.clone()));
             let borrowed = b.rec.affinity.as_deref() != Some(node.as_str());
             let addr = addr_at(&block, ordinal);
             if borrowed {

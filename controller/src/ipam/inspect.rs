@@ -45,16 +45,16 @@ impl IpamState {
             .collect();
         for (n, set) in &self.node_blocks {
             nodes
-                .entry(n.clone())
+                .entry(n.to_string())
                 .or_insert_with(|| NodeUsage {
-                    name: n.clone(),
+                    name: n.to_string(),
                     ..Default::default()
                 })
                 .blocks = set.iter().copied().collect();
         }
         for (n, c) in &self.node_counts {
-            let e = nodes.entry(n.clone()).or_insert_with(|| NodeUsage {
-                name: n.clone(),
+            let e = nodes.entry(n.to_string()).or_insert_with(|| NodeUsage {
+                name: n.to_string(),
                 ..Default::default()
             });
             e.addresses = c.addresses;
@@ -93,8 +93,8 @@ impl IpamState {
     /// to name the leaked ones.
     pub fn check(&self) -> Vec<Problem> {
         let blocks: Vec<&BlockState> = self.blocks.values().map(|b| &**b).collect();
-        let handles: Vec<(&String, &Handle)> =
-            self.handles.iter().map(|(k, h)| (k, &**h)).collect();
+        let handles: Vec<(&str, &Handle)> =
+            self.handles.iter().map(|(k, h)| (&**k, &**h)).collect();
         // Threads pay off only on a large table.
         let parts = if blocks.len() + handles.len() < 4096 {
             1
@@ -189,22 +189,19 @@ impl IpamState {
 
     /// The handle part of [`IpamState::check`]: problems, how many listed
     /// addresses their handle holds, and whether a handle lists one twice.
-    pub(super) fn check_handles(
-        &self,
-        handles: &[(&String, &Handle)],
-    ) -> (Vec<Problem>, u64, bool) {
+    pub(super) fn check_handles(&self, handles: &[(&str, &Handle)]) -> (Vec<Problem>, u64, bool) {
         let mut out = Vec::new();
         let (mut held, mut repeats) = (0, false);
         for (hid, h) in handles {
             for (i, a) in h.addresses.iter().enumerate() {
                 repeats |= h.addresses[..i].contains(a);
-                if self.holder(*a).map(|al| al.handle.as_str()) == Some(hid.as_str()) {
+                if self.holder(*a).map(|al| al.handle.as_str()) == Some(*hid) {
                     held += 1;
                 } else {
                     out.push(Problem {
                         kind: ProblemKind::HandlePointsNowhere,
                         address: Some(*a),
-                        handle: Some((*hid).clone()),
+                        handle: Some(hid.to_string()),
                         block: self.block_key_containing(*a),
                         detail: format!(
                             "handle {hid:?} lists {a}, which is not allocated to it; repair drops it from the handle"
@@ -227,7 +224,7 @@ impl IpamState {
     ) {
         let listed = self
             .handles
-            .get(&al.handle)
+            .get(al.handle.as_str())
             .is_some_and(|h| h.addresses.contains(&a));
         if !listed {
             out.push(Problem {
@@ -275,9 +272,9 @@ impl IpamState {
                         out.released.push(a);
                     }
                     (ProblemKind::HandlePointsNowhere, Some(a), Some(h)) => {
-                        let before = self.handles.contains_key(&h);
+                        let before = self.handles.contains_key(h.as_str());
                         self.drop_from_handle(&h, a, &mut ops);
-                        if before && !self.handles.contains_key(&h) {
+                        if before && !self.handles.contains_key(h.as_str()) {
                             out.handles_removed.push(h);
                         }
                     }

@@ -9,16 +9,17 @@ use ipnet::IpNet;
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
+    sync::Arc,
 };
 use tabby_store::{Allocation, Block, Encapsulation, Pool};
 
 #[derive(Debug, Clone)]
 pub(super) enum Slot {
     /// Free; `seq` is the release order (0: never released).
-    Free {
-        seq: u64,
-    },
-    Used(Allocation),
+    Free { seq: u64 },
+    /// Behind an `Arc`: a block shared with readers' snapshots is copied
+    /// on its next change, and that copy should not copy every string.
+    Used(Arc<Allocation>),
 }
 
 #[derive(Debug, Clone)]

@@ -10,6 +10,10 @@ use ipnet::IpNet;
 use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 use tabby_store::{Allocation, Block, Handle, IpamConfig, Node, Pool, Record, Snapshot};
 
+/// A node or handle name as the persistent maps key it: a copy of a map
+/// node (after a snapshot) copies pointers, not strings.
+pub(super) type Name = Arc<str>;
+
 /// A block's next free address, as the per-node index orders it: release
 /// seq (0: never used), ordinal, block.
 pub(super) type FreeKey = (u64, u32, IpNet);
@@ -33,7 +37,7 @@ pub(super) struct NodeCounts {
 pub struct IpamState {
     pub(super) pools: BTreeMap<String, PoolState>,
     pub(super) blocks: OrdMap<IpNet, Arc<BlockState>>,
-    pub(super) handles: ImHashMap<String, Arc<Handle>>,
+    pub(super) handles: ImHashMap<Name, Arc<Handle>>,
     pub(super) nodes: OrdMap<String, Node>,
     pub(super) config: IpamConfig,
     /// Allocation records that lie in no block (only from a damaged store).
@@ -41,19 +45,19 @@ pub struct IpamState {
     /// Last release sequence number handed out.
     pub(super) release_seq: u64,
     /// Derived index: blocks affine to each node.
-    pub(super) node_blocks: ImHashMap<String, OrdSet<IpNet>>,
+    pub(super) node_blocks: ImHashMap<Name, OrdSet<IpNet>>,
     /// Derived index: addresses held by a node other than their block's
     /// (ShowRoutes, the intent), with the holder.
     pub(super) borrowed: OrdMap<IpAddr, String>,
     /// Derived index: for each node, its blocks that have a free address,
     /// keyed by that block's next address (release seq, ordinal): the first
     /// entry is where the node's next address comes from.
-    pub(super) node_free: ImHashMap<String, OrdSet<FreeKey>>,
+    pub(super) node_free: ImHashMap<Name, OrdSet<FreeKey>>,
     /// Derived index: per node, the addresses it holds in blocks, and how
     /// many of them are borrowed (ShowIpam).
-    pub(super) node_counts: ImHashMap<String, NodeCounts>,
+    pub(super) node_counts: ImHashMap<Name, NodeCounts>,
     /// Derived index: handles held by each node (ListHandles, a node's GC).
-    pub(super) node_handles: ImHashMap<String, OrdSet<String>>,
+    pub(super) node_handles: ImHashMap<Name, OrdSet<Name>>,
 }
 
 impl IpamState {
@@ -86,10 +90,15 @@ impl IpamState {
             }
         }
         if let Some(n) = &b.affinity {
-            self.node_blocks
-                .entry(n.clone())
-                .or_default()
-                .insert(b.cidr);
+            match self.node_blocks.get_mut(n.as_str()) {
+                Some(set) => {
+                    set.insert(b.cidr);
+                }
+                None => {
+                    self.node_blocks
+                        .insert(n.as_str().into(), OrdSet::unit(b.cidr));
+                }
+            }
         }
     }
 
@@ -105,10 +114,10 @@ impl IpamState {
     pub(super) fn remove_block(&mut self, cidr: &IpNet) -> Option<Arc<BlockState>> {
         let b = self.blocks.get(cidr)?;
         if let (Some(n), Some(k)) = (b.rec.affinity.clone(), b.free_key()) {
-            if let Some(set) = self.node_free.get_mut(&n) {
+            if let Some(set) = self.node_free.get_mut(n.as_str()) {
                 set.remove(&k);
                 if set.is_empty() {
-                    self.node_free.remove(&n);
+                    self.node_free.remove(n.as_str());
                 }
             }
         }
@@ -122,10 +131,13 @@ impl IpamState {
     #[cfg(test)]
     pub(crate) fn index_problems(&self) -> Vec<String> {
         let mut out = Vec::new();
-        let mut blocks: ImHashMap<String, OrdSet<IpNet>> = ImHashMap::new();
+        let mut blocks: ImHashMap<Name, OrdSet<IpNet>> = ImHashMap::new();
         for b in self.blocks.values() {
             if let Some(n) = &b.rec.affinity {
-                blocks.entry(n.clone()).or_default().insert(b.rec.cidr);
+                blocks
+                    .entry(n.as_str().into())
+                    .or_default()
+                    .insert(b.rec.cidr);
             }
         }
         if blocks != self.node_blocks {
@@ -134,18 +146,18 @@ impl IpamState {
                 self.node_blocks, blocks
             ));
         }
-        let mut free: ImHashMap<String, OrdSet<FreeKey>> = ImHashMap::new();
+        let mut free: ImHashMap<Name, OrdSet<FreeKey>> = ImHashMap::new();
         for b in self.blocks.values() {
             if let (Some(n), Some(k)) = (&b.rec.affinity, b.free_key()) {
-                free.entry(n.clone()).or_default().insert(k);
+                free.entry(n.as_str().into()).or_default().insert(k);
             }
         }
         if free != self.node_free {
             out.push(format!("node_free {:?} != {:?}", self.node_free, free));
         }
-        let mut counts: ImHashMap<String, NodeCounts> = ImHashMap::new();
+        let mut counts: ImHashMap<Name, NodeCounts> = ImHashMap::new();
         for a in self.allocations() {
-            let c = counts.entry(a.node.clone()).or_default();
+            let c = counts.entry(a.node.as_str().into()).or_default();
             c.addresses += 1;
             c.borrowed += u64::from(a.borrowed());
         }
@@ -155,10 +167,10 @@ impl IpamState {
                 self.node_counts, counts
             ));
         }
-        let mut handles: ImHashMap<String, OrdSet<String>> = ImHashMap::new();
+        let mut handles: ImHashMap<Name, OrdSet<Name>> = ImHashMap::new();
         for (id, h) in &self.handles {
             handles
-                .entry(h.node.clone())
+                .entry(h.node.as_str().into())
                 .or_default()
                 .insert(id.clone());
         }
@@ -207,7 +219,10 @@ impl IpamState {
         let Some(n) = b.rec.affinity.clone() else {
             return;
         };
-        let set = self.node_free.entry(n.clone()).or_default();
+        if self.node_free.get(n.as_str()).is_none() {
+            self.node_free.insert(n.as_str().into(), OrdSet::new());
+        }
+        let set = self.node_free.get_mut(n.as_str()).expect("inserted");
         if let Some(k) = old {
             set.remove(&k);
         }
@@ -215,13 +230,16 @@ impl IpamState {
             set.insert(k);
         }
         if set.is_empty() {
-            self.node_free.remove(&n);
+            self.node_free.remove(n.as_str());
         }
     }
 
     /// Counts an address that `node` took (`up`) or gave back.
     pub(super) fn count_address(&mut self, node: &str, borrowed: bool, up: bool) {
-        let c = self.node_counts.entry(node.to_string()).or_default();
+        if self.node_counts.get(node).is_none() {
+            self.node_counts.insert(node.into(), NodeCounts::default());
+        }
+        let c = self.node_counts.get_mut(node).expect("inserted");
         let d = |n: &mut u64| *n = if up { *n + 1 } else { n.saturating_sub(1) };
         d(&mut c.addresses);
         if borrowed {
@@ -234,16 +252,22 @@ impl IpamState {
 
     /// Adds or replaces handle `id`, keeping the per-node index.
     pub(super) fn put_handle(&mut self, id: String, h: Handle) {
+        let id: Name = id.into();
         if let Some(old) = self.handles.get(&id) {
             if old.node != h.node {
                 let node = old.node.clone();
                 self.unindex_handle(&node, &id);
             }
         }
-        self.node_handles
-            .entry(h.node.clone())
-            .or_default()
-            .insert(id.clone());
+        match self.node_handles.get_mut(h.node.as_str()) {
+            Some(set) => {
+                set.insert(id.clone());
+            }
+            None => {
+                self.node_handles
+                    .insert(h.node.as_str().into(), OrdSet::unit(id.clone()));
+            }
+        }
         self.handles.insert(id, Arc::new(h));
     }
 
@@ -270,10 +294,10 @@ impl IpamState {
             }
         }
         if let Some(n) = &b.affinity {
-            if let Some(set) = self.node_blocks.get_mut(n) {
+            if let Some(set) = self.node_blocks.get_mut(n.as_str()) {
                 set.remove(&b.cidr);
                 if set.is_empty() {
-                    self.node_blocks.remove(n);
+                    self.node_blocks.remove(n.as_str());
                 }
             }
         }
@@ -320,7 +344,7 @@ impl IpamState {
     pub fn handles_of(&self, node: &str) -> Vec<String> {
         self.node_handles
             .get(node)
-            .map(|s| s.iter().cloned().collect())
+            .map(|s| s.iter().map(ToString::to_string).collect())
             .unwrap_or_default()
     }
 
@@ -429,7 +453,7 @@ impl Loader {
                     }
                     let borrowed = b.rec.affinity.as_deref() != Some(a.node.as_str());
                     let node = a.node.clone();
-                    b.slots[o as usize] = Slot::Used(a);
+                    b.slots[o as usize] = Slot::Used(Arc::new(a));
                     if borrowed {
                         st.borrowed.insert(addr, node.clone());
                     }
@@ -456,7 +480,7 @@ impl Loader {
             .filter_map(|b| Some((b.rec.affinity.clone()?, b.free_key()?)))
             .collect();
         for (n, k) in keys {
-            st.node_free.entry(n).or_default().insert(k);
+            st.node_free.entry(n.into()).or_default().insert(k);
         }
         st
     }

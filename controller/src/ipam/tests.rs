@@ -104,7 +104,11 @@ impl Harness {
         }
         for (hid, h) in &self.st.handles {
             for a in &h.addresses {
-                assert_eq!(by_addr.get(a), Some(hid), "handle {hid} lists {a}");
+                assert_eq!(
+                    by_addr.get(a).map(String::as_str),
+                    Some(&**hid),
+                    "handle {hid} lists {a}"
+                );
             }
         }
         let problems: Vec<_> = self
@@ -493,7 +497,7 @@ fn a_large_check_in_parts_finds_what_one_part_finds() {
     snap.handles.remove("h00007");
     let st = IpamState::from_snapshot(snap);
     let blocks: Vec<_> = st.blocks.values().map(|b| &**b).collect();
-    let handles: Vec<_> = st.handles.iter().map(|(k, v)| (k, &**v)).collect();
+    let handles: Vec<_> = st.handles.iter().map(|(k, v)| (&**k, &**v)).collect();
     assert!(
         blocks.len() + handles.len() >= 4096,
         "large enough for parts"

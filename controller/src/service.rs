@@ -81,47 +81,56 @@ impl pb::ipam_admin_server::IpamAdmin for AdminService {
 
     async fn show_ipam(&self, req: Request<pb::ShowIpamRequest>) -> Res<pb::ShowIpamResponse> {
         let show_blocks = req.into_inner().show_blocks;
-        let (u, rev) = self.ipam.read_heavy(move |s| s.usage(show_blocks)).await?;
-        Ok(Response::new(pb::ShowIpamResponse {
-            pools: u
-                .pools
-                .iter()
-                .map(|p| pb::PoolUsage {
-                    name: p.pool.name.clone(),
-                    cidr: p.pool.cidr.to_string(),
-                    size: p.size,
-                    blocks: p.blocks,
-                    used: p.used,
-                    free: p.size.saturating_sub(p.used),
-                    disabled: p.pool.disabled,
-                })
-                .collect(),
-            nodes: u
-                .nodes
-                .iter()
-                .map(|n| pb::NodeUsage {
-                    name: n.name.clone(),
-                    blocks: n.blocks.iter().map(ToString::to_string).collect(),
-                    addresses: n.addresses,
-                    borrowed: n.borrowed,
-                })
-                .collect(),
-            blocks: if show_blocks {
-                u.blocks
-                    .iter()
-                    .map(|b| pb::BlockUsage {
-                        cidr: b.block.cidr.to_string(),
-                        pool: b.block.pool.clone(),
-                        affinity: b.block.affinity.clone().unwrap_or_default(),
-                        size: b.size,
-                        used: b.used,
-                    })
-                    .collect()
-            } else {
-                Vec::new()
-            },
-            revision: rev,
-        }))
+        // Summed and converted on the blocking pool: thousands of nodes and
+        // blocks are no work for the thread that serves calls.
+        let (mut resp, rev) = self
+            .ipam
+            .read_heavy(move |s| {
+                let u = s.usage(show_blocks);
+                pb::ShowIpamResponse {
+                    pools: u
+                        .pools
+                        .iter()
+                        .map(|p| pb::PoolUsage {
+                            name: p.pool.name.clone(),
+                            cidr: p.pool.cidr.to_string(),
+                            size: p.size,
+                            blocks: p.blocks,
+                            used: p.used,
+                            free: p.size.saturating_sub(p.used),
+                            disabled: p.pool.disabled,
+                        })
+                        .collect(),
+                    nodes: u
+                        .nodes
+                        .iter()
+                        .map(|n| pb::NodeUsage {
+                            name: n.name.clone(),
+                            blocks: n.blocks.iter().map(ToString::to_string).collect(),
+                            addresses: n.addresses,
+                            borrowed: n.borrowed,
+                        })
+                        .collect(),
+                    blocks: if show_blocks {
+                        u.blocks
+                            .iter()
+                            .map(|b| pb::BlockUsage {
+                                cidr: b.block.cidr.to_string(),
+                                pool: b.block.pool.clone(),
+                                affinity: b.block.affinity.clone().unwrap_or_default(),
+                                size: b.size,
+                                used: b.used,
+                            })
+                            .collect()
+                    } else {
+                        Vec::new()
+                    },
+                    revision: 0,
+                }
+            })
+            .await?;
+        resp.revision = rev;
+        Ok(Response::new(resp))
     }
 
     async fn get_allocation(
@@ -279,9 +288,18 @@ impl pb::ipam_admin_server::IpamAdmin for AdminService {
         let (table, rev) = self
             .ipam
             .read_heavy(move |s| {
+                // Converted here too: a table of every block is work for
+                // the blocking pool, not for the thread that serves calls.
                 let intent = s.routing_intent(0);
                 if node.is_empty() {
-                    return Ok((tabby_routing::cluster_routes(&intent, None), Vec::new()));
+                    let routes = tabby_routing::cluster_routes(&intent, None);
+                    return Ok((
+                        routes
+                            .into_iter()
+                            .map(cluster_route_to_pb)
+                            .collect::<Vec<_>>(),
+                        Vec::new(),
+                    ));
                 }
                 if !intent.nodes.contains_key(&node) {
                     return Err(Error::NotFound(format!("node {node} is not registered")));
@@ -289,14 +307,14 @@ impl pb::ipam_admin_server::IpamAdmin for AdminService {
                 let d = tabby_routing::desired(&intent, &node);
                 let view = tabby_routing::node_view(&intent, &node, &d);
                 Ok((
-                    view,
+                    view.into_iter().map(cluster_route_to_pb).collect(),
                     d.unroutable.into_iter().chain(d.unsupported).collect(),
                 ))
             })
             .await?;
         let (routes, problems) = table?;
         Ok(Response::new(pb::ShowRoutesResponse {
-            routes: routes.into_iter().map(cluster_route_to_pb).collect(),
+            routes,
             revision: rev,
             problems,
         }))

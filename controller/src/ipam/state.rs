@@ -1,7 +1,7 @@
 //! The in-memory state: its shape, loading it from a snapshot, the derived
 //! indices, and read-only lookups.
 use super::{
-    addr::{addr_at, host_net, ordinal_of},
+    addr::{addr_at, block_of, host_net, ordinal_of},
     records::{AllocationView, BlockState, PoolState, Slot},
     selector::Selector,
 };
@@ -304,11 +304,23 @@ impl IpamState {
     }
 
     pub(super) fn block_key_containing(&self, a: IpAddr) -> Option<IpNet> {
+        self.block_containing(a).map(|b| b.rec.cidr)
+    }
+
+    /// The block holding `a`. Usually the block of `a`'s pool at the pool's
+    /// block size: one lookup. Otherwise (no such block, or one of another
+    /// size from a damaged store) a range search, whose iterator allocates.
+    pub(super) fn block_containing(&self, a: IpAddr) -> Option<&BlockState> {
+        if let Some(p) = self.pool_containing(a) {
+            if let Some(b) = self.blocks.get(&block_of(a, p.rec.block_size)) {
+                return Some(b);
+            }
+        }
         self.blocks
             .range(..=host_net(a))
             .next_back()
             .filter(|(c, _)| c.contains(&a))
-            .map(|(c, _)| *c)
+            .map(|(_, b)| &**b)
     }
 
     fn block_containing_mut(&mut self, a: IpAddr) -> Option<&mut BlockState> {
@@ -399,8 +411,8 @@ impl IpamState {
 
     /// Who holds `a`, also when it lies in no block (a damaged store).
     pub(super) fn holder(&self, a: IpAddr) -> Option<&Allocation> {
-        if let Some(k) = self.block_key_containing(a) {
-            if let Slot::Used(al) = &self.blocks[&k].slots[ordinal_of(&k, a) as usize] {
+        if let Some(b) = self.block_containing(a) {
+            if let Slot::Used(al) = &b.slots[ordinal_of(&b.rec.cidr, a) as usize] {
                 return Some(al);
             }
         }

@@ -87,10 +87,8 @@ impl View {
                 .map(|b| (b.cidr.to_string(), intent_block(b)))
                 .collect(),
             borrowed: s
-                .allocations()
-                .into_iter()
-                .filter(|v| v.borrowed())
-                .map(|v| (v.address, v.node))
+                .borrowed_addresses()
+                .map(|(a, n)| (a, n.to_string()))
                 .collect(),
             pools: s.pools().iter().map(intent_pool).collect(),
             nodes: s

@@ -191,5 +191,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         revision = store.revision(),
         "shutdown complete, store flushed"
     );
-    Ok(())
+    // Everything is durable. Dropping the state, the store and the runtime
+    // one allocation at a time would take seconds (2 s at 550,000
+    // allocations) and change nothing on disk.
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    #[allow(clippy::exit)]
+    std::process::exit(0)
 }

@@ -535,6 +535,12 @@ fn run(
     if let Err(e) = store.flush() {
         tracing::error!(error = %e, "final flush failed");
     }
+    // Freeing a large state is millions of small frees (1.8 s at 550,000
+    // allocations): do it on a thread of its own, which a process that
+    // exits next does not wait for.
+    let _ = thread::Builder::new()
+        .name("ipam-free".into())
+        .spawn(move || drop(state));
     Ok(())
 }
 

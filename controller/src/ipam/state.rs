@@ -360,6 +360,12 @@ impl IpamState {
             .unwrap_or_default()
     }
 
+    /// Addresses held by a node other than their block's, with the holder
+    /// (from the index: no walk over every allocation).
+    pub fn borrowed_addresses(&self) -> impl Iterator<Item = (IpAddr, &str)> {
+        self.borrowed.iter().map(|(a, n)| (*a, n.as_str()))
+    }
+
     /// Every allocation, by address (from blocks; orphans excluded).
     pub fn allocations(&self) -> Vec<AllocationView> {
         let mut v = Vec::new();

@@ -174,6 +174,8 @@ pub struct Reconciler<T: RouteTable> {
     resume: SharedResume,
     timers: Timers,
     intent: Intent,
+    /// What each node holds in `intent`, kept with every delta.
+    node_index: tabby_routing::NodeIndex,
     have_intent: bool,
     synced: bool,
     /// The routes this node should hold, by destination.
@@ -229,6 +231,7 @@ impl<T: RouteTable> Reconciler<T> {
             resume,
             timers,
             intent: Intent::default(),
+            node_index: tabby_routing::NodeIndex::default(),
             have_intent: false,
             synced: false,
             want: BTreeMap::new(),
@@ -354,10 +357,13 @@ impl<T: RouteTable> Reconciler<T> {
     fn take_update(&mut self, u: &pb::IntentUpdate) {
         match plan::intent_delta(u) {
             Ok(delta) => {
+                self.node_index.unlink(&self.intent, &delta);
                 self.intent.apply(delta.clone());
+                self.node_index.link(&self.intent, &delta);
                 // A snapshot or a pool change (NAT sets, families) is
-                // planned whole; anything else at the destinations it touched.
-                match delta.touched(&self.intent) {
+                // planned whole; anything else at the destinations it
+                // touched (a node's, from the index: no walk over every block).
+                match delta.touched_indexed(&self.node_index) {
                     Some(t) if self.have_intent => self.touched.extend(t),
                     _ => self.full_due = true,
                 }

@@ -10,4 +10,6 @@ mod model;
 pub use desired::{
     cluster_routes, desired, node_view, route_at, ClusterRoute, ClusterRouteKind, Desired, NatSets,
 };
-pub use model::{BlockIntent, Encapsulation, Intent, IntentDelta, PoolIntent, Route, RouteTarget};
+pub use model::{
+    BlockIntent, Encapsulation, Intent, IntentDelta, NodeIndex, PoolIntent, Route, RouteTarget,
+};

@@ -150,6 +150,110 @@ impl IntentDelta {
         }
         Some(t)
     }
+
+    /// [`IntentDelta::touched`], with a node's destinations taken from
+    /// `index` (kept for `after`) instead of a walk over every block.
+    pub fn touched_indexed(&self, index: &NodeIndex) -> Option<BTreeSet<IpNet>> {
+        if self.snapshot || self.pools.is_some() {
+            return None;
+        }
+        let mut t: BTreeSet<IpNet> = self.blocks.iter().map(|(c, _)| *c).collect();
+        t.extend(self.removed_blocks.iter().copied());
+        t.extend(self.borrowed.iter().map(|(a, _)| IpNet::from(*a)));
+        t.extend(self.removed_borrowed.iter().map(|a| IpNet::from(*a)));
+        let nodes = self.nodes.iter().map(|(n, _)| n).chain(&self.removed_nodes);
+        for n in nodes {
+            t.extend(index.of_node(n).copied());
+        }
+        Some(t)
+    }
+}
+
+/// The destinations each node holds in an [`Intent`] (its blocks and the
+/// addresses it borrows): what a change to that node touches. Kept beside
+/// the intent by a reader that applies deltas, so that a node's change costs
+/// what that node holds, not a walk over every block
+/// ([`IntentDelta::touched_indexed`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeIndex(BTreeMap<String, BTreeSet<IpNet>>);
+
+impl NodeIndex {
+    /// The index of `intent`.
+    pub fn of(intent: &Intent) -> NodeIndex {
+        let mut ix = NodeIndex::default();
+        for (c, b) in &intent.blocks {
+            if let Some(n) = &b.node {
+                ix.add(n, *c);
+            }
+        }
+        for (a, n) in &intent.borrowed {
+            ix.add(n, IpNet::from(*a));
+        }
+        ix
+    }
+
+    fn add(&mut self, node: &str, dst: IpNet) {
+        match self.0.get_mut(node) {
+            Some(s) => {
+                s.insert(dst);
+            }
+            None => {
+                self.0.insert(node.to_string(), BTreeSet::from([dst]));
+            }
+        }
+    }
+
+    fn remove(&mut self, node: &str, dst: &IpNet) {
+        if let Some(s) = self.0.get_mut(node) {
+            s.remove(dst);
+            if s.is_empty() {
+                self.0.remove(node);
+            }
+        }
+    }
+
+    /// Before `d` is applied to `before`: drops the entries `d` replaces.
+    pub fn unlink(&mut self, before: &Intent, d: &IntentDelta) {
+        if d.snapshot {
+            self.0.clear();
+            return;
+        }
+        let blocks = d.blocks.iter().map(|(c, _)| c).chain(&d.removed_blocks);
+        for c in blocks {
+            if let Some(n) = before.blocks.get(c).and_then(|b| b.node.as_deref()) {
+                self.remove(n, c);
+            }
+        }
+        let borrowed = d.borrowed.iter().map(|(a, _)| a).chain(&d.removed_borrowed);
+        for a in borrowed {
+            if let Some(n) = before.borrowed.get(a) {
+                self.remove(n, &IpNet::from(*a));
+            }
+        }
+    }
+
+    /// After `d` was applied, giving `after`: adds the entries `d` brought.
+    pub fn link(&mut self, after: &Intent, d: &IntentDelta) {
+        if d.snapshot {
+            *self = NodeIndex::of(after);
+            return;
+        }
+        for (c, _) in &d.blocks {
+            if let Some(n) = after.blocks.get(c).and_then(|b| b.node.as_deref()) {
+                self.add(n, *c);
+            }
+        }
+        for (a, _) in &d.borrowed {
+            if let Some(n) = after.borrowed.get(a) {
+                self.add(n, IpNet::from(*a));
+            }
+        }
+    }
+
+    /// What `node` holds.
+    pub fn of_node(&self, node: &str) -> impl Iterator<Item = &IpNet> {
+        self.0.get(node).into_iter().flatten()
+    }
 }
 
 impl Intent {

@@ -1,5 +1,5 @@
 use super::*;
-use crate::model::{BlockIntent, IntentDelta, PoolIntent};
+use crate::model::{BlockIntent, IntentDelta, NodeIndex, PoolIntent};
 use proptest::prelude::*;
 
 fn n(s: &str) -> IpNet {
@@ -358,6 +358,27 @@ proptest! {
         }
         let full = desired(&after, me).routes;
         prop_assert_eq!(want.into_values().collect::<BTreeSet<_>>(), full);
+    }
+}
+
+proptest! {
+    /// A node index kept through a sequence of deltas equals the index of
+    /// the intent they produced, and what a delta touches by the index is
+    /// what it touches by a walk over every block.
+    #[test]
+    fn a_kept_node_index_agrees_with_a_fresh_one_and_with_the_walk(
+        start in arb_intent(),
+        deltas in proptest::collection::vec(arb_delta(), 1..8),
+    ) {
+        let mut intent = start.clone();
+        let mut index = NodeIndex::of(&intent);
+        for d in deltas {
+            index.unlink(&intent, &d);
+            intent.apply(d.clone());
+            index.link(&intent, &d);
+            prop_assert_eq!(&index, &NodeIndex::of(&intent));
+            prop_assert_eq!(d.touched_indexed(&index), d.touched(&intent));
+        }
     }
 }
 

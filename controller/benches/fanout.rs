@@ -7,6 +7,9 @@
 #![allow(clippy::unwrap_used)]
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "util/mod.rs"]
+mod util;
+use util::rss_kib;
 
 use common::{create_pool, register, Controller};
 use std::{
@@ -27,17 +30,6 @@ const WATCHERS: usize = 5000;
 const DEFAULT_CONNS: usize = 500;
 const CLAIMS: usize = 30;
 const TARGET_P99: Duration = Duration::from_secs(1);
-
-fn rss_kib(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("VmRSS:")
-                .map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0))
-        })
-        .unwrap_or(0)
-}
 
 fn pct(v: &mut [Duration], p: f64) -> Duration {
     v.sort();

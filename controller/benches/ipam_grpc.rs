@@ -14,10 +14,13 @@
 #![allow(clippy::unwrap_used)]
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "util/mod.rs"]
+mod util;
+use util::{find_binary, fs_type};
 
 use common::{create_pool, node_client, register, Controller, NodeClient};
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
@@ -35,43 +38,6 @@ const LATENCY_CALLS: usize = 3000;
 const FLUSHES: usize = 1000;
 const TARGET_RATE: f64 = 20_000.0;
 const TARGET_P50: Duration = Duration::from_micros(500);
-
-fn find_binary() -> (PathBuf, &'static str) {
-    if let Some(p) = std::env::var_os("TABBY_CONTROLLER_BIN") {
-        return (PathBuf::from(p), "$TABBY_CONTROLLER_BIN");
-    }
-    let built = PathBuf::from(env!("CARGO_BIN_EXE_tabby-controller"));
-    if built.is_file() {
-        return (built, "built by cargo for this bench");
-    }
-    if let Some(p) = std::env::current_exe()
-        .ok()
-        .and_then(|e| Some(e.parent()?.parent()?.join("tabby-controller")))
-        .filter(|p| p.is_file())
-    {
-        return (p, "beside the bench executable");
-    }
-    (
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/tabby-controller"),
-        "<workspace>/target/release",
-    )
-}
-
-/// File system type of the mount holding `p` (from /proc/mounts).
-fn fs_type(p: &Path) -> String {
-    let p = p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
-    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-    mounts
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() >= 3 && p.starts_with(f[1]))
-                .then(|| (f[1].len(), format!("{} on {}", f[2], f[1])))
-        })
-        .max()
-        .map(|(_, s)| s)
-        .unwrap_or_else(|| "unknown".into())
-}
 
 /// CPU time (user + system) of process `pid` ("self" for this one), from
 /// /proc; zero where unavailable.

@@ -64,11 +64,14 @@
 #![allow(clippy::unwrap_used)]
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "util/mod.rs"]
+mod util;
+use util::{find_binary, fs_type, rss_kib};
 
 use anyhow::{anyhow, bail, Context};
 use common::{create_pool, node_client, AdminClient, Controller};
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     sync::{
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex,
@@ -113,55 +116,6 @@ const TARGET_RESTART: Duration = Duration::from_secs(1);
 /// "No slower than at the first checkpoint", give or take this much noise
 /// of a p50 over 20 calls.
 const CLAIM_TOLERANCE: f64 = 1.10;
-
-fn find_binary() -> (PathBuf, &'static str) {
-    if let Some(p) = std::env::var_os("TABBY_CONTROLLER_BIN") {
-        return (PathBuf::from(p), "$TABBY_CONTROLLER_BIN");
-    }
-    let built = PathBuf::from(env!("CARGO_BIN_EXE_tabby-controller"));
-    if built.is_file() {
-        return (built, "built by cargo for this bench");
-    }
-    if let Some(p) = std::env::current_exe()
-        .ok()
-        .and_then(|e| Some(e.parent()?.parent()?.join("tabby-controller")))
-        .filter(|p| p.is_file())
-    {
-        return (p, "beside the bench executable");
-    }
-    (
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/tabby-controller"),
-        "<workspace>/target/release",
-    )
-}
-
-/// File system type of the mount holding `p` (from /proc/mounts).
-fn fs_type(p: &Path) -> String {
-    let p = p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
-    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-    mounts
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() >= 3 && p.starts_with(f[1]))
-                .then(|| (f[1].len(), format!("{} on {}", f[2], f[1])))
-        })
-        .max()
-        .map(|(_, s)| s)
-        .unwrap_or_else(|| "unknown".into())
-}
-
-/// VmRSS of process `pid` in KiB (0 if unreadable).
-fn rss_kib(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("VmRSS:")
-                .map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0))
-        })
-        .unwrap_or(0)
-}
 
 /// CPU time (user + system) of process `pid` ("self" for this one), from
 /// /proc; zero where unavailable.

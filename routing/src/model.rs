@@ -119,13 +119,7 @@ impl IntentDelta {
     /// or which is gone. `None`: everything may differ (a snapshot, or the
     /// pools changed).
     pub fn touched(&self, after: &Intent) -> Option<BTreeSet<IpNet>> {
-        if self.snapshot || self.pools.is_some() {
-            return None;
-        }
-        let mut t: BTreeSet<IpNet> = self.blocks.iter().map(|(c, _)| *c).collect();
-        t.extend(self.removed_blocks.iter().copied());
-        t.extend(self.borrowed.iter().map(|(a, _)| IpNet::from(*a)));
-        t.extend(self.removed_borrowed.iter().map(|a| IpNet::from(*a)));
+        let mut t = self.own_destinations()?;
         let nodes: BTreeSet<&str> = self
             .nodes
             .iter()
@@ -151,9 +145,9 @@ impl IntentDelta {
         Some(t)
     }
 
-    /// [`IntentDelta::touched`], with a node's destinations taken from
-    /// `index` (kept for `after`) instead of a walk over every block.
-    pub fn touched_indexed(&self, index: &NodeIndex) -> Option<BTreeSet<IpNet>> {
+    /// The blocks and borrowed addresses this delta names; `None` for a
+    /// snapshot or a pool change, which touch everything.
+    fn own_destinations(&self) -> Option<BTreeSet<IpNet>> {
         if self.snapshot || self.pools.is_some() {
             return None;
         }
@@ -161,6 +155,13 @@ impl IntentDelta {
         t.extend(self.removed_blocks.iter().copied());
         t.extend(self.borrowed.iter().map(|(a, _)| IpNet::from(*a)));
         t.extend(self.removed_borrowed.iter().map(|a| IpNet::from(*a)));
+        Some(t)
+    }
+
+    /// [`IntentDelta::touched`], with a node's destinations taken from
+    /// `index` (kept for `after`) instead of a walk over every block.
+    pub fn touched_indexed(&self, index: &NodeIndex) -> Option<BTreeSet<IpNet>> {
+        let mut t = self.own_destinations()?;
         let nodes = self.nodes.iter().map(|(n, _)| n).chain(&self.removed_nodes);
         for n in nodes {
             t.extend(index.of_node(n).copied());

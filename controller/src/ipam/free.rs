@@ -87,21 +87,38 @@ impl FreeBlocks {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::collections::BTreeSet;
+
+    /// `n` blocks, every `gap`-th one taken; and the same as a plain set.
+    fn start(n: u128, gap: usize) -> (FreeBlocks, BTreeSet<u128>) {
+        let mut f = FreeBlocks::all(n);
+        let mut set: BTreeSet<u128> = (0..n).collect();
+        for i in (0..n).step_by(gap) {
+            f.take(i);
+            set.remove(&i);
+        }
+        (f, set)
+    }
+
+    /// Takes or gives `i` in both; false if they disagree on a take.
+    fn step(f: &mut FreeBlocks, set: &mut BTreeSet<u128>, take: bool, i: u128) -> bool {
+        if take {
+            f.take(i) == set.remove(&i)
+        } else {
+            f.give(i);
+            set.insert(i);
+            true
+        }
+    }
 
     proptest! {
         /// Any sequence of takes and gives leaves the same free set as a
         /// plain set would, in the fewest ranges.
         #[test]
         fn behaves_like_a_set(ops in proptest::collection::vec((any::<bool>(), 0u128..40), 0..200)) {
-            let mut f = FreeBlocks::all(40);
-            let mut set: std::collections::BTreeSet<u128> = (0..40).collect();
+            let (mut f, mut set) = (FreeBlocks::all(40), (0..40).collect::<BTreeSet<u128>>());
             for (take, i) in ops {
-                if take {
-                    prop_assert_eq!(f.take(i), set.remove(&i));
-                } else {
-                    f.give(i);
-                    set.insert(i);
-                }
+                prop_assert!(step(&mut f, &mut set, take, i));
                 prop_assert_eq!(f.first(), set.iter().next().copied());
                 for i in 0..40 {
                     prop_assert_eq!(f.contains(i), set.contains(&i));
@@ -111,31 +128,15 @@ mod tests {
             }
         }
     }
-}
-
-#[cfg(test)]
-mod large {
-    use super::*;
-    use proptest::prelude::*;
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
         /// Thousands of ranges (a tree of several levels), against a set.
         #[test]
         fn many_ranges_behave_like_a_set(ops in proptest::collection::vec((any::<bool>(), 0u128..5000), 0..3000)) {
-            let mut f = FreeBlocks::all(5000);
-            let mut set: std::collections::BTreeSet<u128> = (0..5000).collect();
-            for i in (0..5000).step_by(2) {
-                f.take(i);
-                set.remove(&i);
-            }
+            let (mut f, mut set) = start(5000, 2);
             for (take, i) in ops {
-                if take {
-                    prop_assert_eq!(f.take(i), set.remove(&i));
-                } else {
-                    f.give(i);
-                    set.insert(i);
-                }
+                prop_assert!(step(&mut f, &mut set, take, i));
             }
             prop_assert_eq!(f.first(), set.iter().next().copied());
             for i in 0..5000 {

@@ -164,7 +164,7 @@ impl IntentDelta {
         let mut t = self.own_destinations()?;
         let nodes = self.nodes.iter().map(|(n, _)| n).chain(&self.removed_nodes);
         for n in nodes {
-            t.extend(index.of_node(n).copied());
+            t.extend(index.of_node(n));
         }
         Some(t)
     }
@@ -174,9 +174,23 @@ impl IntentDelta {
 /// addresses it borrows): what a change to that node touches. Kept beside
 /// the intent by a reader that applies deltas, so that a node's change costs
 /// what that node holds, not a walk over every block
-/// ([`IntentDelta::touched_indexed`]).
+/// ([`IntentDelta::touched_indexed`]). Blocks and borrowed addresses are
+/// kept apart: a /32 block and an address borrowed from it share a prefix.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct NodeIndex(BTreeMap<String, BTreeSet<IpNet>>);
+pub struct NodeIndex(BTreeMap<String, Held>);
+
+/// What one node holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Held {
+    blocks: BTreeSet<IpNet>,
+    borrowed: BTreeSet<IpAddr>,
+}
+
+impl Held {
+    fn is_empty(&self) -> bool {
+        self.blocks.is_empty() && self.borrowed.is_empty()
+    }
+}
 
 impl NodeIndex {
     /// The index of `intent`.
@@ -184,30 +198,26 @@ impl NodeIndex {
         let mut ix = NodeIndex::default();
         for (c, b) in &intent.blocks {
             if let Some(n) = &b.node {
-                ix.add(n, *c);
+                ix.held(n).blocks.insert(*c);
             }
         }
         for (a, n) in &intent.borrowed {
-            ix.add(n, IpNet::from(*a));
+            ix.held(n).borrowed.insert(*a);
         }
         ix
     }
 
-    fn add(&mut self, node: &str, dst: IpNet) {
-        match self.0.get_mut(node) {
-            Some(s) => {
-                s.insert(dst);
-            }
-            None => {
-                self.0.insert(node.to_string(), BTreeSet::from([dst]));
-            }
+    fn held(&mut self, node: &str) -> &mut Held {
+        if !self.0.contains_key(node) {
+            self.0.insert(node.to_string(), Held::default());
         }
+        self.0.get_mut(node).expect("inserted")
     }
 
-    fn remove(&mut self, node: &str, dst: &IpNet) {
-        if let Some(s) = self.0.get_mut(node) {
-            s.remove(dst);
-            if s.is_empty() {
+    fn forget(&mut self, node: &str, f: impl FnOnce(&mut Held)) {
+        if let Some(h) = self.0.get_mut(node) {
+            f(h);
+            if h.is_empty() {
                 self.0.remove(node);
             }
         }
@@ -222,13 +232,17 @@ impl NodeIndex {
         let blocks = d.blocks.iter().map(|(c, _)| c).chain(&d.removed_blocks);
         for c in blocks {
             if let Some(n) = before.blocks.get(c).and_then(|b| b.node.as_deref()) {
-                self.remove(n, c);
+                self.forget(n, |h| {
+                    h.blocks.remove(c);
+                });
             }
         }
         let borrowed = d.borrowed.iter().map(|(a, _)| a).chain(&d.removed_borrowed);
         for a in borrowed {
             if let Some(n) = before.borrowed.get(a) {
-                self.remove(n, &IpNet::from(*a));
+                self.forget(n, |h| {
+                    h.borrowed.remove(a);
+                });
             }
         }
     }
@@ -241,19 +255,24 @@ impl NodeIndex {
         }
         for (c, _) in &d.blocks {
             if let Some(n) = after.blocks.get(c).and_then(|b| b.node.as_deref()) {
-                self.add(n, *c);
+                self.held(n).blocks.insert(*c);
             }
         }
         for (a, _) in &d.borrowed {
             if let Some(n) = after.borrowed.get(a) {
-                self.add(n, IpNet::from(*a));
+                self.held(n).borrowed.insert(*a);
             }
         }
     }
 
     /// What `node` holds.
-    pub fn of_node(&self, node: &str) -> impl Iterator<Item = &IpNet> {
-        self.0.get(node).into_iter().flatten()
+    pub fn of_node(&self, node: &str) -> impl Iterator<Item = IpNet> + '_ {
+        self.0.get(node).into_iter().flat_map(|h| {
+            h.blocks
+                .iter()
+                .copied()
+                .chain(h.borrowed.iter().map(|a| IpNet::from(*a)))
+        })
     }
 }
 

@@ -55,7 +55,11 @@ impl RouteTable for FakeRoutes {
 
 /// nftables in memory: the listing is the rendered sets.
 #[derive(Default, Clone)]
-struct FakeNat(Arc<Mutex<(BTreeMap<String, String>, u64)>>);
+struct FakeNat(
+    Arc<Mutex<(BTreeMap<String, String>, u64)>>,
+    /// Writes fail while set.
+    Arc<std::sync::atomic::AtomicBool>,
+);
 
 impl FakeNat {
     fn lists(&self) -> u64 {
@@ -71,6 +75,9 @@ impl FakeNat {
 
 impl NatTables for FakeNat {
     fn sync(&self, family: &str, sets: &NatSets) -> Result<()> {
+        if self.1.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(crate::Error::Invalid("nft: write refused".into()));
+        }
         self.edit(family, &crate::nft::render(family, sets));
         Ok(())
     }
@@ -357,4 +364,35 @@ fn jitter_stays_within_a_fifth() {
             "{j:?}"
         );
     }
+}
+
+/// A NAT write that failed stays in the node's status until a NAT write
+/// works: route deltas applied meanwhile do not hide it.
+#[test]
+fn a_nat_failure_stays_reported_across_route_deltas() {
+    let nat = FakeNat::default();
+    nat.1.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut r = reconciler(nat.clone());
+    r.handle(vec![snapshot()]);
+    let err = || lock_status(&r.status).last_error.clone();
+    assert!(
+        err().is_some_and(|e| e.contains("write refused")),
+        "{:?}",
+        err()
+    );
+    // A route delta, applied incrementally.
+    r.handle(vec![delta(11, |u| {
+        u.blocks = vec![block("10.244.1.0/26", "worker2")];
+    })]);
+    let err = lock_status(&r.status).last_error.clone();
+    assert!(
+        err.as_deref().is_some_and(|e| e.contains("write refused")),
+        "the NAT failure vanished: {err:?}"
+    );
+    // nftables works again: the retried full pass writes it, and the
+    // report goes.
+    nat.1.store(false, std::sync::atomic::Ordering::Relaxed);
+    r.handle(vec![Event::Poke]);
+    assert!(nat.table("ip").is_some());
+    assert!(lock_status(&r.status).last_error.is_none());
 }

@@ -68,21 +68,6 @@ impl Sysctl for ProcSysctl {
     }
 }
 
-/// Feeds the reconciler the route changes it did not make itself, until the
-/// reconciler is gone.
-async fn monitor_routes(
-    echoes: &daemon::EchoFilter,
-    tx: &tokio::sync::mpsc::UnboundedSender<Event>,
-) -> tabby_node::Result<()> {
-    let mut mon = netlink::RouteMonitor::new()?;
-    loop {
-        let ev = mon.next().await?;
-        if !echoes.take(&ev) && tx.send(Event::Route(ev)).is_err() {
-            return Ok(());
-        }
-    }
-}
-
 fn labels(v: &[String]) -> anyhow::Result<Vec<(String, String)>> {
     v.iter()
         .filter(|s| !s.is_empty())
@@ -162,7 +147,8 @@ async fn main() -> anyhow::Result<()> {
                     // its own are dropped here.
                     let echoes = rec.echo_filter();
                     tokio::spawn(async move {
-                        if let Err(e) = monitor_routes(&echoes, &tx).await {
+                        let others = |ev| echoes.take(&ev) || tx.send(Event::Route(ev)).is_ok();
+                        if let Err(e) = netlink::monitor_routes(others).await {
                             tracing::warn!(error = %e, "route monitor unavailable; relying on the periodic resync");
                         }
                     });

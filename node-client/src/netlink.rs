@@ -2,9 +2,9 @@
 //! wiring (veth pairs across namespaces), namespaces and sysctls.
 //!
 //! Everything here is synchronous and blocking except [`RouteMonitor::next`]
-//! (async, tokio; `tabby-node` drives it on the reconciler's own runtime):
-//! from tokio, run the rest with `tokio::task::spawn_blocking`, or on a
-//! dedicated thread ([`monitor_routes`] is a blocking loop made for one).
+//! and [`monitor_routes`] (async, tokio; `tabby-node` drives them on the
+//! reconciler's own runtime): from tokio, run the rest with
+//! `tokio::task::spawn_blocking`, or on a dedicated thread.
 //! Netlink sockets are
 //! bound to the network namespace of the thread that opens them, so all
 //! functions act on the calling thread's namespace (the node's, for any

@@ -203,4 +203,4 @@ pub fn apply_plan(table: &mut dyn RouteTable, plan: &RoutePlan) -> ApplyReport {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -721,10 +721,14 @@ fn monitor_reports_deleted_routes() {
     let watcher = std::thread::spawn(move || {
         inside(&n2, || {
             let mut seen = 0;
-            monitor_routes(|ev| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(monitor_routes(|ev| {
                 seen += usize::from(matches!(ev, RouteEvent::Deleted(_)));
                 seen == 0
-            })
+            }))
             .map(|()| seen)
         })
     });

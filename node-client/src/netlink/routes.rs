@@ -418,14 +418,14 @@ fn read_datagram(
     Ok(())
 }
 
-/// Blocking loop for a dedicated thread: calls `on_change` with every
-/// route change the monitor reports in the calling thread's namespace;
-/// returns `Ok(())` once `on_change` returns false, or the error that
-/// stopped the monitor.
-pub fn monitor_routes(mut on_change: impl FnMut(RouteEvent) -> bool) -> Result<()> {
+/// Calls `on_change` with every route change the monitor reports in the
+/// namespace of the thread that first polls it (a task of a current-thread
+/// runtime, as `tabby-node`'s reconciler runs it); returns `Ok(())` once
+/// `on_change` returns false, or the error that stopped the monitor.
+pub async fn monitor_routes(mut on_change: impl FnMut(RouteEvent) -> bool) -> Result<()> {
     let mut mon = RouteMonitor::new()?;
     loop {
-        if !on_change(mon.next_blocking()?) {
+        if !on_change(mon.next().await?) {
             return Ok(());
         }
     }

@@ -62,13 +62,13 @@ impl RouteTable for FakeKernel {
     }
 }
 
-fn n(s: &str) -> IpNet {
+pub(crate) fn n(s: &str) -> IpNet {
     s.parse().unwrap()
 }
-fn a(s: &str) -> IpAddr {
+pub(crate) fn a(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
-fn via(dst: &str, gw: &str) -> Route {
+pub(crate) fn via(dst: &str, gw: &str) -> Route {
     Route {
         dst: n(dst),
         target: RouteTarget::Via(a(gw)),

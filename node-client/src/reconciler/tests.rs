@@ -1,9 +1,10 @@
 use super::*;
-use crate::{daemon::NodeStatus, kernel::RouteTarget, Error};
-use std::{
-    net::IpAddr,
-    sync::{Arc, Mutex},
+use crate::{
+    daemon::NodeStatus,
+    plan::tests::{n, via},
+    Error,
 };
+use std::sync::{Arc, Mutex};
 
 /// A kernel route table in memory that counts dumps.
 #[derive(Default)]
@@ -111,18 +112,6 @@ fn reconciler(nat: FakeNat) -> Reconciler<FakeRoutes> {
     )
 }
 
-fn n(s: &str) -> IpNet {
-    s.parse().unwrap()
-}
-fn a(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
-fn via(dst: &str, gw: &str) -> Route {
-    Route {
-        dst: n(dst),
-        target: RouteTarget::Via(a(gw)),
-    }
-}
 fn block(cidr: &str, node: &str) -> pb::IntentBlock {
     pb::IntentBlock {
         cidr: cidr.into(),

@@ -27,8 +27,7 @@ use std::{
     },
     time::{Duration, Instant},
 };
-use tabby_proto::v1::{AssignRequest, ReleaseHandleRequest, ShowIpamRequest};
-use tonic::transport::Channel;
+use tabby_proto::v1::{AssignRequest, ReleaseHandleRequest};
 
 const NODES: usize = 64;
 const CONCURRENCY: usize = 64;
@@ -37,7 +36,7 @@ const WARMUP_TIME: Duration = Duration::from_millis(500);
 const LATENCY_CALLS: usize = 3000;
 const FLUSHES: usize = 1000;
 const TARGET_RATE: f64 = 20_000.0;
-const TARGET_P50: Duration = Duration::from_micros(500);
+const TARGET_TLS_P50: Duration = Duration::from_micros(600);
 
 /// CPU time (user + system) of process `pid` ("self" for this one), from
 /// /proc; zero where unavailable.
@@ -228,6 +227,98 @@ fn pass(ok: bool) -> &'static str {
     }
 }
 
+/// What one controller run measured.
+struct Run {
+    rate: f64,
+    errors: u64,
+    cpu: Cpu,
+    assign: Pcts,
+    release: Pcts,
+}
+
+/// Starts a controller (`--insecure` when `!tls`), measures throughput at
+/// c=64 (a channel per task, each its own node) and latency at c=1.
+async fn measure(bin: &Path, data: &Path, tls: bool) -> Run {
+    let extra: &[&str] = if tls { &[] } else { &["--insecure"] };
+    let mut c = Controller::start_bin(bin, data, extra);
+    {
+        let mut admin = c.admin().await;
+        create_pool(&mut admin, "bench", "10.0.0.0/8", 26).await;
+    }
+    for i in 0..NODES {
+        register(&c, &format!("node-{i}"), i).await;
+    }
+    let mut own = Vec::new();
+    for t in 0..CONCURRENCY {
+        own.push(c.node(&format!("node-{}", t % NODES)).await);
+    }
+    let pid = c.pid().to_string();
+    let (rate, errors, cpu) = throughput(own, if tls { "tls" } else { "plain" }, &pid).await;
+    let mut one = c.node("node-0").await;
+    let (assign, release) = latency(&mut one).await;
+    drop(one);
+    // The client runtime must keep running while the server shuts down: its
+    // connections answer the server's graceful GOAWAY ping.
+    tokio::task::spawn_blocking(move || c.term())
+        .await
+        .expect("stopping the controller");
+    Run {
+        rate,
+        errors,
+        cpu,
+        assign,
+        release,
+    }
+}
+
+/// One node floods Assign+Release at c=64 over mTLS while another node
+/// makes one Assign+Release at a time; returns the victim's Assign latency.
+async fn flood(bin: &Path, data: &Path, per_node: usize) -> Pcts {
+    let limit = per_node.to_string();
+    let c = Controller::start_bin(bin, data, &["--max-inflight-per-node", &limit]);
+    {
+        let mut admin = c.admin().await;
+        create_pool(&mut admin, "bench", "10.0.0.0/8", 26).await;
+    }
+    register(&c, "flooder", 0).await;
+    register(&c, "victim", 1).await;
+    let flooder = c.node_channel("flooder").await;
+    let clients = (0..CONCURRENCY)
+        .map(|_| node_client(flooder.clone(), "flooder"))
+        .collect();
+    let pid = c.pid().to_string();
+    let load = tokio::spawn(async move { throughput(clients, "flood", &pid).await });
+    tokio::time::sleep(WARMUP_TIME).await;
+    let mut victim = c.node("victim").await;
+    let mut v = Vec::new();
+    let t0 = Instant::now();
+    let mut i = 0;
+    while t0.elapsed() < THROUGHPUT_TIME - Duration::from_millis(300) {
+        let h = format!("bench.victim-{i}");
+        i += 1;
+        let s = Instant::now();
+        victim
+            .assign(AssignRequest {
+                handle: h.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("victim Assign");
+        v.push(s.elapsed());
+        victim
+            .release_handle(ReleaseHandleRequest { handle: h })
+            .await
+            .expect("victim ReleaseHandle");
+    }
+    let _ = load.await;
+    drop(victim);
+    let mut c = c;
+    tokio::task::spawn_blocking(move || c.term())
+        .await
+        .expect("stopping the controller");
+    pcts(v)
+}
+
 async fn run() -> std::process::ExitCode {
     let (bin, how) = find_binary();
     if !bin.is_file() {
@@ -242,13 +333,17 @@ async fn run() -> std::process::ExitCode {
         .prefix("tabby-bench")
         .tempdir()
         .expect("temp dir");
-    let data = dir.path().join("data");
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
-        "tabby-controller IPAM over gRPC: loopback, every answer after a durable group commit"
+        "tabby-controller IPAM over gRPC: loopback, every answer after a durable group commit; \
+         mutual TLS against plaintext (--insecure) in the same run, alternating"
     );
     println!("  binary   {} ({how})", bin.display());
-    println!("  data dir {} ({})", data.display(), fs_type(dir.path()));
+    println!(
+        "  data dir {} ({})",
+        dir.path().display(),
+        fs_type(dir.path())
+    );
     println!("  cpus     {cpus} (client and server share them)");
 
     // Write back what the build just left dirty, so that its writeback does
@@ -257,85 +352,15 @@ async fn run() -> std::process::ExitCode {
     nix::unistd::sync();
     let flush = sled_flush_cost(dir.path());
 
-    let mut c = Controller::start_bin(&bin, &data, &[]);
-    {
-        let mut admin = c.admin().await;
-        create_pool(&mut admin, "bench", "10.0.0.0/8", 26).await;
+    let mut runs: Vec<(bool, Run)> = Vec::new();
+    for (k, tls) in [false, true, false, true].into_iter().enumerate() {
+        let data = dir.path().join(format!("data-{k}"));
+        runs.push((tls, measure(&bin, &data, tls).await));
     }
-    for i in 0..NODES {
-        register(&c, &format!("node-{i}"), i).await;
-    }
-    let node = |i: usize| format!("node-{}", i % NODES);
+    let flood_bounded = flood(&bin, &dir.path().join("flood-32"), 32).await;
+    let flood_unbounded = flood(&bin, &dir.path().join("flood-max"), 100_000).await;
 
-    // (a) throughput, own channel per task, then one shared channel.
-    let mut own = Vec::new();
-    for t in 0..CONCURRENCY {
-        own.push(node_client(c.channel().await, &node(t)));
-    }
-    let pid = c.pid().to_string();
-    let (rate_own, err_own, cpu_own) = throughput(own, "own", &pid).await;
-    let shared: Channel = c.channel().await;
-    let clients = (0..CONCURRENCY)
-        .map(|t| node_client(shared.clone(), &node(t)))
-        .collect();
-    let (rate_shared, err_shared, cpu_shared) = throughput(clients, "shared", &pid).await;
-    let (rate, which) = if rate_own >= rate_shared {
-        (rate_own, "own channel per task")
-    } else {
-        (rate_shared, "one shared channel")
-    };
-
-    // (b) latency at concurrency 1.
-    let mut one = node_client(c.channel().await, &node(0));
-    let (la, lr) = latency(&mut one).await;
-
-    let rev = c
-        .admin()
-        .await
-        .show_ipam(ShowIpamRequest { show_blocks: false })
-        .await
-        .map(|r| r.into_inner().revision)
-        .unwrap_or(0);
-    drop(one);
-    drop(shared);
-    // The client runtime must keep running while the server shuts down: its
-    // connections answer the server's graceful GOAWAY ping.
-    tokio::task::spawn_blocking(move || c.term())
-        .await
-        .expect("stopping the controller");
-
-    let row = |k: &str, v: String| println!("| {k:<48} | {v:<44} |");
-    let cores = |c: &Cpu| {
-        let (s, cl) = c.cores();
-        format!("server {s:.2} cores, client {cl:.2} cores")
-    };
-    println!();
-    println!("| {:<48} | {:<44} |", "measurement", "value");
-    println!("|{:-<50}|{:-<46}|", "", "");
-    row(
-        &format!("Assign+Release, c={CONCURRENCY}, own channel per task"),
-        format!("{rate_own:.0} assign/s ({err_own} errors)"),
-    );
-    row("  CPU busy", cores(&cpu_own));
-    row(
-        &format!("Assign+Release, c={CONCURRENCY}, one shared channel"),
-        format!("{rate_shared:.0} assign/s ({err_shared} errors)"),
-    );
-    row("  CPU busy", cores(&cpu_shared));
-    let per_pair = |rate: f64, c: &Cpu| {
-        format!(
-            "{:.1} us",
-            c.server.as_secs_f64() * 1e6 / (rate * c.wall.as_secs_f64()).max(1.0)
-        )
-    };
-    row(
-        "server CPU per Assign+Release (own channels)",
-        per_pair(rate_own, &cpu_own),
-    );
-    row(
-        "server CPU per Assign+Release (shared channel)",
-        per_pair(rate_shared, &cpu_shared),
-    );
+    let row = |k: &str, v: String| println!("| {k:<52} | {v:<56} |");
     let quad = |p: &Pcts| {
         format!(
             "{} / {} / {} / {}",
@@ -345,49 +370,89 @@ async fn run() -> std::process::ExitCode {
             ms(p.max)
         )
     };
+    println!();
+    println!("| {:<52} | {:<56} |", "measurement", "value");
+    println!("|{:-<54}|{:-<58}|", "", "");
+    for (tls, r) in &runs {
+        let mode = if *tls { "mTLS" } else { "plaintext" };
+        let (s, cl) = r.cpu.cores();
+        let per = r.cpu.server.as_secs_f64() * 1e6 / (r.rate * r.cpu.wall.as_secs_f64()).max(1.0);
+        row(
+            &format!("{mode}: Assign+Release, c={CONCURRENCY}"),
+            format!(
+                "{:.0} assign/s ({} errors), server {per:.0} us/pair, cores {s:.2}+{cl:.2}",
+                r.rate, r.errors
+            ),
+        );
+        row(
+            &format!("{mode}: Assign c=1 p50 / p90 / p99 / max"),
+            quad(&r.assign),
+        );
+        row(
+            &format!("{mode}: Release c=1 p50 / p90 / p99 / max"),
+            quad(&r.release),
+        );
+    }
     row(
-        &format!("Assign  c=1, {LATENCY_CALLS} calls: p50 / p90 / p99 / max"),
-        quad(&la),
+        "victim Assign while one node floods (c=64), bound 32",
+        quad(&flood_bounded),
     );
     row(
-        &format!("Release c=1, {LATENCY_CALLS} calls: p50 / p90 / p99 / max"),
-        quad(&lr),
+        "  the same without a per-node bound",
+        quad(&flood_unbounded),
     );
     row(
         &format!("sled insert+flush, {FLUSHES}x: p50 / p90 / p99 / max"),
         quad(&flush),
     );
-    row("store revisions written", rev.to_string());
     println!();
-    let trow = |t: &str, m: String, ok: bool| println!("| {t:<26} | {m:<46} | {:<6} |", pass(ok));
+    let mean = |tls: bool, f: &dyn Fn(&Run) -> f64| {
+        let v: Vec<f64> = runs
+            .iter()
+            .filter(|r| r.0 == tls)
+            .map(|r| f(&r.1))
+            .collect();
+        v.iter().sum::<f64>() / v.len().max(1) as f64
+    };
+    let p50 = |r: &Run| r.assign.p50.as_secs_f64();
+    let rate = |r: &Run| r.rate;
+    let (tls_p50, plain_p50) = (mean(true, &p50), mean(false, &p50));
+    let (tls_rate, plain_rate) = (mean(true, &rate), mean(false, &rate));
     println!(
-        "| {:<26} | {:<46} | {:<6} |",
+        "mTLS / plaintext, mean of the two runs each: Assign p50 {:.3} / {:.3} ms ({:.2}x), \
+         throughput {tls_rate:.0} / {plain_rate:.0} assign/s ({:.2}x)",
+        tls_p50 * 1e3,
+        plain_p50 * 1e3,
+        tls_p50 / plain_p50.max(1e-9),
+        tls_rate / plain_rate.max(1.0)
+    );
+    println!();
+    let trow = |t: &str, m: String, ok: bool| println!("| {t:<34} | {m:<46} | {:<6} |", pass(ok));
+    println!(
+        "| {:<34} | {:<46} | {:<6} |",
         "target", "measured", "result"
     );
-    println!("|{:-<28}|{:-<48}|{:-<8}|", "", "", "");
+    println!("|{:-<36}|{:-<48}|{:-<8}|", "", "", "");
     trow(
-        ">= 20000 assign/s at c=64",
-        format!("{rate:.0} assign/s ({which})"),
-        rate >= TARGET_RATE,
+        "mTLS Assign p50 <= 0.6 ms at c=1",
+        format!("{:.3} ms (mean of two runs)", tls_p50 * 1e3),
+        tls_p50 <= TARGET_TLS_P50.as_secs_f64(),
     );
     trow(
-        "p50 <= 0.5 ms at c=1",
-        format!("Assign p50 {}", ms(la.p50)),
-        la.p50 <= TARGET_P50,
+        ">= 20000 assign/s at c=64 (mTLS)",
+        format!("{tls_rate:.0} assign/s"),
+        tls_rate >= TARGET_RATE,
+    );
+    trow(
+        "victim p99 under flood, bounded",
+        format!(
+            "{} (unbounded {})",
+            ms(flood_bounded.p99),
+            ms(flood_unbounded.p99)
+        ),
+        flood_bounded.p99 <= flood_unbounded.p99,
     );
     println!();
-    if la.p50 < flush.p50 * 2 {
-        println!(
-            "note: Assign p50 at c=1 is within 2x of one sled flush ({}): fsync bounds latency on this disk",
-            ms(flush.p50)
-        );
-    } else {
-        println!(
-            "note: one sled flush costs {} (p50), {:.0}% of the Assign p50 at c=1: fsync does not bound latency on this disk",
-            ms(flush.p50),
-            100.0 * flush.p50.as_secs_f64() / la.p50.as_secs_f64()
-        );
-    }
     println!(
         "note: each counted Assign is followed by a ReleaseHandle, so the server answers twice as many calls; \
          client and server share {cpus} CPUs"

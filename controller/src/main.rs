@@ -1,16 +1,30 @@
 //! `tabby-controller`: IPAM and the control plane of tabby.
 use anyhow::Context;
 use clap::Parser;
+use std::time::Duration;
 use std::{path::PathBuf, process::ExitCode, sync::Arc};
-use tabby_controller::{ipam::parse_cidr, owner::Ipam, server, Error};
-use tabby_runtime::LogFormat;
+use tabby_controller::{
+    ipam::parse_cidr,
+    owner::Ipam,
+    server::{self, ServeOptions},
+    Error,
+};
+use tabby_runtime::{parse_duration, LogFormat};
 use tabby_store::{Encapsulation, Pool, Store};
+use tabby_tls::{
+    issue::{issue, Kind, Validity},
+    material::Files,
+    Identity, Reloading, ServerMaterial,
+};
 
 /// tabby controller: owns IPAM and routes, serves gRPC (admin + node-facing),
 /// reflection v1/v1alpha and grpc.health.v1.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
+    /// Without a subcommand: serve.
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Address to serve gRPC on.
     #[arg(long, env = "TABBY_LISTEN", default_value = "127.0.0.1:5151")]
     listen: String,
@@ -50,6 +64,142 @@ struct Args {
     /// Log filter (tracing EnvFilter syntax, e.g. "info,tabby_controller=debug").
     #[arg(long, env = "TABBY_LOG", default_value = "info")]
     log: String,
+    /// The controller's certificate (PEM, leaf first) for mutual TLS.
+    #[arg(long, env = "TABBY_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// The key of --tls-cert (PEM).
+    #[arg(long, env = "TABBY_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// The CA (PEM) that node and admin client certificates must chain to.
+    #[arg(long, env = "TABBY_CLIENT_CA")]
+    client_ca: Option<PathBuf>,
+    /// Serve plaintext gRPC, taking node names from the `tabby-node` header
+    /// and admin calls from anyone. Development only; logs a warning.
+    #[arg(long, env = "TABBY_INSECURE")]
+    insecure: bool,
+    /// How often the TLS files are checked for changes; changed files are
+    /// used for new connections without a restart.
+    #[arg(long, env = "TABBY_TLS_RELOAD_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    tls_reload_interval: Duration,
+    /// Largest request message accepted, in bytes.
+    #[arg(long, env = "TABBY_MAX_REQUEST_BYTES", default_value_t = 4 << 20)]
+    max_request_bytes: usize,
+    /// Calls in progress at once on one connection; more wait.
+    #[arg(
+        long,
+        env = "TABBY_MAX_CONCURRENT_PER_CONNECTION",
+        default_value_t = 256
+    )]
+    max_concurrent_per_connection: usize,
+    /// A call not answered in this time fails with DEADLINE_EXCEEDED (an
+    /// intent stream only has to start in it).
+    #[arg(long, env = "TABBY_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    request_timeout: Duration,
+    /// Intent streams one node identity may hold at once.
+    #[arg(long, env = "TABBY_MAX_STREAMS_PER_IDENTITY", default_value_t = 4)]
+    max_streams_per_identity: usize,
+    /// Node calls (Assign, Release...) one node may have in progress at
+    /// once; more wait, so that one node's flood does not queue ahead of
+    /// every other node's calls.
+    #[arg(long, env = "TABBY_MAX_INFLIGHT_PER_NODE", default_value_t = 32)]
+    max_inflight_per_node: usize,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Make the certificates of a cluster (a CA, the controller's, nodes',
+    /// operators').
+    #[command(subcommand)]
+    Certs(Certs),
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Certs {
+    /// Make a CA: D/ca.pem and D/ca-key.pem. Refused if D has one.
+    Init {
+        /// The certificates directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Days the CA is valid.
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+    },
+    /// Make the controller's certificate, D/server.pem, signed by D's CA.
+    Server {
+        /// The certificates directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// A DNS name or IP address clients reach the controller by (repeatable).
+        #[arg(long = "san", required = true)]
+        sans: Vec<String>,
+        /// Days the certificate is valid.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+    /// Make a node's client certificate, D/node-NAME.pem (tabby://node/NAME).
+    Node {
+        /// The certificates directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The node's name (its Kubernetes node name).
+        name: String,
+        /// Days the certificate is valid.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+    /// Make an operator's client certificate, D/admin-NAME.pem (tabby://admin/NAME).
+    Admin {
+        /// The certificates directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The operator's name.
+        name: String,
+        /// Days the certificate is valid.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+}
+
+fn certs(c: Certs) -> anyhow::Result<()> {
+    let (dir, kind, days) = match c {
+        Certs::Init { dir, days } => (dir, Kind::Ca, days),
+        Certs::Server { dir, sans, days } => (dir, Kind::Server(sans), days),
+        Certs::Node { dir, name, days } => (dir, Kind::Client(Identity::Node(name)), days),
+        Certs::Admin { dir, name, days } => (dir, Kind::Client(Identity::Admin(name)), days),
+    };
+    let out = issue(&dir, &kind, Validity::days(days))?;
+    println!("{}\n{}", out.cert.display(), out.key.display());
+    Ok(())
+}
+
+/// The serving options from the flags: mutual TLS unless --insecure.
+fn serve_options(a: &Args) -> anyhow::Result<ServeOptions> {
+    let tls = match (&a.tls_cert, &a.tls_key, &a.client_ca, a.insecure) {
+        (None, None, None, true) => {
+            tracing::warn!("--insecure: serving plaintext gRPC; any client can claim any node name and use the admin services");
+            None
+        }
+        (Some(cert), Some(key), Some(ca), false) => {
+            let files = Files {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: ca.clone(),
+            };
+            Some(Reloading::start(ServerMaterial(files), a.tls_reload_interval).context("loading --tls-cert, --tls-key and --client-ca")?)
+        }
+        (_, _, _, true) => anyhow::bail!("--insecure cannot be combined with --tls-cert, --tls-key or --client-ca"),
+        _ => anyhow::bail!(
+            "serving needs --tls-cert, --tls-key and --client-ca (make them with `tabby-controller certs`), or --insecure for plaintext"
+        ),
+    };
+    Ok(ServeOptions {
+        tls,
+        max_request_bytes: a.max_request_bytes,
+        max_concurrent_per_connection: a.max_concurrent_per_connection,
+        request_timeout: a.request_timeout,
+        max_streams_per_identity: a.max_streams_per_identity,
+        max_inflight_per_node: a.max_inflight_per_node,
+    })
 }
 
 async fn bootstrap(ipam: &Ipam, a: &Args) -> anyhow::Result<()> {
@@ -113,7 +263,10 @@ fn main() -> ExitCode {
 struct OwnerFailed(Error);
 
 fn start() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if let Some(Command::Certs(c)) = args.command.take() {
+        return certs(c);
+    }
     tabby_runtime::init_logging(&args.log, args.log_format).context("--log")?;
     let workers = match args.worker_threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1)),
@@ -146,6 +299,8 @@ fn start() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    // Bad TLS material fails the start before anything else.
+    let opts = serve_options(&args)?;
     // Bound first: a start that cannot serve leaves the store alone (each
     // open records an epoch).
     let listener = tokio::net::TcpListener::bind(&args.listen)
@@ -173,10 +328,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         e = owner.failed() => return Err(OwnerFailed(e).into()),
     }
 
-    tracing::info!(listen = %listener.local_addr()?, "serving gRPC");
+    tracing::info!(listen = %listener.local_addr()?, tls = opts.tls.is_some(), "serving gRPC");
     let shutdown = tabby_runtime::shutdown_signal()?;
     tokio::select! {
-        r = server::serve(listener, ipam, shutdown) => r?,
+        r = server::serve(listener, ipam, opts, shutdown) => r?,
         e = owner.failed() => return Err(OwnerFailed(e).into()),
     }
     // The server dropped its Ipam handles: the owner commits what is queued,

@@ -1,22 +1,58 @@
-//! Assembles the controller's gRPC server: IpamAdmin, NodeAgent (behind the
-//! node identity layer), reflection v1 and v1alpha, and grpc.health.v1.
+//! Assembles the controller's gRPC server: IpamAdmin, NodeAgent,
+//! IntentStream, reflection v1 and v1alpha and grpc.health.v1, all behind the
+//! one identity layer ([`AuthLayer`]), over mutual TLS or (`--insecure`)
+//! plaintext.
 use crate::{
-    auth::node_identity_interceptor,
+    auth::{AuthLayer, Mode},
     error::{Error, Result},
     owner::Ipam,
     service::{AdminService, NodeService},
-    watch::IntentStreamServer,
+    watch::{IntentStreamServer, StreamLimit},
 };
-use std::future::Future;
+use std::{future::Future, time::Duration};
 use tabby_proto::v1::{ipam_admin_server::IpamAdminServer, node_agent_server::NodeAgentServer};
+use tabby_tls::{accept::AcceptLimits, Reloading, ServerMaterial};
 use tokio::net::TcpListener;
 use tonic::transport::{server::TcpIncoming, Server};
+
+/// How the server is reached and what it bounds.
+#[derive(Clone)]
+pub struct ServeOptions {
+    /// Mutual TLS material; `None` serves plaintext (`--insecure`).
+    pub tls: Option<Reloading<ServerMaterial>>,
+    /// Largest request message accepted, in bytes.
+    pub max_request_bytes: usize,
+    /// Calls in progress at once on one connection; more wait.
+    pub max_concurrent_per_connection: usize,
+    /// A unary call (or the start of a stream) not answered in this time is
+    /// DEADLINE_EXCEEDED.
+    pub request_timeout: Duration,
+    /// Intent streams one node identity may hold at once.
+    pub max_streams_per_identity: usize,
+    /// Node calls one node identity may have in progress at once.
+    pub max_inflight_per_node: usize,
+}
+
+impl ServeOptions {
+    /// Plaintext with the default limits (tests and `--insecure`).
+    pub fn insecure() -> Self {
+        ServeOptions {
+            tls: None,
+            max_request_bytes: 4 << 20,
+            max_concurrent_per_connection: 256,
+            request_timeout: Duration::from_secs(30),
+            max_streams_per_identity: 4,
+            max_inflight_per_node: 32,
+        }
+    }
+}
 
 /// Serves every controller service on `listener` until `shutdown` resolves,
 /// then finishes in-flight calls and returns.
 pub async fn serve(
     listener: TcpListener,
     ipam: Ipam,
+    opts: ServeOptions,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
     // The descriptor set also holds tabby-node's PodNetwork: list only what
@@ -33,11 +69,10 @@ pub async fn serve(
     health.set_serving::<IpamAdminServer<AdminService>>().await;
     health.set_serving::<NodeAgentServer<NodeService>>().await;
 
-    let admin = IpamAdminServer::new(AdminService::new(ipam.clone()));
-    let node = NodeAgentServer::with_interceptor(
-        NodeService::new(ipam.clone()),
-        node_identity_interceptor,
-    );
+    let max = opts.max_request_bytes;
+    let admin =
+        IpamAdminServer::new(AdminService::new(ipam.clone())).max_decoding_message_size(max);
+    let node = NodeAgentServer::new(NodeService::new(ipam.clone())).max_decoding_message_size(max);
     // Intent streams end when shutdown starts, so that the graceful
     // shutdown (which waits for open streams) can finish; nodes reconnect.
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
@@ -45,17 +80,36 @@ pub async fn serve(
         shutdown.await;
         let _ = stop_tx.send(true);
     };
-    let watch = tonic::service::interceptor::InterceptedService::new(
-        IntentStreamServer::new(ipam, stop),
-        node_identity_interceptor,
-    );
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    Server::builder()
+    let watch =
+        IntentStreamServer::new(ipam, stop, StreamLimit::new(opts.max_streams_per_identity));
+    let mode = if opts.tls.is_some() {
+        Mode::Mtls
+    } else {
+        Mode::Insecure
+    };
+    let router = Server::builder()
+        .concurrency_limit_per_connection(opts.max_concurrent_per_connection)
+        .timeout(opts.request_timeout)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .layer(AuthLayer::new(mode, opts.max_inflight_per_node))
         .add_routes(routes)
         .add_service(admin)
         .add_service(node)
-        .add_service(watch)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
-        .map_err(|e| Error::Internal(format!("gRPC server: {e}")))
+        .add_service(watch);
+    let r = match opts.tls {
+        Some(tls) => {
+            let incoming = tabby_tls::incoming(listener, tls, AcceptLimits::default());
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        }
+        None => {
+            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        }
+    };
+    r.map_err(|e| Error::Internal(format!("gRPC server: {e}")))
 }

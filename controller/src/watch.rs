@@ -8,7 +8,11 @@ use crate::{
     owner::Ipam,
 };
 use futures::{stream, Stream};
-use std::{collections::VecDeque, pin::Pin, sync::Arc};
+use std::{
+    collections::{HashMap, VecDeque},
+    pin::Pin,
+    sync::{Arc, Mutex},
+};
 use tabby_proto::v1 as pb;
 use tokio::sync::broadcast::error::RecvError;
 use tonic::{
@@ -19,11 +23,66 @@ use tonic::{
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<PreEncoded, Status>> + Send>>;
 
-/// The IntentStream server. Wrap it in the node identity interceptor.
+/// The IntentStream server. Serve it behind [`AuthLayer`](crate::auth::AuthLayer).
 #[derive(Clone)]
 pub struct IntentStreamServer {
     ipam: Ipam,
     stop: StopSignal,
+    limit: StreamLimit,
+}
+
+/// Bounds the intent streams one node identity holds at once: a node needs
+/// one (two while it reconnects), so a client opening more is refused
+/// RESOURCE_EXHAUSTED rather than growing the controller's fan-out.
+#[derive(Clone)]
+pub struct StreamLimit {
+    max: usize,
+    open: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl StreamLimit {
+    /// At most `max` streams per identity.
+    pub fn new(max: usize) -> Self {
+        StreamLimit {
+            max: max.max(1),
+            open: Arc::default(),
+        }
+    }
+
+    fn acquire(&self, node: &str) -> Result<StreamSlot, Status> {
+        let mut m = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(node.to_string()).or_insert(0);
+        if *n >= self.max {
+            tracing::warn!(%node, open = *n, "intent stream refused: too many open for this node");
+            return Err(Status::resource_exhausted(format!(
+                "node {node:?} already holds {} intent streams, the most one node may hold",
+                self.max
+            )));
+        }
+        *n += 1;
+        Ok(StreamSlot {
+            limit: self.clone(),
+            node: node.to_string(),
+        })
+    }
+}
+
+/// One open stream, counted until it ends.
+struct StreamSlot {
+    limit: StreamLimit,
+    node: String,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut m = self.limit.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.node) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.node);
+            }
+        }
+    }
 }
 
 /// Ends every intent stream once it reads true. Watch streams never end on
@@ -32,8 +91,8 @@ pub type StopSignal = tokio::sync::watch::Receiver<bool>;
 
 impl IntentStreamServer {
     /// Serves intent from the IPAM owner until `stop` turns true.
-    pub fn new(ipam: Ipam, stop: StopSignal) -> Self {
-        IntentStreamServer { ipam, stop }
+    pub fn new(ipam: Ipam, stop: StopSignal, limit: StreamLimit) -> Self {
+        IntentStreamServer { ipam, stop, limit }
     }
 }
 
@@ -45,6 +104,7 @@ struct Watcher {
     ipam: Ipam,
     stop: StopSignal,
     node: String,
+    _slot: StreamSlot,
     pending: VecDeque<Arc<Encoded>>,
     live: tokio::sync::broadcast::Receiver<Arc<Encoded>>,
     last: u64,
@@ -87,7 +147,7 @@ async fn next(mut w: Watcher) -> Option<(Result<PreEncoded, Status>, Watcher)> {
     }
 }
 
-struct WatchSvc(Ipam, StopSignal);
+struct WatchSvc(Ipam, StopSignal, StreamLimit);
 
 impl ServerStreamingService<pb::WatchRequest> for WatchSvc {
     type Response = PreEncoded;
@@ -95,9 +155,10 @@ impl ServerStreamingService<pb::WatchRequest> for WatchSvc {
     type Future = BoxFuture<Response<WatchStream>, Status>;
 
     fn call(&mut self, req: Request<pb::WatchRequest>) -> Self::Future {
-        let (ipam, stop) = (self.0.clone(), self.1.clone());
+        let (ipam, stop, limit) = (self.0.clone(), self.1.clone(), self.2.clone());
         Box::pin(async move {
             let node = caller(&req)?;
+            let slot = limit.acquire(&node)?;
             let req = req.into_inner();
             let since = req.since_revision;
             let from = ResumeFrom {
@@ -111,6 +172,7 @@ impl ServerStreamingService<pb::WatchRequest> for WatchSvc {
                 ipam,
                 stop,
                 node,
+                _slot: slot,
                 pending: start.initial.into(),
                 live: start.live,
                 last: since,
@@ -135,12 +197,15 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let (ipam, stop) = (self.ipam.clone(), self.stop.clone());
+        let (ipam, stop, limit) = (self.ipam.clone(), self.stop.clone(), self.limit.clone());
         match req.uri().path() {
             "/tabby.v1.IntentStream/Watch" => Box::pin(async move {
                 let codec = tonic_prost::ProstCodec::<PreEncoded, pb::WatchRequest>::default();
-                let mut grpc = tonic::server::Grpc::new(codec);
-                Ok(grpc.server_streaming(WatchSvc(ipam, stop), req).await)
+                // A WatchRequest is a few dozen bytes.
+                let mut grpc = tonic::server::Grpc::new(codec).max_decoding_message_size(64 << 10);
+                Ok(grpc
+                    .server_streaming(WatchSvc(ipam, stop, limit), req)
+                    .await)
             }),
             _ => Box::pin(async move { Ok(Status::unimplemented("unknown method").into_http()) }),
         }
@@ -198,10 +263,12 @@ mod tests {
             }
         };
         let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+        let limit = StreamLimit::new(8);
         let watcher = |since: u64, start: crate::intent::WatchStart| Watcher {
             ipam: ipam.clone(),
             stop: stop.clone(),
             node: "w".into(),
+            _slot: limit.acquire("w").unwrap(),
             pending: start.initial.into(),
             live: start.live,
             last: since,
@@ -254,5 +321,22 @@ mod tests {
         );
         drop(ipam);
         owner.join().unwrap();
+    }
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use super::StreamLimit;
+
+    #[test]
+    fn streams_per_identity_are_bounded_and_freed() {
+        let l = StreamLimit::new(2);
+        let a = l.acquire("n1").unwrap();
+        let _b = l.acquire("n1").unwrap();
+        let e = l.acquire("n1").err().unwrap();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        let _c = l.acquire("n2").expect("another node has its own bound");
+        drop(a);
+        let _d = l.acquire("n1").expect("an ended stream frees its slot");
     }
 }

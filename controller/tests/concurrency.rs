@@ -59,8 +59,8 @@ async fn concurrent_assignments_are_unique_affine_and_survive_restart() {
     let t0 = Instant::now();
     let mut tasks = Vec::new();
     for t in 0..TASKS {
-        let ch = c.channel().await;
         let node = node_name(t % NODES);
+        let ch = c.node_channel(&node).await;
         tasks.push(tokio::spawn(async move {
             let mut cl = node_client(ch, &node);
             let mut out = Vec::with_capacity(PER_TASK);
@@ -208,7 +208,7 @@ async fn concurrent_assignments_are_unique_affine_and_survive_restart() {
     // --- asking again returns the same address -----------------------------
     let mut again = Vec::new();
     for n in 0..NODES {
-        again.push(node_client(c.channel().await, &node_name(n)));
+        again.push(c.node(&node_name(n)).await);
     }
     for (i, (h, g)) in got.iter().enumerate().filter(|(i, _)| i % 53 == 0) {
         let n = g.node.trim_start_matches("node-").parse::<usize>().unwrap();
@@ -243,7 +243,7 @@ async fn concurrent_assignments_are_unique_affine_and_survive_restart() {
         })
         .await
         .expect_err("another node got the handle");
-    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
     drop(again);
     drop(admin);
 

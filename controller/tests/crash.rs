@@ -402,7 +402,7 @@ async fn sigkill_loses_nothing_acknowledged() {
         let killed = Arc::new(AtomicBool::new(false));
         let mut tasks = Vec::new();
         for t in 0..TASKS {
-            let ch = c.channel().await;
+            let ch = c.node_channel(&node_name(t % NODES)).await;
             tasks.push(tokio::spawn(client_task(
                 ch,
                 node_name(t % NODES),

@@ -18,7 +18,10 @@ use tonic::{service::interceptor::InterceptedService, transport::Channel, Stream
 type Client = IntentStreamClient<InterceptedService<Channel, NodeHeader>>;
 
 async fn client(c: &Controller, name: &str) -> Client {
-    IntentStreamClient::with_interceptor(c.channel().await, NodeHeader(name.parse().unwrap()))
+    IntentStreamClient::with_interceptor(
+        c.node_channel(name).await,
+        NodeHeader(name.parse().unwrap()),
+    )
 }
 
 /// What a node rebuilds from the stream: blocks and their nodes.
@@ -181,7 +184,7 @@ async fn snapshot_deltas_resume_and_slow_watchers() {
     assert_eq!((o.snapshots, o.deltas), (0, 4));
 
     // Without an identity the stream is refused.
-    let mut anon = IntentStreamClient::new(c.channel().await);
+    let mut anon = IntentStreamClient::new(common::anonymous_channel(c.addr).await);
     let e = anon.watch(WatchRequest::default()).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated);
 }

@@ -120,7 +120,8 @@ async fn list_pools(admin: &mut common::AdminClient) -> Vec<Pool> {
 async fn reflection_health_identity_and_bad_input() {
     let dir = temp_dir();
     let mut c = Controller::start(&dir.path().join("data"));
-    let ch = c.channel().await;
+    // Reflection and health need no client certificate.
+    let ch = common::anonymous_channel(c.addr).await;
 
     // --- reflection, both versions --------------------------------------
     let symbols = [
@@ -168,24 +169,24 @@ async fn reflection_health_identity_and_bad_input() {
             ..Default::default()
         })
         .await
-        .expect_err("Assign without the tabby-node header");
+        .expect_err("Assign without a client certificate");
     assert_eq!(e.code(), Code::Unauthenticated, "{e}");
     assert!(
-        e.message().contains(tabby_proto::NODE_IDENTITY_HEADER),
-        "the error should name the header: {e}"
+        e.message().contains("tabby://node/"),
+        "the error should say what certificate is needed: {e}"
     );
     let e = anon
         .list_handles(ListHandlesRequest {})
         .await
-        .expect_err("ListHandles without the header");
+        .expect_err("ListHandles without a client certificate");
     assert_eq!(e.code(), Code::Unauthenticated, "{e}");
-    let e = node_client(ch.clone(), "")
+    let e = node_client(ch.clone(), "worker1")
         .assign(AssignRequest {
             handle: "k8s-pod-network.anon".into(),
             ..Default::default()
         })
         .await
-        .expect_err("Assign with an empty tabby-node header");
+        .expect_err("Assign with a header but no certificate");
     assert_eq!(e.code(), Code::Unauthenticated, "{e}");
 
     // --- bad input changes nothing -----------------------------------------

@@ -9,7 +9,10 @@ use tonic::{
     Request, Status,
 };
 
-/// Adds the `tabby-node` identity header (later: replaced by mTLS).
+/// Adds the `tabby-node` header. Under mTLS the controller takes the
+/// node's identity from its certificate and only checks that the header
+/// agrees (a node started with another name than its certificate's is
+/// refused); with `--insecure` the header is the identity.
 #[derive(Clone)]
 pub struct Identity(MetadataValue<Ascii>);
 
@@ -37,14 +40,44 @@ pub struct Controller {
     pub intent: IntentClient,
 }
 
+/// How the node reaches the controller.
+#[derive(Clone)]
+pub enum Transport {
+    /// Mutual TLS, each new connection with the newest certificate files.
+    Tls(tabby_tls::Connector),
+    /// Plaintext (`--insecure`).
+    Plaintext,
+}
+
+/// The host part of a `--controller` address (`host:port`, `[v6]:port` or
+/// a URL): what the controller's certificate must name by default.
+pub fn controller_host(addr: &str) -> Result<String> {
+    let uri: tonic::transport::Uri = with_scheme(addr)
+        .parse()
+        .map_err(|e| Error::Invalid(format!("--controller {addr:?}: {e}")))?;
+    let host = uri
+        .host()
+        .ok_or_else(|| Error::Invalid(format!("--controller {addr:?} names no host")))?;
+    Ok(host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string())
+}
+
+fn with_scheme(addr: &str) -> String {
+    if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
 impl Controller {
     /// `addr` is `host:port` or a URL; `node` the identity to present.
-    pub fn new(addr: &str, node: &str) -> Result<Controller> {
-        let url = if addr.contains("://") {
-            addr.to_string()
-        } else {
-            format!("http://{addr}")
-        };
+    pub fn new(addr: &str, node: &str, transport: &Transport) -> Result<Controller> {
+        // The TLS connector wraps the connection itself: the endpoint's
+        // scheme stays http.
+        let url = with_scheme(addr).replacen("https://", "http://", 1);
         let ep = Endpoint::from_shared(url.clone())
             .map_err(|e| Error::Invalid(format!("--controller {addr:?}: {e}")))?
             .connect_timeout(Duration::from_secs(2))
@@ -52,7 +85,10 @@ impl Controller {
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5))
             .keep_alive_while_idle(true);
-        let ch = ep.connect_lazy();
+        let ch = match transport {
+            Transport::Tls(c) => ep.connect_with_connector_lazy(c.clone()),
+            Transport::Plaintext => ep.connect_lazy(),
+        };
         let id = Identity(node.parse().map_err(|_| {
             Error::Invalid(format!("node name {node:?} is not a valid header value"))
         })?);

@@ -14,6 +14,7 @@ pub mod kernel;
 pub mod netlink;
 pub mod nft;
 pub mod nft_monitor;
+pub mod peer;
 pub mod plan;
 pub mod reaper;
 pub mod reconciler;

@@ -10,11 +10,12 @@ use std::{
 };
 use tabby_node::{
     cni_server::PodNetworkService,
-    controller::Controller,
+    controller::{controller_host, Controller, Transport},
     daemon::{self, lock_status, Event, NodeStatus, Reconciler, SharedResume, Sysctl, Timers},
     detect, netlink,
     nft::Nft,
     nft_monitor,
+    peer::PeerCheckLayer,
 };
 use tabby_proto::v1::pod_network_server::PodNetworkServer;
 use tabby_runtime::{parse_duration, LogFormat};
@@ -58,6 +59,70 @@ struct Args {
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "TABBY_LOG", default_value = "info")]
     log: String,
+    /// This node's client certificate (PEM), naming tabby://node/<node-name>.
+    #[arg(long, env = "TABBY_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// The key of --tls-cert (PEM).
+    #[arg(long, env = "TABBY_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// The CA (PEM) the controller's certificate must chain to.
+    #[arg(long, env = "TABBY_CONTROLLER_CA")]
+    controller_ca: Option<PathBuf>,
+    /// The name the controller's certificate must carry; default: the host
+    /// of --controller.
+    #[arg(long, env = "TABBY_TLS_SERVER_NAME")]
+    tls_server_name: Option<String>,
+    /// How often the TLS files are checked for changes; new connections use
+    /// changed files without a restart.
+    #[arg(long, env = "TABBY_TLS_RELOAD_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    tls_reload_interval: Duration,
+    /// Talk to the controller in plaintext, naming this node in a header.
+    /// Development only; logs a warning.
+    #[arg(long, env = "TABBY_INSECURE")]
+    insecure: bool,
+    /// Uids besides root that may call the CNI socket (comma-separated).
+    #[arg(long, env = "TABBY_CNI_ALLOWED_UIDS", value_delimiter = ',')]
+    cni_allowed_uids: Vec<u32>,
+}
+
+/// How to reach the controller, from the flags: mutual TLS unless --insecure.
+fn transport(a: &Args) -> anyhow::Result<Transport> {
+    use tabby_tls::{material::Files, ClientMaterial, Connector, Identity, Reloading};
+    match (&a.tls_cert, &a.tls_key, &a.controller_ca, a.insecure) {
+        (None, None, None, true) => {
+            tracing::warn!("--insecure: talking to the controller in plaintext; the node's name is only a header");
+            Ok(Transport::Plaintext)
+        }
+        (Some(cert), Some(key), Some(ca), false) => {
+            // A certificate for another node would be refused on every
+            // call: say so at start instead.
+            let want = Identity::Node(a.node_name.clone());
+            let have = tabby_tls::material::identity_of(cert)?;
+            if have.as_ref() != Some(&want) {
+                anyhow::bail!(
+                    "--tls-cert {} names {}, but this node is {want}",
+                    cert.display(),
+                    have.map_or("no tabby identity".to_string(), |i| i.to_string())
+                );
+            }
+            let files = Files {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: ca.clone(),
+            };
+            let tls = Reloading::start(ClientMaterial(files), a.tls_reload_interval)
+                .context("loading --tls-cert, --tls-key and --controller-ca")?;
+            let name = match &a.tls_server_name {
+                Some(n) => n.clone(),
+                None => controller_host(&a.controller)?,
+            };
+            Ok(Transport::Tls(Connector::new(tls, &name, Duration::from_secs(2))?))
+        }
+        (_, _, _, true) => anyhow::bail!("--insecure cannot be combined with --tls-cert, --tls-key or --controller-ca"),
+        _ => anyhow::bail!(
+            "reaching the controller needs --tls-cert, --tls-key and --controller-ca (tabby-controller certs node ...), or --insecure"
+        ),
+    }
 }
 
 struct ProcSysctl;
@@ -90,7 +155,8 @@ async fn main() -> anyhow::Result<()> {
         a.node_ip.clone()
     };
     let node = daemon::node_record(&a.node_name, &addrs, &labels(&a.node_labels)?);
-    let ctl = Controller::new(&a.controller, &a.node_name)?;
+    let transport = transport(&a)?;
+    let ctl = Controller::new(&a.controller, &a.node_name, &transport)?;
     let st = Arc::new(Mutex::new(NodeStatus::default()));
     let resume = SharedResume::default();
     let stop = Arc::new(AtomicBool::new(false));
@@ -128,7 +194,8 @@ async fn main() -> anyhow::Result<()> {
     // serving pods.
     let (rec_done, mut rec_ended) = tokio::sync::oneshot::channel::<()>();
     let rec_thread = {
-        let (addr, name) = (a.controller.clone(), a.node_name.clone());
+        let (addr, name, transport) =
+            (a.controller.clone(), a.node_name.clone(), transport.clone());
         let (tx, st, stop, snapshots) = (tx.clone(), st.clone(), stop.clone(), snapshots.clone());
         std::thread::Builder::new()
             .name("reconciler".into())
@@ -137,7 +204,7 @@ async fn main() -> anyhow::Result<()> {
                 rec_rt.block_on(async move {
                     // Created inside this runtime, so that the watch's
                     // connection runs on this thread.
-                    match Controller::new(&addr, &name) {
+                    match Controller::new(&addr, &name, &transport) {
                         Ok(ctl) => {
                             tokio::spawn(daemon::watch(ctl, node, tx.clone(), resume, st, stop, snapshots));
                         }
@@ -219,6 +286,7 @@ async fn main() -> anyhow::Result<()> {
     let (stop_serving, serving_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
         tonic::transport::Server::builder()
+            .layer(PeerCheckLayer::new(a.cni_allowed_uids.clone()))
             .add_routes(routes)
             .add_service(PodNetworkServer::new(pods))
             .serve_with_incoming_shutdown(

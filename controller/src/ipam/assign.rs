@@ -185,7 +185,8 @@ impl IpamState {
         })?;
         if let Some(h) = self.handles.get(req.handle.as_str()) {
             if h.node != node {
-                return Err(Error::FailedPrecondition(format!(
+                // Another node's handle: not this caller's to use (#12).
+                return Err(Error::PermissionDenied(format!(
                     "handle {:?} is held by node {:?}, not {node:?}",
                     req.handle, h.node
                 )));

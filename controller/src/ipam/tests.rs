@@ -286,7 +286,7 @@ fn same_handle_same_address_and_handle_belongs_to_node() {
     assert_eq!(a, b);
     assert!(matches!(
         h.assign("n2", "net.c1"),
-        Err(Error::FailedPrecondition(_))
+        Err(Error::PermissionDenied(_))
     ));
     assert!(matches!(
         h.assign("ghost", "net.c2"),
@@ -676,7 +676,7 @@ proptest! {
                                 prop_assert_eq!(v.iter().map(|x| x.address).collect::<Vec<_>>(), e.addresses);
                             }
                         }
-                        Err(Error::FailedPrecondition(_)) => prop_assert!(existed.is_some()),
+                        Err(Error::PermissionDenied(_)) => prop_assert!(existed.is_some()),
                         Err(Error::Exhausted(_)) => {
                             // Only when no free address is usable.
                             let (used, _) = h.st.counts();

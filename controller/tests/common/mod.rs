@@ -19,6 +19,11 @@ use std::{
     time::{Duration, Instant},
 };
 use tabby_proto::v1::{ipam_admin_client::IpamAdminClient, node_agent_client::NodeAgentClient};
+use tabby_tls::{
+    issue::{issue, Kind, Validity},
+    material::Files,
+    ClientMaterial, Connector, Identity, Reloading,
+};
 use tonic::{
     metadata::{AsciiMetadataValue, MetadataKey},
     service::{interceptor::InterceptedService, Interceptor},
@@ -50,8 +55,96 @@ impl Interceptor for NodeHeader {
     }
 }
 
+/// This test binary's certificates directory: a CA, the controller's
+/// certificate for 127.0.0.1, and client certificates issued on demand.
+pub fn certs_dir() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+            "certs-{}-{}",
+            std::process::id(),
+            unique_suffix()
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        let v = Validity::days(2);
+        issue(&d, &Kind::Ca, v).expect("issuing the test CA");
+        issue(
+            &d,
+            &Kind::Server(vec!["127.0.0.1".into(), "localhost".into()]),
+            v,
+        )
+        .expect("issuing the controller's certificate");
+        d
+    })
+    .clone()
+}
+
+fn unique_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// The certificate files of `id` in [`certs_dir`], issued on first use.
+pub fn client_files(id: &Identity) -> Files {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _g = LOCK.lock().unwrap();
+    let dir = certs_dir();
+    let f = tabby_tls::issue::client_files(&dir, id);
+    if !f.cert.exists() {
+        issue(&dir, &Kind::Client(id.clone()), Validity::days(2))
+            .expect("issuing a client certificate");
+    }
+    f
+}
+
+/// The flags that make the controller serve mTLS with [`certs_dir`].
+pub fn tls_flags() -> Vec<String> {
+    let f = tabby_tls::issue::server_files(&certs_dir());
+    vec![
+        "--tls-cert".into(),
+        f.cert.display().to_string(),
+        "--tls-key".into(),
+        f.key.display().to_string(),
+        "--client-ca".into(),
+        f.ca.display().to_string(),
+    ]
+}
+
+/// A channel (its own HTTP/2 connection) to `addr` over mTLS as `files`
+/// (which must verify a server certificate for 127.0.0.1).
+pub async fn tls_channel(
+    addr: SocketAddr,
+    files: Files,
+) -> Result<Channel, tonic::transport::Error> {
+    let tls = Reloading::start(ClientMaterial(files), Duration::from_secs(3600))
+        .expect("loading client TLS material");
+    let conn = Connector::new(tls, "127.0.0.1", Duration::from_secs(5)).expect("connector");
+    Endpoint::from_shared(format!("http://{addr}"))
+        .expect("valid endpoint")
+        .connect_with_connector(conn)
+        .await
+}
+
+/// A channel over TLS that presents no client certificate.
+pub async fn anonymous_channel(addr: SocketAddr) -> Channel {
+    let tls = Reloading::start(
+        tabby_tls::material::AnonymousClient(certs_dir().join(tabby_tls::issue::CA_CERT)),
+        Duration::from_secs(3600),
+    )
+    .expect("loading the CA");
+    let conn = Connector::new(tls, "127.0.0.1", Duration::from_secs(5)).expect("connector");
+    Endpoint::from_shared(format!("http://{addr}"))
+        .expect("valid endpoint")
+        .connect_with_connector(conn)
+        .await
+        .expect("a TLS connection without a client certificate")
+}
+
 /// A running `tabby-controller` child process.
 pub struct Controller {
+    /// Whether it serves mTLS (else it runs `--insecure`).
+    pub tls: bool,
     /// The address it serves gRPC on.
     pub addr: SocketAddr,
     /// Its data directory.
@@ -100,10 +193,13 @@ impl Controller {
         Self::start_bin(&controller_bin(), data_dir, &[])
     }
 
-    /// Starts `bin` with `--listen 127.0.0.1:0 --data-dir <data_dir>` and
-    /// `extra` arguments, and waits until it serves gRPC.
+    /// Starts `bin` with `--listen 127.0.0.1:0 --data-dir <data_dir>`, the
+    /// harness's TLS flags (unless `extra` has `--insecure`) and `extra`
+    /// arguments, and waits until it serves gRPC.
     pub fn start_bin(bin: &Path, data_dir: &Path, extra: &[&str]) -> Controller {
+        let tls = !extra.contains(&"--insecure");
         let mut child = Command::new(bin)
+            .args(if tls { tls_flags() } else { Vec::new() })
             .arg("--listen")
             .arg("127.0.0.1:0")
             .arg("--data-dir")
@@ -147,6 +243,7 @@ impl Controller {
             });
         }
         let mut c = Controller {
+            tls,
             addr: "0.0.0.0:0".parse().unwrap(),
             data_dir: data_dir.to_path_buf(),
             child,
@@ -197,31 +294,47 @@ impl Controller {
         format!("http://{}", self.addr)
     }
 
-    /// A new channel (its own HTTP/2 connection).
-    pub async fn channel(&self) -> Channel {
-        Endpoint::from_shared(self.endpoint())
-            .expect("valid endpoint")
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(5))
-            .connect()
-            .await
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot connect to {}: {e}; stderr:\n{}",
-                    self.addr,
-                    self.stderr()
-                )
-            })
+    /// A new channel (its own HTTP/2 connection) as `id`: with `id`'s
+    /// certificate under mTLS; with `--insecure`, a plain one (node clients
+    /// add the header).
+    pub async fn channel_as(&self, id: &Identity) -> Channel {
+        let r = if self.tls {
+            tls_channel(self.addr, client_files(id)).await
+        } else {
+            Endpoint::from_shared(self.endpoint())
+                .expect("valid endpoint")
+                .tcp_nodelay(true)
+                .connect_timeout(Duration::from_secs(5))
+                .connect()
+                .await
+        };
+        r.unwrap_or_else(|e| {
+            panic!(
+                "cannot connect to {}: {e}; stderr:\n{}",
+                self.addr,
+                self.stderr()
+            )
+        })
+    }
+
+    /// A channel as the harness's admin, `tabby://admin/test`.
+    pub async fn admin_channel(&self) -> Channel {
+        self.channel_as(&Identity::Admin("test".into())).await
+    }
+
+    /// A channel as node `name`.
+    pub async fn node_channel(&self, name: &str) -> Channel {
+        self.channel_as(&Identity::Node(name.into())).await
     }
 
     /// An admin client on a new channel.
     pub async fn admin(&self) -> AdminClient {
-        IpamAdminClient::new(self.channel().await)
+        IpamAdminClient::new(self.admin_channel().await)
     }
 
     /// A node-facing client for node `name` on a new channel.
     pub async fn node(&self, name: &str) -> NodeClient {
-        node_client(self.channel().await, name)
+        node_client(self.node_channel(name).await, name)
     }
 
     /// Sends SIGTERM, waits for the exit and asserts it was status 0.

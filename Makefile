@@ -30,8 +30,14 @@ bench: deps
 	$(CARGO) bench -p tabby-integration --bench cni_cycle
 	$(CARGO) bench -p tabby-integration --bench convergence
 
+# Serves mutual TLS with certificates in ./tabby-certs (made on first run:
+# a CA, the controller's for 127.0.0.1, and admin-ops for grpcurl).
 run-controller: build
-	target/release/tabby-controller --listen 127.0.0.1:5151 --data-dir ./tabby-data --bootstrap-pool 10.244.0.0/16
+	test -f tabby-certs/ca.pem || { target/release/tabby-controller certs init --dir tabby-certs && \
+	  target/release/tabby-controller certs server --dir tabby-certs --san 127.0.0.1 --san localhost && \
+	  target/release/tabby-controller certs admin --dir tabby-certs ops; }
+	target/release/tabby-controller --listen 127.0.0.1:5151 --data-dir ./tabby-data --bootstrap-pool 10.244.0.0/16 \
+	  --tls-cert tabby-certs/server.pem --tls-key tabby-certs/server-key.pem --client-ca tabby-certs/ca.pem
 
 # The three-node lab of the Calico walkthrough, in network namespaces (root).
 lab: deps build

@@ -1492,6 +1492,11 @@ fn tabby_lab(tag: &str, n: usize, bulk: usize) -> Result<(Lab, Vec<u32>, pb::Nod
             POOL.into(),
             "--bootstrap-block-size".into(),
             BLOCK_LEN.to_string(),
+            // Plaintext: this bench times route convergence against BIRD
+            // (which runs its sessions unauthenticated here too); the cost
+            // of mTLS is measured by the controller's ipam_grpc and fanout
+            // benches.
+            "--insecure".into(),
         ],
         &[],
     )?;
@@ -1567,6 +1572,7 @@ fn tabby_lab(tag: &str, n: usize, bulk: usize) -> Result<(Lab, Vec<u32>, pb::Nod
                 node_name(i),
                 "--cni-socket".into(),
                 dir.join(format!("n{i}.sock")).display().to_string(),
+                "--insecure".into(),
             ],
             &[],
         )?);

@@ -101,6 +101,20 @@ pub fn grpcurl() -> PathBuf {
         })
 }
 
+/// grpcurl's flags for calling the controller of the lab in `dir` as its
+/// admin (`tabby://admin/lab`).
+pub fn admin_tls_flags(dir: &Path) -> Vec<String> {
+    let d = dir.join("certs");
+    vec![
+        "-cacert".into(),
+        d.join("ca.pem").display().to_string(),
+        "-cert".into(),
+        d.join("admin-lab.pem").display().to_string(),
+        "-key".into(),
+        d.join("admin-lab-key.pem").display().to_string(),
+    ]
+}
+
 /// A process the lab started.
 #[derive(Debug, Serialize, Deserialize, Clone)]
 pub struct ProcInfo {
@@ -174,6 +188,7 @@ impl Lab {
             node_ips: BTreeMap::new(),
             persist: false,
         };
+        lab.make_certs()?;
         lab.build_fabric()?;
         lab.start_controller()?;
         for (n, ip) in lab.cfg.nodes.clone() {
@@ -187,6 +202,47 @@ impl Lab {
         }
         lab.save()?;
         Ok(lab)
+    }
+
+    /// The lab's certificates: a CA, the controller's (for its fabric
+    /// address), an admin's (`tabby://admin/lab`) and one per node.
+    pub fn certs_dir(&self) -> PathBuf {
+        self.cfg.dir.join("certs")
+    }
+
+    /// Runs `tabby-controller certs <args> --dir <certs_dir>`: the lab makes
+    /// its certificates the way an operator does.
+    fn certs(&self, args: &[&str]) -> Result<()> {
+        let bin = self.cfg.bin_dir.join("tabby-controller");
+        let out = Command::new(&bin)
+            .arg("certs")
+            .args(args)
+            .arg("--dir")
+            .arg(self.certs_dir())
+            .output()
+            .with_context(|| format!("running {} certs", bin.display()))?;
+        if !out.status.success() {
+            bail!(
+                "tabby-controller certs {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    fn make_certs(&self) -> Result<()> {
+        if self.certs_dir().join("ca.pem").exists() {
+            return Ok(());
+        }
+        let host = CONTROLLER.split(':').next().unwrap_or_default();
+        self.certs(&["init"])?;
+        self.certs(&["server", "--san", host])?;
+        self.certs(&["admin", "lab"])
+    }
+
+    /// grpcurl's flags for calling the controller as the lab's admin.
+    pub fn admin_tls_flags(&self) -> Vec<String> {
+        admin_tls_flags(&self.cfg.dir)
     }
 
     /// Name of the fabric namespace.
@@ -304,6 +360,15 @@ impl Lab {
             self.cfg.pool.clone(),
             "--bootstrap-block-size".into(),
             self.cfg.block_size.to_string(),
+            "--tls-cert".into(),
+            self.certs_dir().join("server.pem").display().to_string(),
+            "--tls-key".into(),
+            self.certs_dir()
+                .join("server-key.pem")
+                .display()
+                .to_string(),
+            "--client-ca".into(),
+            self.certs_dir().join("ca.pem").display().to_string(),
         ];
         let mark = log_len(&log);
         let f = self.fabric();
@@ -369,7 +434,17 @@ impl Lab {
     /// Starts (or restarts) a node's tabby-node.
     pub fn start_node(&mut self, node: &str) -> Result<()> {
         let ns = self.node_ns(node);
+        let d = self.certs_dir();
+        if !d.join(format!("node-{node}.pem")).exists() {
+            self.certs(&["node", node])?;
+        }
         let args = vec![
+            "--tls-cert".into(),
+            d.join(format!("node-{node}.pem")).display().to_string(),
+            "--tls-key".into(),
+            d.join(format!("node-{node}-key.pem")).display().to_string(),
+            "--controller-ca".into(),
+            d.join("ca.pem").display().to_string(),
             "--controller".into(),
             CONTROLLER.into(),
             "--node-name".into(),
@@ -583,10 +658,34 @@ impl Lab {
         self.save()
     }
 
-    /// Runs grpcurl against the controller from inside the fabric.
+    /// Runs grpcurl against the controller from inside the fabric as the
+    /// lab's admin.
     pub fn grpcurl(&self, args: &[&str]) -> Result<String> {
+        self.grpcurl_with(self.admin_tls_flags(), args)
+    }
+
+    /// Runs grpcurl against the controller from inside the fabric as node
+    /// `node` (its certificate, issued if the lab has none for it yet).
+    pub fn grpcurl_as(&self, node: &str, args: &[&str]) -> Result<String> {
+        let d = self.certs_dir();
+        if !d.join(format!("node-{node}.pem")).exists() {
+            self.certs(&["node", node])?;
+        }
+        let tls = vec![
+            "-cacert".into(),
+            d.join("ca.pem").display().to_string(),
+            "-cert".into(),
+            d.join(format!("node-{node}.pem")).display().to_string(),
+            "-key".into(),
+            d.join(format!("node-{node}-key.pem")).display().to_string(),
+        ];
+        self.grpcurl_with(tls, args)
+    }
+
+    fn grpcurl_with(&self, tls: Vec<String>, args: &[&str]) -> Result<String> {
         let g = self.cfg.grpcurl.display().to_string();
-        let mut cmd = vec![g.as_str(), "-plaintext"];
+        let mut cmd = vec![g.as_str()];
+        cmd.extend(tls.iter().map(String::as_str));
         let last = args.len().saturating_sub(1);
         cmd.extend_from_slice(&args[..last]);
         cmd.push(CONTROLLER);

@@ -554,21 +554,23 @@ fn status_follows_the_node_client_and_the_controller() {
 
     // A node whose address no node can reach gets a block: every node fails
     // to route to it. With the controller gone as well, STATUS says 51.
-    lab.grpcurl(&[
-        "-H",
-        "tabby-node: ghost",
-        "-d",
-        r#"{"node":{"addresses":["203.0.113.99"]}}"#,
-        "tabby.v1.NodeAgent/RegisterNode",
-    ])
+    lab.grpcurl_as(
+        "ghost",
+        &[
+            "-d",
+            r#"{"node":{"addresses":["203.0.113.99"]}}"#,
+            "tabby.v1.NodeAgent/RegisterNode",
+        ],
+    )
     .unwrap();
-    lab.grpcurl(&[
-        "-H",
-        "tabby-node: ghost",
-        "-d",
-        r#"{"handle":"ghost.pod"}"#,
-        "tabby.v1.NodeAgent/Assign",
-    ])
+    lab.grpcurl_as(
+        "ghost",
+        &[
+            "-d",
+            r#"{"handle":"ghost.pod"}"#,
+            "tabby.v1.NodeAgent/Assign",
+        ],
+    )
     .unwrap();
     let st = status(&lab);
     assert!(st.ok, "ready despite a failing route: {:?}", st);

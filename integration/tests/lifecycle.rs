@@ -422,13 +422,14 @@ fn encapsulated_pools_are_reported_not_routed() {
     )
     .unwrap();
     // A block of it on worker2: worker gets no (wrong) route for it.
-    lab.grpcurl(&[
-        "-H",
-        "tabby-node: worker2",
-        "-d",
-        r#"{"handle":"x.overlay","requested":["10.50.0.5"]}"#,
-        "tabby.v1.NodeAgent/Assign",
-    ])
+    lab.grpcurl_as(
+        "worker2",
+        &[
+            "-d",
+            r#"{"handle":"x.overlay","requested":["10.50.0.5"]}"#,
+            "tabby.v1.NodeAgent/Assign",
+        ],
+    )
     .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
     // The node's status says so too (grpcurl over the node's socket).
@@ -488,6 +489,58 @@ fn a_failed_add_rolls_back_and_the_socket_is_private() {
         .mode()
         & 0o777;
     assert_eq!(mode, 0o600, "the CNI socket is for root only");
+    // Made reachable by mistake (a chmod here), the socket still answers
+    // only root: tabby-node checks each caller's uid (SO_PEERCRED).
+    let sock = lab.socket("worker");
+    let mut p = sock.parent().map(std::path::Path::to_path_buf);
+    while let Some(d) = p {
+        if !d.starts_with(_d.path()) {
+            break;
+        }
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        p = d.parent().map(std::path::Path::to_path_buf);
+    }
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let status = |uid: Option<u32>| {
+        use std::io::Write;
+        use std::os::unix::process::CommandExt;
+        let mut cmd = std::process::Command::new(lab.cfg.bin_dir.join("tabby"));
+        cmd.env("CNI_COMMAND", "STATUS")
+            .env("CNI_PATH", &lab.cfg.bin_dir)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        if let Some(u) = uid {
+            cmd.uid(u).gid(u);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let mut cfg = lab.cni_config("worker");
+        cfg["cniVersion"] = "1.1.0".into();
+        let cfg = cfg.to_string();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(cfg.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (ok, out) = status(Some(65534));
+    assert!(
+        !ok && out.contains("65534"),
+        "uid 65534 was not refused: {out}"
+    );
+    let (ok, out) = status(None);
+    assert!(ok, "root was refused: {out}");
+    let log = std::fs::read_to_string(lab.node_log("worker")).unwrap();
+    assert!(
+        log.contains("CNI socket call refused"),
+        "the node did not log the refusal:\n{log}"
+    );
     // The pod namespace already has an eth0: wiring fails after the address
     // was assigned, so ADD must release it and leave no veth behind.
     let ns = TestNs::new(&lab, "rollback");

@@ -88,26 +88,28 @@ fn show_routes_for_a_node_is_what_its_kernel_holds() {
         "tabby.v1.IpamAdmin/CreatePool",
     ])
     .unwrap();
-    lab.grpcurl(&[
-        "-H",
-        "tabby-node: worker2",
-        "-d",
-        r#"{"handle":"x.overlay","requested":["10.50.0.5"]}"#,
-        "tabby.v1.NodeAgent/Assign",
-    ])
+    lab.grpcurl_as(
+        "worker2",
+        &[
+            "-d",
+            r#"{"handle":"x.overlay","requested":["10.50.0.5"]}"#,
+            "tabby.v1.NodeAgent/Assign",
+        ],
+    )
     .unwrap();
     // An address of control-plane's block held by worker: a borrowed /32.
     let IpAddr::V4(v4) = cp.ip else {
         panic!("v4 pod")
     };
     let borrowed = std::net::Ipv4Addr::from(u32::from(v4) + 10);
-    lab.grpcurl(&[
-        "-H",
-        "tabby-node: worker",
-        "-d",
-        &format!(r#"{{"handle":"x.borrowed","requested":["{borrowed}"]}}"#),
-        "tabby.v1.NodeAgent/Assign",
-    ])
+    lab.grpcurl_as(
+        "worker",
+        &[
+            "-d",
+            &format!(r#"{{"handle":"x.borrowed","requested":["{borrowed}"]}}"#),
+            "tabby.v1.NodeAgent/Assign",
+        ],
+    )
     .unwrap();
     let alloc = allocation(&lab, &borrowed.to_string()).expect("allocated");
     assert_eq!(alloc["allocations"][0]["borrowed"], true, "{alloc}");

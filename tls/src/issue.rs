@@ -202,6 +202,27 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(io)
 }
 
+/// The files [`issue`] writes for a client identity, with `dir`'s CA: what a
+/// node or an operator connects with.
+pub fn client_files(dir: &Path, id: &Identity) -> crate::material::Files {
+    let stem = stem_of(id);
+    crate::material::Files {
+        cert: dir.join(format!("{stem}.pem")),
+        key: dir.join(format!("{stem}-key.pem")),
+        ca: dir.join(CA_CERT),
+    }
+}
+
+/// The files [`issue`] writes for the controller, with `dir`'s CA: what the
+/// controller serves with.
+pub fn server_files(dir: &Path) -> crate::material::Files {
+    crate::material::Files {
+        cert: dir.join("server.pem"),
+        key: dir.join("server-key.pem"),
+        ca: dir.join(CA_CERT),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,25 +258,4 @@ mod tests {
         assert!(issue(d.path(), &Kind::Client(Identity::Node("Bad".into())), v).is_err());
     }
     use rustls::pki_types::pem::PemObject;
-}
-
-/// The files [`issue`] writes for a client identity, with `dir`'s CA: what a
-/// node or an operator connects with.
-pub fn client_files(dir: &Path, id: &Identity) -> crate::material::Files {
-    let stem = stem_of(id);
-    crate::material::Files {
-        cert: dir.join(format!("{stem}.pem")),
-        key: dir.join(format!("{stem}-key.pem")),
-        ca: dir.join(CA_CERT),
-    }
-}
-
-/// The files [`issue`] writes for the controller, with `dir`'s CA: what the
-/// controller serves with.
-pub fn server_files(dir: &Path) -> crate::material::Files {
-    crate::material::Files {
-        cert: dir.join("server.pem"),
-        key: dir.join("server-key.pem"),
-        ca: dir.join(CA_CERT),
-    }
 }

@@ -159,9 +159,12 @@ impl Build for ClientMaterial {
     }
 }
 
+/// A built config and the file contents it was built from.
+type Loaded<C> = (Arc<C>, Vec<Vec<u8>>);
+
 struct Shared<M: Build> {
     material: M,
-    current: RwLock<(Arc<M::Config>, Vec<Vec<u8>>)>,
+    current: RwLock<Loaded<M::Config>>,
 }
 
 /// A rustls config that follows its files: a watcher thread re-reads them

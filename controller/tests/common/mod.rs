@@ -119,6 +119,15 @@ pub async fn tls_channel(
 ) -> Result<Channel, tonic::transport::Error> {
     let tls = Reloading::start(ClientMaterial(files), Duration::from_secs(3600))
         .expect("loading client TLS material");
+    reloading_channel(addr, tls).await
+}
+
+/// A channel over mTLS with `tls`, which may follow its files: each new
+/// connection of the channel uses what `tls` holds then.
+pub async fn reloading_channel(
+    addr: SocketAddr,
+    tls: Reloading<ClientMaterial>,
+) -> Result<Channel, tonic::transport::Error> {
     let conn = Connector::new(tls, "127.0.0.1", Duration::from_secs(5)).expect("connector");
     Endpoint::from_shared(format!("http://{addr}"))
         .expect("valid endpoint")
@@ -198,8 +207,10 @@ impl Controller {
     /// arguments, and waits until it serves gRPC.
     pub fn start_bin(bin: &Path, data_dir: &Path, extra: &[&str]) -> Controller {
         let tls = !extra.contains(&"--insecure");
+        // A test that brings its own material passes --tls-cert itself.
+        let own = extra.contains(&"--tls-cert");
         let mut child = Command::new(bin)
-            .args(if tls { tls_flags() } else { Vec::new() })
+            .args(if tls && !own { tls_flags() } else { Vec::new() })
             .arg("--listen")
             .arg("127.0.0.1:0")
             .arg("--data-dir")

@@ -79,20 +79,21 @@ fn show(state: &LabState) -> Result<()> {
         &shell(&node_ns, "nft list table ip tabby"),
     );
     let g = lab::grpcurl().display().to_string();
+    let tls = lab::admin_tls_flags(&state.dir).join(" ");
     section(
         "3. the controller's cluster route table",
-        "grpcurl -plaintext 172.18.0.1:5151 tabby.v1.IpamAdmin/ShowRoutes",
+        &format!("grpcurl {tls} 172.18.0.1:5151 tabby.v1.IpamAdmin/ShowRoutes"),
         &shell(
             &fabric,
-            &format!("{g} -plaintext 172.18.0.1:5151 tabby.v1.IpamAdmin/ShowRoutes"),
+            &format!("{g} {tls} 172.18.0.1:5151 tabby.v1.IpamAdmin/ShowRoutes"),
         ),
     );
     section(
         "   IPAM summary",
-        "grpcurl -plaintext 172.18.0.1:5151 tabby.v1.IpamAdmin/ShowIpam",
+        &format!("grpcurl {tls} 172.18.0.1:5151 tabby.v1.IpamAdmin/ShowIpam"),
         &shell(
             &fabric,
-            &format!("{g} -plaintext 172.18.0.1:5151 tabby.v1.IpamAdmin/ShowIpam"),
+            &format!("{g} {tls} 172.18.0.1:5151 tabby.v1.IpamAdmin/ShowIpam"),
         ),
     );
     section(

@@ -238,13 +238,7 @@ pub fn holder(lab: &Lab, ip: &str) -> Option<String> {
 /// Handles the controller says `node` holds (NodeAgent/ListHandles as that node).
 pub fn node_handles(lab: &Lab, node: &str) -> Vec<String> {
     let out = lab
-        .grpcurl(&[
-            "-H",
-            &format!("tabby-node: {node}"),
-            "-d",
-            "{}",
-            "tabby.v1.NodeAgent/ListHandles",
-        ])
+        .grpcurl_as(node, &["-d", "{}", "tabby.v1.NodeAgent/ListHandles"])
         .unwrap();
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     v["handles"]

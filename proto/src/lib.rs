@@ -13,6 +13,8 @@ pub mod limits;
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/tabby_descriptor.bin"));
 
-/// gRPC metadata key that carries the calling node's name on node-facing calls
-/// until mTLS identities replace it. Read in exactly one place in the controller.
+/// gRPC metadata key that names the calling node on node-facing calls. Under
+/// mutual TLS the certificate names the node and a header naming another node
+/// is refused; only a controller run with `--insecure` takes the name from it.
+/// Read in exactly one place in the controller.
 pub const NODE_IDENTITY_HEADER: &str = "tabby-node";

@@ -122,6 +122,12 @@ impl Build for ServerMaterial {
             .with_client_cert_verifier(verifier)
             .with_single_cert(certs(&f.cert, c)?, key(&f.key, k)?)?;
         cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+        // No session resumption: a resumed session skips verifying the
+        // client's certificate, so an identity whose certificate expired
+        // or whose CA was replaced could go on connecting. Connections are
+        // long-lived; a full handshake per connection costs little.
+        cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        cfg.send_tls13_tickets = 0;
         Ok(cfg)
     }
 }
@@ -258,4 +264,62 @@ pub fn identity_of(cert: &Path) -> Result<Option<crate::Identity>> {
     let pem = read(cert)?;
     let leaf = certs(cert, &pem)?.remove(0);
     crate::Identity::from_cert_der(&leaf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::issue::{client_files, issue, Kind, Validity};
+    use crate::Identity;
+
+    /// A changed certificate is swapped in; files that do not load leave the
+    /// previous config in place until they do.
+    #[test]
+    fn reloads_changed_files_and_keeps_the_old_config_on_bad_ones() {
+        let d = tempfile::tempdir().unwrap();
+        let id = Identity::Node("n1".into());
+        issue(d.path(), &Kind::Ca, Validity::days(1)).unwrap();
+        issue(d.path(), &Kind::Client(id.clone()), Validity::days(1)).unwrap();
+        let files = client_files(d.path(), &id);
+        let r = Reloading::start(ClientMaterial(files.clone()), Duration::from_secs(3600)).unwrap();
+        let first = r.current();
+        assert!(!r.reload().unwrap(), "unchanged files change nothing");
+        assert!(Arc::ptr_eq(&first, &r.current()));
+
+        issue(d.path(), &Kind::Client(id.clone()), Validity::days(2)).unwrap();
+        assert!(r.reload().unwrap(), "a new certificate is loaded");
+        let second = r.current();
+        assert!(!Arc::ptr_eq(&first, &second));
+
+        // A key that does not match the certificate: refused, old config kept.
+        let other = tempfile::tempdir().unwrap();
+        issue(other.path(), &Kind::Ca, Validity::days(1)).unwrap();
+        std::fs::copy(other.path().join(crate::issue::CA_KEY), &files.key).unwrap();
+        assert!(r.reload().is_err());
+        assert!(Arc::ptr_eq(&second, &r.current()));
+        std::fs::write(&files.cert, b"not PEM").unwrap();
+        assert!(r.reload().is_err());
+        assert!(Arc::ptr_eq(&second, &r.current()));
+    }
+
+    #[test]
+    fn missing_or_empty_files_are_clear_errors() {
+        let d = tempfile::tempdir().unwrap();
+        let f = Files {
+            cert: d.path().join("nope.pem"),
+            key: d.path().join("nope-key.pem"),
+            ca: d.path().join("ca.pem"),
+        };
+        let e = Reloading::start(ServerMaterial(f.clone()), Duration::from_secs(1))
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("nope.pem"), "{e}");
+        for p in [&f.cert, &f.key, &f.ca] {
+            std::fs::write(p, b"").unwrap();
+        }
+        let e = Reloading::start(ServerMaterial(f), Duration::from_secs(1))
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("no CERTIFICATE"), "{e}");
+    }
 }

@@ -47,13 +47,34 @@ pub struct CniError {
     pub details: String,
 }
 
+/// Longest `msg` or `details` an error carries, in bytes.
+pub const MAX_TEXT: usize = 1024;
+
+/// `s` cut at a character boundary to at most [`MAX_TEXT`] bytes, saying
+/// how much was left out.
+fn excerpt(mut s: String) -> String {
+    if s.len() <= MAX_TEXT {
+        return s;
+    }
+    let total = s.len();
+    let mut end = MAX_TEXT - 40;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.truncate(end);
+    s.push_str(&format!("... ({total} bytes in all)"));
+    s
+}
+
 impl CniError {
-    /// An error with a code, a message and details.
+    /// An error with a code, a message and details, each cut to
+    /// [`MAX_TEXT`] bytes: a message that quotes a huge input (a 1 MiB
+    /// value of the wrong type) stays readable in the runtime's log.
     pub fn new(code: u32, msg: impl Into<String>, details: impl Into<String>) -> Self {
         Self {
             code,
-            msg: msg.into(),
-            details: details.into(),
+            msg: excerpt(msg.into()),
+            details: excerpt(details.into()),
         }
     }
 
@@ -79,7 +100,7 @@ impl CniError {
 
     /// Same error with details set.
     pub fn with_details(mut self, details: impl Into<String>) -> Self {
-        self.details = details.into();
+        self.details = excerpt(details.into());
         self
     }
 

@@ -128,3 +128,6 @@ pub fn cluster_route_to_pb(r: tabby_routing::ClusterRoute) -> pb::ClusterRoute {
         encapsulation: encap_to_pb(r.encapsulation) as i32,
     }
 }
+
+#[cfg(test)]
+mod fuzz;

@@ -293,10 +293,12 @@ fn identify(
         && !a
             .ifname
             .chars()
-            .any(|c| c == '/' || c == ':' || c.is_whitespace());
+            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control());
     if !if_ok {
+        // Control characters (a NUL) would only fail in the kernel, after
+        // an address was assigned.
         return Err(invalid(format!(
-            "interface name {:?} is invalid (1..15 characters, no '/', ':' or spaces)",
+            "interface name {:?} is invalid (1..15 characters, no '/', ':', spaces or control characters)",
             a.ifname
         )));
     }

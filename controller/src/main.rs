@@ -64,6 +64,10 @@ struct Args {
     /// Log filter (tracing EnvFilter syntax, e.g. "info,tabby_controller=debug").
     #[arg(long, env = "TABBY_LOG", default_value = "info")]
     log: String,
+    /// Also serve grpc.health.v1 (and reflection) alone, in plaintext, on
+    /// this address: for kubelet's native gRPC probes, which cannot do TLS.
+    #[arg(long, env = "TABBY_HEALTH_LISTEN")]
+    health_listen: Option<String>,
     /// The controller's certificate (PEM, leaf first) for mutual TLS.
     #[arg(long, env = "TABBY_TLS_CERT")]
     tls_cert: Option<PathBuf>,
@@ -306,6 +310,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding --listen {}", args.listen))?;
+    let health_listener = match &args.health_listen {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding --health-listen {a}"))?,
+        ),
+        None => None,
+    };
+    if let Some(l) = &health_listener {
+        tracing::info!(addr = %l.local_addr()?, "serving plaintext health checks");
+    }
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating --data-dir {}", args.data_dir.display()))?;
     let store = Arc::new(
@@ -331,7 +346,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tracing::info!(listen = %listener.local_addr()?, tls = opts.tls.is_some(), "serving gRPC");
     let shutdown = tabby_runtime::shutdown_signal()?;
     tokio::select! {
-        r = server::serve(listener, ipam, opts, shutdown) => r?,
+        r = server::serve(listener, health_listener, ipam, opts, shutdown) => r?,
         e = owner.failed() => return Err(OwnerFailed(e).into()),
     }
     // The server dropped its Ipam handles: the owner commits what is queued,

@@ -48,9 +48,12 @@ impl ServeOptions {
 }
 
 /// Serves every controller service on `listener` until `shutdown` resolves,
-/// then finishes in-flight calls and returns.
+/// then finishes in-flight calls and returns. `health`, if given, serves
+/// grpc.health.v1 (and reflection) alone in plaintext: kubelet's native
+/// gRPC probes cannot present a certificate, or speak TLS at all.
 pub async fn serve(
     listener: TcpListener,
+    health_listener: Option<TcpListener>,
     ipam: Ipam,
     opts: ServeOptions,
     shutdown: impl Future<Output = ()> + Send,
@@ -80,6 +83,20 @@ pub async fn serve(
         shutdown.await;
         let _ = stop_tx.send(true);
     };
+    if let Some(l) = health_listener {
+        let mut stop = stop.clone();
+        let probes = Server::builder()
+            .timeout(Duration::from_secs(5))
+            .add_routes(routes.clone())
+            .serve_with_incoming_shutdown(TcpIncoming::from(l), async move {
+                let _ = stop.wait_for(|s| *s).await;
+            });
+        tokio::spawn(async move {
+            if let Err(e) = probes.await {
+                tracing::error!(error = %e, "the health listener stopped");
+            }
+        });
+    }
     let watch =
         IntentStreamServer::new(ipam, stop, StreamLimit::new(opts.max_streams_per_identity));
     let mode = if opts.tls.is_some() {

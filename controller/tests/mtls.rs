@@ -494,3 +494,45 @@ async fn soon_to_expire_certificates_are_replaced_under_load() {
         c.stderr()
     );
 }
+
+/// `--health-listen` serves grpc.health.v1 in plaintext for kubelet's
+/// probes, and nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plaintext_health_listener_serves_health_only() {
+    let dir = temp_dir();
+    let c = Controller::start_bin(
+        &common::controller_bin(),
+        &dir.path().join("data"),
+        &["--health-listen", "127.0.0.1:0"],
+    );
+    let log = c.stderr();
+    let addr = log
+        .lines()
+        .find(|l| l.contains("serving plaintext health checks"))
+        .and_then(|l| l.split("addr=").nth(1))
+        .and_then(|v| v.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no health listener line in:\n{log}"))
+        .to_string();
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let r = tonic_health::pb::health_client::HealthClient::new(ch.clone())
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "tabby.v1.IpamAdmin".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        r.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    let mut admin = tabby_proto::v1::ipam_admin_client::IpamAdminClient::new(ch);
+    assert_eq!(
+        code(admin.list_pools(ListPoolsRequest {}).await),
+        Code::Unimplemented,
+        "the plaintext port serves no tabby service"
+    );
+}

@@ -536,6 +536,13 @@ fn a_failed_add_rolls_back_and_the_socket_is_private() {
     );
     let (ok, out) = status(None);
     assert!(ok, "root was refused: {out}");
+    // The DaemonSet's readiness probe: `tabby-node ready` on the socket.
+    let r = std::process::Command::new(lab.cfg.bin_dir.join("tabby-node"))
+        .args(["ready", "--cni-socket"])
+        .arg(&sock)
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "tabby-node ready: {r:?}");
     let log = std::fs::read_to_string(lab.node_log("worker")).unwrap();
     assert!(
         log.contains("CNI socket call refused"),

@@ -10,6 +10,7 @@ pub mod controller;
 pub mod daemon;
 pub mod detect;
 pub mod error;
+pub mod install;
 pub mod kernel;
 pub mod netlink;
 pub mod nft;

@@ -23,14 +23,17 @@ use tabby_runtime::{parse_duration, LogFormat};
 /// tabby node client: registers this node, applies the controller's route and
 /// NAT intent, and wires pods for the `tabby` CNI plugin.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(version, subcommand_negates_reqs = true)]
 struct Args {
+    /// Without a subcommand: run the node client.
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Controller gRPC address (host:port).
-    #[arg(long, env = "TABBY_CONTROLLER")]
-    controller: String,
+    #[arg(long, env = "TABBY_CONTROLLER", required = true)]
+    controller: Option<String>,
     /// This node's name (Kubernetes node name).
-    #[arg(long, env = "NODE_NAME")]
-    node_name: String,
+    #[arg(long, env = "NODE_NAME", required = true)]
+    node_name: Option<String>,
     /// This node's address(es); autodetected from the default route's interface when absent.
     #[arg(long, env = "TABBY_NODE_IP", value_delimiter = ',')]
     node_ip: Vec<IpAddr>,
@@ -85,8 +88,65 @@ struct Args {
     cni_allowed_uids: Vec<u32>,
 }
 
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Install the `tabby` plugin and its conflist into the host's CNI
+    /// directories (a DaemonSet's init container). Each file is written
+    /// beside its destination and renamed over it.
+    InstallCni {
+        /// The plugin binary to install.
+        #[arg(long, default_value = "/opt/tabby/bin/tabby")]
+        plugin: PathBuf,
+        /// The conflist to install (its file name is kept).
+        #[arg(long, default_value = "/opt/tabby/10-tabby.conflist")]
+        conflist: PathBuf,
+        /// The host's CNI binary directory, as mounted.
+        #[arg(long, default_value = "/host/opt/cni/bin")]
+        cni_bin_dir: PathBuf,
+        /// The host's CNI config directory, as mounted.
+        #[arg(long, default_value = "/host/etc/cni/net.d")]
+        cni_conf_dir: PathBuf,
+    },
+    /// Exit 0 when the node client on the socket is ready (registered and
+    /// watching intent), 1 otherwise: a readiness probe.
+    Ready {
+        /// The node client's CNI socket.
+        #[arg(long, env = "TABBY_CNI_SOCKET", default_value = "/run/tabby/cni.sock")]
+        cni_socket: PathBuf,
+    },
+}
+
+/// `tabby-node ready`: asks the node's own socket for its Status.
+async fn ready(socket: PathBuf) -> anyhow::Result<()> {
+    use tabby_proto::v1::{pod_network_client::PodNetworkClient, PodStatusRequest};
+    let ch = tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(5))
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let socket = socket.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(socket).await?,
+                ))
+            }
+        }))
+        .await
+        .context("connecting to the CNI socket")?;
+    let st = PodNetworkClient::new(ch)
+        .status(PodStatusRequest {})
+        .await
+        .context("Status")?
+        .into_inner();
+    if st.ready {
+        println!("ready (intent revision {})", st.revision);
+        Ok(())
+    } else {
+        anyhow::bail!("not ready: {}", st.reason)
+    }
+}
+
 /// How to reach the controller, from the flags: mutual TLS unless --insecure.
-fn transport(a: &Args) -> anyhow::Result<Transport> {
+fn transport(a: &Args, controller: &str, node_name: &str) -> anyhow::Result<Transport> {
     use tabby_tls::{material::Files, ClientMaterial, Connector, Identity, Reloading};
     match (&a.tls_cert, &a.tls_key, &a.controller_ca, a.insecure) {
         (None, None, None, true) => {
@@ -96,7 +156,7 @@ fn transport(a: &Args) -> anyhow::Result<Transport> {
         (Some(cert), Some(key), Some(ca), false) => {
             // A certificate for another node would be refused on every
             // call: say so at start instead.
-            let want = Identity::Node(a.node_name.clone());
+            let want = Identity::Node(node_name.to_string());
             let have = tabby_tls::material::identity_of(cert)?;
             if have.as_ref() != Some(&want) {
                 anyhow::bail!(
@@ -114,7 +174,7 @@ fn transport(a: &Args) -> anyhow::Result<Transport> {
                 .context("loading --tls-cert, --tls-key and --controller-ca")?;
             let name = match &a.tls_server_name {
                 Some(n) => n.clone(),
-                None => controller_host(&a.controller)?,
+                None => controller_host(controller)?,
             };
             Ok(Transport::Tls(Connector::new(tls, &name, Duration::from_secs(2))?))
         }
@@ -146,7 +206,30 @@ fn labels(v: &[String]) -> anyhow::Result<Vec<(String, String)>> {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
-    let a = Args::parse();
+    let mut a = Args::parse();
+    match a.command.take() {
+        Some(Command::InstallCni {
+            plugin,
+            conflist,
+            cni_bin_dir,
+            cni_conf_dir,
+        }) => {
+            let (p, c) = tabby_node::install::install(&tabby_node::install::Install {
+                plugin,
+                conflist,
+                bin_dir: cni_bin_dir,
+                conf_dir: cni_conf_dir,
+            })?;
+            println!("installed {} and {}", p.display(), c.display());
+            return Ok(());
+        }
+        Some(Command::Ready { cni_socket }) => return ready(cni_socket).await,
+        None => {}
+    }
+    // Required unless a subcommand was given (clap checked).
+    let (Some(controller), Some(node_name)) = (a.controller.clone(), a.node_name.clone()) else {
+        anyhow::bail!("--controller and --node-name are required");
+    };
     tabby_runtime::init_logging(&a.log, a.log_format).context("--log")?;
     tabby_proto::limits::check_mtu(a.mtu).map_err(|e| anyhow::anyhow!("--mtu: {e}"))?;
     let addrs = if a.node_ip.is_empty() {
@@ -154,13 +237,13 @@ async fn main() -> anyhow::Result<()> {
     } else {
         a.node_ip.clone()
     };
-    let node = daemon::node_record(&a.node_name, &addrs, &labels(&a.node_labels)?);
-    let transport = transport(&a)?;
-    let ctl = Controller::new(&a.controller, &a.node_name, &transport)?;
+    let node = daemon::node_record(&node_name, &addrs, &labels(&a.node_labels)?);
+    let transport = transport(&a, &controller, &node_name)?;
+    let ctl = Controller::new(&controller, &node_name, &transport)?;
     let st = Arc::new(Mutex::new(NodeStatus::default()));
     let resume = SharedResume::default();
     let stop = Arc::new(AtomicBool::new(false));
-    tracing::info!(node = %a.node_name, addresses = ?addrs, controller = %a.controller, "tabby-node starting");
+    tracing::info!(node = %node_name, addresses = ?addrs, controller = %controller, "tabby-node starting");
 
     // The reconciler owns intent and kernel programming on its own thread.
     // That thread runs its own single-threaded runtime with the intent watch
@@ -170,7 +253,7 @@ async fn main() -> anyhow::Result<()> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
     let table = netlink::NetlinkRoutes::new().context("opening netlink")?;
     let rec = Reconciler::new(
-        a.node_name.clone(),
+        node_name.clone(),
         table,
         Box::new(Nft::new()),
         Box::new(ProcSysctl),
@@ -194,8 +277,7 @@ async fn main() -> anyhow::Result<()> {
     // serving pods.
     let (rec_done, mut rec_ended) = tokio::sync::oneshot::channel::<()>();
     let rec_thread = {
-        let (addr, name, transport) =
-            (a.controller.clone(), a.node_name.clone(), transport.clone());
+        let (addr, name, transport) = (controller.clone(), node_name.clone(), transport.clone());
         let (tx, st, stop, snapshots) = (tx.clone(), st.clone(), stop.clone(), snapshots.clone());
         std::thread::Builder::new()
             .name("reconciler".into())

@@ -536,3 +536,29 @@ async fn the_plaintext_health_listener_serves_health_only() {
         "the plaintext port serves no tabby service"
     );
 }
+
+/// A request over `--max-request-bytes` is refused and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_requests_are_refused() {
+    let dir = temp_dir();
+    let c = Controller::start_bin(
+        &common::controller_bin(),
+        &dir.path().join("data"),
+        &["--max-request-bytes", "1024"],
+    );
+    let mut admin = c.admin().await;
+    let mut big = common::pool("p", "10.244.0.0/16", 26);
+    big.node_selector = format!("zone == '{}'", "a".repeat(2000));
+    let e = admin
+        .create_pool(CreatePoolRequest { pool: Some(big) })
+        .await
+        .expect_err("a 2 KB request with a 1 KB limit");
+    assert!(
+        matches!(e.code(), Code::OutOfRange | Code::ResourceExhausted),
+        "{e:?}"
+    );
+    let pools = admin.list_pools(ListPoolsRequest {}).await.unwrap();
+    assert!(pools.into_inner().pools.is_empty(), "nothing was created");
+    // A request under the limit works.
+    create_pool(&mut admin, "p", "10.244.0.0/16", 26).await;
+}

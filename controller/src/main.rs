@@ -68,6 +68,9 @@ struct Args {
     /// this address: for kubelet's native gRPC probes, which cannot do TLS.
     #[arg(long, env = "TABBY_HEALTH_LISTEN")]
     health_listen: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, env = "TABBY_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
     /// The controller's certificate (PEM, leaf first) for mutual TLS.
     #[arg(long, env = "TABBY_TLS_CERT")]
     tls_cert: Option<PathBuf>,
@@ -343,12 +346,35 @@ async fn run(args: Args) -> anyhow::Result<()> {
         e = owner.failed() => return Err(OwnerFailed(e).into()),
     }
 
+    let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(a) = &args.metrics_listen {
+        let l = tokio::net::TcpListener::bind(a)
+            .await
+            .with_context(|| format!("binding --metrics-listen {a}"))?;
+        tracing::info!(addr = %l.local_addr()?, "serving metrics");
+        // A reader of snapshots only: it does not keep the owner alive.
+        let reader = ipam.reader();
+        let render: tabby_runtime::metrics::Render = std::sync::Arc::new(move || {
+            let reader = reader.clone();
+            Box::pin(async move {
+                tokio::task::spawn_blocking(move || {
+                    tabby_controller::metrics::metrics().render(&reader)
+                })
+                .await
+                .unwrap_or_default()
+            })
+        });
+        tokio::spawn(tabby_runtime::metrics::serve(l, render, async move {
+            let _ = metrics_stopped.await;
+        }));
+    }
     tracing::info!(listen = %listener.local_addr()?, tls = opts.tls.is_some(), "serving gRPC");
     let shutdown = tabby_runtime::shutdown_signal()?;
     tokio::select! {
         r = server::serve(listener, health_listener, ipam, opts, shutdown) => r?,
         e = owner.failed() => return Err(OwnerFailed(e).into()),
     }
+    let _ = metrics_stop.send(());
     // The server dropped its Ipam handles: the owner commits what is queued,
     // flushes and exits. Joined off the runtime thread, which keeps running
     // the answer delivery task meanwhile.

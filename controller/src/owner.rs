@@ -76,6 +76,17 @@ pub struct Ipam {
     view: Arc<View>,
 }
 
+/// Reads the published snapshots, and nothing else (metrics).
+#[derive(Clone)]
+pub struct Reader(Arc<View>);
+
+impl Reader {
+    /// The state as of the last durable group, and its revision.
+    pub fn snapshot(&self) -> (Arc<IpamState>, u64) {
+        self.0.get()
+    }
+}
+
 /// The state readers see: the owner's state as of the last durable group,
 /// published before that group's answers (so a caller that heard of its
 /// write reads it), with its revision.
@@ -312,6 +323,12 @@ impl Ipam {
         orx.await.map_err(|_| Error::Unavailable)
     }
 
+    /// A handle that reads snapshots only: it does not keep the owner
+    /// alive (the owner stops once every [`Ipam`] is dropped).
+    pub fn reader(&self) -> Reader {
+        Reader(self.view.clone())
+    }
+
     /// The state as of the last durable group, and its revision: every
     /// write answered before this call is in it. Taken without the owner
     /// (it publishes one after each group), so a read never queues behind
@@ -374,7 +391,12 @@ fn commit_loop(
         if let Some(f) = before_flush.as_mut() {
             f();
         }
-        match store.make_durable(written) {
+        let t0 = std::time::Instant::now();
+        let flushed = store.make_durable(written);
+        crate::metrics::metrics()
+            .commit
+            .observe(t0.elapsed().as_secs_f64());
+        match flushed {
             Ok(()) => {
                 let mut answers = Vec::new();
                 let mut deltas = Vec::new();
@@ -444,6 +466,9 @@ fn run(
                 Err(_) => break,
             }
         }
+        crate::metrics::metrics()
+            .group
+            .observe(mutations.len() as f64);
         // Handles and config never change intent: skip their keys.
         let keys: BTreeSet<_> = mutations
             .iter()

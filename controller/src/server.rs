@@ -109,6 +109,10 @@ pub async fn serve(
         .timeout(opts.request_timeout)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        // Outermost: refusals are counted too.
+        .layer(tabby_runtime::metrics::GrpcMetricsLayer(
+            crate::metrics::metrics().grpc.clone(),
+        ))
         .layer(AuthLayer::new(mode, opts.max_inflight_per_node))
         .add_routes(routes)
         .add_service(admin)

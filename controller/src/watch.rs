@@ -60,6 +60,7 @@ impl StreamLimit {
             )));
         }
         *n += 1;
+        crate::metrics::metrics().watchers.inc();
         Ok(StreamSlot {
             limit: self.clone(),
             node: node.to_string(),
@@ -75,6 +76,7 @@ struct StreamSlot {
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
+        crate::metrics::metrics().watchers.dec();
         let mut m = self.limit.open.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(n) = m.get_mut(&self.node) {
             *n = n.saturating_sub(1);
@@ -135,6 +137,15 @@ async fn next(mut w: Watcher) -> Option<(Result<PreEncoded, Status>, Watcher)> {
                 // revision this process sent: this store and epoch.
                 match w.ipam.watch(w.last, None).await {
                     Ok(s) => {
+                        let kind = if s.initial.first().is_some_and(|e| e.snapshot) {
+                            "snapshot"
+                        } else {
+                            "ring"
+                        };
+                        crate::metrics::metrics()
+                            .resyncs
+                            .get_or_create(&vec![("kind".into(), kind.into())])
+                            .inc();
                         w.pending = s.initial.into();
                         w.live = s.live;
                     }

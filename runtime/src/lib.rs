@@ -9,6 +9,7 @@ pub mod backoff;
 pub mod duration;
 pub mod grpc;
 pub mod logging;
+pub mod metrics;
 pub mod signal;
 
 pub use backoff::Backoff;

@@ -360,6 +360,9 @@ impl Lab {
             self.cfg.pool.clone(),
             "--bootstrap-block-size".into(),
             self.cfg.block_size.to_string(),
+            // Metrics on the fabric's loopback (see Lab::metrics).
+            "--metrics-listen".into(),
+            "127.0.0.1:9100".into(),
             "--tls-cert".into(),
             self.certs_dir().join("server.pem").display().to_string(),
             "--tls-key".into(),
@@ -439,6 +442,8 @@ impl Lab {
             self.certs(&["node", node])?;
         }
         let args = vec![
+            "--metrics-listen".into(),
+            "127.0.0.1:9101".into(),
             "--tls-cert".into(),
             d.join(format!("node-{node}.pem")).display().to_string(),
             "--tls-key".into(),
@@ -656,6 +661,19 @@ impl Lab {
             self.state.namespaces.retain(|n| *n != p.ns);
         }
         self.save()
+    }
+
+    /// The Prometheus text of the controller (`None`) or of a node's
+    /// tabby-node, fetched from inside its namespace.
+    pub fn metrics(&self, node: Option<&str>) -> Result<String> {
+        let (ns, port) = match node {
+            None => (self.fabric(), 9100),
+            Some(n) => (self.node_ns(n), 9101),
+        };
+        let py = format!(
+            "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:{port}/metrics', timeout=5).read().decode())"
+        );
+        netns::exec(&ns, &["python3", "-c", &py])
     }
 
     /// Runs grpcurl against the controller from inside the fabric as the

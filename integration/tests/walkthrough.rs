@@ -19,6 +19,27 @@ fn walkthrough_views_and_data_path() {
         lab.add_pod(node, &format!("{}-b", node.replace("control-plane", "cp")))
             .unwrap();
     }
+    // Metrics: the controller counts as many addresses as there are pods,
+    // and every node counts its two ADDs and is connected.
+    let m = lab.metrics(None).unwrap();
+    let used: f64 = m
+        .lines()
+        .filter(|l| l.starts_with("tabby_ipam_pool_addresses{") && l.contains(r#"state="used""#))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(used, lab.pods().len() as f64, "{m}");
+    for node in ["control-plane", "worker", "worker2"] {
+        let m = lab.metrics(Some(node)).unwrap();
+        let has = |s: &str| m.lines().any(|l| l == s);
+        assert!(
+            has(
+                r#"tabby_node_cni_grpc_requests_total{method="/tabby.v1.PodNetwork/Add",code="Ok"} 2"#
+            ),
+            "{node}: {m}"
+        );
+        assert!(has("tabby_node_controller_connected 1"), "{node}: {m}");
+        assert!(!has("tabby_node_intent_revision 0"), "{node}: {m}");
+    }
     let p = lab.pod("worker2-a").unwrap().clone();
     let q = lab.pod("cp-a").unwrap().clone();
     let w = lab.pod("worker-a").unwrap().clone();

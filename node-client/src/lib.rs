@@ -12,6 +12,7 @@ pub mod detect;
 pub mod error;
 pub mod install;
 pub mod kernel;
+pub mod metrics;
 pub mod netlink;
 pub mod nft;
 pub mod nft_monitor;

@@ -83,6 +83,9 @@ struct Args {
     /// Development only; logs a warning.
     #[arg(long, env = "TABBY_INSECURE")]
     insecure: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, env = "TABBY_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
     /// Uids besides root that may call the CNI socket (comma-separated).
     #[arg(long, env = "TABBY_CNI_ALLOWED_UIDS", value_delimiter = ',')]
     cni_allowed_uids: Vec<u32>,
@@ -363,11 +366,30 @@ async fn main() -> anyhow::Result<()> {
             }
         });
     }
+    if let Some(addr) = &a.metrics_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding --metrics-listen {addr}"))?;
+        tracing::info!(addr = %l.local_addr()?, "serving metrics");
+        let st = st.clone();
+        let render: tabby_runtime::metrics::Render = Arc::new(move || {
+            let st = st.clone();
+            Box::pin(async move { tabby_node::metrics::metrics().render(&st) })
+        });
+        tokio::spawn(tabby_runtime::metrics::serve(
+            l,
+            render,
+            std::future::pending(),
+        ));
+    }
     tracing::info!(socket = %a.cni_socket.display(), "serving the CNI socket");
     let signal = tabby_runtime::shutdown_signal()?;
     let (stop_serving, serving_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
         tonic::transport::Server::builder()
+            .layer(tabby_runtime::metrics::GrpcMetricsLayer(
+                tabby_node::metrics::metrics().cni.clone(),
+            ))
             .layer(PeerCheckLayer::new(a.cni_allowed_uids.clone()))
             .add_routes(routes)
             .add_service(PodNetworkServer::new(pods))

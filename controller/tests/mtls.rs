@@ -184,16 +184,26 @@ async fn every_identity_may_do_only_its_own_part() {
     );
 
     // --- each refusal is one log line naming the identity and the call ------
-    let log = c.stderr();
-    for (who, call) in [
+    let want = [
         ("tabby://node/node-a", "/tabby.v1.IpamAdmin/CreatePool"),
         ("tabby://admin/test", "/tabby.v1.NodeAgent/Assign"),
         ("tabby://node/node-b", "/tabby.v1.NodeAgent/ReleaseHandle"),
         ("no identity", "/tabby.v1.IpamAdmin/ListPools"),
-    ] {
+    ];
+    let found = |log: &str, (who, call): (&str, &str)| {
+        log.lines()
+            .any(|l| l.contains("call refused") && l.contains(who) && l.contains(call))
+    };
+    // stderr is read by a thread of the harness: give it a moment.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut log = c.stderr();
+    while !want.iter().all(|w| found(&log, *w)) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        log = c.stderr();
+    }
+    for (who, call) in want {
         assert!(
-            log.lines()
-                .any(|l| l.contains("call refused") && l.contains(who) && l.contains(call)),
+            found(&log, (who, call)),
             "no refusal line naming {who} and {call} in:\n{log}"
         );
     }

@@ -255,6 +255,9 @@ impl IntentTracker {
         let mut d = self.view.update(s, keys)?;
         d.revision = revision;
         d.epoch = self.epoch().to_string();
+        d.commit_unix_nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |t| u64::try_from(t.as_nanos()).unwrap_or(u64::MAX));
         let e = Arc::new(Encoded {
             revision,
             snapshot: false,

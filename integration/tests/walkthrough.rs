@@ -38,6 +38,14 @@ fn walkthrough_views_and_data_path() {
             "{node}: {m}"
         );
         assert!(has("tabby_node_controller_connected 1"), "{node}: {m}");
+        // Every node applied the other nodes' new blocks: deltas with the
+        // controller's commit time, measured into the kernel.
+        let converged = m
+            .lines()
+            .find_map(|l| l.strip_prefix("tabby_node_convergence_delay_seconds_count "))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        assert!(converged >= 1.0, "{node}: no convergence samples: {m}");
         assert!(!has("tabby_node_intent_revision 0"), "{node}: {m}");
     }
     let p = lab.pod("worker2-a").unwrap().clone();

@@ -4,15 +4,26 @@
 //! installed, whether the intent stream is up, and whether the last
 //! reconcile failed.
 use crate::daemon::{lock_status, SharedStatus};
-use prometheus_client::{metrics::gauge::Gauge, registry::Registry};
+use prometheus_client::{
+    metrics::{counter::Counter, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
 use std::sync::OnceLock;
-use tabby_runtime::metrics::{encode_registry, GrpcMetrics};
+use tabby_runtime::metrics::{encode_registry, latency_buckets, GrpcMetrics};
 
 /// Every metric of tabby-node.
 pub struct Metrics {
     registry: Registry,
     /// CNI socket calls (`/tabby.v1.PodNetwork/Add`, ...) by code, and latency.
     pub cni: GrpcMetrics,
+    /// From the controller's commit of a change to that change being in
+    /// this node's kernel.
+    pub convergence: Histogram,
+    /// Time to apply one route plan over netlink.
+    pub route_apply: Histogram,
+    /// `tabby` nftables tables rewritten because they differed from what
+    /// tabby wrote.
+    pub nft_repairs: Counter,
     revision: Gauge,
     routes: Gauge,
     connected: Gauge,
@@ -28,6 +39,9 @@ pub fn metrics() -> &'static Metrics {
         let cni = GrpcMetrics::register(&mut r, "tabby_node_cni");
         let m = Metrics {
             cni,
+            convergence: latency_buckets(),
+            route_apply: latency_buckets(),
+            nft_repairs: Counter::default(),
             revision: Gauge::default(),
             routes: Gauge::default(),
             connected: Gauge::default(),
@@ -35,6 +49,21 @@ pub fn metrics() -> &'static Metrics {
             failing: Gauge::default(),
             registry: Registry::default(),
         };
+        r.register(
+            "tabby_node_convergence_delay_seconds",
+            "From the controller's commit of an intent change (carried in the update) to the change being in this node's kernel",
+            m.convergence.clone(),
+        );
+        r.register(
+            "tabby_node_route_apply_duration_seconds",
+            "Time to apply one route plan over netlink",
+            m.route_apply.clone(),
+        );
+        r.register(
+            "tabby_node_nft_repairs",
+            "tabby nftables tables rewritten because they differed from what tabby wrote",
+            m.nft_repairs.clone(),
+        );
         r.register(
             "tabby_node_intent_revision",
             "Revision of the controller's intent applied to this node's kernel",

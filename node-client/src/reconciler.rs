@@ -185,6 +185,9 @@ pub struct Reconciler<T: RouteTable> {
     installed: BTreeMap<IpNet, Route>,
     /// Destinations to re-plan at the next incremental pass.
     touched: BTreeSet<IpNet>,
+    /// Commit times (Unix ns) of the deltas taken and not yet known to be
+    /// in the kernel: for the convergence-delay metric.
+    committed_at: Vec<u64>,
     /// Notifications our own changes will cause, shared with the route
     /// monitor's thread, which drops them there.
     echoes: Arc<EchoFilter>,
@@ -237,6 +240,7 @@ impl<T: RouteTable> Reconciler<T> {
             want: BTreeMap::new(),
             installed: BTreeMap::new(),
             touched: BTreeSet::new(),
+            committed_at: Vec::new(),
             echoes: Arc::new(EchoFilter::default()),
             full_due: true,
             next_full: now + jittered(timers.resync),
@@ -348,6 +352,17 @@ impl<T: RouteTable> Reconciler<T> {
         } else if !self.touched.is_empty() {
             self.incremental_pass();
         }
+        // The changes taken are in the kernel unless a pass failed (then
+        // they are counted once a later pass succeeds).
+        if !self.committed_at.is_empty() && !self.full_due {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |t| u64::try_from(t.as_nanos()).unwrap_or(u64::MAX));
+            let h = &crate::metrics::metrics().convergence;
+            for t in self.committed_at.drain(..) {
+                h.observe(now.saturating_sub(t) as f64 / 1e9);
+            }
+        }
         if self.nft_check_due || now >= self.next_nft_check {
             self.check_nat();
             self.next_nft_check = now + jittered(self.timers.nft_verify);
@@ -373,6 +388,10 @@ impl<T: RouteTable> Reconciler<T> {
                     self.synced = true;
                 }
                 lock_resume(&self.resume).record(u, true);
+                // Bounded: passes that keep failing must not grow it.
+                if !u.snapshot && u.commit_unix_nanos > 0 && self.committed_at.len() < 4096 {
+                    self.committed_at.push(u.commit_unix_nanos);
+                }
             }
             Err(e) => {
                 // The watch reconnects and asks for a snapshot.
@@ -499,7 +518,11 @@ impl<T: RouteTable> Reconciler<T> {
         }
         // Expected before the kernel can announce them.
         self.echoes.expect(p);
+        let t0 = Instant::now();
         let rep = plan::apply_plan(&mut self.table, p);
+        crate::metrics::metrics()
+            .route_apply
+            .observe(t0.elapsed().as_secs_f64());
         let failed: BTreeSet<Route> = rep.failed.iter().map(|(r, _)| *r).collect();
         let unannounced = failed.iter().chain(&rep.noops).copied().collect();
         self.echoes.withdraw(p, &unannounced);
@@ -596,6 +619,7 @@ impl<T: RouteTable> Reconciler<T> {
                 family,
                 "table {family} tabby is not what tabby wrote (deleted or edited by hand); rewriting it"
             );
+            crate::metrics::metrics().nft_repairs.inc();
             self.nat_applied = None;
             self.errors.clear();
             self.sync_nat();

@@ -2,9 +2,9 @@
 //! one place that knows both shapes; services and intent only call it.
 use crate::{
     error::{Error, Result},
-    ipam::{parse_addr, parse_cidr, AllocationView},
+    ipam::{parse_addr, parse_cidr, AllocationView, AssignRequest, PoolUpdate},
 };
-use std::net::IpAddr;
+use std::{collections::BTreeMap, net::IpAddr};
 use tabby_proto::v1 as pb;
 use tabby_store::{Block, Encapsulation, Node, Pool};
 
@@ -127,6 +127,40 @@ pub fn cluster_route_to_pb(r: tabby_routing::ClusterRoute) -> pb::ClusterRoute {
         kind: r.kind.as_str().into(),
         encapsulation: encap_to_pb(r.encapsulation) as i32,
     }
+}
+
+/// An Assign request, as the IPAM takes it (the caller's node apart).
+pub(crate) fn assign_from_pb(r: pb::AssignRequest) -> Result<AssignRequest> {
+    Ok(AssignRequest {
+        handle: r.handle,
+        attributes: r.attributes.into_iter().collect(),
+        num_v4: r.num_v4,
+        num_v6: r.num_v6,
+        requested: parse_addrs(&r.requested)?,
+    })
+}
+
+/// A node record from the protobuf; RegisterNode replaces its name with
+/// the caller's.
+pub(crate) fn node_from_pb(n: pb::Node) -> Result<Node> {
+    Ok(Node {
+        name: n.name,
+        addresses: parse_addrs(&n.addresses)?,
+        labels: n.labels.into_iter().collect::<BTreeMap<_, _>>(),
+    })
+}
+
+/// An UpdatePool request: the pool's name and the changes.
+pub(crate) fn update_from_pb(r: pb::UpdatePoolRequest) -> Result<(String, PoolUpdate)> {
+    let u = PoolUpdate {
+        nat_outgoing: r.nat_outgoing,
+        encapsulation: r.encapsulation.map(encap_from_pb).transpose()?,
+        disabled: r.disabled,
+        node_selector: r.node_selector,
+        cidr: r.cidr,
+        block_size: r.block_size,
+    };
+    Ok((r.name, u))
 }
 
 #[cfg(test)]

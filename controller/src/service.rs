@@ -3,14 +3,13 @@
 use crate::{
     auth::caller,
     convert::{
-        alloc_to_pb, cluster_route_to_pb, encap_from_pb, node_to_pb, parse_addrs, pool_from_pb,
-        pool_to_pb, release_to_pb,
+        alloc_to_pb, assign_from_pb, cluster_route_to_pb, node_from_pb, node_to_pb, parse_addrs,
+        pool_from_pb, pool_to_pb, release_to_pb, update_from_pb,
     },
     error::Error,
-    ipam::{parse_addr, AllocationView, AssignRequest, PoolUpdate, ProblemKind},
+    ipam::{parse_addr, AllocationView, ProblemKind},
     owner::Ipam,
 };
-use std::collections::BTreeMap;
 use tabby_proto::v1 as pb;
 use tabby_store::Node;
 use tonic::{Request, Response, Status};
@@ -51,16 +50,7 @@ impl pb::ipam_admin_server::IpamAdmin for AdminService {
     }
 
     async fn update_pool(&self, req: Request<pb::UpdatePoolRequest>) -> Res<pb::Pool> {
-        let r = req.into_inner();
-        let u = PoolUpdate {
-            nat_outgoing: r.nat_outgoing,
-            encapsulation: r.encapsulation.map(encap_from_pb).transpose()?,
-            disabled: r.disabled,
-            node_selector: r.node_selector,
-            cidr: r.cidr,
-            block_size: r.block_size,
-        };
-        let name = r.name;
+        let (name, u) = update_from_pb(req.into_inner())?;
         let (p, _) = self.ipam.call(move |s| s.update_pool(&name, u)).await?;
         tracing::info!(pool = %p.name, "pool updated");
         Ok(Response::new(pool_to_pb(&p)))
@@ -364,8 +354,7 @@ impl pb::node_agent_server::NodeAgent for NodeService {
         }
         let node = Node {
             name: me,
-            addresses: parse_addrs(&n.addresses)?,
-            labels: n.labels.into_iter().collect::<BTreeMap<_, _>>(),
+            ..node_from_pb(n)?
         };
         let (node, rev) = self.ipam.call(move |s| s.register_node(node)).await?;
         tracing::info!(node = %node.name, "node registered");
@@ -377,14 +366,7 @@ impl pb::node_agent_server::NodeAgent for NodeService {
 
     async fn assign(&self, req: Request<pb::AssignRequest>) -> Res<pb::AssignResponse> {
         let me = caller(&req)?;
-        let r = req.into_inner();
-        let a = AssignRequest {
-            handle: r.handle,
-            attributes: r.attributes.into_iter().collect(),
-            num_v4: r.num_v4,
-            num_v6: r.num_v6,
-            requested: parse_addrs(&r.requested)?,
-        };
+        let a = assign_from_pb(req.into_inner())?;
         let (v, rev) = self.ipam.call(move |s| s.assign(&me, a)).await?;
         Ok(Response::new(pb::AssignResponse {
             allocations: v.iter().map(alloc_to_pb).collect(),

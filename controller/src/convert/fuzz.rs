@@ -13,12 +13,11 @@
 //! leave a state whose indexes, consistency check and durable mutations
 //! agree. The case counts add up to over 100,000.
 use super::*;
-use crate::ipam::{AssignRequest, IpamState, PoolUpdate, ProblemKind};
+use crate::ipam::{IpamState, ProblemKind};
 use ipnet::IpNet;
 use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::{Config as ProptestConfig, RngAlgorithm};
-use std::collections::BTreeMap;
 use std::sync::LazyLock;
 use tabby_store::{Mutation, Snapshot};
 
@@ -119,39 +118,6 @@ fn assert_consistent(st: &IpamState, replica: &Snapshot) -> Check {
         }
     }
     Ok(())
-}
-
-// ---------------------------------------------------------------------------
-// The service's conversions of requests (service.rs does these inline).
-
-fn assign_from_pb(r: pb::AssignRequest) -> Result<AssignRequest> {
-    Ok(AssignRequest {
-        handle: r.handle,
-        attributes: r.attributes.into_iter().collect(),
-        num_v4: r.num_v4,
-        num_v6: r.num_v6,
-        requested: parse_addrs(&r.requested)?,
-    })
-}
-
-fn node_from_pb(n: pb::Node) -> Result<Node> {
-    Ok(Node {
-        name: n.name,
-        addresses: parse_addrs(&n.addresses)?,
-        labels: n.labels.into_iter().collect::<BTreeMap<_, _>>(),
-    })
-}
-
-fn update_from_pb(r: pb::UpdatePoolRequest) -> Result<(String, PoolUpdate)> {
-    let u = PoolUpdate {
-        nat_outgoing: r.nat_outgoing,
-        encapsulation: r.encapsulation.map(encap_from_pb).transpose()?,
-        disabled: r.disabled,
-        node_selector: r.node_selector,
-        cidr: r.cidr,
-        block_size: r.block_size,
-    };
-    Ok((r.name, u))
 }
 
 // ---------------------------------------------------------------------------

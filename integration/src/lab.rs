@@ -442,8 +442,10 @@ impl Lab {
             self.certs(&["node", node])?;
         }
         let args = vec![
+            // On every address of the node's own namespace: the lab's
+            // Prometheus scrapes it from the fabric.
             "--metrics-listen".into(),
-            "127.0.0.1:9101".into(),
+            "0.0.0.0:9101".into(),
             "--tls-cert".into(),
             d.join(format!("node-{node}.pem")).display().to_string(),
             "--tls-key".into(),

@@ -175,3 +175,44 @@ fn broken_manifests_are_refused() {
         );
     }
 }
+
+/// The Grafana dashboard is JSON, and every metric its queries name is one
+/// the daemons define (so a renamed metric cannot leave a blank panel).
+#[test]
+fn the_grafana_dashboard_names_only_real_metrics() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let text = std::fs::read_to_string(root.join("deploy/grafana/tabby.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).expect("the dashboard is JSON");
+    let sources: String = [
+        "controller/src/metrics.rs",
+        "node-client/src/metrics.rs",
+        "runtime/src/metrics.rs",
+    ]
+    .iter()
+    .map(|p| std::fs::read_to_string(root.join(p)).unwrap())
+    .collect();
+    let panels = v["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 3);
+    let mut names = 0;
+    for p in panels {
+        for t in p["targets"].as_array().unwrap() {
+            let expr = t["expr"].as_str().unwrap();
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                let Some(base) = word.strip_prefix("tabby_") else {
+                    continue;
+                };
+                // Prometheus adds these suffixes to counters and histograms.
+                let base = ["_bucket", "_total", "_count", "_sum"]
+                    .iter()
+                    .fold(base, |b, s| b.strip_suffix(s).unwrap_or(b));
+                // The gRPC families are registered as "<prefix>_grpc_...".
+                let defined = sources.contains(&format!("\"tabby_{base}\""))
+                    || (base.starts_with("node_cni_grpc_") && sources.contains("\"tabby_node_cni\""))
+                    || (base.starts_with("grpc_") && sources.contains("_grpc_request"));
+                assert!(defined, "the dashboard names tabby_{base}, which no daemon defines");
+                names += 1;
+            }
+        }
+    }
+    assert!(names >= 6, "only {names} metric names found");
+}

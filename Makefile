@@ -3,7 +3,7 @@ CARGO   ?= cargo
 GRPCURL := $(CURDIR)/target/tools/grpcurl-venv/bin/grpcurl
 export TABBY_GRPCURL := $(GRPCURL)
 
-.PHONY: build test lint bench deps run-controller lab lab-down
+.PHONY: build test lint bench deps run-controller lab lab-down images
 
 build:
 	$(CARGO) build --release --workspace
@@ -29,6 +29,11 @@ bench: deps
 	$(CARGO) bench -p tabby-integration --bench pod_socket
 	$(CARGO) bench -p tabby-integration --bench cni_cycle
 	$(CARGO) bench -p tabby-integration --bench convergence
+
+# The two OCI images (podman, offline, FROM scratch, static binaries):
+# localhost/tabby-controller:dev and localhost/tabby-node:dev.
+images: deps
+	scripts/build-images.sh
 
 # Serves mutual TLS with certificates in ./tabby-certs (made on first run:
 # a CA, the controller's for 127.0.0.1, and admin-ops for grpcurl).

@@ -17,7 +17,8 @@ RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR=target/static \
   cargo build --release --target "$T" -p tabby-controller -p tabby-node -p tabby-cni
 B=target/static/$T/release
 for b in tabby-controller tabby-node tabby; do
-  if ldd "$B/$b" >/dev/null 2>&1; then echo "$B/$b is not static" >&2; exit 1; fi
+  # A static binary asks for no program interpreter (dynamic loader).
+  if readelf -l "$B/$b" | grep -q 'program interpreter'; then echo "$B/$b is not static" >&2; exit 1; fi
 done
 rm -rf "$OUT"
 mkdir -p "$OUT/controller" "$OUT/node/rootfs/opt/tabby/bin" "$OUT/tmp"
@@ -53,3 +54,15 @@ export CONTAINERS_CONF=$PWD/$OUT/containers.conf
 podman build --network=none --pull=never -q -t localhost/tabby-controller:dev "$OUT/controller"
 podman build --network=none --pull=never -q -t localhost/tabby-node:dev "$OUT/node"
 podman image ls --filter reference='localhost/tabby-*' --format '{{.Repository}}:{{.Tag}} {{.Size}}'
+# Smoke check, offline: each binary runs in its image, nft runs with its
+# libraries, and the node image's installer fills a pair of CNI directories.
+podman run --rm --network=none localhost/tabby-controller:dev --version
+podman run --rm --network=none localhost/tabby-node:dev --version
+podman run --rm --network=none --entrypoint "$NFT" localhost/tabby-node:dev --version
+CNI=$(mktemp -d)
+trap 'rm -rf "$CNI"' EXIT
+mkdir -p "$CNI/bin" "$CNI/net.d"
+podman run --rm --network=none -v "$CNI/bin:/host/opt/cni/bin" -v "$CNI/net.d:/host/etc/cni/net.d" \
+  localhost/tabby-node:dev install-cni
+test -x "$CNI/bin/tabby" && test -s "$CNI/net.d/10-tabby.conflist"
+echo "images OK"

@@ -3,7 +3,7 @@ CARGO   ?= cargo
 GRPCURL := $(CURDIR)/target/tools/grpcurl-venv/bin/grpcurl
 export TABBY_GRPCURL := $(GRPCURL)
 
-.PHONY: build test lint bench deps run-controller lab lab-down images
+.PHONY: build test lint bench deps run-controller lab lab-containers lab-down images
 
 build:
 	$(CARGO) build --release --workspace
@@ -47,6 +47,11 @@ run-controller: build
 # The three-node lab of the Calico walkthrough, in network namespaces (root).
 lab: deps build
 	target/release/tabby-lab up
+
+# The same lab with the controller and node clients as containers of the
+# images (podman, runc, the manifests' mounts and settings).
+lab-containers: images build
+	target/release/tabby-lab up --containers
 
 lab-down:
 	@if [ -x target/release/tabby-lab ]; then target/release/tabby-lab down; else $(CARGO) run -q --release -p tabby-integration --bin tabby-lab -- down; fi

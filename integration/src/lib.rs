@@ -4,6 +4,7 @@
 pub mod echo;
 pub mod lab;
 pub mod netns;
+pub mod podman;
 // Raw netlink sockets through libc: every block carries its SAFETY comment.
 #[allow(unsafe_code)]
 pub mod rtnl;

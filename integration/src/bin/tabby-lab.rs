@@ -7,10 +7,11 @@ use tabby_integration::{
     echo,
     lab::{self, Lab, LabConfig, LabState, OUTSIDE},
     netns,
+    podman::{self, Images},
 };
 
 const USAGE: &str =
-    "usage: tabby-lab up|down|show [--dir DIR] | echo-server ADDR [COUNT] | echo-client ADDR";
+    "usage: tabby-lab up [--containers]|down|show [--dir DIR] | echo-server ADDR [COUNT] | echo-client ADDR";
 const PREFIX: &str = "tlab";
 
 fn dir_arg(args: &[String]) -> PathBuf {
@@ -131,7 +132,8 @@ fn show(state: &LabState) -> Result<()> {
     Ok(())
 }
 
-fn up(dir: PathBuf) -> Result<()> {
+/// `up --containers`: the images `make images` built, run under podman.
+fn up(dir: PathBuf, containers: bool) -> Result<()> {
     if let Some(s) = load(&dir) {
         if s.namespaces.iter().any(|n| netns::exists(n)) {
             println!(
@@ -142,8 +144,17 @@ fn up(dir: PathBuf) -> Result<()> {
         }
         lab::teardown_state(&s);
     }
-    let mut lab =
-        Lab::up(LabConfig::walkthrough(PREFIX, dir.clone())).context("building the lab")?;
+    let mut cfg = LabConfig::walkthrough(PREFIX, dir.clone());
+    if containers {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        let images = Images::dev(&root);
+        for i in [&images.controller, &images.node] {
+            podman::podman(&images.containers_conf, &["image", "exists", i])
+                .with_context(|| format!("no image {i}: run `make images` first"))?;
+        }
+        cfg.containers = Some(images);
+    }
+    let mut lab = Lab::up(cfg).context("building the lab")?;
     for node in ["control-plane", "worker", "worker2"] {
         for i in 1..=2 {
             lab.add_pod(
@@ -160,7 +171,7 @@ fn up(dir: PathBuf) -> Result<()> {
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
-        Some("up") => up(dir_arg(&args)),
+        Some("up") => up(dir_arg(&args), args.iter().any(|a| a == "--containers")),
         Some("show") => show(&load(&dir_arg(&args)).context("no lab is up")?),
         Some("down") => {
             let dir = dir_arg(&args);

@@ -1,6 +1,8 @@
 //! From the cluster intent to one node's desired kernel state, and the
 //! cluster-wide route table built from the same intent.
-use crate::model::{BlockIntent, Encapsulation, Intent, Route, RouteTarget};
+use crate::model::{
+    BlockIntent, Encapsulation, Intent, Mac, Route, RouteTarget, Tunnel, VxlanSettings,
+};
 use ipnet::IpNet;
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -16,11 +18,55 @@ pub struct NatSets {
     pub all: Vec<IpNet>,
 }
 
+/// This node's `vxlan.tabby`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct VxlanDevice {
+    /// VNI and UDP port.
+    pub settings: VxlanSettings,
+    /// Local (underlay) address: the node's IPv4 address.
+    pub local: IpAddr,
+    /// The device's MAC (the node's VTEP MAC).
+    pub mac: Mac,
+    /// The node's tunnel address, put on the device as a host prefix.
+    pub tunnel_ip: IpAddr,
+}
+
+/// One remote VXLAN endpoint on `vxlan.tabby`: a permanent neighbour entry
+/// (tunnel address -> VTEP MAC) and a permanent FDB entry (VTEP MAC ->
+/// underlay address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VtepEntry {
+    /// The remote node's tunnel address.
+    pub tunnel_ip: IpAddr,
+    /// The remote node's VTEP MAC.
+    pub mac: Mac,
+    /// The remote node's address on the underlay.
+    pub underlay: IpAddr,
+}
+
+/// The tunnel devices and endpoints one node should hold: what the overlay
+/// pools need, apart from routes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Overlay {
+    /// `vxlan.tabby`, while an IPv4 VXLAN pool exists and this node has an
+    /// IPv4 address and a tunnel address.
+    pub vxlan: Option<VxlanDevice>,
+    /// Remote VTEPs: every other node with a tunnel address that some
+    /// VXLAN pool's mode tunnels to.
+    pub vteps: BTreeSet<VtepEntry>,
+    /// `tunl0` with this local address, while an IPv4 IP-in-IP pool exists.
+    pub ipip: Option<IpAddr>,
+    /// Why an overlay pool cannot be applied on this node (yet).
+    pub problems: Vec<String>,
+}
+
 /// What one node's kernel should hold.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Desired {
     /// Every tabby route.
     pub routes: BTreeSet<Route>,
+    /// Tunnel devices and remote endpoints.
+    pub overlay: Overlay,
     /// NAT sets for `ip tabby`.
     pub nat_v4: NatSets,
     /// NAT sets for `ip6 tabby`.
@@ -33,18 +79,48 @@ pub struct Desired {
     pub unroutable: Vec<String>,
 }
 
-/// Whether remote destinations in `n` are routed plainly (no pool, or a pool
-/// without encapsulation). Encapsulated pools get no remote routes until
-/// overlays exist.
-fn plain(intent: &Intent, n: &IpNet) -> bool {
+/// Whether `a` is on the subnet of `me`'s own address of its family (the
+/// interface prefix `me` reported): CrossSubnet's test.
+fn same_subnet(intent: &Intent, me: &str, a: &IpAddr) -> bool {
     intent
-        .pool_of(n)
-        .is_none_or(|(_, p)| p.encapsulation == Encapsulation::None)
+        .node_net(me, a.is_ipv4())
+        .is_some_and(|n| n.contains(a))
+}
+
+/// How `me` reaches `owner` for destination `dst`, by the encapsulation of
+/// `dst`'s pool: via the owner's address, or through a tunnel. `Err` says why
+/// it cannot be routed.
+fn target_for(intent: &Intent, me: &str, owner: &str, dst: &IpNet) -> Result<RouteTarget, String> {
+    let enc = encapsulation_of(intent, dst);
+    let Some(gw) = intent.node_addr(owner, dst) else {
+        return Err(format!("node {owner} has no address of its family"));
+    };
+    let tunnel = match enc {
+        Encapsulation::None => None,
+        Encapsulation::Vxlan | Encapsulation::Ipip => Some(enc),
+        Encapsulation::VxlanCrossSubnet | Encapsulation::IpipCrossSubnet => {
+            (!same_subnet(intent, me, &gw)).then_some(enc)
+        }
+    };
+    match tunnel {
+        None => Ok(RouteTarget::Via(gw)),
+        Some(_) if !gw.is_ipv4() => Err(format!(
+            "{} for IPv6 pools is not applied by this tabby-node",
+            enc.as_str_name()
+        )),
+        Some(Encapsulation::Ipip | Encapsulation::IpipCrossSubnet) => {
+            Ok(RouteTarget::Tunnel(gw, Tunnel::Ipip))
+        }
+        Some(_) => match intent.nodes.get(owner).and_then(|n| n.vtep) {
+            Some(v) => Ok(RouteTarget::Tunnel(v.tunnel_ip, Tunnel::Vxlan)),
+            None => Err(format!("node {owner} has no VXLAN tunnel address yet")),
+        },
+    }
 }
 
 /// The route `me` should hold for block `cidr`: a blackhole for its own
-/// block, a route via the owner's address for another node's block of a
-/// plainly routed pool; `Err` when the owner has no address of the family.
+/// block, a route to the owner for another node's block (plain or through a
+/// tunnel, by the pool's encapsulation); `Err` when it cannot be routed.
 fn block_route(
     intent: &Intent,
     me: &str,
@@ -56,20 +132,16 @@ fn block_route(
             dst: *cidr,
             target: RouteTarget::Blackhole,
         })),
-        Some(n) if plain(intent, cidr) => Some(match intent.node_addr(n, cidr) {
-            Some(gw) => Ok(Route {
-                dst: *cidr,
-                target: RouteTarget::Via(gw),
-            }),
-            None => Err(format!(
-                "block {cidr}: node {n} has no address of its family"
-            )),
-        }),
-        _ => None,
+        Some(n) => Some(
+            target_for(intent, me, n, cidr)
+                .map(|target| Route { dst: *cidr, target })
+                .map_err(|e| format!("block {cidr}: {e}")),
+        ),
+        None => None,
     }
 }
 
-/// The route `me` should hold for an address borrowed by `holder`: via the
+/// The route `me` should hold for an address borrowed by `holder`: to the
 /// holder, unless that is `me` (pod wiring gives our own pods link routes).
 fn borrowed_route(
     intent: &Intent,
@@ -78,18 +150,71 @@ fn borrowed_route(
     holder: &str,
 ) -> Option<Result<Route, String>> {
     let dst = IpNet::from(*a);
-    if holder == me || !plain(intent, &dst) {
+    if holder == me {
         return None;
     }
-    Some(match intent.node_addr(holder, &dst) {
-        Some(gw) => Ok(Route {
-            dst,
-            target: RouteTarget::Via(gw),
-        }),
-        None => Err(format!(
-            "borrowed {a}: node {holder} has no address of its family"
-        )),
-    })
+    Some(
+        target_for(intent, me, holder, &dst)
+            .map(|target| Route { dst, target })
+            .map_err(|e| format!("borrowed {a}: {e}")),
+    )
+}
+
+/// The tunnel devices and remote VTEPs node `me` should hold.
+pub fn overlay(intent: &Intent, me: &str) -> Overlay {
+    let mut o = Overlay::default();
+    let v4_pools = |f: fn(Encapsulation) -> bool| {
+        intent
+            .pools
+            .iter()
+            .filter(move |(_, p)| p.cidr.addr().is_ipv4() && f(p.encapsulation))
+    };
+    let v4_addr = |n: &str| intent.node_net(n, true).map(|a| a.addr());
+    let local = v4_addr(me);
+    let vxlan = |e| matches!(e, Encapsulation::Vxlan | Encapsulation::VxlanCrossSubnet);
+    if let Some((name, _)) = v4_pools(vxlan).next() {
+        let vtep = intent.nodes.get(me).and_then(|n| n.vtep);
+        match (local, vtep) {
+            (Some(local), Some(v)) => {
+                o.vxlan = Some(VxlanDevice {
+                    settings: intent.vxlan,
+                    local,
+                    mac: v.mac,
+                    tunnel_ip: v.tunnel_ip,
+                })
+            }
+            (None, _) => o.problems.push(format!(
+                "VXLAN pool {name}: this node has no IPv4 address for the tunnel"
+            )),
+            (_, None) => o.problems.push(format!(
+                "VXLAN pool {name}: this node has no tunnel address yet"
+            )),
+        }
+        // Tunnel to every node if a pool says so; else only across subnets.
+        let always = v4_pools(|e| e == Encapsulation::Vxlan).next().is_some();
+        for (n, node) in &intent.nodes {
+            let (Some(v), Some(under)) = (node.vtep, v4_addr(n)) else {
+                continue;
+            };
+            if n != me && (always || !same_subnet(intent, me, &under)) {
+                o.vteps.insert(VtepEntry {
+                    tunnel_ip: v.tunnel_ip,
+                    mac: v.mac,
+                    underlay: under,
+                });
+            }
+        }
+    }
+    let ipip = |e| matches!(e, Encapsulation::Ipip | Encapsulation::IpipCrossSubnet);
+    if let Some((name, _)) = v4_pools(ipip).next() {
+        match local {
+            Some(a) => o.ipip = Some(a),
+            None => o.problems.push(format!(
+                "IPIP pool {name}: this node has no IPv4 address for the tunnel"
+            )),
+        }
+    }
+    o
 }
 
 /// The route node `me` should hold at one destination (a block, or a
@@ -119,11 +244,14 @@ pub fn route_at(intent: &Intent, me: &str, dst: &IpNet) -> Option<Route> {
 /// them link routes. A borrowed address's route wins over a block route at
 /// the same prefix (a /32 block), as in [`route_at`].
 pub fn desired(intent: &Intent, me: &str) -> Desired {
-    let mut d = Desired::default();
+    let mut d = Desired {
+        overlay: overlay(intent, me),
+        ..Default::default()
+    };
     for (name, p) in &intent.pools {
-        if p.encapsulation != Encapsulation::None {
+        if p.encapsulation != Encapsulation::None && p.cidr.addr().is_ipv6() {
             d.unsupported.push(format!(
-                "pool {name} ({}) uses {}: not applied by this tabby-node; its remote blocks get no routes",
+                "pool {name} ({}) uses {}: not applied to IPv6 pools by this tabby-node; its remote blocks get no routes",
                 p.cidr,
                 p.encapsulation.as_str_name()
             ));
@@ -235,7 +363,7 @@ pub fn node_view(intent: &Intent, me: &str, d: &Desired) -> Vec<ClusterRoute> {
     d.routes
         .iter()
         .map(|r| {
-            let RouteTarget::Via(gw) = r.target else {
+            let Some(gw) = r.target.gateway() else {
                 return row(intent, r.dst, me, None, ClusterRouteKind::Blackhole);
             };
             // The rule that made this route names its origin: the borrowed

@@ -8,8 +8,10 @@ mod desired;
 mod model;
 
 pub use desired::{
-    cluster_routes, desired, node_view, route_at, ClusterRoute, ClusterRouteKind, Desired, NatSets,
+    cluster_routes, desired, node_view, overlay, route_at, ClusterRoute, ClusterRouteKind,
+    Desired, NatSets, Overlay, VtepEntry, VxlanDevice,
 };
 pub use model::{
-    BlockIntent, Encapsulation, Intent, IntentDelta, NodeIndex, PoolIntent, Route, RouteTarget,
+    mac_string, parse_mac, vtep_mac, BlockIntent, Encapsulation, Intent, IntentDelta, Mac,
+    NodeIndex, NodeIntent, PoolIntent, Route, RouteTarget, Tunnel, Vtep, VxlanSettings,
 };

@@ -73,6 +73,95 @@ pub struct BlockIntent {
     pub pool: String,
 }
 
+/// A MAC address.
+pub type Mac = [u8; 6];
+
+/// The VXLAN endpoint of a node: its tunnel address (from IPAM, handle
+/// `vxlan-tunnel-addr.<node>`) and its VTEP MAC ([`vtep_mac`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Vtep {
+    /// The address on the node's `vxlan.tabby`.
+    pub tunnel_ip: IpAddr,
+    /// The MAC of the node's `vxlan.tabby`.
+    pub mac: Mac,
+}
+
+/// A node as the data path sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeIntent {
+    /// Its addresses with the prefix of the interface that holds them
+    /// (`172.18.0.4/16`); a host prefix where the node reported no prefix.
+    pub addrs: Vec<IpNet>,
+    /// Its IPv4 VXLAN endpoint, once it has a tunnel address.
+    pub vtep: Option<Vtep>,
+}
+
+impl NodeIntent {
+    /// A node with these addresses as host prefixes and no VTEP.
+    pub fn plain(addrs: &[IpAddr]) -> NodeIntent {
+        NodeIntent {
+            addrs: addrs.iter().map(|a| IpNet::from(*a)).collect(),
+            vtep: None,
+        }
+    }
+}
+
+/// Cluster-wide VXLAN settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct VxlanSettings {
+    /// VXLAN network identifier (1..=16777215).
+    pub vni: u32,
+    /// UDP destination port.
+    pub port: u16,
+}
+
+impl Default for VxlanSettings {
+    fn default() -> Self {
+        VxlanSettings {
+            vni: 4096,
+            port: 4789,
+        }
+    }
+}
+
+/// The VTEP MAC of a node: derived from its name, so it is the same after
+/// every restart and on every node that computes it. Locally administered,
+/// unicast (`x2:..`).
+pub fn vtep_mac(node: &str) -> Mac {
+    // FNV-1a, 64 bits: stable across releases and platforms (unlike std's
+    // hasher), and spread well enough that names differing by a digit
+    // differ everywhere.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in node.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let b = h.to_be_bytes();
+    [(b[0] & 0xfc) | 0x02, b[1], b[2], b[3], b[4], b[5]]
+}
+
+/// A MAC as `aa:bb:cc:dd:ee:ff`.
+pub fn mac_string(m: &Mac) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Option<Mac> {
+    let mut m = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut m {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(m)
+}
+
 /// The cluster-wide intent.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Intent {
@@ -84,8 +173,10 @@ pub struct Intent {
     pub borrowed: BTreeMap<IpAddr, String>,
     /// Pools by name.
     pub pools: BTreeMap<String, PoolIntent>,
-    /// Node addresses by node name.
-    pub nodes: BTreeMap<String, Vec<IpAddr>>,
+    /// Nodes by name.
+    pub nodes: BTreeMap<String, NodeIntent>,
+    /// VXLAN settings.
+    pub vxlan: VxlanSettings,
 }
 
 /// One change to the intent, already parsed: a snapshot replaces everything,
@@ -106,10 +197,12 @@ pub struct IntentDelta {
     pub removed_borrowed: Vec<IpAddr>,
     /// The complete pool list, when pools changed (always with a snapshot).
     pub pools: Option<Vec<(String, PoolIntent)>>,
-    /// Nodes added or changed, with their addresses.
-    pub nodes: Vec<(String, Vec<IpAddr>)>,
+    /// Nodes added or changed.
+    pub nodes: Vec<(String, NodeIntent)>,
     /// Nodes gone.
     pub removed_nodes: Vec<String>,
+    /// The VXLAN settings, when they changed (always with a snapshot).
+    pub vxlan: Option<VxlanSettings>,
 }
 
 impl IntentDelta {
@@ -148,7 +241,7 @@ impl IntentDelta {
     /// The blocks and borrowed addresses this delta names; `None` for a
     /// snapshot or a pool change, which touch everything.
     fn own_destinations(&self) -> Option<BTreeSet<IpNet>> {
-        if self.snapshot || self.pools.is_some() {
+        if self.snapshot || self.pools.is_some() || self.vxlan.is_some() {
             return None;
         }
         let mut t: BTreeSet<IpNet> = self.blocks.iter().map(|(c, _)| *c).collect();
@@ -297,6 +390,9 @@ impl Intent {
             self.nodes.remove(&n);
         }
         self.nodes.extend(d.nodes);
+        if let Some(v) = d.vxlan {
+            self.vxlan = v;
+        }
         self.revision = d.revision;
     }
 
@@ -307,11 +403,46 @@ impl Intent {
 
     /// `node`'s first address of `dst`'s family.
     pub fn node_addr(&self, node: &str, dst: &IpNet) -> Option<IpAddr> {
+        self.node_net(node, dst.addr().is_ipv4()).map(|n| n.addr())
+    }
+
+    /// `node`'s first address of the family (IPv4 when `v4`), with its
+    /// interface prefix.
+    pub fn node_net(&self, node: &str, v4: bool) -> Option<IpNet> {
         self.nodes
             .get(node)?
+            .addrs
             .iter()
-            .find(|a| a.is_ipv4() == dst.addr().is_ipv4())
+            .find(|a| a.addr().is_ipv4() == v4)
             .copied()
+    }
+}
+
+/// A tunnel device tabby manages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Tunnel {
+    /// `vxlan.tabby`: VXLAN over the node's IPv4 address.
+    Vxlan,
+    /// `tunl0`: IP-in-IP.
+    Ipip,
+}
+
+impl Tunnel {
+    /// The device's name.
+    pub const fn device(self) -> &'static str {
+        match self {
+            Tunnel::Vxlan => "vxlan.tabby",
+            Tunnel::Ipip => "tunl0",
+        }
+    }
+
+    /// Bytes of encapsulation over an IPv4 underlay: what the device's MTU
+    /// is below its uplink's.
+    pub const fn overhead(self) -> u32 {
+        match self {
+            Tunnel::Vxlan => 50,
+            Tunnel::Ipip => 20,
+        }
     }
 }
 
@@ -322,6 +453,18 @@ pub enum RouteTarget {
     Via(IpAddr),
     /// `blackhole <dst>`.
     Blackhole,
+    /// `<dst> via <gateway> dev <tunnel> onlink`.
+    Tunnel(IpAddr, Tunnel),
+}
+
+impl RouteTarget {
+    /// The gateway, if the route has one.
+    pub fn gateway(&self) -> Option<IpAddr> {
+        match self {
+            RouteTarget::Via(g) | RouteTarget::Tunnel(g, _) => Some(*g),
+            RouteTarget::Blackhole => None,
+        }
+    }
 }
 
 /// A route tabby owns (its own route protocol, main table).
@@ -338,6 +481,9 @@ impl fmt::Display for Route {
         match self.target {
             RouteTarget::Via(gw) => write!(f, "{} via {}", self.dst, gw),
             RouteTarget::Blackhole => write!(f, "blackhole {}", self.dst),
+            RouteTarget::Tunnel(gw, t) => {
+                write!(f, "{} via {} dev {} onlink", self.dst, gw, t.device())
+            }
         }
     }
 }

@@ -1,5 +1,5 @@
 use super::*;
-use crate::model::{BlockIntent, IntentDelta, NodeIndex, PoolIntent};
+use crate::model::{BlockIntent, IntentDelta, NodeIndex, NodeIntent, PoolIntent, Vtep};
 use proptest::prelude::*;
 
 fn n(s: &str) -> IpNet {
@@ -55,9 +55,9 @@ fn walkthrough(encapsulation: Encapsulation) -> Intent {
             },
         )]),
         nodes: vec![
-            ("control-plane".into(), vec![a("172.18.0.2")]),
-            ("worker".into(), vec![a("172.18.0.3")]),
-            ("worker2".into(), vec![a("172.18.0.4")]),
+            ("control-plane".into(), NodeIntent::plain(&[a("172.18.0.2")])),
+            ("worker".into(), NodeIntent::plain(&[a("172.18.0.3")])),
+            ("worker2".into(), NodeIntent::plain(&[a("172.18.0.4")])),
         ],
         ..Default::default()
     });
@@ -83,16 +83,172 @@ fn desired_routes_like_the_walkthrough() {
     assert!(d.unsupported.is_empty() && d.unroutable.is_empty());
 }
 
+fn tunnel(dst: &str, gw: &str, t: Tunnel) -> Route {
+    Route {
+        dst: n(dst),
+        target: RouteTarget::Tunnel(a(gw), t),
+    }
+}
+
+/// The walkthrough's cluster with `enc`, nodes on two racks (control-plane
+/// and worker on 172.18.0.0/24, worker2 on 172.18.1.0/24) and a VTEP each.
+fn racks(enc: Encapsulation) -> Intent {
+    let mut i = walkthrough(enc);
+    let node = |addr: &str, tunnel: &str, name: &str| NodeIntent {
+        addrs: vec![n(addr)],
+        vtep: Some(Vtep {
+            tunnel_ip: a(tunnel),
+            mac: crate::model::vtep_mac(name),
+        }),
+    };
+    i.apply(IntentDelta {
+        revision: 11,
+        nodes: vec![
+            (
+                "control-plane".into(),
+                node("172.18.0.2/24", "10.244.0.1", "control-plane"),
+            ),
+            ("worker".into(), node("172.18.0.3/24", "10.244.0.65", "worker")),
+            ("worker2".into(), node("172.18.1.4/24", "10.244.0.129", "worker2")),
+        ],
+        ..Default::default()
+    });
+    i
+}
+
 #[test]
-fn encapsulated_pools_get_no_remote_routes_and_are_reported() {
-    let d = desired(&walkthrough(Encapsulation::Vxlan), "worker");
+fn vxlan_routes_every_remote_destination_through_the_tunnel() {
+    let i = racks(Encapsulation::Vxlan);
+    let d = desired(&i, "worker");
+    let v = Tunnel::Vxlan;
+    let want: BTreeSet<Route> = [
+        tunnel("10.244.0.0/26", "10.244.0.1", v),
+        bh("10.244.0.64/26"),
+        tunnel("10.244.0.128/26", "10.244.0.129", v),
+        tunnel("10.244.0.70/32", "10.244.0.129", v),
+    ]
+    .into();
+    assert_eq!(d.routes, want);
+    assert!(d.unsupported.is_empty() && d.unroutable.is_empty(), "{d:?}");
+    let dev = d.overlay.vxlan.expect("vxlan.tabby");
+    assert_eq!(dev.local, a("172.18.0.3"));
+    assert_eq!(dev.tunnel_ip, a("10.244.0.65"));
+    assert_eq!(dev.mac, crate::model::vtep_mac("worker"));
+    assert_eq!(dev.settings, VxlanSettings::default());
+    let vteps: Vec<(IpAddr, IpAddr)> = d
+        .overlay
+        .vteps
+        .iter()
+        .map(|e| (e.tunnel_ip, e.underlay))
+        .collect();
     assert_eq!(
-        d.routes,
-        [bh("10.244.0.64/26")].into(),
-        "only our own blackhole"
+        vteps,
+        vec![
+            (a("10.244.0.1"), a("172.18.0.2")),
+            (a("10.244.0.129"), a("172.18.1.4"))
+        ]
     );
+    assert!(d.overlay.ipip.is_none() && d.overlay.problems.is_empty());
+    // ShowRoutes{node} names the tunnel address as the next hop.
+    let view = cluster_routes(&i, Some("worker"));
+    assert!(view
+        .iter()
+        .any(|r| r.destination == n("10.244.0.128/26") && r.next_hop == Some(a("10.244.0.129"))));
+}
+
+#[test]
+fn cross_subnet_tunnels_only_across_the_rack_boundary() {
+    let i = racks(Encapsulation::VxlanCrossSubnet);
+    let d = desired(&i, "worker");
+    let want: BTreeSet<Route> = [
+        // control-plane shares worker's /24: plain.
+        via("10.244.0.0/26", "172.18.0.2"),
+        bh("10.244.0.64/26"),
+        tunnel("10.244.0.128/26", "10.244.0.129", Tunnel::Vxlan),
+        tunnel("10.244.0.70/32", "10.244.0.129", Tunnel::Vxlan),
+    ]
+    .into();
+    assert_eq!(d.routes, want);
+    assert_eq!(d.overlay.vteps.len(), 1, "only worker2's VTEP");
+    // From worker2 both others are across the boundary.
+    let d2 = desired(&i, "worker2");
+    assert!(d2
+        .routes
+        .iter()
+        .all(|r| matches!(r.target, RouteTarget::Tunnel(..) | RouteTarget::Blackhole)));
+    assert_eq!(d2.overlay.vteps.len(), 2);
+    // A node that reported a bare address (a host prefix) shares a subnet
+    // with nobody.
+    let mut j = i.clone();
+    j.nodes.get_mut("worker").unwrap().addrs = vec![n("172.18.0.3/32")];
+    assert!(matches!(
+        route_at(&j, "worker", &n("10.244.0.0/26")).unwrap().target,
+        RouteTarget::Tunnel(..)
+    ));
+}
+
+#[test]
+fn ipip_routes_via_the_node_address_on_tunl0() {
+    for enc in [Encapsulation::Ipip, Encapsulation::IpipCrossSubnet] {
+        let i = racks(enc);
+        let d = desired(&i, "worker");
+        let cp = if enc == Encapsulation::Ipip {
+            tunnel("10.244.0.0/26", "172.18.0.2", Tunnel::Ipip)
+        } else {
+            via("10.244.0.0/26", "172.18.0.2")
+        };
+        let want: BTreeSet<Route> = [
+            cp,
+            bh("10.244.0.64/26"),
+            tunnel("10.244.0.128/26", "172.18.1.4", Tunnel::Ipip),
+            tunnel("10.244.0.70/32", "172.18.1.4", Tunnel::Ipip),
+        ]
+        .into();
+        assert_eq!(d.routes, want, "{enc:?}");
+        assert_eq!(d.overlay.ipip, Some(a("172.18.0.3")));
+        assert!(d.overlay.vxlan.is_none() && d.overlay.vteps.is_empty());
+    }
+}
+
+#[test]
+fn vxlan_without_tunnel_addresses_is_reported_not_routed() {
+    let d = desired(&walkthrough(Encapsulation::Vxlan), "worker");
+    assert_eq!(d.routes, [bh("10.244.0.64/26")].into(), "only our own blackhole");
+    assert_eq!(d.unroutable.len(), 3, "{:?}", d.unroutable);
+    assert!(d.unroutable[0].contains("no VXLAN tunnel address"), "{:?}", d.unroutable);
+    assert!(d.overlay.vxlan.is_none());
+    assert_eq!(d.overlay.problems.len(), 1, "{:?}", d.overlay.problems);
+}
+
+#[test]
+fn encapsulated_ipv6_pools_are_reported() {
+    let mut i = walkthrough(Encapsulation::None);
+    i.pools.insert(
+        "v6".into(),
+        PoolIntent {
+            cidr: n("fd00:10::/64"),
+            nat_outgoing: false,
+            encapsulation: Encapsulation::Vxlan,
+        },
+    );
+    let d = desired(&i, "worker");
     assert_eq!(d.unsupported.len(), 1);
     assert!(d.unsupported[0].contains("ENCAPSULATION_VXLAN"));
+}
+
+#[test]
+fn vtep_macs_are_stable_local_unicast_and_distinct() {
+    let m = crate::model::vtep_mac("worker");
+    assert_eq!(m, crate::model::vtep_mac("worker"));
+    assert_eq!(m[0] & 0x03, 0x02, "locally administered unicast");
+    let all: BTreeSet<_> = (0..5000)
+        .map(|k| crate::model::vtep_mac(&format!("node-{k}")))
+        .collect();
+    assert_eq!(all.len(), 5000);
+    let s = crate::model::mac_string(&m);
+    assert_eq!(crate::model::parse_mac(&s), Some(m));
+    assert_eq!(crate::model::parse_mac("02:00:00:00:00"), None);
+    assert_eq!(crate::model::parse_mac("02:00:00:00:00:0g"), None);
 }
 
 #[test]
@@ -100,7 +256,7 @@ fn an_owner_without_an_address_of_the_family_is_unroutable() {
     let mut i = walkthrough(Encapsulation::None);
     i.apply(IntentDelta {
         revision: 11,
-        nodes: vec![("worker2".into(), vec![a("fd00::4")])],
+        nodes: vec![("worker2".into(), NodeIntent::plain(&[a("fd00::4")]))],
         ..Default::default()
     });
     let d = desired(&i, "worker");
@@ -116,7 +272,7 @@ fn deltas_upsert_and_remove_and_a_snapshot_replaces() {
         removed_blocks: vec![n("10.244.0.0/26")],
         removed_borrowed: vec![a("10.244.0.70")],
         blocks: vec![block("10.244.1.0/26", "worker3")],
-        nodes: vec![("worker3".into(), vec![a("172.18.0.9")])],
+        nodes: vec![("worker3".into(), NodeIntent::plain(&[a("172.18.0.9")]))],
         ..Default::default()
     });
     assert_eq!(i.revision, 11);
@@ -244,7 +400,7 @@ fn arb_intent() -> impl Strategy<Value = Intent> {
             for (idx, name) in nodes.iter().take(3).enumerate() {
                 i.nodes.insert(
                     name.to_string(),
-                    vec![IpAddr::from([172, 18, 0, idx as u8 + 2])],
+                    NodeIntent::plain(&[IpAddr::from([172, 18, 0, idx as u8 + 2])]),
                 );
             }
             i
@@ -326,10 +482,11 @@ fn arb_delta() -> impl Strategy<Value = IntentDelta> {
                                 2 => "fd00::9".parse().unwrap(),
                                 v => IpAddr::from([172, 18, 1, v]),
                             };
-                            (nodes[n].to_string(), vec![a])
+                            (nodes[n].to_string(), NodeIntent::plain(&[a]))
                         })
                         .collect(),
                     removed_nodes: rm_nodes.into_iter().map(|n| nodes[n].to_string()).collect(),
+                    vxlan: None,
                 }
             },
         )
@@ -398,7 +555,7 @@ fn snapshots_and_pool_changes_touch_everything() {
     .touched(&i)
     .is_none());
     let moved = IntentDelta {
-        nodes: vec![("worker2".into(), vec![a("172.18.0.40")])],
+        nodes: vec![("worker2".into(), NodeIntent::plain(&[a("172.18.0.40")]))],
         ..Default::default()
     };
     let t = moved.touched(&i).unwrap();
@@ -418,7 +575,7 @@ fn an_unroutable_borrowed_address_leaves_the_block_route_at_its_prefix() {
         revision: 11,
         blocks: vec![block("10.244.1.5/32", "worker2")],
         borrowed: vec![(a("10.244.1.5"), "far".into())],
-        nodes: vec![("far".into(), vec![a("fd00::9")])],
+        nodes: vec![("far".into(), NodeIntent::plain(&[a("fd00::9")]))],
         ..Default::default()
     });
     let want = via("10.244.1.5/32", "172.18.0.4");

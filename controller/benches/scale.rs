@@ -262,7 +262,7 @@ async fn register_node(ch: &Channel, name: &str, i: usize) -> anyhow::Result<()>
             node: Some(Node {
                 name: name.into(),
                 addresses: vec![node_address(i)],
-                labels: Default::default(),
+                ..Default::default()
             }),
         })
         .await

@@ -2,11 +2,13 @@
 //! one place that knows both shapes; services and intent only call it.
 use crate::{
     error::{Error, Result},
-    ipam::{parse_addr, parse_cidr, AllocationView, AssignRequest, PoolUpdate},
+    ipam::{
+        parse_addr, parse_cidr, AllocationView, AssignRequest, ConfigUpdate, IpamState, PoolUpdate,
+    },
 };
 use std::{collections::BTreeMap, net::IpAddr};
 use tabby_proto::v1 as pb;
-use tabby_store::{Block, Encapsulation, Node, Pool};
+use tabby_store::{Block, Encapsulation, IpamConfig, Node, Pool};
 
 /// Parses a list of addresses.
 pub(crate) fn parse_addrs(v: &[String]) -> Result<Vec<IpAddr>> {
@@ -69,13 +71,98 @@ pub(crate) fn pool_from_pb(p: pb::Pool) -> Result<Pool> {
     })
 }
 
-/// Converts a stored node to protobuf (node lists and intent alike).
-pub fn node_to_pb(n: &Node) -> pb::Node {
+/// Converts a stored node to protobuf (node lists and intent alike), with
+/// its tunnel address if it holds one. An address prints with its prefix
+/// unless that is a host prefix.
+pub fn node_to_pb(n: &Node, tunnel: Option<IpAddr>) -> pb::Node {
     pb::Node {
         name: n.name.clone(),
-        addresses: n.addresses.iter().map(ToString::to_string).collect(),
+        addresses: n
+            .addresses
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                let host = if a.is_ipv4() { 32 } else { 128 };
+                match n.prefix_lens.get(i) {
+                    Some(l) if *l < host => format!("{a}/{l}"),
+                    _ => a.to_string(),
+                }
+            })
+            .collect(),
         labels: n.labels.clone().into_iter().collect(),
+        vxlan_tunnel_address: tunnel.map(|a| a.to_string()).unwrap_or_default(),
+        vxlan_mac: tunnel
+            .map(|_| tabby_routing::mac_string(&tabby_routing::vtep_mac(&n.name)))
+            .unwrap_or_default(),
     }
+}
+
+/// A node as the API shows it, with its tunnel address from `s`.
+pub fn node_pb(s: &IpamState, n: &Node) -> pb::Node {
+    node_to_pb(n, s.tunnel_address(&n.name))
+}
+
+/// The configuration as the API shows it: VXLAN defaults filled in.
+pub(crate) fn config_to_pb(c: &IpamConfig) -> pb::IpamConfig {
+    let v = vxlan_settings(c);
+    pb::IpamConfig {
+        strict_affinity: c.strict_affinity,
+        max_blocks_per_node: c.max_blocks_per_node,
+        vxlan_vni: v.vni,
+        vxlan_port: u32::from(v.port),
+    }
+}
+
+/// The VXLAN settings a stored configuration means (0: the default).
+pub fn vxlan_settings(c: &IpamConfig) -> tabby_routing::VxlanSettings {
+    let d = tabby_routing::VxlanSettings::default();
+    tabby_routing::VxlanSettings {
+        vni: if c.vxlan_vni == 0 { d.vni } else { c.vxlan_vni },
+        port: if c.vxlan_port == 0 {
+            d.port
+        } else {
+            c.vxlan_port
+        },
+    }
+}
+
+/// A SetIpamConfig request, as the IPAM takes it.
+pub(crate) fn config_update_from_pb(r: &pb::SetIpamConfigRequest) -> ConfigUpdate {
+    ConfigUpdate {
+        strict_affinity: r.strict_affinity,
+        max_blocks_per_node: r.max_blocks_per_node,
+        vxlan_vni: r.vxlan_vni,
+        vxlan_port: r.vxlan_port,
+    }
+}
+
+/// A node's addresses as they are reported: `172.18.0.3/24` (the address
+/// and its interface prefix) or a bare address (a host prefix). Host bits
+/// are the point here, so they are kept.
+pub(crate) fn parse_node_addrs(v: &[String]) -> Result<(Vec<IpAddr>, Vec<u8>)> {
+    let mut addrs = Vec::with_capacity(v.len());
+    let mut lens = Vec::with_capacity(v.len());
+    for s in v {
+        match s.split_once('/') {
+            Some((a, l)) => {
+                let a = parse_addr(a)?;
+                let max = if a.is_ipv4() { 32 } else { 128 };
+                let l = l.parse::<u8>().ok().filter(|l| *l <= max).ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "node address {s:?}: the prefix length must be 0..={max}"
+                    ))
+                })?;
+                addrs.push(a);
+                lens.push(l);
+            }
+            None => {
+                let a = parse_addr(s)?;
+                lens.push(if a.is_ipv4() { 32 } else { 128 });
+                addrs.push(a);
+            }
+        }
+    }
+    Ok((addrs, lens))
 }
 
 /// Converts an allocation to protobuf.
@@ -143,10 +230,12 @@ pub(crate) fn assign_from_pb(r: pb::AssignRequest) -> Result<AssignRequest> {
 /// A node record from the protobuf; RegisterNode replaces its name with
 /// the caller's.
 pub(crate) fn node_from_pb(n: pb::Node) -> Result<Node> {
+    let (addresses, prefix_lens) = parse_node_addrs(&n.addresses)?;
     Ok(Node {
         name: n.name,
-        addresses: parse_addrs(&n.addresses)?,
+        addresses,
         labels: n.labels.into_iter().collect::<BTreeMap<_, _>>(),
+        prefix_lens,
     })
 }
 

@@ -7,8 +7,9 @@
 //! behind the bounded broadcast buffer are resynchronised from the tracker's
 //! ring of recent deltas, or with a fresh snapshot.
 use crate::{
-    convert::{intent_block, intent_pool, node_to_pb},
+    convert::{intent_block, intent_pool, node_pb},
     ipam::IpamState,
+    ipam::TUNNEL_HANDLE_PREFIX,
 };
 use prost::Message;
 use std::{
@@ -73,6 +74,15 @@ struct View {
     borrowed: BTreeMap<IpAddr, String>,
     pools: Vec<pb::IntentPool>,
     nodes: BTreeMap<String, pb::Node>,
+    vxlan: pb::IntentVxlan,
+}
+
+fn intent_vxlan(s: &IpamState) -> pb::IntentVxlan {
+    let v = crate::convert::vxlan_settings(&s.config());
+    pb::IntentVxlan {
+        vni: v.vni,
+        port: u32::from(v.port),
+    }
 }
 
 fn borrowed_holder(s: &IpamState, a: IpAddr) -> Option<String> {
@@ -94,8 +104,9 @@ impl View {
             nodes: s
                 .nodes()
                 .iter()
-                .map(|n| (n.name.clone(), node_to_pb(n)))
+                .map(|n| (n.name.clone(), node_pb(s, n)))
                 .collect(),
+            vxlan: intent_vxlan(s),
         }
     }
 
@@ -115,7 +126,21 @@ impl View {
             pools: self.pools.clone(),
             pools_changed: true,
             nodes: self.nodes.values().cloned().collect(),
+            vxlan: Some(self.vxlan),
             ..Default::default()
+        }
+    }
+
+    fn update_node(&mut self, s: &IpamState, n: &str, d: &mut pb::IntentUpdate) {
+        match s.node(n).map(|x| node_pb(s, x)) {
+            Some(pn) if self.nodes.get(n) != Some(&pn) => {
+                self.nodes.insert(n.to_string(), pn.clone());
+                // Twice in one delta (record and tunnel address): once.
+                d.nodes.retain(|x| x.name != n);
+                d.nodes.push(pn);
+            }
+            None if self.nodes.remove(n).is_some() => d.removed_nodes.push(n.to_string()),
+            _ => {}
         }
     }
 
@@ -150,15 +175,20 @@ impl View {
                     _ => {}
                 },
                 Key::Pool(_) => pools_touched = true,
-                Key::Node(n) => match s.node(n).map(node_to_pb) {
-                    Some(pn) if self.nodes.get(n) != Some(&pn) => {
-                        self.nodes.insert(n.clone(), pn.clone());
-                        d.nodes.push(pn);
+                Key::Node(n) => self.update_node(s, n, &mut d),
+                // A tunnel address is part of its node's record here.
+                Key::Handle(h) => {
+                    if let Some(n) = h.strip_prefix(TUNNEL_HANDLE_PREFIX) {
+                        self.update_node(s, n, &mut d);
                     }
-                    None if self.nodes.remove(n).is_some() => d.removed_nodes.push(n.clone()),
-                    _ => {}
-                },
-                Key::Handle(_) | Key::Config => {}
+                }
+                Key::Config => {
+                    let v = intent_vxlan(s);
+                    if v != self.vxlan {
+                        self.vxlan = v;
+                        d.vxlan = Some(v);
+                    }
+                }
             }
         }
         if pools_touched {

@@ -3,8 +3,9 @@
 use crate::{
     auth::caller,
     convert::{
-        alloc_to_pb, assign_from_pb, cluster_route_to_pb, node_from_pb, node_to_pb, parse_addrs,
-        pool_from_pb, pool_to_pb, release_to_pb, update_from_pb,
+        alloc_to_pb, assign_from_pb, cluster_route_to_pb, config_to_pb, config_update_from_pb,
+        node_from_pb, node_pb, parse_addrs, pool_from_pb, pool_to_pb, release_to_pb,
+        update_from_pb,
     },
     error::Error,
     ipam::{parse_addr, AllocationView, ProblemKind},
@@ -240,34 +241,32 @@ impl pb::ipam_admin_server::IpamAdmin for AdminService {
 
     async fn get_ipam_config(&self, _: Request<pb::GetIpamConfigRequest>) -> Res<pb::IpamConfig> {
         let (c, _) = self.ipam.read(|s| s.config()).await?;
-        Ok(Response::new(pb::IpamConfig {
-            strict_affinity: c.strict_affinity,
-            max_blocks_per_node: c.max_blocks_per_node,
-        }))
+        Ok(Response::new(config_to_pb(&c)))
     }
 
     async fn set_ipam_config(&self, req: Request<pb::SetIpamConfigRequest>) -> Res<pb::IpamConfig> {
         let r = req.into_inner();
         let (c, _) = self
             .ipam
-            .call(move |s| s.set_config(r.strict_affinity, r.max_blocks_per_node))
+            .call(move |s| s.set_config(config_update_from_pb(&r)))
             .await?;
+        let c = config_to_pb(&c);
         tracing::info!(
             strict_affinity = c.strict_affinity,
             max_blocks_per_node = c.max_blocks_per_node,
+            vxlan_vni = c.vxlan_vni,
+            vxlan_port = c.vxlan_port,
             "IPAM config set"
         );
-        Ok(Response::new(pb::IpamConfig {
-            strict_affinity: c.strict_affinity,
-            max_blocks_per_node: c.max_blocks_per_node,
-        }))
+        Ok(Response::new(c))
     }
 
     async fn list_nodes(&self, _: Request<pb::ListNodesRequest>) -> Res<pb::ListNodesResponse> {
-        let (nodes, _) = self.ipam.read_heavy(|s| s.nodes()).await?;
-        Ok(Response::new(pb::ListNodesResponse {
-            nodes: nodes.iter().map(node_to_pb).collect(),
-        }))
+        let (nodes, _) = self
+            .ipam
+            .read_heavy(|s| s.nodes().iter().map(|n| node_pb(s, n)).collect())
+            .await?;
+        Ok(Response::new(pb::ListNodesResponse { nodes }))
     }
 
     async fn show_routes(
@@ -356,10 +355,13 @@ impl pb::node_agent_server::NodeAgent for NodeService {
             name: me,
             ..node_from_pb(n)?
         };
-        let (node, rev) = self.ipam.call(move |s| s.register_node(node)).await?;
+        let (node, rev) = self
+            .ipam
+            .call(move |s| s.register_node(node).map(|(n, m)| (node_pb(s, &n), m)))
+            .await?;
         tracing::info!(node = %node.name, "node registered");
         Ok(Response::new(pb::RegisterNodeResponse {
-            node: Some(node_to_pb(&node)),
+            node: Some(node),
             revision: rev,
         }))
     }

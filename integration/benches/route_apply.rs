@@ -76,12 +76,14 @@ fn snapshot(n: usize, v6: bool) -> Intent {
     } else {
         (NODE_V4, GW_V4)
     };
-    intent
-        .nodes
-        .insert(ME.into(), vec![me.parse::<IpAddr>().unwrap()]);
-    intent
-        .nodes
-        .insert(PEER.into(), vec![gw.parse::<IpAddr>().unwrap()]);
+    intent.nodes.insert(
+        ME.into(),
+        tabby_routing::NodeIntent::plain(&[me.parse::<IpAddr>().unwrap()]),
+    );
+    intent.nodes.insert(
+        PEER.into(),
+        tabby_routing::NodeIntent::plain(&[gw.parse::<IpAddr>().unwrap()]),
+    );
     intent.blocks = (0..n)
         .map(|i| {
             (

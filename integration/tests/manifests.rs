@@ -207,9 +207,13 @@ fn the_grafana_dashboard_names_only_real_metrics() {
                     .fold(base, |b, s| b.strip_suffix(s).unwrap_or(b));
                 // The gRPC families are registered as "<prefix>_grpc_...".
                 let defined = sources.contains(&format!("\"tabby_{base}\""))
-                    || (base.starts_with("node_cni_grpc_") && sources.contains("\"tabby_node_cni\""))
+                    || (base.starts_with("node_cni_grpc_")
+                        && sources.contains("\"tabby_node_cni\""))
                     || (base.starts_with("grpc_") && sources.contains("_grpc_request"));
-                assert!(defined, "the dashboard names tabby_{base}, which no daemon defines");
+                assert!(
+                    defined,
+                    "the dashboard names tabby_{base}, which no daemon defines"
+                );
                 names += 1;
             }
         }

@@ -160,6 +160,13 @@ fn bench_ip(ns: &mut Namespaces, rs: &[Route], v6: bool) -> Times {
                 RouteTarget::Blackhole => {
                     writeln!(f, "route {verb} blackhole {} proto 77", r.dst).unwrap()
                 }
+                RouteTarget::Tunnel(gw, t) => writeln!(
+                    f,
+                    "route {verb} {} via {gw} dev {} onlink proto 77",
+                    r.dst,
+                    t.device()
+                )
+                .unwrap(),
             }
         }
         f.flush().unwrap();

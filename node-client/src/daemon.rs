@@ -6,7 +6,6 @@
 use crate::controller::{is_unavailable, Controller};
 pub use crate::reconciler::{EchoFilter, Event, Reconciler, Sysctl, Timers};
 use std::{
-    net::IpAddr,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
@@ -199,11 +198,16 @@ pub async fn watch(
 }
 
 /// This node's registration record.
-pub fn node_record(name: &str, addresses: &[IpAddr], labels: &[(String, String)]) -> pb::Node {
+pub fn node_record(
+    name: &str,
+    addresses: &[ipnet::IpNet],
+    labels: &[(String, String)],
+) -> pb::Node {
     pb::Node {
         name: name.to_string(),
         addresses: addresses.iter().map(ToString::to_string).collect(),
         labels: labels.iter().cloned().collect(),
+        ..Default::default()
     }
 }
 

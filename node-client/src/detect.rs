@@ -1,6 +1,7 @@
 //! Finds this node's address from the interface of its default route, the way
 //! Calico's autodetection does by default ("first-found" on the route's link).
 use crate::{Error, Result};
+use ipnet::IpNet;
 use netlink_packet_route::route::{RouteAttribute, RouteHeader, RouteMessage, RouteType};
 use netlink_packet_route::AddressFamily;
 use std::net::IpAddr;
@@ -38,7 +39,7 @@ pub fn default_route_ifindex(routes: &[RouteMessage]) -> Option<u32> {
 }
 
 /// Addresses of the default route's interface (IPv4 first).
-pub fn node_addresses() -> Result<Vec<IpAddr>> {
+pub fn node_addresses() -> Result<Vec<IpNet>> {
     let index = default_route_ifindex(&crate::netlink::dump_ipv4_routes()?).ok_or_else(|| {
         Error::Invalid(
             "no IPv4 default route to autodetect the node address from; pass --node-ip".into(),
@@ -50,18 +51,14 @@ pub fn node_addresses() -> Result<Vec<IpAddr>> {
         .into_owned();
     let mut v4 = Vec::new();
     let mut v6 = Vec::new();
-    for ifa in nix::ifaddrs::getifaddrs().map_err(|e| Error::Io("getifaddrs".into(), e.into()))? {
-        if ifa.interface_name != iface {
+    for (name, a) in interface_addresses()? {
+        if name != iface {
             continue;
         }
-        let Some(addr) = ifa.address else { continue };
-        if let Some(s) = addr.as_sockaddr_in() {
-            v4.push(IpAddr::V4(s.ip()));
-        } else if let Some(s) = addr.as_sockaddr_in6() {
-            let ip = s.ip();
-            if ip.segments()[0] & 0xffc0 != 0xfe80 {
-                v6.push(IpAddr::V6(ip));
-            }
+        match a.addr() {
+            IpAddr::V4(_) => v4.push(a),
+            IpAddr::V6(ip) if ip.segments()[0] & 0xffc0 != 0xfe80 => v6.push(a),
+            IpAddr::V6(_) => {}
         }
     }
     v4.extend(v6);
@@ -71,6 +68,50 @@ pub fn node_addresses() -> Result<Vec<IpAddr>> {
         )));
     }
     Ok(v4)
+}
+
+/// Every interface address of the calling thread's namespace, with the
+/// prefix of its subnet.
+fn interface_addresses() -> Result<Vec<(String, IpNet)>> {
+    let mut out = Vec::new();
+    for ifa in nix::ifaddrs::getifaddrs().map_err(|e| Error::Io("getifaddrs".into(), e.into()))? {
+        let Some(addr) = ifa.address else { continue };
+        let mask = ifa.netmask;
+        let net = if let Some(s) = addr.as_sockaddr_in() {
+            let len = mask
+                .as_ref()
+                .and_then(|m| m.as_sockaddr_in())
+                .map_or(32, |m| u32::from(m.ip()).count_ones() as u8);
+            IpNet::new(IpAddr::V4(s.ip()), len).ok()
+        } else if let Some(s) = addr.as_sockaddr_in6() {
+            let len = mask
+                .as_ref()
+                .and_then(|m| m.as_sockaddr_in6())
+                .map_or(128, |m| u128::from(m.ip()).count_ones() as u8);
+            IpNet::new(IpAddr::V6(s.ip()), len).ok()
+        } else {
+            None
+        };
+        out.extend(net.map(|n| (ifa.interface_name.clone(), n)));
+    }
+    Ok(out)
+}
+
+/// A `--node-ip` value: `ADDR/LEN` as given, or a bare address with the
+/// prefix of the interface that holds it (a host prefix when none does:
+/// then CrossSubnet counts every other node as remote).
+pub fn with_prefix(s: &str) -> Result<IpNet> {
+    if let Ok(n) = s.parse::<IpNet>() {
+        return Ok(n);
+    }
+    let a: IpAddr = s
+        .parse()
+        .map_err(|_| Error::Invalid(format!("--node-ip {s:?} is not an address or ADDR/LEN")))?;
+    Ok(interface_addresses()?
+        .into_iter()
+        .map(|(_, n)| n)
+        .find(|n| n.addr() == a)
+        .unwrap_or_else(|| IpNet::from(a)))
 }
 
 #[cfg(test)]

@@ -2,7 +2,6 @@
 use anyhow::Context;
 use clap::Parser;
 use std::{
-    net::IpAddr,
     os::unix::fs::PermissionsExt,
     path::PathBuf,
     sync::{atomic::AtomicBool, Arc, Mutex},
@@ -35,8 +34,10 @@ struct Args {
     #[arg(long, env = "NODE_NAME", required = true)]
     node_name: Option<String>,
     /// This node's address(es); autodetected from the default route's interface when absent.
+    /// Each `ADDR/LEN`, or a bare address (its interface's prefix is used):
+    /// CrossSubnet pools compare subnets.
     #[arg(long, env = "TABBY_NODE_IP", value_delimiter = ',')]
-    node_ip: Vec<IpAddr>,
+    node_ip: Vec<String>,
     /// Node label for pool selectors, `key=value` (repeatable).
     #[arg(long = "node-label", env = "TABBY_NODE_LABELS", value_delimiter = ',')]
     node_labels: Vec<String>,
@@ -238,7 +239,11 @@ async fn main() -> anyhow::Result<()> {
     let addrs = if a.node_ip.is_empty() {
         detect::node_addresses().context("autodetecting --node-ip")?
     } else {
-        a.node_ip.clone()
+        a.node_ip
+            .iter()
+            .map(|s| detect::with_prefix(s))
+            .collect::<Result<Vec<_>, _>>()
+            .context("--node-ip")?
     };
     let node = daemon::node_record(&node_name, &addrs, &labels(&a.node_labels)?);
     let transport = transport(&a, &controller, &node_name)?;
@@ -258,6 +263,7 @@ async fn main() -> anyhow::Result<()> {
     let rec = Reconciler::new(
         node_name.clone(),
         table,
+        Box::new(netlink::NetlinkOverlay::new().context("opening netlink")?),
         Box::new(Nft::new()),
         Box::new(ProcSysctl),
         st.clone(),

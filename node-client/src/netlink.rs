@@ -18,12 +18,14 @@
 //! operation, the errno and the kernel's extended ack message.
 
 mod ns;
+mod overlay;
 mod pod;
 mod routes;
 mod socket;
 
 pub(crate) use ns::panic_message;
 pub use ns::{get_sysctl, in_netns, set_sysctl};
+pub use overlay::NetlinkOverlay;
 pub use pod::{
     attachment_owners, check_pod, delete_link_named, format_mac, held_attachment, host_veth_name,
     link_exists, owned_links, retire_owned, retired_links, wire_pod, HeldAttachment, PodSpec,

@@ -3,14 +3,17 @@
 //! route changes that takes the kernel from what it has to what it should
 //! have. No I/O here; `apply_plan` drives a [`RouteTable`].
 use crate::{
-    kernel::{Route, RouteTable},
+    kernel::{Route, RouteTable, VtepTables},
     Error, Result,
 };
 use ipnet::IpNet;
 use std::{collections::BTreeSet, net::IpAddr};
 use tabby_proto::v1 as pb;
 pub use tabby_routing::{desired, Desired, Intent};
-use tabby_routing::{BlockIntent, Encapsulation, IntentDelta, PoolIntent};
+use tabby_routing::{
+    parse_mac, BlockIntent, Encapsulation, IntentDelta, Mac, NodeIntent, PoolIntent, Vtep,
+    VtepEntry, VxlanSettings,
+};
 
 fn net(s: &str) -> Result<IpNet> {
     s.parse()
@@ -88,18 +91,46 @@ pub fn intent_delta(u: &pb::IntentUpdate) -> Result<IntentDelta> {
         nodes: u
             .nodes
             .iter()
-            .map(|n| {
-                Ok((
-                    n.name.clone(),
-                    n.addresses
-                        .iter()
-                        .map(|a| addr(a))
-                        .collect::<Result<Vec<_>>>()?,
-                ))
-            })
+            .map(|n| Ok((n.name.clone(), node_intent(n)?)))
             .collect::<Result<_>>()?,
         removed_nodes: u.removed_nodes.clone(),
+        vxlan: u.vxlan.map(|v| vxlan_settings(&v)).transpose()?,
     })
+}
+
+/// A node of the stream: its addresses with their prefixes (a bare address
+/// is a host prefix) and its VTEP, if the controller gave it a tunnel
+/// address.
+fn node_intent(n: &pb::Node) -> Result<NodeIntent> {
+    let addrs = n
+        .addresses
+        .iter()
+        .map(|a| match a.parse::<IpNet>() {
+            Ok(net) => Ok(net),
+            Err(_) => addr(a).map(IpNet::from),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let vtep = if n.vxlan_tunnel_address.is_empty() {
+        None
+    } else {
+        Some(Vtep {
+            tunnel_ip: addr(&n.vxlan_tunnel_address)?,
+            mac: parse_mac(&n.vxlan_mac)
+                .ok_or_else(|| Error::Invalid(format!("intent: bad VTEP MAC {:?}", n.vxlan_mac)))?,
+        })
+    };
+    Ok(NodeIntent { addrs, vtep })
+}
+
+fn vxlan_settings(v: &pb::IntentVxlan) -> Result<VxlanSettings> {
+    let port = u16::try_from(v.port).ok().filter(|p| *p != 0);
+    match port {
+        Some(port) if (1..=0xff_ffff).contains(&v.vni) => Ok(VxlanSettings { vni: v.vni, port }),
+        _ => Err(Error::Invalid(format!(
+            "intent: bad VXLAN settings (vni {}, port {})",
+            v.vni, v.port
+        ))),
+    }
 }
 
 /// Route changes, deletions first (a changed route is a delete plus an add).
@@ -131,6 +162,59 @@ pub fn plan_routes(want: &BTreeSet<Route>, actual: &[Route], remove_stale: bool)
         .collect();
     let add = want.difference(&have).copied().collect();
     RoutePlan { del, add }
+}
+
+/// Neighbour and FDB changes on `vxlan.tabby`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VtepPlan {
+    /// Neighbour entries to remove.
+    pub del_neigh: Vec<(IpAddr, Mac)>,
+    /// FDB entries to remove.
+    pub del_fdb: Vec<(Mac, IpAddr)>,
+    /// FDB entries to add (or replace).
+    pub add_fdb: Vec<(Mac, IpAddr)>,
+    /// Neighbour entries to add (or replace).
+    pub add_neigh: Vec<(IpAddr, Mac)>,
+}
+
+impl VtepPlan {
+    /// Nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.del_neigh.is_empty()
+            && self.del_fdb.is_empty()
+            && self.add_fdb.is_empty()
+            && self.add_neigh.is_empty()
+    }
+}
+
+/// Plans the entries that take `have` to `want`: each remote VTEP is a
+/// neighbour entry and an FDB entry. Stale entries go only when
+/// `remove_stale` (after the first full sync), as with routes; an entry for
+/// the same address or MAC with other contents is replaced in any case.
+pub fn plan_vteps(want: &BTreeSet<VtepEntry>, have: &VtepTables, remove_stale: bool) -> VtepPlan {
+    let want_neigh: BTreeSet<(IpAddr, Mac)> = want.iter().map(|e| (e.tunnel_ip, e.mac)).collect();
+    let want_fdb: BTreeSet<(Mac, IpAddr)> = want.iter().map(|e| (e.mac, e.underlay)).collect();
+    let have_neigh: BTreeSet<(IpAddr, Mac)> = have.neigh.iter().copied().collect();
+    let have_fdb: BTreeSet<(Mac, IpAddr)> = have.fdb.iter().copied().collect();
+    let neigh_ips: BTreeSet<IpAddr> = want_neigh.iter().map(|(a, _)| *a).collect();
+    let fdb_macs: BTreeSet<Mac> = want_fdb.iter().map(|(m, _)| *m).collect();
+    VtepPlan {
+        // A replaced neighbour entry needs no delete (add replaces it).
+        del_neigh: have_neigh
+            .iter()
+            .filter(|e| !want_neigh.contains(e) && remove_stale && !neigh_ips.contains(&e.0))
+            .copied()
+            .collect(),
+        // An FDB entry is keyed by MAC and destination: a moved node's old
+        // destination must go, or both would be flooded to.
+        del_fdb: have_fdb
+            .iter()
+            .filter(|e| !want_fdb.contains(e) && (remove_stale || fdb_macs.contains(&e.0)))
+            .copied()
+            .collect(),
+        add_fdb: want_fdb.difference(&have_fdb).copied().collect(),
+        add_neigh: want_neigh.difference(&have_neigh).copied().collect(),
+    }
 }
 
 /// Outcome of applying a plan.

@@ -14,7 +14,7 @@
 //! trigger another pass.
 use crate::{
     daemon::{lock_resume, lock_status, SharedResume, SharedStatus},
-    kernel::{NatTables, Route, RouteTable},
+    kernel::{NatTables, OverlayTable, Route, RouteTable},
     netlink::RouteEvent,
     nft::NatSets,
     nft_monitor::NftEvent,
@@ -28,6 +28,7 @@ use std::{
     time::{Duration, Instant},
 };
 use tabby_proto::v1 as pb;
+use tabby_routing::{Overlay, RouteTarget, Tunnel};
 use tokio::sync::mpsc;
 
 /// What the reconciler reacts to.
@@ -164,10 +165,31 @@ pub struct Passes {
     pub nft_checks: u64,
 }
 
+/// The tunnel devices as last made: what was asked, and whether it worked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Tunnels {
+    /// `vxlan.tabby` as made, with its MTU.
+    vxlan: Option<(tabby_routing::VxlanDevice, u32)>,
+    /// `tunl0` made with this local address and MTU.
+    ipip: Option<(std::net::IpAddr, u32)>,
+}
+
 /// The reconciler: owns intent and kernel programming.
 pub struct Reconciler<T: RouteTable> {
     me: String,
     table: T,
+    overlay: Box<dyn OverlayTable>,
+    /// The tunnel devices in the kernel, as far as we know.
+    tunnels: Tunnels,
+    /// Tunnel devices that could not be made: routes through them are left
+    /// out (and reported) instead of failing every pass.
+    tunnels_down: BTreeSet<Tunnel>,
+    /// Why an overlay cannot be applied here (for `Status`).
+    overlay_problems: Vec<String>,
+    /// The overlay (devices, VTEPs) must be brought up to the intent.
+    overlay_due: bool,
+    /// `vxlan.tabby` may exist (made by us, or by an earlier run).
+    vxlan_maybe: bool,
     nft: Box<dyn NatTables>,
     sysctl: Box<dyn Sysctl>,
     status: SharedStatus,
@@ -215,9 +237,11 @@ pub struct Reconciler<T: RouteTable> {
 
 impl<T: RouteTable> Reconciler<T> {
     /// A reconciler that has applied nothing yet.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         me: String,
         table: T,
+        overlay: Box<dyn OverlayTable>,
         nft: Box<dyn NatTables>,
         sysctl: Box<dyn Sysctl>,
         status: SharedStatus,
@@ -228,6 +252,12 @@ impl<T: RouteTable> Reconciler<T> {
         Reconciler {
             me,
             table,
+            overlay,
+            tunnels: Tunnels::default(),
+            tunnels_down: BTreeSet::new(),
+            overlay_problems: Vec::new(),
+            overlay_due: false,
+            vxlan_maybe: true,
             nft,
             sysctl,
             status,
@@ -349,8 +379,15 @@ impl<T: RouteTable> Reconciler<T> {
                 .saturating_mul(1 << self.failed_passes.min(10))
                 .min(self.timers.resync);
             self.retry_at = now + jittered(backoff);
-        } else if !self.touched.is_empty() {
-            self.incremental_pass();
+        } else {
+            if self.overlay_due {
+                self.errors.clear();
+                self.sync_overlay();
+                self.finish();
+            }
+            if !self.touched.is_empty() {
+                self.incremental_pass();
+            }
         }
         // The changes taken are in the kernel unless a pass failed (then
         // they are counted once a later pass succeeds).
@@ -381,6 +418,14 @@ impl<T: RouteTable> Reconciler<T> {
                 match delta.touched_indexed(&self.node_index) {
                     Some(t) if self.have_intent => self.touched.extend(t),
                     _ => self.full_due = true,
+                }
+                // Nodes (addresses, VTEPs) and VXLAN settings shape the
+                // tunnels and their FDB and neighbour entries.
+                if !delta.nodes.is_empty()
+                    || !delta.removed_nodes.is_empty()
+                    || delta.vxlan.is_some()
+                {
+                    self.overlay_due = true;
                 }
                 self.have_intent = true;
                 if u.snapshot && !self.synced {
@@ -454,7 +499,15 @@ impl<T: RouteTable> Reconciler<T> {
         self.touched.clear();
         self.errors.clear();
         let d = tabby_routing::desired(&self.intent, &self.me);
-        self.want = d.routes.iter().map(|r| (r.dst, *r)).collect();
+        // Tunnel devices first: routes through them need them.
+        self.sync_overlay();
+        self.want = d
+            .routes
+            .iter()
+            .filter(|r| self.routable(r))
+            .map(|r| (r.dst, *r))
+            .collect();
+        let wanted: BTreeSet<Route> = self.want.values().copied().collect();
         self.nat = (d.nat_v4.clone(), d.nat_v6.clone());
         self.ipv6 = d.ipv6;
         if self.unsupported != d.unsupported {
@@ -477,7 +530,7 @@ impl<T: RouteTable> Reconciler<T> {
         };
         self.v6_listed = !d.ipv6 && v6;
         self.installed = actual.iter().map(|r| (r.dst, *r)).collect();
-        let p = plan::plan_routes(&d.routes, &actual, self.synced);
+        let p = plan::plan_routes(&wanted, &actual, self.synced);
         self.apply(&p, FULL);
         self.sync_nat();
         if self.ipv6 && !self.v6_forwarding {
@@ -496,7 +549,8 @@ impl<T: RouteTable> Reconciler<T> {
         let mut want = BTreeSet::new();
         let mut have = Vec::new();
         for dst in std::mem::take(&mut self.touched) {
-            match tabby_routing::route_at(&self.intent, &self.me, &dst) {
+            match tabby_routing::route_at(&self.intent, &self.me, &dst).filter(|r| self.routable(r))
+            {
                 Some(r) => {
                     self.want.insert(dst, r);
                     want.insert(r);
@@ -510,6 +564,157 @@ impl<T: RouteTable> Reconciler<T> {
         let p = plan::plan_routes(&want, &have, self.synced);
         self.apply(&p, "routes updated");
         self.finish();
+    }
+
+    /// Whether a route can go in: not through a tunnel device that could
+    /// not be made.
+    fn routable(&self, r: &Route) -> bool {
+        match r.target {
+            RouteTarget::Tunnel(_, t) => !self.tunnels_down.contains(&t),
+            _ => true,
+        }
+    }
+
+    /// Brings the tunnel devices and the VTEP entries up to the intent.
+    /// Before the first full sync nothing is removed.
+    fn sync_overlay(&mut self) {
+        self.overlay_due = false;
+        let o = tabby_routing::overlay(&self.intent, &self.me);
+        let mut problems = o.problems.clone();
+        let mut down = BTreeSet::new();
+        // vxlan.tabby: its MTU follows the uplink's.
+        let vx = match o.vxlan {
+            Some(dev) => match self.overlay.uplink_mtu(dev.local) {
+                Ok(mtu) => Some((dev, mtu.saturating_sub(Tunnel::Vxlan.overhead()))),
+                Err(e) => {
+                    problems.push(format!(
+                        "VXLAN: no usable uplink for the tunnel (the interface with {}): {e}",
+                        dev.local
+                    ));
+                    down.insert(Tunnel::Vxlan);
+                    None
+                }
+            },
+            None => None,
+        };
+        match vx {
+            Some((dev, mtu)) => {
+                self.vxlan_maybe = true;
+                if let Err(e) = self.overlay.ensure_vxlan(&dev, mtu) {
+                    self.errors.push(format!("vxlan.tabby: {e}"));
+                    down.insert(Tunnel::Vxlan);
+                    self.tunnels.vxlan = None;
+                } else {
+                    if self.tunnels.vxlan != Some((dev, mtu)) {
+                        tracing::info!(vni = dev.settings.vni, port = dev.settings.port, local = %dev.local, mtu, "vxlan.tabby up");
+                    }
+                    self.tunnels.vxlan = Some((dev, mtu));
+                }
+            }
+            // Removed once known unwanted: after the first full sync (one
+            // left by an earlier run), and when its last pool went.
+            None if o.vxlan.is_none() && self.synced && self.vxlan_maybe => {
+                match self.overlay.remove_vxlan() {
+                    Ok(()) => {
+                        if self.tunnels.vxlan.take().is_some() {
+                            tracing::info!("no VXLAN pool: vxlan.tabby removed");
+                        }
+                        self.vxlan_maybe = false;
+                    }
+                    Err(e) => self.errors.push(format!("removing vxlan.tabby: {e}")),
+                }
+            }
+            None => {}
+        }
+        if !down.contains(&Tunnel::Vxlan) {
+            self.sync_vteps(&o);
+        }
+        // tunl0: IP-in-IP, where the kernel has it.
+        if let Some(local) = o.ipip {
+            let pool = self
+                .intent
+                .pools
+                .iter()
+                .find(|(_, p)| {
+                    p.cidr.addr().is_ipv4()
+                        && matches!(
+                            p.encapsulation,
+                            tabby_routing::Encapsulation::Ipip
+                                | tabby_routing::Encapsulation::IpipCrossSubnet
+                        )
+                })
+                .map(|(n, _)| n.clone())
+                .unwrap_or_default();
+            let mtu = self
+                .overlay
+                .uplink_mtu(local)
+                .map(|m| m.saturating_sub(Tunnel::Ipip.overhead()));
+            match mtu.and_then(|mtu| self.overlay.ensure_ipip(local, mtu).map(|()| mtu)) {
+                Ok(mtu) => self.tunnels.ipip = Some((local, mtu)),
+                Err(e) => {
+                    problems.push(format!("IPIP pool {pool}: {e}"));
+                    down.insert(Tunnel::Ipip);
+                    self.tunnels.ipip = None;
+                }
+            }
+        } else {
+            self.tunnels.ipip = None;
+        }
+        if problems != self.overlay_problems {
+            for p in &problems {
+                tracing::warn!("{p}");
+            }
+            self.overlay_problems = problems;
+        }
+        if down != self.tunnels_down {
+            // Routes through a device that came or went: plan them all.
+            self.tunnels_down = down;
+            self.full_due = true;
+        }
+    }
+
+    /// Makes the neighbour and FDB entries on vxlan.tabby those of `o`.
+    fn sync_vteps(&mut self, o: &Overlay) {
+        if o.vxlan.is_none() {
+            return;
+        }
+        let have = match self.overlay.list_vteps() {
+            Ok(h) => h,
+            Err(e) => {
+                self.errors.push(format!("listing VTEP entries: {e}"));
+                self.full_due = true;
+                return;
+            }
+        };
+        let p = plan::plan_vteps(&o.vteps, &have, self.synced);
+        if p.is_empty() {
+            return;
+        }
+        let results = [
+            self.overlay.del_neigh(&p.del_neigh),
+            self.overlay.del_fdb(&p.del_fdb),
+            self.overlay.add_fdb(&p.add_fdb),
+            self.overlay.add_neigh(&p.add_neigh),
+        ];
+        let mut failed = 0;
+        for r in results.into_iter().flatten() {
+            match r {
+                Ok(()) | Err(crate::Error::NotFound(_)) => {}
+                Err(e) => {
+                    failed += 1;
+                    self.errors.push(format!("VTEP entry: {e}"));
+                }
+            }
+        }
+        if failed > 0 {
+            self.full_due = true;
+        }
+        tracing::info!(
+            added = p.add_neigh.len(),
+            removed = p.del_neigh.len(),
+            failed,
+            "VTEP entries updated"
+        );
     }
 
     fn apply(&mut self, p: &plan::RoutePlan, what: &str) {
@@ -632,7 +837,12 @@ impl<T: RouteTable> Reconciler<T> {
         st.synced = self.synced;
         st.revision = self.intent.revision;
         st.routes = self.want.len();
-        st.unsupported.clone_from(&self.unsupported);
+        st.unsupported = self
+            .unsupported
+            .iter()
+            .chain(&self.overlay_problems)
+            .cloned()
+            .collect();
         if !self.errors.is_empty() {
             tracing::warn!(errors = ?self.errors, "reconcile incomplete; retrying at the next pass");
         }

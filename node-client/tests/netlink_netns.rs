@@ -890,13 +890,23 @@ fn the_node_address_comes_from_the_default_routes_interface() {
     ]);
     ip(&["-n", &n, "route", "add", "default", "via", "10.77.0.2"]);
     let addrs = inside(&n, || tabby_node::detect::node_addresses().unwrap());
+    // With the prefix of their subnet: CrossSubnet compares subnets.
     assert_eq!(
         addrs,
         vec![
-            "10.77.0.1".parse::<IpAddr>().unwrap(),
-            "fd00:77::1".parse().unwrap()
+            "10.77.0.1/24".parse::<ipnet::IpNet>().unwrap(),
+            "fd00:77::1/64".parse().unwrap()
         ]
     );
+    // A bare --node-ip takes the prefix of the interface holding it.
+    let n2 = n.clone();
+    let given = inside(&n2, || {
+        tabby_node::detect::with_prefix("10.77.0.1").unwrap()
+    });
+    assert_eq!(given, "10.77.0.1/24".parse::<ipnet::IpNet>().unwrap());
+    let n3 = n.clone();
+    let elsewhere = inside(&n3, || tabby_node::detect::with_prefix("10.1.2.3").unwrap());
+    assert_eq!(elsewhere, "10.1.2.3/32".parse::<ipnet::IpNet>().unwrap());
     // Without a default route it says what to pass instead.
     ip(&["-n", &n, "route", "del", "default"]);
     let e = inside(&n, || tabby_node::detect::node_addresses().unwrap_err());

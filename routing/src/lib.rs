@@ -8,8 +8,8 @@ mod desired;
 mod model;
 
 pub use desired::{
-    cluster_routes, desired, node_view, overlay, route_at, ClusterRoute, ClusterRouteKind,
-    Desired, NatSets, Overlay, VtepEntry, VxlanDevice,
+    cluster_routes, desired, node_view, overlay, route_at, ClusterRoute, ClusterRouteKind, Desired,
+    NatSets, Overlay, VtepEntry, VxlanDevice,
 };
 pub use model::{
     mac_string, parse_mac, vtep_mac, BlockIntent, Encapsulation, Intent, IntentDelta, Mac,

@@ -344,6 +344,19 @@ fn dec<T: DeserializeOwned>(key: &[u8], v: &[u8]) -> Result<T> {
     })
 }
 
+/// Decodes a record written as `T`, or as its older layout `Old`. Exactly:
+/// a `T` must use every byte (postcard ignores trailing bytes), so that an
+/// old record is never read as a new one with garbage in its new fields.
+fn dec_or<T: DeserializeOwned, Old: DeserializeOwned + Into<T>>(key: &[u8], v: &[u8]) -> Result<T> {
+    match postcard::take_from_bytes::<T>(v) {
+        Ok((t, [])) => Ok(t),
+        _ => match postcard::take_from_bytes::<Old>(v) {
+            Ok((o, [])) => Ok(o.into()),
+            _ => dec(key, v),
+        },
+    }
+}
+
 fn op_key(op: &Op) -> Vec<u8> {
     match op.key() {
         Key::Pool(n) => format!("p/{n}"),
@@ -522,8 +535,8 @@ impl Store {
                     b'r' => Record::Released(addr()?, dec(&k, &v)?),
                     b'a' => Record::Allocation(addr()?, dec(&k, &v)?),
                     b'h' => Record::Handle(rest.to_string(), dec(&k, &v)?),
-                    b'n' => Record::Node(dec(&k, &v)?),
-                    _ => Record::Config(dec(&k, &v)?),
+                    b'n' => Record::Node(dec_or::<Node, NodeV1>(&k, &v)?),
+                    _ => Record::Config(dec_or::<IpamConfig, IpamConfigV1>(&k, &v)?),
                 });
             }
         }

@@ -71,6 +71,8 @@ fn commit_load_roundtrip_and_revisions() {
             Op::PutConfig(IpamConfig {
                 strict_affinity: true,
                 max_blocks_per_node: 3,
+                vxlan_vni: 7,
+                vxlan_port: 8472,
             }),
         ],
     };
@@ -255,4 +257,40 @@ fn encapsulations_keep_their_stored_encoding() {
     {
         assert_eq!(postcard::to_allocvec(&e).unwrap(), vec![i as u8], "{e:?}");
     }
+}
+
+#[test]
+fn records_of_the_older_layouts_still_load() {
+    // Nodes without prefix lengths and a config without VXLAN settings, as
+    // stores written before them hold them.
+    let old = NodeV1 {
+        name: "n1".into(),
+        addresses: vec![ip("172.18.0.2")],
+        labels: [("zone".to_string(), "a".to_string())].into(),
+    };
+    let n: Node =
+        crate::dec_or::<Node, NodeV1>(b"n/n1", &postcard::to_allocvec(&old).unwrap()).unwrap();
+    assert_eq!(n, Node::from(old));
+    assert!(n.prefix_lens.is_empty());
+    let new = Node {
+        prefix_lens: vec![24],
+        ..n
+    };
+    let back: Node =
+        crate::dec_or::<Node, NodeV1>(b"n/n1", &postcard::to_allocvec(&new).unwrap()).unwrap();
+    assert_eq!(back, new);
+    let c = IpamConfigV1 {
+        strict_affinity: true,
+        max_blocks_per_node: 9,
+    };
+    let got: IpamConfig =
+        crate::dec_or::<IpamConfig, IpamConfigV1>(b"c/ipam", &postcard::to_allocvec(&c).unwrap())
+            .unwrap();
+    assert_eq!(
+        (got.strict_affinity, got.max_blocks_per_node, got.vxlan_vni),
+        (true, 9, 0)
+    );
+    // Neither layout: corrupt, with the key named.
+    let e = crate::dec_or::<Node, NodeV1>(b"n/bad", &[0xff, 0xff]).unwrap_err();
+    assert!(e.to_string().contains("n/bad"), "{e}");
 }

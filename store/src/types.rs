@@ -65,6 +65,33 @@ pub struct Node {
     pub addresses: Vec<IpAddr>,
     /// Labels matched by pool selectors.
     pub labels: BTreeMap<String, String>,
+    /// The interface prefix length of each address, in the same order
+    /// (CrossSubnet compares subnets); empty for a node that reported none,
+    /// whose addresses count as host prefixes.
+    pub prefix_lens: Vec<u8>,
+}
+
+/// A node as stores before prefix lengths were kept wrote it (postcard has
+/// no optional trailing fields: such records decode through this).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct NodeV1 {
+    /// Node name.
+    pub name: String,
+    /// Addresses other nodes route to.
+    pub addresses: Vec<IpAddr>,
+    /// Labels matched by pool selectors.
+    pub labels: BTreeMap<String, String>,
+}
+
+impl From<NodeV1> for Node {
+    fn from(n: NodeV1) -> Node {
+        Node {
+            name: n.name,
+            addresses: n.addresses,
+            labels: n.labels,
+            prefix_lens: Vec::new(),
+        }
+    }
 }
 
 /// IPAM-wide configuration.
@@ -74,4 +101,27 @@ pub struct IpamConfig {
     pub strict_affinity: bool,
     /// Limit of blocks per node; 0 is unlimited.
     pub max_blocks_per_node: u32,
+    /// VXLAN network identifier; 0 means the default (4096).
+    pub vxlan_vni: u32,
+    /// VXLAN UDP port; 0 means the default (4789).
+    pub vxlan_port: u16,
+}
+
+/// The configuration as stores before the VXLAN settings wrote it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct IpamConfigV1 {
+    /// Never borrow from other nodes' blocks.
+    pub strict_affinity: bool,
+    /// Limit of blocks per node; 0 is unlimited.
+    pub max_blocks_per_node: u32,
+}
+
+impl From<IpamConfigV1> for IpamConfig {
+    fn from(c: IpamConfigV1) -> IpamConfig {
+        IpamConfig {
+            strict_affinity: c.strict_affinity,
+            max_blocks_per_node: c.max_blocks_per_node,
+            ..Default::default()
+        }
+    }
 }

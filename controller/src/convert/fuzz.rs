@@ -152,6 +152,7 @@ fn base() -> (IpamState, Snapshot) {
             name: name.into(),
             addresses: vec!["172.18.0.2".into()],
             labels: [("zone".to_string(), zone.to_string())].into(),
+            ..Default::default()
         };
         keep(st.register_node(node_from_pb(n).unwrap()).unwrap().1);
     }
@@ -179,7 +180,10 @@ static BASE: LazyLock<(IpamState, Snapshot)> = LazyLock::new(base);
 fn the_base_state_is_consistent() {
     let (st, replica) = &*BASE;
     assert_consistent(st, replica).unwrap();
-    assert_eq!(st.allocations().len(), 4);
+    // Four pod addresses, and a tunnel address for each node (a pool of
+    // the base state uses VXLAN).
+    assert_eq!(st.allocations().len(), 6);
+    assert!(st.tunnel_address("n1").is_some() && st.tunnel_address("n2").is_some());
 }
 
 // ---------------------------------------------------------------------------
@@ -407,6 +411,7 @@ fn node() -> impl Strategy<Value = pb::Node> {
             name,
             addresses,
             labels,
+            ..Default::default()
         })
 }
 
@@ -446,7 +451,7 @@ enum Call {
     Assign(String, pb::AssignRequest),
     ReleaseHandle(Option<String>, String),
     ReleaseAddress(Option<String>, String),
-    SetConfig(Option<bool>, Option<u32>),
+    SetConfig(pb::SetIpamConfigRequest),
 }
 
 fn call() -> impl Strategy<Value = Call> {
@@ -459,8 +464,18 @@ fn call() -> impl Strategy<Value = Call> {
         6 => (node_name(), assign_request()).prop_map(|(n, r)| Call::Assign(n, r)),
         3 => (prop::option::of(node_name()), handle()).prop_map(|(n, h)| Call::ReleaseHandle(n, h)),
         2 => (prop::option::of(node_name()), addr()).prop_map(|(n, a)| Call::ReleaseAddress(n, a)),
-        1 => (prop::option::of(any::<bool>()), prop::option::of(prop_oneof![0u32..3, any::<u32>()]))
-            .prop_map(|(s, m)| Call::SetConfig(s, m)),
+        1 => (
+            prop::option::of(any::<bool>()),
+            prop::option::of(prop_oneof![0u32..3, any::<u32>()]),
+            prop::option::of(prop_oneof![Just(0u32), Just(0x100_0000), 1u32..5, any::<u32>()]),
+            prop::option::of(prop_oneof![Just(0u32), Just(65536), 4789u32..4790, any::<u32>()]),
+        )
+            .prop_map(|(s, m, vni, port)| Call::SetConfig(pb::SetIpamConfigRequest {
+                strict_affinity: s,
+                max_blocks_per_node: m,
+                vxlan_vni: vni,
+                vxlan_port: port,
+            })),
     ]
 }
 
@@ -501,7 +516,13 @@ fn apply(st: &mut IpamState, c: &Call) -> Result<Mutation> {
             m
         }
         Call::ReleaseAddress(node, a) => st.release_address(node.as_deref(), parse_addr(&a)?)?.1,
-        Call::SetConfig(strict, max) => st.set_config(strict, max)?.1,
+        Call::SetConfig(r) => {
+            let (c, m) = st.set_config(config_update_from_pb(&r))?;
+            // Only what the rules allow is kept.
+            let v = vxlan_settings(&c);
+            assert!((1..=0xff_ffff).contains(&v.vni) && v.port != 0, "{c:?}");
+            m
+        }
     })
 }
 

@@ -17,7 +17,8 @@
 //! - `pools`, `nodes`: pools, nodes and configuration;
 //! - `assign`, `release`: handing out and taking back addresses;
 //! - `inspect`: utilization, the consistency check and repair;
-//! - `routes`: the state as the routing model sees it (`ShowRoutes`).
+//! - `routes`: the state as the routing model sees it (`ShowRoutes`);
+//! - `tunnels`: VXLAN tunnel addresses, one per node a VXLAN pool selects.
 
 mod addr;
 mod assign;
@@ -30,14 +31,16 @@ mod release;
 mod routes;
 pub mod selector;
 mod state;
+mod tunnels;
 mod validate;
 
 pub use addr::Family;
 pub use records::{
-    AllocationView, AssignRequest, BlockUsage, IpamUsage, LeakRelease, NodeDeletion, NodeUsage,
-    PoolUpdate, PoolUsage, Problem, ProblemKind,
+    AllocationView, AssignRequest, BlockUsage, ConfigUpdate, IpamUsage, LeakRelease, NodeDeletion,
+    NodeUsage, PoolUpdate, PoolUsage, Problem, ProblemKind,
 };
 pub use state::{IpamState, Loader};
+pub use tunnels::{tunnel_handle, TUNNEL_HANDLE_PREFIX};
 pub use validate::{parse_addr, parse_cidr};
 
 #[cfg(test)]

@@ -1,5 +1,10 @@
 //! Nodes and configuration.
-use super::{addr::addr_at, records::NodeDeletion, validate::check_name, IpamState};
+use super::{
+    addr::addr_at,
+    records::{ConfigUpdate, NodeDeletion},
+    validate::check_name,
+    IpamState,
+};
 use crate::error::{Error, Result};
 use ipnet::IpNet;
 use tabby_store::{IpamConfig, Mutation, Node, Op};
@@ -18,16 +23,25 @@ impl IpamState {
                 )));
             }
         }
-        if self.nodes.get(&n.name) == Some(&n) {
-            return Ok((n, Mutation::default()));
+        if (!n.prefix_lens.is_empty() && n.prefix_lens.len() != n.addresses.len())
+            || n.addresses
+                .iter()
+                .zip(&n.prefix_lens)
+                .any(|(a, l)| *l > if a.is_ipv4() { 32 } else { 128 })
+        {
+            return Err(Error::InvalidArgument(format!(
+                "node {:?}: one prefix length per address, within its family's width",
+                n.name
+            )));
         }
-        self.nodes.insert(n.name.clone(), n.clone());
-        Ok((
-            n.clone(),
-            Mutation {
-                ops: vec![Op::PutNode(n)],
-            },
-        ))
+        let mut m = Mutation::default();
+        if self.nodes.get(&n.name) != Some(&n) {
+            self.nodes.insert(n.name.clone(), n.clone());
+            m.ops.push(Op::PutNode(n.clone()));
+        }
+        // A node (re-)registering gets its tunnel address if it has none.
+        self.reconcile_tunnels(Some(&n.name), &mut m);
+        Ok((n, m))
     }
 
     /// Deletes a node: its empty blocks go, blocks in use are reported.
@@ -38,7 +52,12 @@ impl IpamState {
             )));
         }
         let mut out = NodeDeletion::default();
+        // Its tunnel address goes with it (it would hold its block).
+        let handle = super::tunnel_handle(name);
         let mut ops = Vec::new();
+        if self.handles.contains_key(handle.as_str()) {
+            ops = self.release_handle(None, &handle)?.1.ops;
+        }
         let blocks: Vec<IpNet> = self
             .node_blocks
             .get(name)
@@ -65,16 +84,25 @@ impl IpamState {
     }
 
     /// Changes the configuration.
-    pub fn set_config(
-        &mut self,
-        strict_affinity: Option<bool>,
-        max_blocks_per_node: Option<u32>,
-    ) -> Result<(IpamConfig, Mutation)> {
+    pub fn set_config(&mut self, u: ConfigUpdate) -> Result<(IpamConfig, Mutation)> {
         let mut c = self.config;
-        if let Some(v) = strict_affinity {
+        if let Some(v) = u.vxlan_vni {
+            if !(1..=0xff_ffff).contains(&v) {
+                return Err(Error::InvalidArgument(format!(
+                    "vxlan_vni {v} is out of range: use 1..16777215"
+                )));
+            }
+            c.vxlan_vni = v;
+        }
+        if let Some(v) = u.vxlan_port {
+            c.vxlan_port = u16::try_from(v).ok().filter(|p| *p != 0).ok_or_else(|| {
+                Error::InvalidArgument(format!("vxlan_port {v} is out of range: use 1..65535"))
+            })?;
+        }
+        if let Some(v) = u.strict_affinity {
             c.strict_affinity = v;
         }
-        if let Some(v) = max_blocks_per_node {
+        if let Some(v) = u.max_blocks_per_node {
             c.max_blocks_per_node = v;
         }
         if c == self.config {

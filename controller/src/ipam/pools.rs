@@ -62,9 +62,10 @@ impl IpamState {
             .map_err(|e| Error::InvalidArgument(format!("node_selector: {e}")))?;
         self.pools
             .insert(p.name.clone(), PoolState::new(p.clone(), selector));
-        let m = Mutation {
+        let mut m = Mutation {
             ops: vec![Op::PutPool(p.clone())],
         };
+        self.reconcile_tunnels(None, &mut m);
         Ok((p, m))
     }
 
@@ -114,12 +115,11 @@ impl IpamState {
             st.free = free;
         }
         self.pools.insert(name.to_string(), st);
-        Ok((
-            p.clone(),
-            Mutation {
-                ops: vec![Op::PutPool(p)],
-            },
-        ))
+        let mut m = Mutation {
+            ops: vec![Op::PutPool(p.clone())],
+        };
+        self.reconcile_tunnels(None, &mut m);
+        Ok((p, m))
     }
 
     /// The blocks inside `cidr`, by CIDR.
@@ -145,7 +145,22 @@ impl IpamState {
             .filter(|(c, b)| b.rec.pool == name || cidr.contains(&c.network()))
             .map(|(c, _)| *c)
             .collect();
-        let used: u64 = blocks.iter().map(|c| self.blocks[c].used() as u64).sum();
+        // Tunnel addresses do not hold a pool: they are given back first, and
+        // their nodes get new ones from what remains.
+        let tunnels: Vec<String> = self
+            .handles
+            .iter()
+            .filter(|(h, v)| {
+                h.starts_with(super::TUNNEL_HANDLE_PREFIX)
+                    && v.addresses.iter().any(|a| cidr.contains(a))
+            })
+            .map(|(h, _)| h.to_string())
+            .collect();
+        let used: u64 = blocks
+            .iter()
+            .map(|c| self.blocks[c].used() as u64)
+            .sum::<u64>()
+            - tunnels.len() as u64;
         if used > 0 {
             return Err(Error::FailedPrecondition(format!(
                 "pool {name:?} still has {used} allocated address(es) in {} block(s); disable it \
@@ -153,8 +168,12 @@ impl IpamState {
                 blocks.len()
             )));
         }
+        let mut ops = Vec::new();
+        for h in &tunnels {
+            ops.extend(self.release_handle(None, h)?.1.ops);
+        }
         let p = self.pools.remove(name).expect("checked").rec;
-        let mut ops = vec![Op::DeletePool(name.to_string())];
+        ops.push(Op::DeletePool(name.to_string()));
         for c in &blocks {
             let b = self.remove_block(c).expect("listed");
             for &(seq, o) in &b.free {
@@ -164,6 +183,8 @@ impl IpamState {
             }
             ops.push(Op::DeleteBlock(*c));
         }
-        Ok(((p, blocks.len() as u32), Mutation { ops }))
+        let mut m = Mutation { ops };
+        self.reconcile_tunnels(None, &mut m);
+        Ok(((p, blocks.len() as u32), m))
     }
 }

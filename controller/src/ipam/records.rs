@@ -139,6 +139,19 @@ pub struct AssignRequest {
     pub requested: Vec<IpAddr>,
 }
 
+/// Changes to the IPAM-wide configuration; `None` keeps the current value.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ConfigUpdate {
+    /// New strict_affinity.
+    pub strict_affinity: Option<bool>,
+    /// New max_blocks_per_node.
+    pub max_blocks_per_node: Option<u32>,
+    /// New VXLAN network identifier (1..=16777215).
+    pub vxlan_vni: Option<u32>,
+    /// New VXLAN UDP port (1..=65535).
+    pub vxlan_port: Option<u32>,
+}
+
 /// Changes to a pool; `None` keeps the current value.
 #[derive(Debug, Clone, Default)]
 pub struct PoolUpdate {

@@ -2,7 +2,9 @@
 //! shared route computation (`tabby_routing`) over it, the same function
 //! every node runs over the intent stream.
 use super::IpamState;
-use tabby_routing::{BlockIntent, Intent, PoolIntent};
+use ipnet::IpNet;
+use tabby_routing::{vtep_mac, BlockIntent, Intent, NodeIntent, PoolIntent, Vtep};
+use tabby_store::Node;
 
 impl IpamState {
     /// The cluster intent at this state: what the intent stream carries
@@ -41,8 +43,30 @@ impl IpamState {
             nodes: self
                 .nodes
                 .values()
-                .map(|n| (n.name.clone(), n.addresses.clone()))
+                .map(|n| (n.name.clone(), self.node_intent(n)))
                 .collect(),
+            vxlan: crate::convert::vxlan_settings(&self.config),
+        }
+    }
+
+    /// A node as the routing model sees it: addresses with their prefixes,
+    /// and its VTEP once it holds a tunnel address.
+    pub fn node_intent(&self, n: &Node) -> NodeIntent {
+        NodeIntent {
+            addrs: n
+                .addresses
+                .iter()
+                .enumerate()
+                .map(|(i, a)| {
+                    let host = if a.is_ipv4() { 32 } else { 128 };
+                    let l = n.prefix_lens.get(i).copied().unwrap_or(host).min(host);
+                    IpNet::new(*a, l).unwrap_or_else(|_| IpNet::from(*a))
+                })
+                .collect(),
+            vtep: self.tunnel_address(&n.name).map(|tunnel_ip| Vtep {
+                tunnel_ip,
+                mac: vtep_mac(&n.name),
+            }),
         }
     }
 }

@@ -27,6 +27,7 @@ fn node(name: &str) -> Node {
         name: name.into(),
         addresses: vec![ip("172.18.0.2")],
         labels: BTreeMap::new(),
+        prefix_lens: vec![],
     }
 }
 
@@ -80,7 +81,14 @@ impl Harness {
         v
     }
     fn set_config(&mut self, strict: bool, max: u32) {
-        let (_, m) = self.st.set_config(Some(strict), Some(max)).unwrap();
+        let (_, m) = self
+            .st
+            .set_config(ConfigUpdate {
+                strict_affinity: Some(strict),
+                max_blocks_per_node: Some(max),
+                ..Default::default()
+            })
+            .unwrap();
         self.replica.apply(&m);
     }
     /// Invariants that must hold after every operation.
@@ -770,4 +778,177 @@ fn route_table_lists_blocks_and_borrowed_addresses_via_their_nodes() {
             (IpNet::from(borrowed), "n1".into(), n1, "borrowed"),
         ]
     );
+}
+
+fn vxlan_pool(name: &str, cidr: &str) -> Pool {
+    Pool {
+        encapsulation: Encapsulation::Vxlan,
+        ..pool(name, cidr, 26)
+    }
+}
+
+#[test]
+fn nodes_hold_a_tunnel_address_exactly_while_a_vxlan_pool_exists() {
+    let mut h = Harness::new(&[pool("p", "10.244.0.0/16", 26)], &["n1"]);
+    assert_eq!(h.st.tunnel_address("n1"), None, "plain pool: none");
+    // Switching the pool to VXLAN gives every node one, under its handle.
+    let (_, m) =
+        h.st.update_pool(
+            "p",
+            PoolUpdate {
+                encapsulation: Some(Encapsulation::VxlanCrossSubnet),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    h.replica.apply(&m);
+    let t1 = h.st.tunnel_address("n1").expect("n1's tunnel address");
+    assert!(h.st.handle("vxlan-tunnel-addr.n1").is_some());
+    // A node registering later gets one too; registering again keeps it.
+    let (_, m) = h.st.register_node(node("n2")).unwrap();
+    h.replica.apply(&m);
+    let t2 = h.st.tunnel_address("n2").expect("n2's tunnel address");
+    assert_ne!(t1, t2);
+    let (_, m) = h.st.register_node(node("n2")).unwrap();
+    assert!(m.is_empty(), "{m:?}");
+    h.check_invariants();
+    // The routing model sees the VTEPs, and the intent stream's nodes carry them.
+    let i = h.st.routing_intent(1);
+    let v = i.nodes["n1"].vtep.expect("vtep");
+    assert_eq!((v.tunnel_ip, v.mac), (t1, tabby_routing::vtep_mac("n1")));
+    let pn = crate::convert::node_pb(&h.st, h.st.node("n1").unwrap());
+    assert_eq!(pn.vxlan_tunnel_address, t1.to_string());
+    assert_eq!(
+        pn.vxlan_mac,
+        tabby_routing::mac_string(&tabby_routing::vtep_mac("n1"))
+    );
+    // A pod address is never a tunnel address.
+    let pod = h.assign("n1", "net.c1").unwrap();
+    assert!(pod.iter().all(|a| a.address != t1 && a.address != t2));
+    h.release("net.c1");
+    // Deleting a node gives its tunnel address back (and so its block).
+    let (d, m) = h.st.delete_node("n2").unwrap();
+    h.replica.apply(&m);
+    assert!(d.blocks_in_use.is_empty(), "{d:?}");
+    assert!(h.st.handle("vxlan-tunnel-addr.n2").is_none());
+    // Back to plain routing: released.
+    let (_, m) =
+        h.st.update_pool(
+            "p",
+            PoolUpdate {
+                encapsulation: Some(Encapsulation::None),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    h.replica.apply(&m);
+    assert_eq!(h.st.tunnel_address("n1"), None);
+    h.check_invariants();
+}
+
+#[test]
+fn a_pool_holding_only_tunnel_addresses_can_be_deleted() {
+    let mut h = Harness::new(
+        &[
+            vxlan_pool("a", "10.244.0.0/16"),
+            pool("b", "10.245.0.0/16", 26),
+        ],
+        &["n1"],
+    );
+    let t = h.st.tunnel_address("n1").unwrap();
+    assert!("10.244.0.0/16".parse::<IpNet>().unwrap().contains(&t));
+    let (_, m) = h.st.delete_pool("a").unwrap();
+    h.replica.apply(&m);
+    // No VXLAN pool remains: no tunnel address either.
+    assert_eq!(h.st.tunnel_address("n1"), None);
+    h.check_invariants();
+    // With a pod in it, deleting is refused and changes nothing.
+    let mut h = Harness::new(&[vxlan_pool("a", "10.244.0.0/16")], &["n1"]);
+    h.assign("n1", "net.c1").unwrap();
+    let before = h.st.allocations();
+    assert!(matches!(
+        h.st.delete_pool("a"),
+        Err(Error::FailedPrecondition(_))
+    ));
+    assert_eq!(h.st.allocations(), before);
+}
+
+#[test]
+fn vxlan_settings_are_validated_and_bad_ones_change_nothing() {
+    let mut h = Harness::new(&[], &[]);
+    let before = h.st.config();
+    for u in [
+        ConfigUpdate {
+            vxlan_vni: Some(0),
+            ..Default::default()
+        },
+        ConfigUpdate {
+            vxlan_vni: Some(16_777_216),
+            ..Default::default()
+        },
+        ConfigUpdate {
+            vxlan_port: Some(0),
+            ..Default::default()
+        },
+        ConfigUpdate {
+            vxlan_port: Some(65_536),
+            ..Default::default()
+        },
+        // One bad field refuses the whole update.
+        ConfigUpdate {
+            strict_affinity: Some(true),
+            vxlan_port: Some(0),
+            ..Default::default()
+        },
+    ] {
+        let e = h.st.set_config(u).unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)), "{u:?}: {e}");
+        assert_eq!(h.st.config(), before);
+    }
+    let (c, m) =
+        h.st.set_config(ConfigUpdate {
+            vxlan_vni: Some(16_777_215),
+            vxlan_port: Some(8472),
+            ..Default::default()
+        })
+        .unwrap();
+    h.replica.apply(&m);
+    assert_eq!((c.vxlan_vni, c.vxlan_port), (16_777_215, 8472));
+    let v = h.st.routing_intent(1).vxlan;
+    assert_eq!((v.vni, v.port), (16_777_215, 8472));
+    // Unset: the defaults.
+    let v = IpamState::default().routing_intent(1).vxlan;
+    assert_eq!((v.vni, v.port), (4096, 4789));
+}
+
+#[test]
+fn node_addresses_keep_their_interface_prefix() {
+    let n = crate::convert::node_from_pb(tabby_proto::v1::Node {
+        name: "n1".into(),
+        addresses: vec!["172.18.0.3/24".into(), "fd00::3".into()],
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(n.prefix_lens, vec![24, 128]);
+    let mut h = Harness::new(&[], &[]);
+    h.st.register_node(n.clone()).unwrap();
+    let i = h.st.routing_intent(1);
+    assert_eq!(
+        i.nodes["n1"].addrs,
+        vec![
+            "172.18.0.3/24".parse::<IpNet>().unwrap(),
+            "fd00::3/128".parse().unwrap()
+        ]
+    );
+    let pn = crate::convert::node_to_pb(&n, None);
+    assert_eq!(pn.addresses, vec!["172.18.0.3/24", "fd00::3"]);
+    for bad in ["172.18.0.3/33", "172.18.0.3/x", "fd00::3/129", "banana/24"] {
+        let e = crate::convert::node_from_pb(tabby_proto::v1::Node {
+            name: "n1".into(),
+            addresses: vec![bad.into()],
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)), "{bad}: {e}");
+    }
 }

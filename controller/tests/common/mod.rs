@@ -445,7 +445,7 @@ pub async fn register(c: &Controller, name: &str, i: usize) {
         node: Some(tabby_proto::v1::Node {
             name: name.into(),
             addresses: vec![format!("172.18.{}.{}", i / 250, i % 250 + 2)],
-            labels: Default::default(),
+            ..Default::default()
         }),
     })
     .await

@@ -1,23 +1,26 @@
 //! tabby's routes (protocol [`crate::ROUTE_PROTOCOL`], main table) and the
 //! monitor that reports their deletion.
-use super::socket::{grow_rcvbuf, parse_datagram, NlSocket, Reply};
+use super::socket::{grow_rcvbuf, parse_datagram, NlError, NlSocket, Reply};
 use crate::kernel::{Route, RouteTable, RouteTarget};
 use crate::{error::Errno, Error, Result, ROUTE_PROTOCOL};
 use ipnet::IpNet;
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL};
 use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
-    RouteVia,
+    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+    RouteType, RouteVia,
 };
 use netlink_packet_route::{
-    address::AddressScope, link::LinkAttribute, AddressFamily, RouteNetlinkMessage,
+    address::AddressScope,
+    link::{LinkAttribute, LinkMessage},
+    AddressFamily, RouteNetlinkMessage,
 };
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::MsgFlags;
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use tabby_routing::Tunnel;
 use tokio::io::unix::{AsyncFd, AsyncFdRegisterError};
 
 const RT_TABLE_MAIN: u32 = RouteHeader::RT_TABLE_MAIN as u32;
@@ -39,15 +42,136 @@ const RTMGRP_IPV6_IFADDR: u32 = 0x100;
 /// Blocking: from async code, move it into `tokio::task::spawn_blocking`
 /// (it is `Send`). `add` and `del` pack thousands of requests into a few
 /// datagrams, so large route sets apply in a handful of syscalls.
+///
+/// Tunnel routes name their device by index: it is looked up by name when
+/// first needed and kept, and looked up again when the kernel says the
+/// index is stale (the device was recreated).
 pub struct NetlinkRoutes {
     nl: NlSocket,
+    tunnels: BTreeMap<Tunnel, u32>,
 }
 
 impl NetlinkRoutes {
     /// Opens a netlink socket in the calling thread's network namespace.
     pub fn new() -> Result<Self> {
         let nl = NlSocket::new().map_err(|e| e.into_error("opening netlink socket"))?;
-        Ok(NetlinkRoutes { nl })
+        Ok(NetlinkRoutes {
+            nl,
+            tunnels: BTreeMap::new(),
+        })
+    }
+
+    /// The index of tunnel `t`'s device (`None`: no such device), from the
+    /// cache or by name.
+    fn tunnel_index(&mut self, t: Tunnel) -> std::result::Result<Option<u32>, NlError> {
+        if let Some(i) = self.tunnels.get(&t) {
+            return Ok(Some(*i));
+        }
+        let mut req = LinkMessage::default();
+        req.attributes
+            .push(LinkAttribute::IfName(t.device().to_string()));
+        match self.nl.get(RouteNetlinkMessage::GetLink(req)) {
+            Ok(RouteNetlinkMessage::NewLink(l)) => {
+                self.tunnels.insert(t, l.header.index);
+                Ok(Some(l.header.index))
+            }
+            Ok(_) => Err(NlError::local(
+                Errno::EIO,
+                "unexpected reply to a link lookup",
+            )),
+            Err(e) if e.errno == Errno::ENODEV => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Adds (or with `delete` removes) routes in batches. A tunnel route
+    /// whose device index turns out stale (ENODEV on add, ESRCH on delete)
+    /// is sent once more if the device's index changed.
+    fn apply(&mut self, routes: &[Route], delete: bool) -> Vec<Result<()>> {
+        let op = |r: &Route| {
+            if delete {
+                format!("deleting route {r}")
+            } else {
+                format!("adding route {r}")
+            }
+        };
+        let flags = if delete { 0 } else { NLM_F_CREATE | NLM_F_EXCL };
+        let stale = if delete { Errno::ESRCH } else { Errno::ENODEV };
+        let mut results: Vec<Result<()>> = routes.iter().map(|_| Ok(())).collect();
+        let mut todo: Vec<usize> = (0..routes.len()).collect();
+        for attempt in 0..2 {
+            // One lookup per device and pass, however many routes use it.
+            let mut oifs: BTreeMap<Tunnel, std::result::Result<Option<u32>, NlError>> =
+                BTreeMap::new();
+            let mut reqs = Vec::with_capacity(todo.len());
+            let mut sent = Vec::with_capacity(todo.len());
+            for i in todo.drain(..) {
+                let r = &routes[i];
+                let oif = match r.target {
+                    RouteTarget::Tunnel(_, t) => {
+                        let found = match oifs.get(&t) {
+                            Some(f) => f.clone(),
+                            None => {
+                                let f = self.tunnel_index(t);
+                                oifs.insert(t, f.clone());
+                                f
+                            }
+                        };
+                        match found {
+                            Ok(Some(index)) => Some(index),
+                            Ok(None) => {
+                                results[i] = Err(Error::NotFound(format!(
+                                    "{}: device {} does not exist",
+                                    op(r),
+                                    t.device()
+                                )));
+                                continue;
+                            }
+                            Err(e) => {
+                                results[i] = Err(e.into_error(format!(
+                                    "{}: looking up device {}",
+                                    op(r),
+                                    t.device()
+                                )));
+                                continue;
+                            }
+                        }
+                    }
+                    _ => None,
+                };
+                let m = route_message(r, delete, oif);
+                reqs.push(if delete {
+                    (RouteNetlinkMessage::DelRoute(m), flags)
+                } else {
+                    (RouteNetlinkMessage::NewRoute(m), flags)
+                });
+                sent.push(i);
+            }
+            let mut retry: BTreeMap<Tunnel, Vec<usize>> = BTreeMap::new();
+            for (res, i) in self.nl.execute(reqs).into_iter().zip(sent) {
+                let r = &routes[i];
+                if let (Err(e), RouteTarget::Tunnel(_, t)) = (&res, r.target) {
+                    if attempt == 0 && e.errno == stale {
+                        retry.entry(t).or_default().push(i);
+                    }
+                }
+                results[i] = res.map_err(|e| e.into_error(op(r)));
+            }
+            for (t, idx) in retry {
+                let old = self.tunnels.remove(&t);
+                // Kept in the cache when found again; a missing device
+                // keeps the kernel's answer.
+                if let Ok(Some(new)) = self.tunnel_index(t) {
+                    if Some(new) != old {
+                        todo.extend(idx);
+                    }
+                }
+            }
+            if todo.is_empty() {
+                break;
+            }
+        }
+        results
     }
 
     fn dump_family(&mut self, family: AddressFamily) -> Result<Vec<Route>> {
@@ -63,10 +187,15 @@ impl NetlinkRoutes {
             .nl
             .dump(RouteNetlinkMessage::GetRoute(req))
             .map_err(|e| e.into_error(format!("listing {family:?} routes")))?;
+        // Thousands of tunnel routes share a device or two: one name
+        // lookup per device.
+        let mut names: BTreeMap<u32, Option<String>> = BTreeMap::new();
         Ok(msgs
             .iter()
             .filter_map(|m| match m {
-                RouteNetlinkMessage::NewRoute(r) => route_from_message(r),
+                RouteNetlinkMessage::NewRoute(r) => route_from_message_with(r, |i| {
+                    names.entry(i).or_insert_with(|| if_name(i)).clone()
+                }),
                 _ => None,
             })
             .collect())
@@ -111,34 +240,11 @@ impl RouteTable for NetlinkRoutes {
     }
 
     fn add(&mut self, routes: &[Route]) -> Vec<Result<()>> {
-        let reqs = routes
-            .iter()
-            .map(|r| {
-                (
-                    RouteNetlinkMessage::NewRoute(route_message(r, false)),
-                    NLM_F_CREATE | NLM_F_EXCL,
-                )
-            })
-            .collect();
-        self.nl
-            .execute(reqs)
-            .into_iter()
-            .zip(routes)
-            .map(|(res, r)| res.map_err(|e| e.into_error(format!("adding route {r}"))))
-            .collect()
+        self.apply(routes, false)
     }
 
     fn del(&mut self, routes: &[Route]) -> Vec<Result<()>> {
-        let reqs = routes
-            .iter()
-            .map(|r| (RouteNetlinkMessage::DelRoute(route_message(r, true)), 0))
-            .collect();
-        self.nl
-            .execute(reqs)
-            .into_iter()
-            .zip(routes)
-            .map(|(res, r)| res.map_err(|e| e.into_error(format!("deleting route {r}"))))
-            .collect()
+        self.apply(routes, true)
     }
 }
 
@@ -149,8 +255,22 @@ fn family_of(ip: IpAddr) -> AddressFamily {
     }
 }
 
-/// The request for adding (or, with `delete`, removing) one tabby route.
-fn route_message(route: &Route, delete: bool) -> RouteMessage {
+/// Puts the gateway `gw` on `m`.
+fn push_gateway(m: &mut RouteMessage, gw: IpAddr) {
+    if family_of(gw) == m.header.address_family {
+        m.attributes.push(RouteAttribute::Gateway(gw.into()));
+    } else {
+        // e.g. an IPv4 route via an IPv6 next hop (RFC 5549).
+        m.attributes.push(RouteAttribute::Via(match gw {
+            IpAddr::V4(a) => RouteVia::Inet(a),
+            IpAddr::V6(a) => RouteVia::Inet6(a),
+        }));
+    }
+}
+
+/// The request for adding (or, with `delete`, removing) one tabby route;
+/// `oif` is the index of a tunnel route's device.
+fn route_message(route: &Route, delete: bool, oif: Option<u32>) -> RouteMessage {
     let mut m = RouteMessage::default();
     m.header.address_family = family_of(route.dst.addr());
     m.header.destination_prefix_length = route.dst.prefix_len();
@@ -172,14 +292,17 @@ fn route_message(route: &Route, delete: bool) -> RouteMessage {
         RouteTarget::Blackhole => m.header.kind = RouteType::BlackHole,
         RouteTarget::Via(gw) => {
             m.header.kind = RouteType::Unicast;
-            if family_of(gw) == m.header.address_family {
-                m.attributes.push(RouteAttribute::Gateway(gw.into()));
-            } else {
-                // e.g. an IPv4 route via an IPv6 next hop (RFC 5549).
-                m.attributes.push(RouteAttribute::Via(match gw {
-                    IpAddr::V4(a) => RouteVia::Inet(a),
-                    IpAddr::V6(a) => RouteVia::Inet6(a),
-                }));
+            push_gateway(&mut m, gw);
+        }
+        RouteTarget::Tunnel(gw, _) => {
+            // The gateway is the remote end's tunnel (or node) address,
+            // reachable only through the tunnel: on-link by decree. On
+            // delete the device and gateway make the match exact.
+            m.header.kind = RouteType::Unicast;
+            m.header.flags |= RouteFlags::Onlink;
+            push_gateway(&mut m, gw);
+            if let Some(oif) = oif {
+                m.attributes.push(RouteAttribute::Oif(oif));
             }
         }
     }
@@ -196,23 +319,55 @@ fn ip_of(a: &RouteAddress) -> Option<IpAddr> {
 
 /// A tabby route from a kernel route message; `None` for routes that are not
 /// tabby's (other protocol or table) or not of a shape tabby installs.
+/// The device of an on-link route is looked up by index in the calling
+/// thread's network namespace.
 pub(crate) fn route_from_message(m: &RouteMessage) -> Option<Route> {
+    route_from_message_with(m, if_name)
+}
+
+/// The name of interface `index` in the calling thread's network namespace.
+fn if_name(index: u32) -> Option<String> {
+    nix::net::if_::if_indextoname(index)
+        .ok()
+        .and_then(|n| n.into_string().ok())
+}
+
+/// [`route_from_message`] with `name_of` giving an interface's name by index.
+fn route_from_message_with(
+    m: &RouteMessage,
+    name_of: impl FnOnce(u32) -> Option<String>,
+) -> Option<Route> {
     if u8::from(m.header.protocol) != ROUTE_PROTOCOL {
         return None;
     }
     let dst = main_table_dst(m)?;
     let mut gw = None;
+    let mut oif = None;
     for a in &m.attributes {
         match a {
             RouteAttribute::Gateway(g) => gw = ip_of(g),
             RouteAttribute::Via(RouteVia::Inet(a)) => gw = Some(IpAddr::V4(*a)),
             RouteAttribute::Via(RouteVia::Inet6(a)) => gw = Some(IpAddr::V6(*a)),
+            RouteAttribute::Oif(i) => oif = Some(*i),
             RouteAttribute::MultiPath(_) => return None,
             _ => {}
         }
     }
     let target = match m.header.kind {
         RouteType::BlackHole => RouteTarget::Blackhole,
+        RouteType::Unicast if m.header.flags.contains(RouteFlags::Onlink) => {
+            let gw = gw?;
+            // A device gone by now leaves the route's shape unknown; the
+            // link's removal makes the monitor re-list anyway.
+            let name = name_of(oif?)?;
+            match [Tunnel::Vxlan, Tunnel::Ipip]
+                .into_iter()
+                .find(|t| t.device() == name)
+            {
+                Some(t) => RouteTarget::Tunnel(gw, t),
+                None => RouteTarget::Via(gw),
+            }
+        }
         RouteType::Unicast => RouteTarget::Via(gw?),
         _ => return None,
     };
@@ -459,8 +614,65 @@ mod tests {
     use super::*;
 
     fn roundtrip(r: Route) {
-        let m = route_message(&r, false);
+        let m = route_message(&r, false, None);
         assert_eq!(route_from_message(&m), Some(r));
+    }
+
+    /// Names of a fake namespace: 7 is vxlan.tabby, 8 tunl0, 9 eth0.
+    fn fake_name(i: u32) -> Option<String> {
+        match i {
+            7 => Some("vxlan.tabby".into()),
+            8 => Some("tunl0".into()),
+            9 => Some("eth0".into()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn tunnel_routes_round_trip() {
+        for (t, oif) in [(Tunnel::Vxlan, 7), (Tunnel::Ipip, 8)] {
+            let r = Route {
+                dst: "10.1.2.0/26".parse().unwrap(),
+                target: RouteTarget::Tunnel("10.98.0.2".parse().unwrap(), t),
+            };
+            let m = route_message(&r, false, Some(oif));
+            assert!(m.header.flags.contains(RouteFlags::Onlink));
+            assert_eq!(m.header.kind, RouteType::Unicast);
+            assert!(m.attributes.contains(&RouteAttribute::Oif(oif)));
+            assert_eq!(route_from_message_with(&m, fake_name), Some(r));
+            // Deleting names the device and the gateway: an exact match.
+            let d = route_message(&r, true, Some(oif));
+            assert!(d.attributes.contains(&RouteAttribute::Oif(oif)));
+            assert!(d.attributes.contains(&RouteAttribute::Gateway(
+                "10.98.0.2".parse::<IpAddr>().unwrap().into()
+            )));
+        }
+    }
+
+    #[test]
+    fn only_onlink_routes_on_tunnel_devices_are_tunnel_routes() {
+        let gw: IpAddr = "10.98.0.2".parse().unwrap();
+        let tunnel = Route {
+            dst: "10.1.2.0/26".parse().unwrap(),
+            target: RouteTarget::Tunnel(gw, Tunnel::Vxlan),
+        };
+        let via = Route {
+            target: RouteTarget::Via(gw),
+            ..tunnel
+        };
+        // On-link through another device: a plain route.
+        let m = route_message(&tunnel, false, Some(9));
+        assert_eq!(route_from_message_with(&m, fake_name), Some(via));
+        // Through vxlan.tabby but not on-link: a plain route, and no lookup.
+        let mut m = route_message(&tunnel, false, Some(7));
+        m.header.flags = RouteFlags::empty();
+        assert_eq!(
+            route_from_message_with(&m, |_| panic!("looked up a plain route's device")),
+            Some(via)
+        );
+        // The device is gone: shape unknown.
+        let m = route_message(&tunnel, false, Some(42));
+        assert_eq!(route_from_message_with(&m, fake_name), None);
     }
 
     #[test]
@@ -489,13 +701,13 @@ mod tests {
             dst: "10.1.2.0/26".parse().unwrap(),
             target: RouteTarget::Blackhole,
         };
-        let mut m = route_message(&r, false);
+        let mut m = route_message(&r, false, None);
         m.header.protocol = RouteProtocol::Static;
         assert_eq!(route_from_message(&m), None);
-        let mut m = route_message(&r, false);
+        let mut m = route_message(&r, false, None);
         m.header.table = 100;
         assert_eq!(route_from_message(&m), None);
-        let mut m = route_message(&r, false);
+        let mut m = route_message(&r, false, None);
         m.header.kind = RouteType::Unreachable;
         assert_eq!(route_from_message(&m), None);
     }

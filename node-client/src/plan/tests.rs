@@ -74,7 +74,7 @@ pub(crate) fn via(dst: &str, gw: &str) -> Route {
         target: RouteTarget::Via(a(gw)),
     }
 }
-fn bh(dst: &str) -> Route {
+pub(crate) fn bh(dst: &str) -> Route {
     Route {
         dst: n(dst),
         target: RouteTarget::Blackhole,
@@ -90,7 +90,7 @@ fn snapshot() -> pb::IntentUpdate {
     let node = |name: &str, ip: &str| pb::Node {
         name: name.into(),
         addresses: vec![ip.into()],
-        labels: Default::default(),
+        ..Default::default()
     };
     pb::IntentUpdate {
         revision: 10,
@@ -143,7 +143,7 @@ fn a_snapshot_parses_into_the_routing_model() {
         Some("worker")
     );
     assert_eq!(i.borrowed[&a("10.244.0.70")], "worker2");
-    assert_eq!(i.nodes["worker2"], vec![a("172.18.0.4")]);
+    assert_eq!(i.nodes["worker2"], NodeIntent::plain(&[a("172.18.0.4")]));
     let d = desired(&i, "worker");
     assert!(d.routes.contains(&via("10.244.0.70/32", "172.18.0.4")));
     assert!(d.routes.contains(&bh("10.244.0.64/26")));
@@ -165,7 +165,7 @@ fn deltas_update_and_snapshot_replaces() {
             nodes: vec![pb::Node {
                 name: "worker3".into(),
                 addresses: vec!["172.18.0.9".into()],
-                labels: Default::default(),
+                ..Default::default()
             }],
             ..Default::default()
         })
@@ -208,7 +208,7 @@ fn a_malformed_field_fails_the_whole_update() {
             nodes: vec![pb::Node {
                 name: "x".into(),
                 addresses: vec!["banana".into()],
-                labels: Default::default(),
+                ..Default::default()
             }],
             ..Default::default()
         },

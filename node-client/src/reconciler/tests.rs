@@ -1,7 +1,7 @@
 use super::*;
 use crate::{
     daemon::NodeStatus,
-    plan::tests::{n, via},
+    plan::tests::{bh, n, via},
     Error,
 };
 use std::sync::{Arc, Mutex};
@@ -89,6 +89,116 @@ impl NatTables for FakeNat {
     }
 }
 
+/// Tunnel devices and VTEP entries in memory. `ipip` false: the kernel has
+/// no ipip support; `uplink` None: no interface holds the node address.
+#[derive(Clone)]
+struct FakeOverlay(Arc<Mutex<OverlayState>>);
+
+struct OverlayState {
+    vxlan: Option<(tabby_routing::VxlanDevice, u32)>,
+    ipip_ok: bool,
+    ipip: Option<(std::net::IpAddr, u32)>,
+    uplink: Option<u32>,
+    neigh: BTreeSet<(std::net::IpAddr, tabby_routing::Mac)>,
+    fdb: BTreeSet<(tabby_routing::Mac, std::net::IpAddr)>,
+    ensures: u64,
+}
+
+impl Default for FakeOverlay {
+    fn default() -> Self {
+        FakeOverlay(Arc::new(Mutex::new(OverlayState {
+            vxlan: None,
+            ipip_ok: true,
+            ipip: None,
+            uplink: Some(1500),
+            neigh: BTreeSet::new(),
+            fdb: BTreeSet::new(),
+            ensures: 0,
+        })))
+    }
+}
+
+impl FakeOverlay {
+    fn st(&self) -> std::sync::MutexGuard<'_, OverlayState> {
+        self.0.lock().unwrap()
+    }
+}
+
+fn each<T: Clone>(v: &[T], f: impl FnMut(&T) -> Result<()>) -> Vec<Result<()>> {
+    v.iter().map(f).collect()
+}
+
+impl OverlayTable for FakeOverlay {
+    fn ensure_vxlan(&mut self, dev: &tabby_routing::VxlanDevice, mtu: u32) -> Result<()> {
+        let mut s = self.st();
+        s.ensures += 1;
+        if s.vxlan
+            .is_some_and(|(d, _)| d.settings != dev.settings || d.local != dev.local)
+        {
+            // Recreated: its entries go with it.
+            s.neigh.clear();
+            s.fdb.clear();
+        }
+        s.vxlan = Some((*dev, mtu));
+        Ok(())
+    }
+    fn remove_vxlan(&mut self) -> Result<()> {
+        let mut s = self.st();
+        s.vxlan = None;
+        s.neigh.clear();
+        s.fdb.clear();
+        Ok(())
+    }
+    fn ensure_ipip(&mut self, local: std::net::IpAddr, mtu: u32) -> Result<()> {
+        let mut s = self.st();
+        if !s.ipip_ok {
+            return Err(Error::Invalid(
+                "creating tunl0: the kernel has no ipip support".into(),
+            ));
+        }
+        s.ipip = Some((local, mtu));
+        Ok(())
+    }
+    fn uplink_mtu(&mut self, a: std::net::IpAddr) -> Result<u32> {
+        self.st()
+            .uplink
+            .ok_or_else(|| Error::NotFound(format!("no interface holds {a}")))
+    }
+    fn list_vteps(&mut self) -> Result<crate::kernel::VtepTables> {
+        let s = self.st();
+        Ok(crate::kernel::VtepTables {
+            neigh: s.neigh.iter().copied().collect(),
+            fdb: s.fdb.iter().copied().collect(),
+        })
+    }
+    fn add_neigh(&mut self, e: &[(std::net::IpAddr, tabby_routing::Mac)]) -> Vec<Result<()>> {
+        each(e, |(a, m)| {
+            let mut s = self.st();
+            s.neigh.retain(|(x, _)| x != a);
+            s.neigh.insert((*a, *m));
+            Ok(())
+        })
+    }
+    fn del_neigh(&mut self, e: &[(std::net::IpAddr, tabby_routing::Mac)]) -> Vec<Result<()>> {
+        each(e, |x| {
+            self.st().neigh.remove(x);
+            Ok(())
+        })
+    }
+    fn add_fdb(&mut self, e: &[(tabby_routing::Mac, std::net::IpAddr)]) -> Vec<Result<()>> {
+        each(e, |x| {
+            self.st().fdb.insert(*x);
+            Ok(())
+        })
+    }
+    fn del_fdb(&mut self, e: &[(tabby_routing::Mac, std::net::IpAddr)]) -> Vec<Result<()>> {
+        each(e, |x| {
+            self.st().fdb.remove(x);
+            Ok(())
+        })
+    }
+}
+
 struct NoSysctl;
 impl Sysctl for NoSysctl {
     fn set(&mut self, _: &str, _: &str) -> Result<()> {
@@ -97,9 +207,14 @@ impl Sysctl for NoSysctl {
 }
 
 fn reconciler(nat: FakeNat) -> Reconciler<FakeRoutes> {
+    reconciler_with(nat, FakeOverlay::default())
+}
+
+fn reconciler_with(nat: FakeNat, overlay: FakeOverlay) -> Reconciler<FakeRoutes> {
     Reconciler::new(
         "worker".into(),
         FakeRoutes::default(),
+        Box::new(overlay),
         Box::new(nat),
         Box::new(NoSysctl),
         Arc::new(Mutex::new(NodeStatus::default())),
@@ -123,7 +238,7 @@ fn node(name: &str, ip: &str) -> pb::Node {
     pb::Node {
         name: name.into(),
         addresses: vec![ip.into()],
-        labels: Default::default(),
+        ..Default::default()
     }
 }
 
@@ -384,4 +499,226 @@ fn a_nat_failure_stays_reported_across_route_deltas() {
     r.handle(vec![Event::Poke]);
     assert!(nat.table("ip").is_some());
     assert!(lock_status(&r.status).last_error.is_none());
+}
+
+/// A node on the /24 of `ip`, with a tunnel address and its VTEP MAC.
+fn vnode(name: &str, ip: &str, tunnel: &str) -> pb::Node {
+    pb::Node {
+        name: name.into(),
+        addresses: vec![format!("{ip}/24")],
+        vxlan_tunnel_address: tunnel.into(),
+        vxlan_mac: tabby_routing::mac_string(&tabby_routing::vtep_mac(name)),
+        ..Default::default()
+    }
+}
+
+fn pool(enc: pb::Encapsulation) -> pb::IntentPool {
+    pb::IntentPool {
+        name: "p".into(),
+        cidr: "10.244.0.0/16".into(),
+        nat_outgoing: true,
+        encapsulation: enc as i32,
+        ..Default::default()
+    }
+}
+
+/// Two racks: control-plane and worker on 172.18.0.0/24, worker2 on
+/// 172.18.1.0/24; a block each; pool `p` with `enc`.
+fn racks(enc: pb::Encapsulation) -> Event {
+    Event::Update(Box::new(pb::IntentUpdate {
+        revision: 10,
+        snapshot: true,
+        blocks: vec![
+            block("10.244.0.0/26", "control-plane"),
+            block("10.244.0.64/26", "worker"),
+            block("10.244.0.128/26", "worker2"),
+        ],
+        pools: vec![pool(enc)],
+        pools_changed: true,
+        nodes: vec![
+            vnode("control-plane", "172.18.0.2", "10.244.0.1"),
+            vnode("worker", "172.18.0.3", "10.244.0.65"),
+            vnode("worker2", "172.18.1.4", "10.244.0.129"),
+        ],
+        vxlan: Some(pb::IntentVxlan {
+            vni: 4096,
+            port: 4789,
+        }),
+        ..Default::default()
+    }))
+}
+
+fn tunnel(dst: &str, gw: &str, t: Tunnel) -> Route {
+    Route {
+        dst: n(dst),
+        target: RouteTarget::Tunnel(gw.parse().unwrap(), t),
+    }
+}
+
+fn mac(node: &str) -> tabby_routing::Mac {
+    tabby_routing::vtep_mac(node)
+}
+
+#[test]
+fn vxlan_makes_the_device_the_vteps_and_the_tunnel_routes() {
+    let o = FakeOverlay::default();
+    let mut r = reconciler_with(FakeNat::default(), o.clone());
+    r.handle(vec![racks(pb::Encapsulation::Vxlan)]);
+    let (dev, mtu) = o.st().vxlan.expect("vxlan.tabby");
+    assert_eq!(mtu, 1450, "uplink MTU - 50");
+    assert_eq!(dev.local, "172.18.0.3".parse::<std::net::IpAddr>().unwrap());
+    assert_eq!(dev.mac, mac("worker"));
+    assert_eq!(
+        o.st().neigh,
+        BTreeSet::from([
+            ("10.244.0.1".parse().unwrap(), mac("control-plane")),
+            ("10.244.0.129".parse().unwrap(), mac("worker2")),
+        ])
+    );
+    assert_eq!(
+        o.st().fdb,
+        BTreeSet::from([
+            (mac("control-plane"), "172.18.0.2".parse().unwrap()),
+            (mac("worker2"), "172.18.1.4".parse().unwrap()),
+        ])
+    );
+    assert!(kernel(&r).contains(&tunnel("10.244.0.128/26", "10.244.0.129", Tunnel::Vxlan)));
+    assert_eq!(kernel(&r), full_state(&r));
+    assert!(r.status.lock().unwrap().unsupported.is_empty());
+}
+
+#[test]
+fn cross_subnet_tunnels_only_to_the_other_rack() {
+    let o = FakeOverlay::default();
+    let mut r = reconciler_with(FakeNat::default(), o.clone());
+    r.handle(vec![racks(pb::Encapsulation::VxlanCrossSubnet)]);
+    assert!(
+        kernel(&r).contains(&via("10.244.0.0/26", "172.18.0.2")),
+        "same rack: plain"
+    );
+    assert!(kernel(&r).contains(&tunnel("10.244.0.128/26", "10.244.0.129", Tunnel::Vxlan)));
+    assert_eq!(o.st().fdb.len(), 1, "only worker2's VTEP");
+}
+
+#[test]
+fn a_node_removed_or_moved_takes_its_vtep_entries_along() {
+    let o = FakeOverlay::default();
+    let mut r = reconciler_with(FakeNat::default(), o.clone());
+    r.handle(vec![racks(pb::Encapsulation::Vxlan)]);
+    // worker2 changes its address: the FDB entry follows, the old one goes.
+    r.handle(vec![delta(11, |u| {
+        u.nodes
+            .push(vnode("worker2", "172.18.1.40", "10.244.0.129"))
+    })]);
+    assert!(o
+        .st()
+        .fdb
+        .contains(&(mac("worker2"), "172.18.1.40".parse().unwrap())));
+    assert!(!o
+        .st()
+        .fdb
+        .contains(&(mac("worker2"), "172.18.1.4".parse().unwrap())));
+    // control-plane leaves: its neighbour, FDB entry and routes go.
+    r.handle(vec![delta(12, |u| {
+        u.removed_nodes.push("control-plane".into());
+        u.removed_blocks.push("10.244.0.0/26".into());
+    })]);
+    assert!(!o.st().neigh.iter().any(|(_, m)| *m == mac("control-plane")));
+    assert!(!o.st().fdb.iter().any(|(m, _)| *m == mac("control-plane")));
+    assert!(!kernel(&r).iter().any(|x| x.dst == n("10.244.0.0/26")));
+    assert_eq!(kernel(&r), full_state(&r));
+    assert_eq!(r.passes().full, 1, "node changes need no full pass");
+}
+
+#[test]
+fn switching_modes_live_converges_both_ways() {
+    let o = FakeOverlay::default();
+    let mut r = reconciler_with(FakeNat::default(), o.clone());
+    r.handle(vec![racks(pb::Encapsulation::None)]);
+    assert!(o.st().vxlan.is_none());
+    for (rev, enc) in [
+        (11, pb::Encapsulation::Vxlan),
+        (12, pb::Encapsulation::VxlanCrossSubnet),
+        (13, pb::Encapsulation::None),
+    ] {
+        r.handle(vec![delta(rev, |u| {
+            u.pools = vec![pool(enc)];
+            u.pools_changed = true;
+        })]);
+        assert_eq!(kernel(&r), full_state(&r), "{enc:?}");
+        assert_eq!(
+            o.st().vxlan.is_some(),
+            enc != pb::Encapsulation::None,
+            "{enc:?}"
+        );
+    }
+    assert!(o.st().neigh.is_empty() && o.st().fdb.is_empty());
+    assert!(kernel(&r).contains(&via("10.244.0.128/26", "172.18.1.4")));
+}
+
+#[test]
+fn ipip_without_kernel_support_is_reported_and_breaks_nothing_else() {
+    let o = FakeOverlay::default();
+    o.st().ipip_ok = false;
+    let mut r = reconciler_with(FakeNat::default(), o.clone());
+    r.handle(vec![racks(pb::Encapsulation::IpipCrossSubnet)]);
+    let st = r.status.lock().unwrap().clone();
+    assert!(
+        st.unsupported
+            .iter()
+            .any(|u| u == "IPIP pool p: invalid: creating tunl0: the kernel has no ipip support"),
+        "{:?}",
+        st.unsupported
+    );
+    assert!(st.last_error.is_none(), "{:?}", st.last_error);
+    // Same rack: plain, installed; the other rack's tunl0 routes are left out.
+    let k = kernel(&r);
+    assert!(k.contains(&via("10.244.0.0/26", "172.18.0.2")));
+    assert!(!k
+        .iter()
+        .any(|x| matches!(x.target, RouteTarget::Tunnel(..))));
+    // Not retried in a loop: later steps run no further full pass.
+    let full = r.passes().full;
+    r.step(Instant::now());
+    r.step(Instant::now());
+    assert!(r.passes().full <= full + 1);
+    // Where the kernel has it, tunl0 is made and the routes use it.
+    let o2 = FakeOverlay::default();
+    let mut r2 = reconciler_with(FakeNat::default(), o2.clone());
+    r2.handle(vec![racks(pb::Encapsulation::Ipip)]);
+    assert_eq!(o2.st().ipip.map(|(_, m)| m), Some(1480));
+    assert!(kernel(&r2).contains(&tunnel("10.244.0.128/26", "172.18.1.4", Tunnel::Ipip)));
+    assert!(kernel(&r2).contains(&tunnel("10.244.0.0/26", "172.18.0.2", Tunnel::Ipip)));
+}
+
+#[test]
+fn no_uplink_for_the_tunnel_is_reported_and_other_routes_stay() {
+    let o = FakeOverlay::default();
+    o.st().uplink = None;
+    let mut r = reconciler_with(FakeNat::default(), o.clone());
+    r.handle(vec![racks(pb::Encapsulation::VxlanCrossSubnet)]);
+    let st = r.status.lock().unwrap().clone();
+    assert!(
+        st.unsupported
+            .iter()
+            .any(|u| u.contains("no usable uplink")),
+        "{:?}",
+        st.unsupported
+    );
+    assert!(o.st().vxlan.is_none());
+    assert!(kernel(&r).contains(&via("10.244.0.0/26", "172.18.0.2")));
+    assert!(kernel(&r).contains(&bh("10.244.0.64/26")));
+}
+
+#[test]
+fn vxlan_settings_change_without_a_restart() {
+    let o = FakeOverlay::default();
+    let mut r = reconciler_with(FakeNat::default(), o.clone());
+    r.handle(vec![racks(pb::Encapsulation::Vxlan)]);
+    r.handle(vec![delta(11, |u| {
+        u.vxlan = Some(pb::IntentVxlan { vni: 7, port: 8472 })
+    })]);
+    let (dev, _) = o.st().vxlan.unwrap();
+    assert_eq!((dev.settings.vni, dev.settings.port), (7, 8472));
+    assert_eq!(o.st().fdb.len(), 2, "entries put back on the new device");
 }

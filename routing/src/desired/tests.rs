@@ -55,7 +55,10 @@ fn walkthrough(encapsulation: Encapsulation) -> Intent {
             },
         )]),
         nodes: vec![
-            ("control-plane".into(), NodeIntent::plain(&[a("172.18.0.2")])),
+            (
+                "control-plane".into(),
+                NodeIntent::plain(&[a("172.18.0.2")]),
+            ),
             ("worker".into(), NodeIntent::plain(&[a("172.18.0.3")])),
             ("worker2".into(), NodeIntent::plain(&[a("172.18.0.4")])),
         ],
@@ -108,8 +111,14 @@ fn racks(enc: Encapsulation) -> Intent {
                 "control-plane".into(),
                 node("172.18.0.2/24", "10.244.0.1", "control-plane"),
             ),
-            ("worker".into(), node("172.18.0.3/24", "10.244.0.65", "worker")),
-            ("worker2".into(), node("172.18.1.4/24", "10.244.0.129", "worker2")),
+            (
+                "worker".into(),
+                node("172.18.0.3/24", "10.244.0.65", "worker"),
+            ),
+            (
+                "worker2".into(),
+                node("172.18.1.4/24", "10.244.0.129", "worker2"),
+            ),
         ],
         ..Default::default()
     });
@@ -213,9 +222,17 @@ fn ipip_routes_via_the_node_address_on_tunl0() {
 #[test]
 fn vxlan_without_tunnel_addresses_is_reported_not_routed() {
     let d = desired(&walkthrough(Encapsulation::Vxlan), "worker");
-    assert_eq!(d.routes, [bh("10.244.0.64/26")].into(), "only our own blackhole");
+    assert_eq!(
+        d.routes,
+        [bh("10.244.0.64/26")].into(),
+        "only our own blackhole"
+    );
     assert_eq!(d.unroutable.len(), 3, "{:?}", d.unroutable);
-    assert!(d.unroutable[0].contains("no VXLAN tunnel address"), "{:?}", d.unroutable);
+    assert!(
+        d.unroutable[0].contains("no VXLAN tunnel address"),
+        "{:?}",
+        d.unroutable
+    );
     assert!(d.overlay.vxlan.is_none());
     assert_eq!(d.overlay.problems.len(), 1, "{:?}", d.overlay.problems);
 }

@@ -29,6 +29,8 @@ bench: deps
 	$(CARGO) bench -p tabby-integration --bench pod_socket
 	$(CARGO) bench -p tabby-integration --bench cni_cycle
 	$(CARGO) bench -p tabby-integration --bench convergence
+	$(CARGO) bench -p tabby-integration --bench vtep_apply
+	$(CARGO) bench -p tabby-integration --bench overlay_throughput
 
 # The two OCI images (podman, offline, FROM scratch, static binaries):
 # localhost/tabby-controller:dev and localhost/tabby-node:dev.
@@ -45,8 +47,11 @@ run-controller: build
 	  --tls-cert tabby-certs/server.pem --tls-key tabby-certs/server-key.pem --client-ca tabby-certs/ca.pem
 
 # The three-node lab of the Calico walkthrough, in network namespaces (root).
+# TOPOLOGY=racks puts worker2 on a rack (subnet) of its own behind the fabric
+# router; MODE=vxlan|vxlan-cross-subnet|ipip|ipip-cross-subnet sets the pool's
+# encapsulation (e.g. make lab TOPOLOGY=racks MODE=vxlan-cross-subnet).
 lab: deps build
-	target/release/tabby-lab up
+	target/release/tabby-lab up $(if $(TOPOLOGY),--topology $(TOPOLOGY)) $(if $(MODE),--mode $(MODE))
 
 # The same lab with the controller and node clients as containers of the
 # images (podman, runc, the manifests' mounts and settings).

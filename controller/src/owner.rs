@@ -469,15 +469,17 @@ fn run(
         crate::metrics::metrics()
             .group
             .observe(mutations.len() as f64);
-        // Handles and config never change intent: skip their keys.
+        // Pods' handles never change intent: skip their keys. A tunnel
+        // address's handle is part of its node's intent; the config carries
+        // the VXLAN settings.
         let keys: BTreeSet<_> = mutations
             .iter()
             .flat_map(|m| m.ops.iter())
-            .filter(|o| {
-                !matches!(
-                    o,
-                    Op::PutHandle(..) | Op::DeleteHandle(_) | Op::PutConfig(_)
-                )
+            .filter(|o| match o {
+                Op::PutHandle(h, _) | Op::DeleteHandle(h) => {
+                    h.starts_with(crate::ipam::TUNNEL_HANDLE_PREFIX)
+                }
+                _ => true,
             })
             .map(|o| o.key())
             .collect();

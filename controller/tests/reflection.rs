@@ -254,6 +254,55 @@ async fn reflection_health_identity_and_bad_input() {
         .expect_err("Assign on an unregistered node");
     assert_eq!(e.code(), Code::NotFound, "{e}");
 
+    // An unknown encapsulation, on create and on update.
+    let mut p9 = pool("pool-b", "10.245.0.0/16", 0);
+    p9.encapsulation = 9;
+    let e = admin
+        .create_pool(CreatePoolRequest { pool: Some(p9) })
+        .await
+        .expect_err("CreatePool with encapsulation 9");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    let e = admin
+        .update_pool(tabby_proto::v1::UpdatePoolRequest {
+            name: "pool-a".into(),
+            encapsulation: Some(9),
+            ..Default::default()
+        })
+        .await
+        .expect_err("UpdatePool with encapsulation 9");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("is unknown: use ENCAPSULATION_NONE"), "{e}");
+    // VXLAN settings out of range: the VNI is 24 bits, the port not 0.
+    let cfg_before = admin
+        .get_ipam_config(tabby_proto::v1::GetIpamConfigRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((cfg_before.vxlan_vni, cfg_before.vxlan_port), (4096, 4789));
+    for (vni, port) in [
+        (Some(0), None),
+        (Some(1 << 24), None),
+        (None, Some(0)),
+        (None, Some(65_536)),
+    ] {
+        let e = admin
+            .set_ipam_config(tabby_proto::v1::SetIpamConfigRequest {
+                vxlan_vni: vni,
+                vxlan_port: port,
+                strict_affinity: Some(true),
+                ..Default::default()
+            })
+            .await
+            .expect_err("SetIpamConfig out of range");
+        assert_eq!(e.code(), Code::InvalidArgument, "{vni:?} {port:?}: {e}");
+    }
+    let cfg_after = admin
+        .get_ipam_config(tabby_proto::v1::GetIpamConfigRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cfg_after, cfg_before, "refused settings changed the config");
+
     let after = list_pools(&mut admin).await;
     assert_eq!(after, before, "bad requests changed the pools");
 

@@ -10,7 +10,7 @@ use nix::{
 };
 use serde::{Deserialize, Serialize};
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fs,
     net::{IpAddr, Ipv4Addr},
     os::unix::process::CommandExt,
@@ -61,6 +61,41 @@ pub struct LabConfig {
     /// Run the controller and the node clients as containers of these images
     /// (podman, runc, the manifests' mounts) instead of as processes.
     pub containers: Option<Images>,
+    /// The fabric's shape.
+    pub topology: Topology,
+}
+
+/// How the nodes are connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Topology {
+    /// One L2 segment, 172.18.0.0/16 (kind's docker network).
+    #[default]
+    Flat,
+    /// Racks on subnets of their own, joined by the fabric router, which
+    /// knows no pod routes: rack k is 172.18.k.0/24 with router 172.18.k.1,
+    /// and a node's rack is the third octet of its address.
+    Racks,
+}
+
+impl Topology {
+    /// The node's prefix length and gateway for address `ip`.
+    pub fn subnet_of(self, ip: Ipv4Addr) -> (u8, Ipv4Addr) {
+        match self {
+            Topology::Flat => (16, ROUTER),
+            Topology::Racks => {
+                let o = ip.octets();
+                (24, Ipv4Addr::new(o[0], o[1], o[2], 1))
+            }
+        }
+    }
+
+    /// The fabric bridge of the rack holding `ip`.
+    fn bridge_of(self, ip: Ipv4Addr) -> String {
+        match self {
+            Topology::Flat => "br0".into(),
+            Topology::Racks => format!("br{}", ip.octets()[2]),
+        }
+    }
 }
 
 impl LabConfig {
@@ -77,6 +112,21 @@ impl LabConfig {
             grpcurl: grpcurl(),
             resync: "1s".into(),
             containers: None,
+            topology: Topology::Flat,
+        }
+    }
+
+    /// The walkthrough's lab on two racks: control-plane and worker on rack 0
+    /// (172.18.0.0/24), worker2 on rack 1 (172.18.1.0/24).
+    pub fn racks(prefix: &str, dir: PathBuf) -> LabConfig {
+        LabConfig {
+            topology: Topology::Racks,
+            nodes: vec![
+                ("control-plane".into(), Ipv4Addr::new(172, 18, 0, 5)),
+                ("worker".into(), Ipv4Addr::new(172, 18, 0, 4)),
+                ("worker2".into(), Ipv4Addr::new(172, 18, 1, 3)),
+            ],
+            ..LabConfig::walkthrough(prefix, dir)
         }
     }
 }
@@ -315,8 +365,28 @@ impl Lab {
             &f,
             &format!("link add br0 address {FABRIC_MAC} type bridge"),
         )?;
-        netns::ip(&f, &format!("addr add {ROUTER}/16 dev br0"))?;
+        let (len, _) = self.cfg.topology.subnet_of(ROUTER);
+        netns::ip(&f, &format!("addr add {ROUTER}/{len} dev br0"))?;
         netns::ip(&f, "link set br0 up")?;
+        // Racks: one more bridge (and subnet) per rack, routed by the fabric.
+        let racks: BTreeSet<u8> = self
+            .cfg
+            .nodes
+            .iter()
+            .map(|(_, ip)| ip.octets()[2])
+            .collect();
+        if self.cfg.topology == Topology::Racks {
+            for k in racks.into_iter().filter(|k| *k != 0) {
+                let br = format!("br{k}");
+                // Fixed MACs for the reason above.
+                netns::ip(
+                    &f,
+                    &format!("link add {br} address 02:00:ac:12:{k:02x}:01 type bridge"),
+                )?;
+                netns::ip(&f, &format!("addr add 172.18.{k}.1/24 dev {br}"))?;
+                netns::ip(&f, &format!("link set {br} up"))?;
+            }
+        }
         netns::exec(&f, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
         // The outside host: reachable through the fabric router, with a route
         // back to node addresses only (pod addresses must be masqueraded).
@@ -673,10 +743,12 @@ impl Lab {
             &f,
             &format!("link add {port} type veth peer name eth0 netns {ns}"),
         )?;
-        netns::ip(&f, &format!("link set {port} master br0 up"))?;
-        netns::ip(&ns, &format!("addr add {ip}/16 dev eth0"))?;
+        let br = self.cfg.topology.bridge_of(ip);
+        let (len, gw) = self.cfg.topology.subnet_of(ip);
+        netns::ip(&f, &format!("link set {port} master {br} up"))?;
+        netns::ip(&ns, &format!("addr add {ip}/{len} dev eth0"))?;
         netns::ip(&ns, "link set eth0 up")?;
-        netns::ip(&ns, &format!("route add default via {ROUTER}"))?;
+        netns::ip(&ns, &format!("route add default via {gw}"))?;
         self.node_ips.insert(node.to_string(), ip);
         self.start_node(node)
     }

@@ -409,19 +409,21 @@ fn restart_cleans_stale_tabby_routes_only_and_hand_changes_are_undone() {
 }
 
 #[test]
-fn encapsulated_pools_are_reported_not_routed() {
+fn ipip_without_kernel_support_is_reported_not_routed() {
+    // This kernel has no ipip module: an IPIP pool cannot be applied.
     let (lab, _d) = lab();
     let mark = lab.log_mark("worker");
-    lab.grpcurl(&["-d", r#"{"pool":{"name":"overlay","cidr":"10.50.0.0/16","encapsulation":"ENCAPSULATION_VXLAN"}}"#, "tabby.v1.IpamAdmin/CreatePool"])
-        .unwrap();
-    lab.wait_node_log(
-        "worker",
-        mark,
-        "uses ENCAPSULATION_VXLAN",
-        Duration::from_secs(5),
-    )
+    lab.grpcurl(&[
+        "-d",
+        r#"{"pool":{"name":"overlay","cidr":"10.50.0.0/16","encapsulation":"ENCAPSULATION_IPIP"}}"#,
+        "tabby.v1.IpamAdmin/CreatePool",
+    ])
     .unwrap();
-    // A block of it on worker2: worker gets no (wrong) route for it.
+    lab.wait_node_log("worker", mark, "IPIP pool overlay:", Duration::from_secs(5))
+        .unwrap();
+    let log = std::fs::read_to_string(lab.node_log("worker")).unwrap();
+    assert!(log.contains("the kernel has no ipip support"), "{log}");
+    // A block of it on worker2: worker gets no (failing) route for it.
     lab.grpcurl_as(
         "worker2",
         &[
@@ -448,10 +450,14 @@ fn encapsulated_pools_are_reported_not_routed() {
     )
     .unwrap();
     assert!(
-        st.contains("\"unsupported\"") && st.contains("ENCAPSULATION_VXLAN"),
+        st.contains("\"unsupported\"")
+            && st.contains("IPIP pool overlay:")
+            && st.contains("the kernel has no ipip support"),
         "{st}"
     );
     assert!(st.contains("\"ready\": true"), "{st}");
+    // Nothing else broke: the route reconciled without an error.
+    assert!(!st.contains("lastError"), "{st}");
     // gRPC health on the node's socket, for the service and the server.
     for svc in [r#"{"service":"tabby.v1.PodNetwork"}"#, "{}"] {
         let h = tabby_integration::netns::run(

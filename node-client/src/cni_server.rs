@@ -503,6 +503,11 @@ impl pb::pod_network_server::PodNetwork for PodNetworkService {
         };
         let mtu = if r.mtu == 0 { self.default_mtu } else { r.mtu };
         limits::check_mtu(mtu).map_err(invalid)?;
+        // Under an overlay, a pod's packets must fit the tunnel.
+        let mtu = match lock_status(&self.status).tunnel_mtu {
+            Some(t) => mtu.min(t),
+            None => mtu,
+        };
         let span = tracing::info_span!("add", container = %att.container_id, pod = %format!("{}/{}", r.pod_namespace, r.pod_name));
         self.add_locked(AddRequest {
             att,

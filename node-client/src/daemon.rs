@@ -34,6 +34,10 @@ pub struct NodeStatus {
     pub last_error: Option<String>,
     /// When the controller last answered anything.
     pub controller_seen: Option<Instant>,
+    /// The smallest MTU of the tunnel devices in use (an overlay pool
+    /// exists): new pods get no larger an MTU, so their packets fit the
+    /// tunnel. Existing pods keep theirs.
+    pub tunnel_mtu: Option<u32>,
 }
 
 /// Shared status.

@@ -837,6 +837,13 @@ impl<T: RouteTable> Reconciler<T> {
         st.synced = self.synced;
         st.revision = self.intent.revision;
         st.routes = self.want.len();
+        st.tunnel_mtu = [
+            self.tunnels.vxlan.map(|(_, m)| m),
+            self.tunnels.ipip.map(|(_, m)| m),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         st.unsupported = self
             .unsupported
             .iter()

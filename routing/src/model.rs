@@ -129,13 +129,18 @@ impl Default for VxlanSettings {
 /// unicast (`x2:..`).
 pub fn vtep_mac(node: &str) -> Mac {
     // FNV-1a, 64 bits: stable across releases and platforms (unlike std's
-    // hasher), and spread well enough that names differing by a digit
-    // differ everywhere.
+    // hasher); then splitmix64's finalizer, since FNV alone leaves names
+    // that differ in their last character a byte apart.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in node.bytes() {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^= h >> 31;
     let b = h.to_be_bytes();
     [(b[0] & 0xfc) | 0x02, b[1], b[2], b[3], b[4], b[5]]
 }

@@ -11,7 +11,7 @@ use tabby_integration::{
 };
 
 const USAGE: &str =
-    "usage: tabby-lab up [--containers]|down|show [--dir DIR] | echo-server ADDR [COUNT] | echo-client ADDR";
+    "usage: tabby-lab up [--containers] [--topology flat|racks] [--mode none|vxlan|vxlan-cross-subnet|ipip|ipip-cross-subnet] | down | show [--dir DIR] | echo-server ADDR [COUNT] | echo-client ADDR";
 const PREFIX: &str = "tlab";
 
 fn dir_arg(args: &[String]) -> PathBuf {
@@ -52,7 +52,19 @@ fn show(state: &LabState) -> Result<()> {
     };
     let node_ns = format!("{PREFIX}-worker2");
     let fabric = format!("{PREFIX}-fabric");
-    println!("tabby lab: nodes control-plane 172.18.0.5, worker 172.18.0.4, worker2 172.18.0.3 on 172.18.0.0/16 (router 172.18.0.1); pool 10.244.0.0/16");
+    let addr_of = |node: &str| {
+        shell(&format!("{PREFIX}-{node}"), "ip -4 -br addr show dev eth0")
+            .split_whitespace()
+            .nth(2)
+            .unwrap_or("?")
+            .to_string()
+    };
+    println!(
+        "tabby lab: nodes control-plane {}, worker {}, worker2 {} (fabric router 172.18.0.1); pool 10.244.0.0/16",
+        addr_of("control-plane"),
+        addr_of("worker"),
+        addr_of("worker2")
+    );
     println!(
         "pods: {}",
         state
@@ -74,6 +86,22 @@ fn show(state: &LabState) -> Result<()> {
         "ip route",
         &shell(&node_ns, "ip route"),
     );
+    // With a VXLAN pool: the tunnel device, its FDB and its neighbours.
+    if shell(&node_ns, "ip link show vxlan.tabby").contains("vxlan.tabby:") {
+        for (title, cmd) in [
+            ("   worker2's VXLAN device", "ip -d link show vxlan.tabby"),
+            (
+                "   worker2's VXLAN forwarding database",
+                "bridge fdb show dev vxlan.tabby",
+            ),
+            (
+                "   worker2's VXLAN neighbours",
+                "ip neigh show dev vxlan.tabby",
+            ),
+        ] {
+            section(title, cmd, &shell(&node_ns, cmd));
+        }
+    }
     section(
         "   worker2's NAT table",
         "nft list table ip tabby",
@@ -132,8 +160,33 @@ fn show(state: &LabState) -> Result<()> {
     Ok(())
 }
 
+/// The value of `--name VALUE`, if given.
+fn opt<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    args.windows(2)
+        .find(|w| w[0] == name)
+        .map(|w| w[1].as_str())
+}
+
 /// `up --containers`: the images `make images` built, run under podman.
-fn up(dir: PathBuf, containers: bool) -> Result<()> {
+/// `--topology racks`: two racks on subnets of their own. `--mode`: the
+/// pool's encapsulation, set once the lab is up.
+fn up(dir: PathBuf, args: &[String]) -> Result<()> {
+    let containers = args.iter().any(|a| a == "--containers");
+    let racks = match opt(args, "--topology") {
+        None | Some("flat") => false,
+        Some("racks") => true,
+        Some(t) => bail!("--topology {t:?}: use flat or racks"),
+    };
+    let mode = match opt(args, "--mode") {
+        None | Some("none") => None,
+        Some("vxlan") => Some("ENCAPSULATION_VXLAN"),
+        Some("vxlan-cross-subnet") => Some("ENCAPSULATION_VXLAN_CROSS_SUBNET"),
+        Some("ipip") => Some("ENCAPSULATION_IPIP"),
+        Some("ipip-cross-subnet") => Some("ENCAPSULATION_IPIP_CROSS_SUBNET"),
+        Some(m) => {
+            bail!("--mode {m:?}: use none, vxlan, vxlan-cross-subnet, ipip or ipip-cross-subnet")
+        }
+    };
     if let Some(s) = load(&dir) {
         if s.namespaces.iter().any(|n| netns::exists(n)) {
             println!(
@@ -144,7 +197,11 @@ fn up(dir: PathBuf, containers: bool) -> Result<()> {
         }
         lab::teardown_state(&s);
     }
-    let mut cfg = LabConfig::walkthrough(PREFIX, dir.clone());
+    let mut cfg = if racks {
+        LabConfig::racks(PREFIX, dir.clone())
+    } else {
+        LabConfig::walkthrough(PREFIX, dir.clone())
+    };
     if containers {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
         let images = Images::dev(&root);
@@ -155,6 +212,14 @@ fn up(dir: PathBuf, containers: bool) -> Result<()> {
         cfg.containers = Some(images);
     }
     let mut lab = Lab::up(cfg).context("building the lab")?;
+    if let Some(m) = mode {
+        lab.grpcurl(&[
+            "-d",
+            &format!(r#"{{"name":"default-pool","encapsulation":"{m}"}}"#),
+            "tabby.v1.IpamAdmin/UpdatePool",
+        ])
+        .context("setting the pool's encapsulation")?;
+    }
     for node in ["control-plane", "worker", "worker2"] {
         for i in 1..=2 {
             lab.add_pod(
@@ -171,7 +236,7 @@ fn up(dir: PathBuf, containers: bool) -> Result<()> {
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
-        Some("up") => up(dir_arg(&args), args.iter().any(|a| a == "--containers")),
+        Some("up") => up(dir_arg(&args), &args),
         Some("show") => show(&load(&dir_arg(&args)).context("no lab is up")?),
         Some("down") => {
             let dir = dir_arg(&args);

@@ -585,6 +585,8 @@ fn vxlan_makes_the_device_the_vteps_and_the_tunnel_routes() {
     assert!(kernel(&r).contains(&tunnel("10.244.0.128/26", "10.244.0.129", Tunnel::Vxlan)));
     assert_eq!(kernel(&r), full_state(&r));
     assert!(r.status.lock().unwrap().unsupported.is_empty());
+    // New pods are given the tunnel's MTU.
+    assert_eq!(r.status.lock().unwrap().tunnel_mtu, Some(1450));
 }
 
 #[test]
@@ -654,6 +656,11 @@ fn switching_modes_live_converges_both_ways() {
     }
     assert!(o.st().neigh.is_empty() && o.st().fdb.is_empty());
     assert!(kernel(&r).contains(&via("10.244.0.128/26", "172.18.1.4")));
+    assert_eq!(
+        r.status.lock().unwrap().tunnel_mtu,
+        None,
+        "plain again: full MTU"
+    );
 }
 
 #[test]

@@ -262,6 +262,15 @@ fn vtep_macs_are_stable_local_unicast_and_distinct() {
         .map(|k| crate::model::vtep_mac(&format!("node-{k}")))
         .collect();
     assert_eq!(all.len(), 5000);
+    // Names one character apart differ in most bytes.
+    let (a, b) = (
+        crate::model::vtep_mac("node-a"),
+        crate::model::vtep_mac("node-b"),
+    );
+    assert!(
+        a.iter().zip(&b).filter(|(x, y)| x != y).count() >= 4,
+        "{a:?} {b:?}"
+    );
     let s = crate::model::mac_string(&m);
     assert_eq!(crate::model::parse_mac(&s), Some(m));
     assert_eq!(crate::model::parse_mac("02:00:00:00:00"), None);

@@ -271,7 +271,10 @@ async fn reflection_health_identity_and_bad_input() {
         .await
         .expect_err("UpdatePool with encapsulation 9");
     assert_eq!(e.code(), Code::InvalidArgument, "{e}");
-    assert!(e.message().contains("is unknown: use ENCAPSULATION_NONE"), "{e}");
+    assert!(
+        e.message().contains("is unknown: use ENCAPSULATION_NONE"),
+        "{e}"
+    );
     // VXLAN settings out of range: the VNI is 24 bits, the port not 0.
     let cfg_before = admin
         .get_ipam_config(tabby_proto::v1::GetIpamConfigRequest {})

@@ -63,6 +63,23 @@ pub struct LabConfig {
     pub containers: Option<Images>,
     /// The fabric's shape.
     pub topology: Topology,
+    /// Dual stack: IPv6 on the fabric, the nodes and the outside host
+    /// (`fd00:18:<rack>::<host>/64`, the outside host `fd00:198:51:100::10`),
+    /// and a second pool, [`POOL_V6`] with `nat_outgoing`, so every pod gets
+    /// an address of each family.
+    pub dual_stack: bool,
+}
+
+/// The IPv6 pool of a dual-stack lab.
+pub const POOL_V6: &str = "fd00:10:244::/64";
+/// The outside host's IPv6 address.
+pub const OUTSIDE_V6: &str = "fd00:198:51:100::10";
+
+/// The IPv6 fabric address of a node whose IPv4 address is `ip`: its rack
+/// (the third octet) and host number under `fd00:18::/48`.
+pub fn node_ip_v6(ip: Ipv4Addr) -> std::net::Ipv6Addr {
+    let o = ip.octets();
+    std::net::Ipv6Addr::new(0xfd00, 0x18, u16::from(o[2]), 0, 0, 0, 0, u16::from(o[3]))
 }
 
 /// How the nodes are connected.
@@ -113,6 +130,7 @@ impl LabConfig {
             resync: "1s".into(),
             containers: None,
             topology: Topology::Flat,
+            dual_stack: false,
         }
     }
 
@@ -375,6 +393,10 @@ impl Lab {
             .iter()
             .map(|(_, ip)| ip.octets()[2])
             .collect();
+        if self.cfg.dual_stack {
+            netns::exec(&f, &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])?;
+            netns::ip(&f, "addr add fd00:18::1/64 dev br0 nodad")?;
+        }
         if self.cfg.topology == Topology::Racks {
             for k in racks.into_iter().filter(|k| *k != 0) {
                 let br = format!("br{k}");
@@ -384,6 +406,9 @@ impl Lab {
                     &format!("link add {br} address 02:00:ac:12:{k:02x}:01 type bridge"),
                 )?;
                 netns::ip(&f, &format!("addr add 172.18.{k}.1/24 dev {br}"))?;
+                if self.cfg.dual_stack {
+                    netns::ip(&f, &format!("addr add fd00:18:{k:x}::1/64 dev {br} nodad"))?;
+                }
                 netns::ip(&f, &format!("link set {br} up"))?;
             }
         }
@@ -400,6 +425,12 @@ impl Lab {
         netns::ip(&o, &format!("addr add {OUTSIDE}/24 dev eth0"))?;
         netns::ip(&o, "link set eth0 up")?;
         netns::ip(&o, "route add 172.18.0.0/16 via 198.51.100.1")?;
+        if self.cfg.dual_stack {
+            netns::ip(&f, "addr add fd00:198:51:100::1/64 dev out0 nodad")?;
+            netns::ip(&o, &format!("addr add {OUTSIDE_V6}/64 dev eth0 nodad"))?;
+            // Back to node addresses only, as for IPv4.
+            netns::ip(&o, "-6 route add fd00:18::/48 via fd00:198:51:100::1")?;
+        }
         Ok(())
     }
 
@@ -678,6 +709,7 @@ impl Lab {
             self.certs_dir().join("ca.pem").display().to_string(),
         ];
         let mark = log_len(&log);
+        let first = !self.cfg.dir.join("controller-data").exists();
         if let Some(images) = self.cfg.containers.clone() {
             self.start_controller_container(&images)?;
         } else {
@@ -685,7 +717,20 @@ impl Lab {
             self.spawn("controller", &f, "tabby-controller", &args, &log)?;
         }
         wait_log(&log, mark, "serving gRPC", Duration::from_secs(20))?;
+        if first && self.cfg.dual_stack {
+            self.grpcurl(&[
+                "-d",
+                &format!(r#"{{"pool":{{"name":"default-pool-v6","cidr":"{POOL_V6}","nat_outgoing":true}}}}"#),
+                "tabby.v1.IpamAdmin/CreatePool",
+            ])
+            .context("creating the IPv6 pool")?;
+        }
         self.save()
+    }
+
+    /// A node's IPv6 fabric address (dual-stack labs).
+    pub fn node_ip6(&self, node: &str) -> std::net::Ipv6Addr {
+        node_ip_v6(self.node_ip(node))
     }
 
     /// Kills a lab process with `sig` and waits for it.
@@ -749,6 +794,14 @@ impl Lab {
         netns::ip(&ns, &format!("addr add {ip}/{len} dev eth0"))?;
         netns::ip(&ns, "link set eth0 up")?;
         netns::ip(&ns, &format!("route add default via {gw}"))?;
+        if self.cfg.dual_stack {
+            let k = ip.octets()[2];
+            netns::ip(
+                &ns,
+                &format!("addr add {}/64 dev eth0 nodad", node_ip_v6(ip)),
+            )?;
+            netns::ip(&ns, &format!("-6 route add default via fd00:18:{k:x}::1"))?;
+        }
         self.node_ips.insert(node.to_string(), ip);
         self.start_node(node)
     }

@@ -204,7 +204,19 @@ impl IpamState {
             ));
         }
         let mut want: BTreeMap<Family, Option<IpAddr>> = BTreeMap::new();
-        if req.num_v4 == 1 || (req.num_v4 == 0 && req.num_v6 == 0 && req.requested.is_empty()) {
+        if req.num_v4 == 0 && req.num_v6 == 0 && req.requested.is_empty() {
+            // Nothing asked: one address of each family a pool of the node
+            // offers (dual stack where both do); IPv4 when none does, which
+            // then says what is missing.
+            let v6 = !self.eligible_pools(Family::V6, n).is_empty();
+            if !v6 || !self.eligible_pools(Family::V4, n).is_empty() {
+                want.insert(Family::V4, None);
+            }
+            if v6 {
+                want.insert(Family::V6, None);
+            }
+        }
+        if req.num_v4 == 1 {
             want.insert(Family::V4, None);
         }
         if req.num_v6 == 1 {

@@ -11,7 +11,7 @@ use tabby_integration::{
 };
 
 const USAGE: &str =
-    "usage: tabby-lab up [--containers] [--topology flat|racks] [--mode none|vxlan|vxlan-cross-subnet|ipip|ipip-cross-subnet] | down | show [--dir DIR] | echo-server ADDR [COUNT] | echo-client ADDR";
+    "usage: tabby-lab up [--containers] [--dual-stack] [--topology flat|racks] [--mode none|vxlan|vxlan-cross-subnet|ipip|ipip-cross-subnet] | down | show [--dir DIR] | echo-server ADDR [COUNT] | echo-client ADDR";
 const PREFIX: &str = "tlab";
 
 fn dir_arg(args: &[String]) -> PathBuf {
@@ -211,6 +211,7 @@ fn up(dir: PathBuf, args: &[String]) -> Result<()> {
         }
         cfg.containers = Some(images);
     }
+    cfg.dual_stack = args.iter().any(|a| a == "--dual-stack");
     let mut lab = Lab::up(cfg).context("building the lab")?;
     if let Some(m) = mode {
         lab.grpcurl(&[

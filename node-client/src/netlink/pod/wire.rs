@@ -113,6 +113,10 @@ fn configure(nl: &mut NlSocket, spec: &PodSpec) -> Result<WiredPod> {
         set_sysctl(&format!("net/ipv6/conf/{host}/proxy_ndp"), "1")?;
         set_sysctl(&format!("net/ipv6/conf/{host}/accept_ra"), "0")?;
         set_sysctl(&format!("net/ipv6/conf/{host}/forwarding"), "1")?;
+        // No duplicate address detection on a point-to-point veth: its
+        // link-local address would stay tentative for a second or two,
+        // during which the first packets to the pod are lost.
+        set_sysctl(&format!("net/ipv6/conf/{host}/accept_dad"), "0")?;
     }
     if !spec.owner.is_empty() {
         let mut req = LinkMessage::default();
@@ -150,6 +154,10 @@ fn configure_pod_side(spec: &PodSpec) -> Result<(u32, [u8; 6])> {
         if !lo.up {
             set_link_up(&mut nl, lo.index, "lo")?;
         }
+    }
+    if has_v6(spec) {
+        // As on the host side: nothing else is on this link.
+        set_sysctl(&format!("net/ipv6/conf/{ifname}/accept_dad"), "0")?;
     }
     for addr in &spec.addresses {
         add_address(&mut nl, link.index, ifname, *addr)?;

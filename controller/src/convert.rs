@@ -74,7 +74,7 @@ pub(crate) fn pool_from_pb(p: pb::Pool) -> Result<Pool> {
 /// Converts a stored node to protobuf (node lists and intent alike), with
 /// its tunnel address if it holds one. An address prints with its prefix
 /// unless that is a host prefix.
-pub fn node_to_pb(n: &Node, tunnel: Option<IpAddr>) -> pb::Node {
+pub fn node_to_pb(n: &Node, tunnel: Option<IpAddr>, tunnel_v6: Option<IpAddr>) -> pb::Node {
     pb::Node {
         name: n.name.clone(),
         addresses: n
@@ -94,12 +94,16 @@ pub fn node_to_pb(n: &Node, tunnel: Option<IpAddr>) -> pb::Node {
         vxlan_mac: tunnel
             .map(|_| tabby_routing::mac_string(&tabby_routing::vtep_mac(&n.name)))
             .unwrap_or_default(),
+        vxlan_v6_tunnel_address: tunnel_v6.map(|a| a.to_string()).unwrap_or_default(),
+        vxlan_v6_mac: tunnel_v6
+            .map(|_| tabby_routing::mac_string(&tabby_routing::vtep_mac_v6(&n.name)))
+            .unwrap_or_default(),
     }
 }
 
 /// A node as the API shows it, with its tunnel address from `s`.
 pub fn node_pb(s: &IpamState, n: &Node) -> pb::Node {
-    node_to_pb(n, s.tunnel_address(&n.name))
+    node_to_pb(n, s.tunnel_address(&n.name), s.tunnel_v6_address(&n.name))
 }
 
 /// The configuration as the API shows it: VXLAN defaults filled in.

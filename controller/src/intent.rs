@@ -8,8 +8,8 @@
 //! ring of recent deltas, or with a fresh snapshot.
 use crate::{
     convert::{intent_block, intent_pool, node_pb},
+    ipam::tunnel_handle_node,
     ipam::IpamState,
-    ipam::TUNNEL_HANDLE_PREFIX,
 };
 use prost::Message;
 use std::{
@@ -178,7 +178,7 @@ impl View {
                 Key::Node(n) => self.update_node(s, n, &mut d),
                 // A tunnel address is part of its node's record here.
                 Key::Handle(h) => {
-                    if let Some(n) = h.strip_prefix(TUNNEL_HANDLE_PREFIX) {
+                    if let Some(n) = tunnel_handle_node(h) {
                         self.update_node(s, n, &mut d);
                     }
                 }

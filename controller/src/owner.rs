@@ -477,7 +477,7 @@ fn run(
             .flat_map(|m| m.ops.iter())
             .filter(|o| match o {
                 Op::PutHandle(h, _) | Op::DeleteHandle(h) => {
-                    h.starts_with(crate::ipam::TUNNEL_HANDLE_PREFIX)
+                    crate::ipam::tunnel_handle_node(h).is_some()
                 }
                 _ => true,
             })

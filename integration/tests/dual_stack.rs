@@ -111,3 +111,61 @@ fn pods_get_both_families_and_reach_each_other_and_the_outside() {
     let (_, d6) = addrs(&d);
     assert!(ping_any(&a, d6), "ping6 to a new pod");
 }
+
+#[test]
+fn ipv6_vxlan_carries_both_families_across_racks() {
+    let (mut lab, _d) = lab_with(|c| {
+        *c = tabby_integration::lab::LabConfig::racks(&c.prefix, c.dir.clone());
+        c.dual_stack = true;
+    });
+    let a = lab.add_pod("worker", "a").unwrap();
+    let b = lab.add_pod("worker2", "b").unwrap();
+    let (a4, a6) = addrs(&a);
+    let (b4, b6) = addrs(&b);
+    // Plain: the router drops pod traffic of both families between racks.
+    assert!(!ping(&a, b6, 2), "ping6 across racks without a tunnel must fail");
+    assert!(!ping(&a, b4, 2), "ping across racks without a tunnel must fail");
+    for (pool, enc) in [
+        ("default-pool-v6", "ENCAPSULATION_VXLAN_CROSS_SUBNET"),
+        ("default-pool", "ENCAPSULATION_VXLAN"),
+    ] {
+        lab.grpcurl(&[
+            "-d",
+            &format!(r#"{{"name":"{pool}","encapsulation":"{enc}"}}"#),
+            "tabby.v1.IpamAdmin/UpdatePool",
+        ])
+        .unwrap();
+    }
+    lab.wait_until("IPv6 routes through vxlan-v6.tabby", Duration::from_secs(10), || {
+        sh(&lab.node_ns("worker"), "ip -6 route show proto 77").contains("dev vxlan-v6.tabby")
+            && sh(&lab.node_ns("worker2"), "ip -6 route show proto 77").contains("dev vxlan-v6.tabby")
+    })
+    .unwrap();
+    assert!(ping_any(&a, b6), "ping6 worker -> worker2 over vxlan-v6.tabby");
+    assert!(ping_any(&b, a6), "ping6 worker2 -> worker over vxlan-v6.tabby");
+    assert!(ping_any(&a, b4), "ping worker -> worker2 over vxlan.tabby");
+    assert!(ping_any(&b, a4), "ping worker2 -> worker over vxlan.tabby");
+    // The device: over the node's IPv6 address, 70 bytes below the uplink.
+    let ns = lab.node_ns("worker");
+    let link = sh(&ns, "ip -d link show vxlan-v6.tabby");
+    let mac = tabby_routing::mac_string(&tabby_routing::vtep_mac_v6("worker"));
+    for want in ["vxlan id 4096", "local fd00:18::4", "mtu 1430", "nolearning", mac.as_str()] {
+        assert!(link.contains(want), "{want:?} not in {link}");
+    }
+    let fdb = sh(&ns, "bridge fdb show dev vxlan-v6.tabby");
+    let mac2 = tabby_routing::mac_string(&tabby_routing::vtep_mac_v6("worker2"));
+    assert!(fdb.contains(&format!("{mac2} dst fd00:18:1::3 self permanent")), "{fdb}");
+    // Its tunnel address is an IPv6 allocation under its own handle.
+    let out = lab
+        .grpcurl(&[
+            "-d",
+            r#"{"handle":"vxlan-v6-tunnel-addr.worker2"}"#,
+            "tabby.v1.IpamAdmin/GetAllocation",
+        ])
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let t6: IpAddr = v["allocations"][0]["address"].as_str().unwrap().parse().unwrap();
+    assert!(t6.is_ipv6() && POOL_V6.parse::<ipnet::IpNet>().unwrap().contains(&t6));
+    let neigh = sh(&ns, "ip -6 neigh show dev vxlan-v6.tabby");
+    assert!(neigh.contains(&format!("{t6} lladdr {mac2} PERMANENT proto 77")), "{neigh}");
+}

@@ -75,38 +75,44 @@ pub struct VtepTables {
 /// drives them ([`crate::netlink::NetlinkOverlay`] in production). Every
 /// method blocks.
 pub trait OverlayTable: Send {
-    /// Makes `vxlan.tabby` match `dev` with `mtu`: created when missing,
+    /// Makes the VXLAN device of `dev` (`vxlan.tabby` over an IPv4 local
+    /// address, `vxlan-v6.tabby` over IPv6) match it with `mtu`: created when missing,
     /// recreated when its VNI, port or local address differ (the kernel
     /// cannot change those in place); MAC, MTU, learning off, the tunnel
     /// address as a host prefix, and up are set in place.
     fn ensure_vxlan(&mut self, dev: &tabby_routing::VxlanDevice, mtu: u32) -> crate::Result<()>;
-    /// Removes `vxlan.tabby`; absent is fine.
-    fn remove_vxlan(&mut self) -> crate::Result<()>;
+    /// Removes the VXLAN device of `t`; absent is fine.
+    fn remove_vxlan(&mut self, t: tabby_routing::Tunnel) -> crate::Result<()>;
     /// Makes `tunl0` (IP-in-IP) exist and up with `mtu`. Fails with a
     /// message that says "the kernel has no ipip support" when it has none.
     fn ensure_ipip(&mut self, local: std::net::IpAddr, mtu: u32) -> crate::Result<()>;
     /// The MTU of the interface that holds `addr` (the tunnel's uplink).
     fn uplink_mtu(&mut self, addr: std::net::IpAddr) -> crate::Result<u32>;
-    /// The permanent entries on `vxlan.tabby` (none when it does not exist).
-    fn list_vteps(&mut self) -> crate::Result<VtepTables>;
+    /// The permanent entries on the VXLAN device of `t` (none when it does
+    /// not exist).
+    fn list_vteps(&mut self, t: tabby_routing::Tunnel) -> crate::Result<VtepTables>;
     /// Adds or replaces neighbour entries; one result per entry, in order.
     fn add_neigh(
         &mut self,
+        t: tabby_routing::Tunnel,
         entries: &[(std::net::IpAddr, tabby_routing::Mac)],
     ) -> Vec<crate::Result<()>>;
     /// Removes neighbour entries; one result per entry, in order.
     fn del_neigh(
         &mut self,
+        t: tabby_routing::Tunnel,
         entries: &[(std::net::IpAddr, tabby_routing::Mac)],
     ) -> Vec<crate::Result<()>>;
     /// Adds or replaces FDB entries; one result per entry, in order.
     fn add_fdb(
         &mut self,
+        t: tabby_routing::Tunnel,
         entries: &[(tabby_routing::Mac, std::net::IpAddr)],
     ) -> Vec<crate::Result<()>>;
     /// Removes FDB entries; one result per entry, in order.
     fn del_fdb(
         &mut self,
+        t: tabby_routing::Tunnel,
         entries: &[(tabby_routing::Mac, std::net::IpAddr)],
     ) -> Vec<crate::Result<()>>;
 }

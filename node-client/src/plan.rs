@@ -110,16 +110,21 @@ fn node_intent(n: &pb::Node) -> Result<NodeIntent> {
             Err(_) => addr(a).map(IpNet::from),
         })
         .collect::<Result<Vec<_>>>()?;
-    let vtep = if n.vxlan_tunnel_address.is_empty() {
-        None
-    } else {
-        Some(Vtep {
-            tunnel_ip: addr(&n.vxlan_tunnel_address)?,
-            mac: parse_mac(&n.vxlan_mac)
-                .ok_or_else(|| Error::Invalid(format!("intent: bad VTEP MAC {:?}", n.vxlan_mac)))?,
-        })
+    let vtep = |tunnel: &str, mac: &str| -> Result<Option<Vtep>> {
+        if tunnel.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Vtep {
+            tunnel_ip: addr(tunnel)?,
+            mac: parse_mac(mac)
+                .ok_or_else(|| Error::Invalid(format!("intent: bad VTEP MAC {mac:?}")))?,
+        }))
     };
-    Ok(NodeIntent { addrs, vtep })
+    Ok(NodeIntent {
+        addrs,
+        vtep: vtep(&n.vxlan_tunnel_address, &n.vxlan_mac)?,
+        vtep_v6: vtep(&n.vxlan_v6_tunnel_address, &n.vxlan_v6_mac)?,
+    })
 }
 
 fn vxlan_settings(v: &pb::IntentVxlan) -> Result<VxlanSettings> {

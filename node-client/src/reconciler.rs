@@ -28,7 +28,7 @@ use std::{
     time::{Duration, Instant},
 };
 use tabby_proto::v1 as pb;
-use tabby_routing::{Overlay, RouteTarget, Tunnel};
+use tabby_routing::{RouteTarget, Tunnel};
 use tokio::sync::mpsc;
 
 /// What the reconciler reacts to.
@@ -168,8 +168,9 @@ pub struct Passes {
 /// The tunnel devices as last made: what was asked, and whether it worked.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Tunnels {
-    /// `vxlan.tabby` as made, with its MTU.
-    vxlan: Option<(tabby_routing::VxlanDevice, u32)>,
+    /// The VXLAN devices as made (`vxlan.tabby`, `vxlan-v6.tabby`), with
+    /// their MTUs.
+    vxlan: BTreeMap<Tunnel, (tabby_routing::VxlanDevice, u32)>,
     /// `tunl0` made with this local address and MTU.
     ipip: Option<(std::net::IpAddr, u32)>,
 }
@@ -188,8 +189,8 @@ pub struct Reconciler<T: RouteTable> {
     overlay_problems: Vec<String>,
     /// The overlay (devices, VTEPs) must be brought up to the intent.
     overlay_due: bool,
-    /// `vxlan.tabby` may exist (made by us, or by an earlier run).
-    vxlan_maybe: bool,
+    /// VXLAN devices that may exist (made by us, or by an earlier run).
+    vxlan_maybe: BTreeSet<Tunnel>,
     nft: Box<dyn NatTables>,
     sysctl: Box<dyn Sysctl>,
     status: SharedStatus,
@@ -257,7 +258,7 @@ impl<T: RouteTable> Reconciler<T> {
             tunnels_down: BTreeSet::new(),
             overlay_problems: Vec::new(),
             overlay_due: false,
-            vxlan_maybe: true,
+            vxlan_maybe: [Tunnel::Vxlan, Tunnel::VxlanV6].into(),
             nft,
             sysctl,
             status,
@@ -582,52 +583,11 @@ impl<T: RouteTable> Reconciler<T> {
         let o = tabby_routing::overlay(&self.intent, &self.me);
         let mut problems = o.problems.clone();
         let mut down = BTreeSet::new();
-        // vxlan.tabby: its MTU follows the uplink's.
-        let vx = match o.vxlan {
-            Some(dev) => match self.overlay.uplink_mtu(dev.local) {
-                Ok(mtu) => Some((dev, mtu.saturating_sub(Tunnel::Vxlan.overhead()))),
-                Err(e) => {
-                    problems.push(format!(
-                        "VXLAN: no usable uplink for the tunnel (the interface with {}): {e}",
-                        dev.local
-                    ));
-                    down.insert(Tunnel::Vxlan);
-                    None
-                }
-            },
-            None => None,
-        };
-        match vx {
-            Some((dev, mtu)) => {
-                self.vxlan_maybe = true;
-                if let Err(e) = self.overlay.ensure_vxlan(&dev, mtu) {
-                    self.errors.push(format!("vxlan.tabby: {e}"));
-                    down.insert(Tunnel::Vxlan);
-                    self.tunnels.vxlan = None;
-                } else {
-                    if self.tunnels.vxlan != Some((dev, mtu)) {
-                        tracing::info!(vni = dev.settings.vni, port = dev.settings.port, local = %dev.local, mtu, "vxlan.tabby up");
-                    }
-                    self.tunnels.vxlan = Some((dev, mtu));
-                }
-            }
-            // Removed once known unwanted: after the first full sync (one
-            // left by an earlier run), and when its last pool went.
-            None if o.vxlan.is_none() && self.synced && self.vxlan_maybe => {
-                match self.overlay.remove_vxlan() {
-                    Ok(()) => {
-                        if self.tunnels.vxlan.take().is_some() {
-                            tracing::info!("no VXLAN pool: vxlan.tabby removed");
-                        }
-                        self.vxlan_maybe = false;
-                    }
-                    Err(e) => self.errors.push(format!("removing vxlan.tabby: {e}")),
-                }
-            }
-            None => {}
-        }
-        if !down.contains(&Tunnel::Vxlan) {
-            self.sync_vteps(&o);
+        for (t, want, vteps) in [
+            (Tunnel::Vxlan, o.vxlan, &o.vteps),
+            (Tunnel::VxlanV6, o.vxlan_v6, &o.vteps_v6),
+        ] {
+            self.sync_vxlan(t, want, vteps, &mut problems, &mut down);
         }
         // tunl0: IP-in-IP, where the kernel has it.
         if let Some(local) = o.ipip {
@@ -673,12 +633,62 @@ impl<T: RouteTable> Reconciler<T> {
         }
     }
 
-    /// Makes the neighbour and FDB entries on vxlan.tabby those of `o`.
-    fn sync_vteps(&mut self, o: &Overlay) {
-        if o.vxlan.is_none() {
+    /// One VXLAN device (`t`): made as `want` says, with an MTU below its
+    /// uplink's, and its entries those of `vteps`; or removed.
+    fn sync_vxlan(
+        &mut self,
+        t: Tunnel,
+        want: Option<tabby_routing::VxlanDevice>,
+        vteps: &BTreeSet<tabby_routing::VtepEntry>,
+        problems: &mut Vec<String>,
+        down: &mut BTreeSet<Tunnel>,
+    ) {
+        let name = t.device();
+        let Some(dev) = want else {
+            // Removed once known unwanted: after the first full sync (one
+            // left by an earlier run), and when its last pool went.
+            if self.synced && self.vxlan_maybe.contains(&t) {
+                match self.overlay.remove_vxlan(t) {
+                    Ok(()) => {
+                        if self.tunnels.vxlan.remove(&t).is_some() {
+                            tracing::info!("no VXLAN pool of its family: {name} removed");
+                        }
+                        self.vxlan_maybe.remove(&t);
+                    }
+                    Err(e) => self.errors.push(format!("removing {name}: {e}")),
+                }
+            }
+            return;
+        };
+        let mtu = match self.overlay.uplink_mtu(dev.local) {
+            Ok(m) => m.saturating_sub(t.overhead()),
+            Err(e) => {
+                problems.push(format!(
+                    "VXLAN: no usable uplink for {name} (the interface with {}): {e}",
+                    dev.local
+                ));
+                down.insert(t);
+                return;
+            }
+        };
+        self.vxlan_maybe.insert(t);
+        if let Err(e) = self.overlay.ensure_vxlan(&dev, mtu) {
+            self.errors.push(format!("{name}: {e}"));
+            down.insert(t);
+            self.tunnels.vxlan.remove(&t);
             return;
         }
-        let have = match self.overlay.list_vteps() {
+        if self.tunnels.vxlan.get(&t) != Some(&(dev, mtu)) {
+            tracing::info!(vni = dev.settings.vni, port = dev.settings.port, local = %dev.local, mtu, "{name} up");
+        }
+        self.tunnels.vxlan.insert(t, (dev, mtu));
+        self.sync_vteps(t, vteps);
+    }
+
+    /// Makes the neighbour and FDB entries on the VXLAN device `t` those of
+    /// `vteps`.
+    fn sync_vteps(&mut self, t: Tunnel, vteps: &BTreeSet<tabby_routing::VtepEntry>) {
+        let have = match self.overlay.list_vteps(t) {
             Ok(h) => h,
             Err(e) => {
                 self.errors.push(format!("listing VTEP entries: {e}"));
@@ -686,15 +696,15 @@ impl<T: RouteTable> Reconciler<T> {
                 return;
             }
         };
-        let p = plan::plan_vteps(&o.vteps, &have, self.synced);
+        let p = plan::plan_vteps(vteps, &have, self.synced);
         if p.is_empty() {
             return;
         }
         let results = [
-            self.overlay.del_neigh(&p.del_neigh),
-            self.overlay.del_fdb(&p.del_fdb),
-            self.overlay.add_fdb(&p.add_fdb),
-            self.overlay.add_neigh(&p.add_neigh),
+            self.overlay.del_neigh(t, &p.del_neigh),
+            self.overlay.del_fdb(t, &p.del_fdb),
+            self.overlay.add_fdb(t, &p.add_fdb),
+            self.overlay.add_neigh(t, &p.add_neigh),
         ];
         let mut failed = 0;
         for r in results.into_iter().flatten() {
@@ -710,6 +720,7 @@ impl<T: RouteTable> Reconciler<T> {
             self.full_due = true;
         }
         tracing::info!(
+            device = t.device(),
             added = p.add_neigh.len(),
             removed = p.del_neigh.len(),
             failed,
@@ -838,7 +849,7 @@ impl<T: RouteTable> Reconciler<T> {
         st.revision = self.intent.revision;
         st.routes = self.want.len();
         st.tunnel_mtu = [
-            self.tunnels.vxlan.map(|(_, m)| m),
+            self.tunnels.vxlan.values().map(|(_, m)| *m).min(),
             self.tunnels.ipip.map(|(_, m)| m),
         ]
         .into_iter()

@@ -246,7 +246,8 @@ fn vxlan_device_is_created_as_asked_and_idempotent() {
     assert!(events.contains("vxlan.tabby"), "{events:?}");
     assert_eq!(ifindex(&n, "vxlan.tabby"), index);
 
-    // An IPv6 tunnel address (and underlay) works the same.
+    // Over an IPv6 underlay (IPv6 pools) it is vxlan-v6.tabby, made the
+    // same way, beside vxlan.tabby.
     let n6 = ns.add();
     let d6 = VxlanDevice {
         local: ipaddr("fd00:99::1"),
@@ -254,14 +255,30 @@ fn vxlan_device_is_created_as_asked_and_idempotent() {
         ..d
     };
     overlay(&n6, |o| o.ensure_vxlan(&d6, 1430)).unwrap();
-    let link6 = show_vxlan(&n6);
+    let link6 = ip(&["-n", &n6, "-d", "link", "show", "vxlan-v6.tabby"]);
     assert!(link6.contains("vxlan id 4096 local fd00:99::1 "), "{link6}");
-    let addrs6 = addrs_vxlan(&n6);
+    assert!(link6.contains("mtu 1430"), "{link6}");
+    let addrs6 = ip(&["-n", &n6, "addr", "show", "dev", "vxlan-v6.tabby"]);
     assert!(
         addrs6.contains("inet6 fd00:98::1/128 scope global"),
         "{addrs6}"
     );
     assert!(!addrs6.contains("inet "), "{addrs6}");
+    // Its entries are its own; removing it leaves vxlan.tabby alone.
+    overlay(&n6, |o| o.ensure_vxlan(&d, 1450)).unwrap();
+    let mac = tabby_routing::vtep_mac_v6("peer");
+    let res = overlay(&n6, |o| {
+        o.add_fdb(Tunnel::VxlanV6, &[(mac, ipaddr("fd00:99::2"))])
+    });
+    assert!(res.iter().all(|r| r.is_ok()), "{res:?}");
+    let listed = overlay(&n6, |o| o.list_vteps(Tunnel::VxlanV6)).unwrap();
+    assert_eq!(listed.fdb, vec![(mac, ipaddr("fd00:99::2"))]);
+    assert!(overlay(&n6, |o| o.list_vteps(Tunnel::Vxlan))
+        .unwrap()
+        .fdb
+        .is_empty());
+    overlay(&n6, |o| o.remove_vxlan(Tunnel::VxlanV6)).unwrap();
+    assert!(show_vxlan(&n6).contains("vxlan.tabby"));
 }
 
 #[test]
@@ -399,8 +416,8 @@ fn vxlan_device_changes_in_place_or_is_recreated() {
 
     // Removing twice is fine.
     overlay(&n, |o| {
-        o.remove_vxlan().unwrap();
-        o.remove_vxlan().unwrap();
+        o.remove_vxlan(Tunnel::Vxlan).unwrap();
+        o.remove_vxlan(Tunnel::Vxlan).unwrap();
     });
     assert!(!ip(&["-n", &n, "link", "show"]).contains("vxlan.tabby"));
 }
@@ -416,15 +433,15 @@ fn vtep_entries_round_trip() {
 
     // Without the device: nothing to list, nothing to add to.
     overlay(&n, |o| {
-        assert_eq!(o.list_vteps().unwrap(), VtepTables::default());
-        let res = o.add_neigh(&[(ipaddr("10.98.0.2"), mac_b)]);
+        assert_eq!(o.list_vteps(Tunnel::Vxlan).unwrap(), VtepTables::default());
+        let res = o.add_neigh(Tunnel::Vxlan, &[(ipaddr("10.98.0.2"), mac_b)]);
         match &res[..] {
             [Err(Error::NotFound(m))] => assert!(m.contains("vxlan.tabby"), "{m}"),
             other => panic!("{other:?}"),
         }
-        let res = o.add_fdb(&[(mac_b, ipaddr("10.99.0.2"))]);
+        let res = o.add_fdb(Tunnel::Vxlan, &[(mac_b, ipaddr("10.99.0.2"))]);
         assert!(matches!(&res[..], [Err(Error::NotFound(_))]), "{res:?}");
-        assert!(o.add_fdb(&[]).is_empty());
+        assert!(o.add_fdb(Tunnel::Vxlan, &[]).is_empty());
     });
 
     let d = dev(4096, "10.99.0.1", "node-a", "10.98.0.1");
@@ -436,17 +453,17 @@ fn vtep_entries_round_trip() {
     let fdb = vec![(mac_b, ipaddr("10.99.0.2")), (mac_c, ipaddr("10.99.0.3"))];
     let listed = overlay(&n, |o| {
         o.ensure_vxlan(&d, 1450).unwrap();
-        assert_eq!(o.list_vteps().unwrap(), VtepTables::default());
-        for r in o.add_neigh(&neigh) {
+        assert_eq!(o.list_vteps(Tunnel::Vxlan).unwrap(), VtepTables::default());
+        for r in o.add_neigh(Tunnel::Vxlan, &neigh) {
             r.unwrap();
         }
-        for r in o.add_fdb(&fdb) {
+        for r in o.add_fdb(Tunnel::Vxlan, &fdb) {
             r.unwrap();
         }
         // Adding again is a no-op, not an error.
-        assert!(o.add_neigh(&neigh).iter().all(|r| r.is_ok()));
-        assert!(o.add_fdb(&fdb).iter().all(|r| r.is_ok()));
-        o.list_vteps().unwrap()
+        assert!(o.add_neigh(Tunnel::Vxlan, &neigh).iter().all(|r| r.is_ok()));
+        assert!(o.add_fdb(Tunnel::Vxlan, &fdb).iter().all(|r| r.is_ok()));
+        o.list_vteps(Tunnel::Vxlan).unwrap()
     });
     let set = |v: &[(IpAddr, Mac)]| v.iter().copied().collect::<BTreeSet<_>>();
     let fset = |v: &[(Mac, IpAddr)]| v.iter().copied().collect::<BTreeSet<_>>();
@@ -478,14 +495,14 @@ fn vtep_entries_round_trip() {
     // Replacing: a new MAC for a tunnel address, a new underlay for a MAC.
     let listed = overlay(&n, |o| {
         assert!(o
-            .add_neigh(&[(ipaddr("10.98.0.2"), mac_d)])
+            .add_neigh(Tunnel::Vxlan, &[(ipaddr("10.98.0.2"), mac_d)])
             .iter()
             .all(|r| r.is_ok()));
         assert!(o
-            .add_fdb(&[(mac_c, ipaddr("10.99.0.33"))])
+            .add_fdb(Tunnel::Vxlan, &[(mac_c, ipaddr("10.99.0.33"))])
             .iter()
             .all(|r| r.is_ok()));
-        o.list_vteps().unwrap()
+        o.list_vteps(Tunnel::Vxlan).unwrap()
     });
     assert_eq!(
         set(&listed.neigh),
@@ -533,18 +550,18 @@ fn vtep_entries_round_trip() {
     ];
     let now_fdb = vec![(mac_b, ipaddr("10.99.0.2")), (mac_c, ipaddr("10.99.0.33"))];
     overlay(&n, |o| {
-        let listed = o.list_vteps().unwrap();
+        let listed = o.list_vteps(Tunnel::Vxlan).unwrap();
         assert_eq!(set(&listed.neigh), set(&now_neigh));
-        for r in o.del_neigh(&now_neigh) {
+        for r in o.del_neigh(Tunnel::Vxlan, &now_neigh) {
             r.unwrap();
         }
-        for r in o.del_fdb(&now_fdb) {
+        for r in o.del_fdb(Tunnel::Vxlan, &now_fdb) {
             r.unwrap();
         }
-        assert_eq!(o.list_vteps().unwrap(), VtepTables::default());
-        let res = o.del_neigh(&now_neigh[..1]);
+        assert_eq!(o.list_vteps(Tunnel::Vxlan).unwrap(), VtepTables::default());
+        let res = o.del_neigh(Tunnel::Vxlan, &now_neigh[..1]);
         assert!(matches!(&res[..], [Err(Error::NotFound(_))]), "{res:?}");
-        let res = o.del_fdb(&now_fdb[..1]);
+        let res = o.del_fdb(Tunnel::Vxlan, &now_fdb[..1]);
         match &res[..] {
             [Err(Error::NotFound(m))] => {
                 assert!(
@@ -714,7 +731,7 @@ fn tunnel_routes_add_list_del() {
             assert!(matches!(res, Err(Error::NotFound(_))), "{res:?}");
         }
         // Without the device, deleting is NotFound as well.
-        o.remove_vxlan().unwrap();
+        o.remove_vxlan(Tunnel::Vxlan).unwrap();
         let res = t.del(&routes[..1]);
         assert!(matches!(&res[..], [Err(Error::NotFound(_))]), "{res:?}");
     });
@@ -837,11 +854,11 @@ fn vxlan_carries_pod_traffic_between_namespaces() {
             let mtu = o.uplink_mtu(d.local).unwrap() - Tunnel::Vxlan.overhead();
             o.ensure_vxlan(&d, mtu).unwrap();
             assert!(o
-                .add_neigh(&[(ipaddr(peer.tunnel_ip), peer.mac)])
+                .add_neigh(Tunnel::Vxlan, &[(ipaddr(peer.tunnel_ip), peer.mac)])
                 .iter()
                 .all(|r| r.is_ok()));
             assert!(o
-                .add_fdb(&[(peer.mac, ipaddr(peer.underlay))])
+                .add_fdb(Tunnel::Vxlan, &[(peer.mac, ipaddr(peer.underlay))])
                 .iter()
                 .all(|r| r.is_ok()));
             let mut t = NetlinkRoutes::new().unwrap();

@@ -54,6 +54,11 @@ pub struct Overlay {
     /// Remote VTEPs: every other node with a tunnel address that some
     /// VXLAN pool's mode tunnels to.
     pub vteps: BTreeSet<VtepEntry>,
+    /// `vxlan-v6.tabby`, the same for IPv6 VXLAN pools over the nodes'
+    /// IPv6 addresses.
+    pub vxlan_v6: Option<VxlanDevice>,
+    /// Remote IPv6 VTEPs.
+    pub vteps_v6: BTreeSet<VtepEntry>,
     /// `tunl0` with this local address, while an IPv4 IP-in-IP pool exists.
     pub ipip: Option<IpAddr>,
     /// Why an overlay pool cannot be applied on this node (yet).
@@ -104,17 +109,27 @@ fn target_for(intent: &Intent, me: &str, owner: &str, dst: &IpNet) -> Result<Rou
     };
     match tunnel {
         None => Ok(RouteTarget::Via(gw)),
-        Some(_) if !gw.is_ipv4() => Err(format!(
-            "{} for IPv6 pools is not applied by this tabby-node",
-            enc.as_str_name()
-        )),
+        Some(Encapsulation::Ipip | Encapsulation::IpipCrossSubnet) if !gw.is_ipv4() => {
+            Err(format!(
+                "{} for IPv6 pools is not applied by this tabby-node",
+                enc.as_str_name()
+            ))
+        }
         Some(Encapsulation::Ipip | Encapsulation::IpipCrossSubnet) => {
             Ok(RouteTarget::Tunnel(gw, Tunnel::Ipip))
         }
-        Some(_) => match intent.nodes.get(owner).and_then(|n| n.vtep) {
-            Some(v) => Ok(RouteTarget::Tunnel(v.tunnel_ip, Tunnel::Vxlan)),
-            None => Err(format!("node {owner} has no VXLAN tunnel address yet")),
-        },
+        Some(_) => {
+            let n = intent.nodes.get(owner);
+            let vtep = if gw.is_ipv4() {
+                n.and_then(|n| n.vtep)
+            } else {
+                n.and_then(|n| n.vtep_v6)
+            };
+            match vtep {
+                Some(v) => Ok(RouteTarget::Tunnel(v.tunnel_ip, Tunnel::vxlan_for(gw))),
+                None => Err(format!("node {owner} has no VXLAN tunnel address yet")),
+            }
+        }
     }
 }
 
@@ -163,50 +178,18 @@ fn borrowed_route(
 /// The tunnel devices and remote VTEPs node `me` should hold.
 pub fn overlay(intent: &Intent, me: &str) -> Overlay {
     let mut o = Overlay::default();
-    let v4_pools = |f: fn(Encapsulation) -> bool| {
-        intent
-            .pools
-            .iter()
-            .filter(move |(_, p)| p.cidr.addr().is_ipv4() && f(p.encapsulation))
-    };
-    let v4_addr = |n: &str| intent.node_net(n, true).map(|a| a.addr());
-    let local = v4_addr(me);
-    let vxlan = |e| matches!(e, Encapsulation::Vxlan | Encapsulation::VxlanCrossSubnet);
-    if let Some((name, _)) = v4_pools(vxlan).next() {
-        let vtep = intent.nodes.get(me).and_then(|n| n.vtep);
-        match (local, vtep) {
-            (Some(local), Some(v)) => {
-                o.vxlan = Some(VxlanDevice {
-                    settings: intent.vxlan,
-                    local,
-                    mac: v.mac,
-                    tunnel_ip: v.tunnel_ip,
-                })
-            }
-            (None, _) => o.problems.push(format!(
-                "VXLAN pool {name}: this node has no IPv4 address for the tunnel"
-            )),
-            (_, None) => o.problems.push(format!(
-                "VXLAN pool {name}: this node has no tunnel address yet"
-            )),
-        }
-        // Tunnel to every node if a pool says so; else only across subnets.
-        let always = v4_pools(|e| e == Encapsulation::Vxlan).next().is_some();
-        for (n, node) in &intent.nodes {
-            let (Some(v), Some(under)) = (node.vtep, v4_addr(n)) else {
-                continue;
-            };
-            if n != me && (always || !same_subnet(intent, me, &under)) {
-                o.vteps.insert(VtepEntry {
-                    tunnel_ip: v.tunnel_ip,
-                    mac: v.mac,
-                    underlay: under,
-                });
-            }
-        }
+    for v4 in [true, false] {
+        vxlan_overlay(intent, me, v4, &mut o);
     }
-    let ipip = |e| matches!(e, Encapsulation::Ipip | Encapsulation::IpipCrossSubnet);
-    if let Some((name, _)) = v4_pools(ipip).next() {
+    let local = intent.node_net(me, true).map(|a| a.addr());
+    let ipip = intent.pools.iter().find(|(_, p)| {
+        p.cidr.addr().is_ipv4()
+            && matches!(
+                p.encapsulation,
+                Encapsulation::Ipip | Encapsulation::IpipCrossSubnet
+            )
+    });
+    if let Some((name, _)) = ipip {
         match local {
             Some(a) => o.ipip = Some(a),
             None => o.problems.push(format!(
@@ -215,6 +198,70 @@ pub fn overlay(intent: &Intent, me: &str) -> Overlay {
         }
     }
     o
+}
+
+/// The VXLAN device and remote VTEPs of one family (IPv4 pools over
+/// `vxlan.tabby`, IPv6 pools over `vxlan-v6.tabby`).
+fn vxlan_overlay(intent: &Intent, me: &str, v4: bool, o: &mut Overlay) {
+    let (fam, mut pools) = (
+        if v4 { "IPv4" } else { "IPv6" },
+        intent.pools.iter().filter(|(_, p)| {
+            p.cidr.addr().is_ipv4() == v4
+                && matches!(
+                    p.encapsulation,
+                    Encapsulation::Vxlan | Encapsulation::VxlanCrossSubnet
+                )
+        }),
+    );
+    let Some((name, _)) = pools.next() else {
+        return;
+    };
+    // Tunnel to every node if a pool says so; else only across subnets.
+    let always = intent
+        .pools
+        .values()
+        .any(|p| p.cidr.addr().is_ipv4() == v4 && p.encapsulation == Encapsulation::Vxlan);
+    let addr = |n: &str| intent.node_net(n, v4).map(|a| a.addr());
+    let vtep = |n: &crate::model::NodeIntent| if v4 { n.vtep } else { n.vtep_v6 };
+    let mine = intent.nodes.get(me).and_then(vtep);
+    let dev = match (addr(me), mine) {
+        (Some(local), Some(v)) => Some(VxlanDevice {
+            settings: intent.vxlan,
+            local,
+            mac: v.mac,
+            tunnel_ip: v.tunnel_ip,
+        }),
+        (None, _) => {
+            o.problems.push(format!(
+                "VXLAN pool {name}: this node has no {fam} address for the tunnel"
+            ));
+            None
+        }
+        (_, None) => {
+            o.problems.push(format!(
+                "VXLAN pool {name}: this node has no {fam} tunnel address yet"
+            ));
+            None
+        }
+    };
+    let mut vteps = BTreeSet::new();
+    for (n, node) in &intent.nodes {
+        let (Some(v), Some(under)) = (vtep(node), addr(n)) else {
+            continue;
+        };
+        if n != me && (always || !same_subnet(intent, me, &under)) {
+            vteps.insert(VtepEntry {
+                tunnel_ip: v.tunnel_ip,
+                mac: v.mac,
+                underlay: under,
+            });
+        }
+    }
+    if v4 {
+        (o.vxlan, o.vteps) = (dev, vteps);
+    } else {
+        (o.vxlan_v6, o.vteps_v6) = (dev, vteps);
+    }
 }
 
 /// The route node `me` should hold at one destination (a block, or a
@@ -249,9 +296,13 @@ pub fn desired(intent: &Intent, me: &str) -> Desired {
         ..Default::default()
     };
     for (name, p) in &intent.pools {
-        if p.encapsulation != Encapsulation::None && p.cidr.addr().is_ipv6() {
+        let ipip = matches!(
+            p.encapsulation,
+            Encapsulation::Ipip | Encapsulation::IpipCrossSubnet
+        );
+        if ipip && p.cidr.addr().is_ipv6() {
             d.unsupported.push(format!(
-                "pool {name} ({}) uses {}: not applied to IPv6 pools by this tabby-node; its remote blocks get no routes",
+                "pool {name} ({}) uses {}: IP-in-IP carries IPv4 only (as in Calico); its remote blocks get no routes",
                 p.cidr,
                 p.encapsulation.as_str_name()
             ));

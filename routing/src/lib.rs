@@ -12,6 +12,6 @@ pub use desired::{
     NatSets, Overlay, VtepEntry, VxlanDevice,
 };
 pub use model::{
-    mac_string, parse_mac, vtep_mac, BlockIntent, Encapsulation, Intent, IntentDelta, Mac,
-    NodeIndex, NodeIntent, PoolIntent, Route, RouteTarget, Tunnel, Vtep, VxlanSettings,
+    mac_string, parse_mac, vtep_mac, vtep_mac_v6, BlockIntent, Encapsulation, Intent, IntentDelta,
+    Mac, NodeIndex, NodeIntent, PoolIntent, Route, RouteTarget, Tunnel, Vtep, VxlanSettings,
 };

@@ -94,6 +94,9 @@ pub struct NodeIntent {
     pub addrs: Vec<IpNet>,
     /// Its IPv4 VXLAN endpoint, once it has a tunnel address.
     pub vtep: Option<Vtep>,
+    /// Its IPv6 VXLAN endpoint (`vxlan-v6.tabby`), once it has an IPv6
+    /// tunnel address.
+    pub vtep_v6: Option<Vtep>,
 }
 
 impl NodeIntent {
@@ -102,6 +105,7 @@ impl NodeIntent {
         NodeIntent {
             addrs: addrs.iter().map(|a| IpNet::from(*a)).collect(),
             vtep: None,
+            vtep_v6: None,
         }
     }
 }
@@ -143,6 +147,12 @@ pub fn vtep_mac(node: &str) -> Mac {
     h ^= h >> 31;
     let b = h.to_be_bytes();
     [(b[0] & 0xfc) | 0x02, b[1], b[2], b[3], b[4], b[5]]
+}
+
+/// The MAC of a node's `vxlan-v6.tabby`: derived like [`vtep_mac`] but
+/// distinct from it, as Calico keeps the two endpoints' MACs apart.
+pub fn vtep_mac_v6(node: &str) -> Mac {
+    vtep_mac(&format!("{node}\u{0}v6"))
 }
 
 /// A MAC as `aa:bb:cc:dd:ee:ff`.
@@ -428,6 +438,8 @@ impl Intent {
 pub enum Tunnel {
     /// `vxlan.tabby`: VXLAN over the node's IPv4 address.
     Vxlan,
+    /// `vxlan-v6.tabby`: VXLAN over the node's IPv6 address (IPv6 pools).
+    VxlanV6,
     /// `tunl0`: IP-in-IP.
     Ipip,
 }
@@ -437,15 +449,26 @@ impl Tunnel {
     pub const fn device(self) -> &'static str {
         match self {
             Tunnel::Vxlan => "vxlan.tabby",
+            Tunnel::VxlanV6 => "vxlan-v6.tabby",
             Tunnel::Ipip => "tunl0",
         }
     }
 
-    /// Bytes of encapsulation over an IPv4 underlay: what the device's MTU
-    /// is below its uplink's.
+    /// The VXLAN device over an underlay address of `local`'s family.
+    pub fn vxlan_for(local: IpAddr) -> Tunnel {
+        if local.is_ipv4() {
+            Tunnel::Vxlan
+        } else {
+            Tunnel::VxlanV6
+        }
+    }
+
+    /// Bytes of encapsulation: what the device's MTU is below its
+    /// uplink's (an IPv6 outer header is 20 bytes longer).
     pub const fn overhead(self) -> u32 {
         match self {
             Tunnel::Vxlan => 50,
+            Tunnel::VxlanV6 => 70,
             Tunnel::Ipip => 20,
         }
     }

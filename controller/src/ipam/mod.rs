@@ -40,7 +40,10 @@ pub use records::{
     NodeUsage, PoolUpdate, PoolUsage, Problem, ProblemKind,
 };
 pub use state::{IpamState, Loader};
-pub use tunnels::{tunnel_handle, TUNNEL_HANDLE_PREFIX};
+pub use tunnels::{
+    tunnel_handle, tunnel_handle_node, tunnel_v6_handle, TUNNEL_HANDLE_PREFIX,
+    TUNNEL_V6_HANDLE_PREFIX,
+};
 pub use validate::{parse_addr, parse_cidr};
 
 #[cfg(test)]

@@ -53,10 +53,11 @@ impl IpamState {
         }
         let mut out = NodeDeletion::default();
         // Its tunnel address goes with it (it would hold its block).
-        let handle = super::tunnel_handle(name);
         let mut ops = Vec::new();
-        if self.handles.contains_key(handle.as_str()) {
-            ops = self.release_handle(None, &handle)?.1.ops;
+        for handle in [super::tunnel_handle(name), super::tunnel_v6_handle(name)] {
+            if self.handles.contains_key(handle.as_str()) {
+                ops.extend(self.release_handle(None, &handle)?.1.ops);
+            }
         }
         let blocks: Vec<IpNet> = self
             .node_blocks

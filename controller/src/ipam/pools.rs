@@ -151,7 +151,7 @@ impl IpamState {
             .handles
             .iter()
             .filter(|(h, v)| {
-                h.starts_with(super::TUNNEL_HANDLE_PREFIX)
+                super::tunnel_handle_node(h).is_some()
                     && v.addresses.iter().any(|a| cidr.contains(a))
             })
             .map(|(h, _)| h.to_string())

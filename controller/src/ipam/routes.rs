@@ -3,7 +3,7 @@
 //! every node runs over the intent stream.
 use super::IpamState;
 use ipnet::IpNet;
-use tabby_routing::{vtep_mac, BlockIntent, Intent, NodeIntent, PoolIntent, Vtep};
+use tabby_routing::{vtep_mac, vtep_mac_v6, BlockIntent, Intent, NodeIntent, PoolIntent, Vtep};
 use tabby_store::Node;
 
 impl IpamState {
@@ -66,6 +66,10 @@ impl IpamState {
             vtep: self.tunnel_address(&n.name).map(|tunnel_ip| Vtep {
                 tunnel_ip,
                 mac: vtep_mac(&n.name),
+            }),
+            vtep_v6: self.tunnel_v6_address(&n.name).map(|tunnel_ip| Vtep {
+                tunnel_ip,
+                mac: vtep_mac_v6(&n.name),
             }),
         }
     }

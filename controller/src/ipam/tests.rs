@@ -940,7 +940,7 @@ fn node_addresses_keep_their_interface_prefix() {
             "fd00::3/128".parse().unwrap()
         ]
     );
-    let pn = crate::convert::node_to_pb(&n, None);
+    let pn = crate::convert::node_to_pb(&n, None, None);
     assert_eq!(pn.addresses, vec!["172.18.0.3/24", "fd00::3"]);
     for bad in ["172.18.0.3/33", "172.18.0.3/x", "fd00::3/129", "banana/24"] {
         let e = crate::convert::node_from_pb(tabby_proto::v1::Node {

@@ -26,7 +26,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use tabby_routing::{mac_string, Mac, Tunnel, VxlanDevice};
 
-const VXLAN: &str = Tunnel::Vxlan.device();
+/// The device of a VXLAN endpoint: `vxlan.tabby` over an IPv4 underlay,
+/// `vxlan-v6.tabby` over IPv6, as Calico names them.
+fn vxlan_name(dev: &VxlanDevice) -> &'static str {
+    Tunnel::vxlan_for(dev.local).device()
+}
 const IPIP: &str = Tunnel::Ipip.device();
 /// VNIs are 24 bits.
 const MAX_VNI: u32 = (1 << 24) - 1;
@@ -253,6 +257,7 @@ impl NetlinkOverlay {
     }
 
     fn create_vxlan(&mut self, dev: &VxlanDevice, mtu: u32) -> Result<()> {
+        let name = vxlan_name(dev);
         let mut info = vec![
             InfoVxlan::Id(dev.settings.vni),
             InfoVxlan::Port(dev.settings.port),
@@ -266,7 +271,7 @@ impl NetlinkOverlay {
         let mut req = LinkMessage::default();
         req.header.flags = LinkFlags::Up;
         req.header.change_mask = LinkFlags::Up;
-        req.attributes.push(LinkAttribute::IfName(VXLAN.into()));
+        req.attributes.push(LinkAttribute::IfName(name.into()));
         req.attributes
             .push(LinkAttribute::Address(dev.mac.to_vec()));
         req.attributes.push(LinkAttribute::Mtu(mtu));
@@ -278,7 +283,7 @@ impl NetlinkOverlay {
             .request(RouteNetlinkMessage::NewLink(req), NLM_F_CREATE | NLM_F_EXCL)
             .map_err(|e| {
                 e.into_error(format!(
-                    "creating {VXLAN} (vni {}, port {}, local {})",
+                    "creating {name} (vni {}, port {}, local {})",
                     dev.settings.vni, dev.settings.port, dev.local
                 ))
             })
@@ -286,6 +291,7 @@ impl NetlinkOverlay {
 
     /// Sets what the kernel can change in place, and only what differs.
     fn update_vxlan(&mut self, link: &Link, dev: &VxlanDevice, mtu: u32) -> Result<()> {
+        let name = vxlan_name(dev);
         if link.learning() != Some(false) {
             // With IFLA_INFO_DATA, RTM_NEWLINK on an existing device is the
             // driver's changelink: only the attributes sent change. A
@@ -299,7 +305,7 @@ impl NetlinkOverlay {
             ]));
             self.nl
                 .request(RouteNetlinkMessage::NewLink(req), 0)
-                .map_err(|e| e.into_error(format!("setting {VXLAN} nolearning")))?;
+                .map_err(|e| e.into_error(format!("setting {name} nolearning")))?;
         }
         let mut req = LinkMessage::default();
         req.header.index = link.index;
@@ -323,7 +329,7 @@ impl NetlinkOverlay {
         }
         self.nl
             .request(RouteNetlinkMessage::SetLink(req), 0)
-            .map_err(|e| e.into_error(format!("setting {VXLAN} {}", what.join(" "))))
+            .map_err(|e| e.into_error(format!("setting {name} {}", what.join(" "))))
     }
 
     /// Makes `ip` (as a host prefix) the one address of link `index`,
@@ -406,10 +412,11 @@ impl NetlinkOverlay {
             .map_err(|e| e.into_error(format!("adding address {want} to {name}")))
     }
 
-    /// Sends one request per entry to `vxlan.tabby`, in batches; `what` names
-    /// an entry's operation in its error.
+    /// Sends one request per entry to device `name`, in batches; `what`
+    /// names an entry's operation in its error.
     fn batch<T>(
         &mut self,
+        name: &str,
         entries: &[T],
         what: impl Fn(&T) -> String,
         msg: impl Fn(u32, &T) -> (RouteNetlinkMessage, u16),
@@ -417,14 +424,14 @@ impl NetlinkOverlay {
         if entries.is_empty() {
             return Vec::new();
         }
-        let index = match self.link(VXLAN) {
+        let index = match self.link(name) {
             Ok(Some(l)) => l.index,
             Ok(None) => {
                 return entries
                     .iter()
                     .map(|e| {
                         Err(Error::NotFound(format!(
-                            "{}: device {VXLAN} does not exist",
+                            "{}: device {name} does not exist",
                             what(e)
                         )))
                     })
@@ -452,11 +459,16 @@ impl NetlinkOverlay {
             .collect()
     }
 
-    fn dump_neigh(&mut self, req: NeighbourMessage, what: &str) -> Result<Vec<NeighbourMessage>> {
+    fn dump_neigh(
+        &mut self,
+        name: &str,
+        req: NeighbourMessage,
+        what: &str,
+    ) -> Result<Vec<NeighbourMessage>> {
         let msgs = self
             .nl
             .dump(RouteNetlinkMessage::GetNeighbour(req))
-            .map_err(|e| e.into_error(format!("listing {what} of {VXLAN}")))?;
+            .map_err(|e| e.into_error(format!("listing {what} of {name}")))?;
         Ok(msgs
             .into_iter()
             .filter_map(|m| match m {
@@ -482,18 +494,19 @@ impl OverlayTable for NetlinkOverlay {
                 dev.settings.vni
             )));
         }
-        let mut link = self.link(VXLAN)?;
+        let name = vxlan_name(dev);
+        let mut link = self.link(name)?;
         if let Some(l) = &link {
             if !l.is_vxlan_like(dev) {
                 // VNI, port and local address are fixed at creation.
                 tracing::info!(
-                    device = VXLAN,
+                    device = name,
                     vni = dev.settings.vni,
                     port = dev.settings.port,
                     local = %dev.local,
                     "recreating the VXLAN device with new settings"
                 );
-                self.delete_link(l.index, VXLAN)?;
+                self.delete_link(l.index, name)?;
                 link = None;
             }
         }
@@ -504,17 +517,18 @@ impl OverlayTable for NetlinkOverlay {
             }
             None => {
                 self.create_vxlan(dev, mtu)?;
-                self.link(VXLAN)?.ok_or_else(|| {
-                    Error::NotFound(format!("{VXLAN} vanished right after it was created"))
+                self.link(name)?.ok_or_else(|| {
+                    Error::NotFound(format!("{name} vanished right after it was created"))
                 })?
             }
         };
-        self.ensure_host_address(link.index, VXLAN, dev.tunnel_ip)
+        self.ensure_host_address(link.index, name, dev.tunnel_ip)
     }
 
-    fn remove_vxlan(&mut self) -> Result<()> {
-        match self.link(VXLAN)? {
-            Some(l) => self.delete_link(l.index, VXLAN),
+    fn remove_vxlan(&mut self, t: Tunnel) -> Result<()> {
+        let name = t.device();
+        match self.link(name)? {
+            Some(l) => self.delete_link(l.index, name),
             None => Ok(()),
         }
     }
@@ -611,8 +625,9 @@ impl OverlayTable for NetlinkOverlay {
         })
     }
 
-    fn list_vteps(&mut self) -> Result<VtepTables> {
-        let Some(link) = self.link(VXLAN)? else {
+    fn list_vteps(&mut self, t: Tunnel) -> Result<VtepTables> {
+        let name = t.device();
+        let Some(link) = self.link(name)? else {
             return Ok(VtepTables::default());
         };
         let index = link.index;
@@ -621,7 +636,7 @@ impl OverlayTable for NetlinkOverlay {
         // in the kernel (the header's ifindex must be 0).
         let mut req = NeighbourMessage::default();
         req.attributes.push(NeighbourAttribute::IfIndex(index));
-        for n in self.dump_neigh(req, "neighbours")? {
+        for n in self.dump_neigh(name, req, "neighbours")? {
             let h = &n.header;
             if h.ifindex != index
                 || h.state != NeighbourState::Permanent
@@ -637,7 +652,7 @@ impl OverlayTable for NetlinkOverlay {
         let mut req = NeighbourMessage::default();
         req.header.family = AddressFamily::Bridge;
         req.header.ifindex = index;
-        for n in self.dump_neigh(req, "FDB entries")? {
+        for n in self.dump_neigh(name, req, "FDB entries")? {
             let h = &n.header;
             if h.ifindex != index
                 || h.state != NeighbourState::Permanent
@@ -657,15 +672,12 @@ impl OverlayTable for NetlinkOverlay {
         Ok(out)
     }
 
-    fn add_neigh(&mut self, entries: &[(IpAddr, Mac)]) -> Vec<Result<()>> {
+    fn add_neigh(&mut self, t: Tunnel, entries: &[(IpAddr, Mac)]) -> Vec<Result<()>> {
+        let name = t.device();
         self.batch(
+            name,
             entries,
-            |(ip, mac)| {
-                format!(
-                    "adding neighbour {ip} lladdr {} on {VXLAN}",
-                    mac_string(mac)
-                )
-            },
+            |(ip, mac)| format!("adding neighbour {ip} lladdr {} on {name}", mac_string(mac)),
             |index, (ip, mac)| {
                 (
                     RouteNetlinkMessage::NewNeighbour(neigh_message(index, *ip, Some(mac))),
@@ -675,10 +687,12 @@ impl OverlayTable for NetlinkOverlay {
         )
     }
 
-    fn del_neigh(&mut self, entries: &[(IpAddr, Mac)]) -> Vec<Result<()>> {
+    fn del_neigh(&mut self, t: Tunnel, entries: &[(IpAddr, Mac)]) -> Vec<Result<()>> {
+        let name = t.device();
         self.batch(
+            name,
             entries,
-            |(ip, _)| format!("deleting neighbour {ip} on {VXLAN}"),
+            |(ip, _)| format!("deleting neighbour {ip} on {name}"),
             |index, (ip, _)| {
                 (
                     RouteNetlinkMessage::DelNeighbour(neigh_message(index, *ip, None)),
@@ -688,13 +702,15 @@ impl OverlayTable for NetlinkOverlay {
         )
     }
 
-    fn add_fdb(&mut self, entries: &[(Mac, IpAddr)]) -> Vec<Result<()>> {
+    fn add_fdb(&mut self, t: Tunnel, entries: &[(Mac, IpAddr)]) -> Vec<Result<()>> {
         // CREATE|REPLACE is `bridge fdb replace`: for a unicast MAC the
         // kernel replaces the entry's (first) destination; APPEND would add
         // destinations only to the all-zeros and multicast entries.
+        let name = t.device();
         self.batch(
+            name,
             entries,
-            |(mac, ip)| format!("adding FDB entry {} dst {ip} on {VXLAN}", mac_string(mac)),
+            |(mac, ip)| format!("adding FDB entry {} dst {ip} on {name}", mac_string(mac)),
             |index, (mac, ip)| {
                 (
                     RouteNetlinkMessage::NewNeighbour(fdb_message(index, mac, *ip)),
@@ -704,13 +720,15 @@ impl OverlayTable for NetlinkOverlay {
         )
     }
 
-    fn del_fdb(&mut self, entries: &[(Mac, IpAddr)]) -> Vec<Result<()>> {
+    fn del_fdb(&mut self, t: Tunnel, entries: &[(Mac, IpAddr)]) -> Vec<Result<()>> {
         // With NDA_DST the kernel removes only that destination of the MAC;
         // note it answers success, removing nothing, when the MAC is there
         // with another destination.
+        let name = t.device();
         self.batch(
+            name,
             entries,
-            |(mac, ip)| format!("deleting FDB entry {} dst {ip} on {VXLAN}", mac_string(mac)),
+            |(mac, ip)| format!("deleting FDB entry {} dst {ip} on {name}", mac_string(mac)),
             |index, (mac, ip)| {
                 let mut m = fdb_message(index, mac, *ip);
                 m.header.state = NeighbourState::None;

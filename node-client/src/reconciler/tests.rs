@@ -96,23 +96,49 @@ struct FakeOverlay(Arc<Mutex<OverlayState>>);
 
 struct OverlayState {
     vxlan: Option<(tabby_routing::VxlanDevice, u32)>,
+    vxlan_v6: Option<(tabby_routing::VxlanDevice, u32)>,
     ipip_ok: bool,
     ipip: Option<(std::net::IpAddr, u32)>,
     uplink: Option<u32>,
     neigh: BTreeSet<(std::net::IpAddr, tabby_routing::Mac)>,
     fdb: BTreeSet<(tabby_routing::Mac, std::net::IpAddr)>,
+    neigh6: BTreeSet<(std::net::IpAddr, tabby_routing::Mac)>,
+    fdb6: BTreeSet<(tabby_routing::Mac, std::net::IpAddr)>,
     ensures: u64,
+}
+
+type Neigh = BTreeSet<(std::net::IpAddr, tabby_routing::Mac)>;
+type Fdb = BTreeSet<(tabby_routing::Mac, std::net::IpAddr)>;
+
+impl OverlayState {
+    fn dev(&mut self, t: Tunnel) -> &mut Option<(tabby_routing::VxlanDevice, u32)> {
+        if t == Tunnel::Vxlan {
+            &mut self.vxlan
+        } else {
+            &mut self.vxlan_v6
+        }
+    }
+    fn tables(&mut self, t: Tunnel) -> (&mut Neigh, &mut Fdb) {
+        if t == Tunnel::Vxlan {
+            (&mut self.neigh, &mut self.fdb)
+        } else {
+            (&mut self.neigh6, &mut self.fdb6)
+        }
+    }
 }
 
 impl Default for FakeOverlay {
     fn default() -> Self {
         FakeOverlay(Arc::new(Mutex::new(OverlayState {
             vxlan: None,
+            vxlan_v6: None,
             ipip_ok: true,
             ipip: None,
             uplink: Some(1500),
             neigh: BTreeSet::new(),
             fdb: BTreeSet::new(),
+            neigh6: BTreeSet::new(),
+            fdb6: BTreeSet::new(),
             ensures: 0,
         })))
     }
@@ -130,23 +156,26 @@ fn each<T: Clone>(v: &[T], f: impl FnMut(&T) -> Result<()>) -> Vec<Result<()>> {
 
 impl OverlayTable for FakeOverlay {
     fn ensure_vxlan(&mut self, dev: &tabby_routing::VxlanDevice, mtu: u32) -> Result<()> {
+        let t = Tunnel::vxlan_for(dev.local);
         let mut s = self.st();
         s.ensures += 1;
-        if s.vxlan
+        if s.dev(t)
             .is_some_and(|(d, _)| d.settings != dev.settings || d.local != dev.local)
         {
             // Recreated: its entries go with it.
-            s.neigh.clear();
-            s.fdb.clear();
+            let (n, f) = s.tables(t);
+            n.clear();
+            f.clear();
         }
-        s.vxlan = Some((*dev, mtu));
+        *s.dev(t) = Some((*dev, mtu));
         Ok(())
     }
-    fn remove_vxlan(&mut self) -> Result<()> {
+    fn remove_vxlan(&mut self, t: Tunnel) -> Result<()> {
         let mut s = self.st();
-        s.vxlan = None;
-        s.neigh.clear();
-        s.fdb.clear();
+        *s.dev(t) = None;
+        let (n, f) = s.tables(t);
+        n.clear();
+        f.clear();
         Ok(())
     }
     fn ensure_ipip(&mut self, local: std::net::IpAddr, mtu: u32) -> Result<()> {
@@ -164,36 +193,54 @@ impl OverlayTable for FakeOverlay {
             .uplink
             .ok_or_else(|| Error::NotFound(format!("no interface holds {a}")))
     }
-    fn list_vteps(&mut self) -> Result<crate::kernel::VtepTables> {
-        let s = self.st();
+    fn list_vteps(&mut self, t: Tunnel) -> Result<crate::kernel::VtepTables> {
+        let mut s = self.st();
+        let (n, f) = s.tables(t);
         Ok(crate::kernel::VtepTables {
-            neigh: s.neigh.iter().copied().collect(),
-            fdb: s.fdb.iter().copied().collect(),
+            neigh: n.iter().copied().collect(),
+            fdb: f.iter().copied().collect(),
         })
     }
-    fn add_neigh(&mut self, e: &[(std::net::IpAddr, tabby_routing::Mac)]) -> Vec<Result<()>> {
+    fn add_neigh(
+        &mut self,
+        t: Tunnel,
+        e: &[(std::net::IpAddr, tabby_routing::Mac)],
+    ) -> Vec<Result<()>> {
         each(e, |(a, m)| {
             let mut s = self.st();
-            s.neigh.retain(|(x, _)| x != a);
-            s.neigh.insert((*a, *m));
+            let (n, _) = s.tables(t);
+            n.retain(|(x, _)| x != a);
+            n.insert((*a, *m));
             Ok(())
         })
     }
-    fn del_neigh(&mut self, e: &[(std::net::IpAddr, tabby_routing::Mac)]) -> Vec<Result<()>> {
+    fn del_neigh(
+        &mut self,
+        t: Tunnel,
+        e: &[(std::net::IpAddr, tabby_routing::Mac)],
+    ) -> Vec<Result<()>> {
         each(e, |x| {
-            self.st().neigh.remove(x);
+            self.st().tables(t).0.remove(x);
             Ok(())
         })
     }
-    fn add_fdb(&mut self, e: &[(tabby_routing::Mac, std::net::IpAddr)]) -> Vec<Result<()>> {
+    fn add_fdb(
+        &mut self,
+        t: Tunnel,
+        e: &[(tabby_routing::Mac, std::net::IpAddr)],
+    ) -> Vec<Result<()>> {
         each(e, |x| {
-            self.st().fdb.insert(*x);
+            self.st().tables(t).1.insert(*x);
             Ok(())
         })
     }
-    fn del_fdb(&mut self, e: &[(tabby_routing::Mac, std::net::IpAddr)]) -> Vec<Result<()>> {
+    fn del_fdb(
+        &mut self,
+        t: Tunnel,
+        e: &[(tabby_routing::Mac, std::net::IpAddr)],
+    ) -> Vec<Result<()>> {
         each(e, |x| {
-            self.st().fdb.remove(x);
+            self.st().tables(t).1.remove(x);
             Ok(())
         })
     }
@@ -728,4 +775,78 @@ fn vxlan_settings_change_without_a_restart() {
     let (dev, _) = o.st().vxlan.unwrap();
     assert_eq!((dev.settings.vni, dev.settings.port), (7, 8472));
     assert_eq!(o.st().fdb.len(), 2, "entries put back on the new device");
+}
+
+#[test]
+fn ipv6_vxlan_pools_get_vxlan_v6_beside_vxlan() {
+    let o = FakeOverlay::default();
+    let mut r = reconciler_with(FakeNat::default(), o.clone());
+    let node6 = |name: &str, v4: &str, v6: &str, t4: &str, t6: &str| pb::Node {
+        name: name.into(),
+        addresses: vec![format!("{v4}/24"), format!("{v6}/64")],
+        vxlan_tunnel_address: t4.into(),
+        vxlan_mac: tabby_routing::mac_string(&tabby_routing::vtep_mac(name)),
+        vxlan_v6_tunnel_address: t6.into(),
+        vxlan_v6_mac: tabby_routing::mac_string(&tabby_routing::vtep_mac_v6(name)),
+        ..Default::default()
+    };
+    r.handle(vec![Event::Update(Box::new(pb::IntentUpdate {
+        revision: 10,
+        snapshot: true,
+        blocks: vec![
+            block("10.244.0.64/26", "worker"),
+            block("10.244.0.128/26", "worker2"),
+            pb::IntentBlock {
+                cidr: "fd00:10::40/122".into(),
+                node: "worker2".into(),
+                pool: "p6".into(),
+            },
+        ],
+        pools: vec![
+            pool(pb::Encapsulation::Vxlan),
+            pb::IntentPool {
+                name: "p6".into(),
+                cidr: "fd00:10::/64".into(),
+                encapsulation: pb::Encapsulation::Vxlan as i32,
+                ..Default::default()
+            },
+        ],
+        pools_changed: true,
+        nodes: vec![
+            node6(
+                "worker",
+                "172.18.0.3",
+                "fd00:18::3",
+                "10.244.0.65",
+                "fd00:10::1",
+            ),
+            node6(
+                "worker2",
+                "172.18.1.4",
+                "fd00:18:1::4",
+                "10.244.0.129",
+                "fd00:10::41",
+            ),
+        ],
+        vxlan: Some(pb::IntentVxlan {
+            vni: 4096,
+            port: 4789,
+        }),
+        ..Default::default()
+    }))]);
+    let (dev6, mtu6) = o.st().vxlan_v6.expect("vxlan-v6.tabby");
+    assert_eq!(mtu6, 1430, "uplink MTU - 70");
+    assert_eq!(dev6.mac, tabby_routing::vtep_mac_v6("worker"));
+    assert!(o.st().vxlan.is_some());
+    assert_eq!(
+        o.st().fdb6,
+        BTreeSet::from([(
+            tabby_routing::vtep_mac_v6("worker2"),
+            "fd00:18:1::4".parse().unwrap()
+        )])
+    );
+    assert!(kernel(&r).contains(&tunnel("fd00:10::40/122", "fd00:10::41", Tunnel::VxlanV6)));
+    assert_eq!(kernel(&r), full_state(&r));
+    // Pods fit both tunnels.
+    assert_eq!(r.status.lock().unwrap().tunnel_mtu, Some(1430));
 }

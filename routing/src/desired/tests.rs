@@ -103,6 +103,7 @@ fn racks(enc: Encapsulation) -> Intent {
             tunnel_ip: a(tunnel),
             mac: crate::model::vtep_mac(name),
         }),
+        vtep_v6: None,
     };
     i.apply(IntentDelta {
         revision: 11,
@@ -238,19 +239,109 @@ fn vxlan_without_tunnel_addresses_is_reported_not_routed() {
 }
 
 #[test]
-fn encapsulated_ipv6_pools_are_reported() {
+fn ipip_ipv6_pools_are_reported() {
     let mut i = walkthrough(Encapsulation::None);
     i.pools.insert(
         "v6".into(),
         PoolIntent {
             cidr: n("fd00:10::/64"),
             nat_outgoing: false,
-            encapsulation: Encapsulation::Vxlan,
+            encapsulation: Encapsulation::Ipip,
         },
     );
     let d = desired(&i, "worker");
     assert_eq!(d.unsupported.len(), 1);
-    assert!(d.unsupported[0].contains("ENCAPSULATION_VXLAN"));
+    assert!(d.unsupported[0].contains("ENCAPSULATION_IPIP"));
+}
+
+#[test]
+fn ipv6_vxlan_pools_tunnel_over_vxlan_v6() {
+    // Dual-stack nodes on two racks; an IPv6 VXLAN CrossSubnet pool.
+    let mut i = Intent::default();
+    let node = |v4: &str, v6: &str, t6: &str, name: &str| NodeIntent {
+        addrs: vec![n(v4), n(v6)],
+        vtep: None,
+        vtep_v6: Some(Vtep {
+            tunnel_ip: a(t6),
+            mac: crate::model::vtep_mac_v6(name),
+        }),
+    };
+    i.apply(IntentDelta {
+        snapshot: true,
+        revision: 1,
+        pools: Some(vec![(
+            "v6".into(),
+            PoolIntent {
+                cidr: n("fd00:10::/64"),
+                nat_outgoing: false,
+                encapsulation: Encapsulation::VxlanCrossSubnet,
+            },
+        )]),
+        blocks: vec![
+            (
+                n("fd00:10::/122"),
+                BlockIntent {
+                    node: Some("a".into()),
+                    pool: "v6".into(),
+                },
+            ),
+            (
+                n("fd00:10::40/122"),
+                BlockIntent {
+                    node: Some("b".into()),
+                    pool: "v6".into(),
+                },
+            ),
+            (
+                n("fd00:10::80/122"),
+                BlockIntent {
+                    node: Some("c".into()),
+                    pool: "v6".into(),
+                },
+            ),
+        ],
+        nodes: vec![
+            (
+                "a".into(),
+                node("172.18.0.2/24", "fd00:18::2/64", "fd00:10::1", "a"),
+            ),
+            (
+                "b".into(),
+                node("172.18.0.3/24", "fd00:18::3/64", "fd00:10::41", "b"),
+            ),
+            (
+                "c".into(),
+                node("172.18.1.4/24", "fd00:18:1::4/64", "fd00:10::81", "c"),
+            ),
+        ],
+        ..Default::default()
+    });
+    let d = desired(&i, "a");
+    let want: BTreeSet<Route> = [
+        bh("fd00:10::/122"),
+        via("fd00:10::40/122", "fd00:18::3"),
+        tunnel("fd00:10::80/122", "fd00:10::81", Tunnel::VxlanV6),
+    ]
+    .into();
+    assert_eq!(d.routes, want);
+    assert!(d.unsupported.is_empty() && d.unroutable.is_empty(), "{d:?}");
+    let dev = d.overlay.vxlan_v6.expect("vxlan-v6.tabby");
+    assert_eq!(
+        (dev.local, dev.tunnel_ip),
+        (a("fd00:18::2"), a("fd00:10::1"))
+    );
+    assert_eq!(dev.mac, crate::model::vtep_mac_v6("a"));
+    assert_ne!(dev.mac, crate::model::vtep_mac("a"));
+    assert_eq!(
+        d.overlay
+            .vteps_v6
+            .iter()
+            .map(|e| e.underlay)
+            .collect::<Vec<_>>(),
+        vec![a("fd00:18:1::4")]
+    );
+    assert!(d.overlay.vxlan.is_none() && d.overlay.vteps.is_empty());
+    assert_eq!(Tunnel::VxlanV6.overhead(), 70);
 }
 
 #[test]

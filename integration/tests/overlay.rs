@@ -109,6 +109,18 @@ fn tunnel_address(lab: &Lab, node: &str) -> String {
 
 const NODES: [&str; 3] = ["control-plane", "worker", "worker2"];
 
+/// A ping that may need a moment: a recreated device takes its routes and
+/// entries with it until the node has put them back.
+fn ping_retry(from: &Pod, to: std::net::IpAddr) -> bool {
+    let t = Instant::now();
+    while !ping(from, to, 1) {
+        if t.elapsed() > Duration::from_secs(5) {
+            return false;
+        }
+    }
+    ping(from, to, 3)
+}
+
 #[test]
 fn vxlan_crosses_racks_and_cross_subnet_encapsulates_only_across() {
     let (mut lab, _d) = racks();
@@ -203,6 +215,30 @@ fn vxlan_crosses_racks_and_cross_subnet_encapsulates_only_across() {
         "cross-rack traffic did not go through the tunnel"
     );
     assert!(ping(&w2, w.ip, 3), "worker2 -> worker");
+
+    // New VXLAN settings reach every node without a restart.
+    lab.grpcurl(&[
+        "-d",
+        r#"{"vxlan_vni":7,"vxlan_port":8472}"#,
+        "tabby.v1.IpamAdmin/SetIpamConfig",
+    ])
+    .unwrap();
+    lab.wait_until(
+        "VNI 7 on port 8472 everywhere",
+        Duration::from_secs(10),
+        || {
+            NODES.iter().all(|n| {
+                let l = sh(&lab.node_ns(n), "ip -d link show vxlan.tabby");
+                l.contains("vxlan id 7 ") && l.contains("dstport 8472")
+            })
+        },
+    )
+    .unwrap();
+    assert!(
+        ping_retry(&w, w2.ip),
+        "across racks on the new VNI and port"
+    );
+    assert!(ping_retry(&w2, w.ip), "back on the new VNI and port");
 
     // Back to plain: the device goes, cross-rack fails again.
     set_encapsulation(&lab, "ENCAPSULATION_NONE");

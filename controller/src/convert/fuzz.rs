@@ -180,10 +180,13 @@ static BASE: LazyLock<(IpamState, Snapshot)> = LazyLock::new(base);
 fn the_base_state_is_consistent() {
     let (st, replica) = &*BASE;
     assert_consistent(st, replica).unwrap();
-    // Four pod addresses, and a tunnel address for each node (a pool of
-    // the base state uses VXLAN).
-    assert_eq!(st.allocations().len(), 6);
-    assert!(st.tunnel_address("n1").is_some() && st.tunnel_address("n2").is_some());
+    // Four pod addresses, and a tunnel address of each family for each
+    // node (the base state's pools use VXLAN, IPv4 and IPv6).
+    assert_eq!(st.allocations().len(), 8);
+    for n in ["n1", "n2"] {
+        assert!(st.tunnel_address(n).is_some_and(|a| a.is_ipv4()), "{n}");
+        assert!(st.tunnel_v6_address(n).is_some_and(|a| a.is_ipv6()), "{n}");
+    }
 }
 
 // ---------------------------------------------------------------------------

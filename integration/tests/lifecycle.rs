@@ -451,8 +451,7 @@ fn ipip_without_kernel_support_is_reported_not_routed() {
     .unwrap();
     assert!(
         st.contains("\"unsupported\"")
-            && st.contains("IPIP pool overlay:")
-            && st.contains("the kernel has no ipip support"),
+            && st.contains("\"IPIP pool overlay: the kernel has no ipip support\""),
         "{st}"
     );
     assert!(st.contains("\"ready\": true"), "{st}");

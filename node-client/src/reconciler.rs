@@ -146,6 +146,9 @@ impl EchoFilter {
     }
 }
 
+/// What the overlay says when the kernel cannot make `tunl0`.
+const NO_IPIP: &str = "the kernel has no ipip support";
+
 /// Mean delay before a failed full pass is tried again.
 const RETRY: Duration = Duration::from_secs(1);
 
@@ -612,7 +615,14 @@ impl<T: RouteTable> Reconciler<T> {
             match mtu.and_then(|mtu| self.overlay.ensure_ipip(local, mtu).map(|()| mtu)) {
                 Ok(mtu) => self.tunnels.ipip = Some((local, mtu)),
                 Err(e) => {
-                    problems.push(format!("IPIP pool {pool}: {e}"));
+                    // Said plainly in Status; the log keeps the kernel's words.
+                    let e = e.to_string();
+                    if e.contains(NO_IPIP) {
+                        tracing::debug!(error = %e, "tunl0 not made");
+                        problems.push(format!("IPIP pool {pool}: {NO_IPIP}"));
+                    } else {
+                        problems.push(format!("IPIP pool {pool}: {e}"));
+                    }
                     down.insert(Tunnel::Ipip);
                     self.tunnels.ipip = None;
                 }

@@ -720,7 +720,7 @@ fn ipip_without_kernel_support_is_reported_and_breaks_nothing_else() {
     assert!(
         st.unsupported
             .iter()
-            .any(|u| u == "IPIP pool p: invalid: creating tunl0: the kernel has no ipip support"),
+            .any(|u| u == "IPIP pool p: the kernel has no ipip support"),
         "{:?}",
         st.unsupported
     );

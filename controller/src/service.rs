@@ -100,6 +100,14 @@ impl pb::ipam_admin_server::IpamAdmin for AdminService {
                             blocks: n.blocks.iter().map(ToString::to_string).collect(),
                             addresses: n.addresses,
                             borrowed: n.borrowed,
+                            vxlan_tunnel_address: s
+                                .tunnel_address(&n.name)
+                                .map(|a| a.to_string())
+                                .unwrap_or_default(),
+                            vxlan_v6_tunnel_address: s
+                                .tunnel_v6_address(&n.name)
+                                .map(|a| a.to_string())
+                                .unwrap_or_default(),
                         })
                         .collect(),
                     blocks: if show_blocks {

@@ -192,6 +192,17 @@ fn vxlan_crosses_racks_and_cross_subnet_encapsulates_only_across() {
         alloc["allocations"][0]["handle"],
         "vxlan-tunnel-addr.worker2"
     );
+    // ShowIpam lists it with its node.
+    let ipam = lab.grpcurl(&["tabby.v1.IpamAdmin/ShowIpam"]).unwrap();
+    let ipam: serde_json::Value = serde_json::from_str(&ipam).unwrap();
+    let listed = ipam["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "worker2")
+        .cloned()
+        .unwrap();
+    assert_eq!(listed["vxlanTunnelAddress"], t_w2.as_str(), "{listed}");
 
     // CrossSubnet: worker <-> control-plane plain (same rack), anything to
     // or from worker2 through the tunnel.

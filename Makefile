@@ -50,9 +50,10 @@ run-controller: build
 # TOPOLOGY=racks puts worker2 on a rack (subnet) of its own behind the fabric
 # router; MODE=vxlan|vxlan-cross-subnet|ipip|ipip-cross-subnet sets the pool's
 # encapsulation (e.g. make lab TOPOLOGY=racks MODE=vxlan-cross-subnet);
-# DUAL_STACK=1 adds IPv6 to the fabric and an IPv6 pool.
+# DUAL_STACK=1 adds IPv6 to the fabric and an IPv6 pool; BGP=1 adds a GoBGP
+# route reflector on the fabric that the controller peers with.
 lab: deps build
-	target/release/tabby-lab up $(if $(TOPOLOGY),--topology $(TOPOLOGY)) $(if $(MODE),--mode $(MODE)) $(if $(DUAL_STACK),--dual-stack)
+	target/release/tabby-lab up $(if $(TOPOLOGY),--topology $(TOPOLOGY)) $(if $(MODE),--mode $(MODE)) $(if $(DUAL_STACK),--dual-stack) $(if $(BGP),--bgp)
 
 # The same lab with the controller and node clients as containers of the
 # images (podman, runc, the manifests' mounts and settings).

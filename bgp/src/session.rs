@@ -53,6 +53,25 @@ pub struct SessionConfig {
     pub fsm: Config,
 }
 
+/// The families a side offers: those of its multiprotocol capabilities, or
+/// IPv4 unicast alone when it sent none (RFC 4760).
+fn offered(c: &codec::Capabilities) -> (bool, bool) {
+    if !c.ipv4_unicast && !c.ipv6_unicast {
+        (true, false)
+    } else {
+        (c.ipv4_unicast, c.ipv6_unicast)
+    }
+}
+
+/// Whether `p` is of a family the session negotiated (v4, v6).
+fn carried(fam: (bool, bool), p: &IpNet) -> bool {
+    if p.addr().is_ipv4() {
+        fam.0
+    } else {
+        fam.1
+    }
+}
+
 /// One BGP message's worth of routes sharing their attributes.
 fn grouped(routes: &BTreeMap<IpNet, Route>) -> Vec<Update> {
     let mut groups: Vec<(Route, Vec<Route>)> = Vec::new();
@@ -98,6 +117,8 @@ pub async fn run(
     let mut sock: Option<TcpStream> = None;
     let mut buf: Vec<u8> = Vec::with_capacity(65536);
     let mut state = fsm.state();
+    // The families both sides offered, once the session is up.
+    let mut fam = (false, false);
     let mut pending = fsm.handle(Event::Start);
     loop {
         // Carry out what the FSM asked, which may give more events.
@@ -138,10 +159,23 @@ pub async fn run(
                         timers.remove(&t);
                     }
                     Action::Up { .. } | Action::Refresh => {
+                        if let Action::Up { peer, .. } = &a {
+                            let (o, p) = (
+                                offered(&cfg.fsm.open.capabilities),
+                                offered(&peer.capabilities),
+                            );
+                            fam = (o.0 && p.0, o.1 && p.1);
+                        }
                         // The whole table, then End-of-RIB per family.
+                        let table: BTreeMap<IpNet, Route> = rib
+                            .iter()
+                            .filter(|(p, _)| carried(fam, p))
+                            .map(|(p, r)| (*p, r.clone()))
+                            .collect();
                         let mut msgs: Vec<Message> =
-                            grouped(&rib).into_iter().map(Message::Update).collect();
-                        for afi in [Afi::Ipv4, Afi::Ipv6] {
+                            grouped(&table).into_iter().map(Message::Update).collect();
+                        let afis = [(Afi::Ipv4, fam.0), (Afi::Ipv6, fam.1)];
+                        for afi in afis.into_iter().filter(|(_, on)| *on).map(|(a, _)| a) {
                             msgs.push(Message::Update(Update {
                                 end_of_rib: Some(afi),
                                 ..Default::default()
@@ -210,8 +244,11 @@ pub async fn run(
                         rib.insert(r.prefix, r.clone());
                     }
                     if fsm.state() == State::Established && !changed.is_empty() {
-                        let part: BTreeMap<IpNet, Route> =
-                            changed.into_iter().map(|r| (r.prefix, r)).collect();
+                        let part: BTreeMap<IpNet, Route> = changed
+                            .into_iter()
+                            .filter(|r| carried(fam, &r.prefix))
+                            .map(|r| (r.prefix, r))
+                            .collect();
                         for u in grouped(&part) {
                             if let Err(e) = send(&mut sock, &Message::Update(u)).await {
                                 pending.extend(fsm.handle(e));
@@ -224,6 +261,7 @@ pub async fn run(
                 Some(Command::Withdraw(prefixes)) => {
                     let gone: Vec<IpNet> =
                         prefixes.into_iter().filter(|p| rib.remove(p).is_some()).collect();
+                    let gone: Vec<IpNet> = gone.into_iter().filter(|p| carried(fam, p)).collect();
                     if fsm.state() == State::Established && !gone.is_empty() {
                         let u = Update {
                             withdraw: gone,

@@ -46,7 +46,7 @@ pub enum Mode {
 pub enum Class {
     /// grpc.health.v1 and reflection: anyone who can connect.
     Open,
-    /// tabby.v1.IpamAdmin: an admin identity.
+    /// tabby.v1.IpamAdmin and tabby.v1.BgpAdmin: an admin identity.
     Admin,
     /// tabby.v1.NodeAgent and tabby.v1.IntentStream: a node identity.
     Node,
@@ -65,7 +65,7 @@ pub fn classify(path: &str) -> Class {
         "grpc.health.v1.Health"
         | "grpc.reflection.v1.ServerReflection"
         | "grpc.reflection.v1alpha.ServerReflection" => Class::Open,
-        "tabby.v1.IpamAdmin" => Class::Admin,
+        "tabby.v1.IpamAdmin" | "tabby.v1.BgpAdmin" => Class::Admin,
         "tabby.v1.NodeAgent" | "tabby.v1.IntentStream" => Class::Node,
         _ => Class::Other,
     }

@@ -182,6 +182,7 @@ impl View {
                         self.update_node(s, n, &mut d);
                     }
                 }
+                Key::Bgp => {}
                 Key::Config => {
                     let v = intent_vxlan(s);
                     if v != self.vxlan {

@@ -2,6 +2,7 @@
 //! IPAM state ([`owner`]), and the gRPC services ([`service`]).
 
 pub mod auth;
+pub mod bgp;
 pub mod convert;
 pub mod error;
 pub mod intent;

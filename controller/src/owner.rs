@@ -90,8 +90,17 @@ impl Reader {
 /// The state readers see: the owner's state as of the last durable group,
 /// published before that group's answers (so a caller that heard of its
 /// write reads it), with its revision.
-#[derive(Default)]
-struct View(std::sync::RwLock<(Arc<IpamState>, u64)>);
+struct View(
+    std::sync::RwLock<(Arc<IpamState>, u64)>,
+    /// The revision of each published state, for those that follow them.
+    tokio::sync::watch::Sender<u64>,
+);
+
+impl Default for View {
+    fn default() -> Self {
+        View(Default::default(), tokio::sync::watch::Sender::new(0))
+    }
+}
 
 impl View {
     fn get(&self) -> (Arc<IpamState>, u64) {
@@ -106,6 +115,7 @@ impl View {
         let mut v = self.0.write().unwrap_or_else(PoisonError::into_inner);
         if rev >= v.1 {
             *v = (st, rev);
+            self.1.send_replace(rev);
         }
     }
 }
@@ -335,6 +345,12 @@ impl Ipam {
     /// writes and never holds one up.
     pub async fn snapshot(&self) -> Result<(Arc<IpamState>, u64)> {
         Ok(self.view.get())
+    }
+
+    /// Follows the published states: changes each time one is published
+    /// (with its revision).
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.view.1.subscribe()
     }
 
     /// Runs a cheap read-only `f` (a lookup) on a [`Ipam::snapshot`], on the

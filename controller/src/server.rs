@@ -10,7 +10,10 @@ use crate::{
     watch::{IntentStreamServer, StreamLimit},
 };
 use std::{future::Future, time::Duration};
-use tabby_proto::v1::{ipam_admin_server::IpamAdminServer, node_agent_server::NodeAgentServer};
+use tabby_proto::v1::{
+    bgp_admin_server::BgpAdminServer, ipam_admin_server::IpamAdminServer,
+    node_agent_server::NodeAgentServer,
+};
 use tabby_tls::{accept::AcceptLimits, Reloading, ServerMaterial};
 use tokio::net::TcpListener;
 use tonic::transport::{server::TcpIncoming, Server};
@@ -66,6 +69,7 @@ pub async fn serve(
             "tabby.v1.IpamAdmin",
             "tabby.v1.NodeAgent",
             "tabby.v1.IntentStream",
+            "tabby.v1.BgpAdmin",
         ],
     )
     .map_err(|e| Error::Internal(e.to_string()))?;
@@ -97,6 +101,25 @@ pub async fn serve(
             }
         });
     }
+    // The BGP speaker lives as long as the server.
+    let speaker = crate::bgp::Speaker {
+        listen: listener
+            .local_addr()
+            .map_err(|e| Error::Internal(format!("listen address: {e}")))?,
+    };
+    let bgp_status = crate::bgp::SharedStatus::default();
+    tokio::spawn(crate::bgp::run(
+        ipam.clone(),
+        speaker,
+        bgp_status.clone(),
+        stop.clone(),
+    ));
+    let bgp = BgpAdminServer::new(crate::bgp::service::BgpService::new(
+        ipam.clone(),
+        speaker,
+        bgp_status,
+    ))
+    .max_decoding_message_size(max);
     let watch =
         IntentStreamServer::new(ipam, stop, StreamLimit::new(opts.max_streams_per_identity));
     let mode = if opts.tls.is_some() {
@@ -117,6 +140,7 @@ pub async fn serve(
         .add_routes(routes)
         .add_service(admin)
         .add_service(node)
+        .add_service(bgp)
         .add_service(watch);
     let r = match opts.tls {
         Some(tls) => {

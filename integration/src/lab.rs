@@ -27,6 +27,8 @@ pub const CONTROLLER: &str = "172.18.0.1:5151";
 pub const FABRIC_MAC: &str = "02:00:ac:12:00:01";
 /// The outside host's address.
 pub const OUTSIDE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+/// The route reflector's address on the fabric.
+pub const RR: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 100);
 /// The CNI network name.
 pub const NETWORK: &str = "k8s-pod-network";
 
@@ -1032,6 +1034,83 @@ exec ip netns exec "$3" "$2/opt-cni-bin/tabby"
         .arg(self.node_ns(node))
         .env("CNI_PATH", d.join("opt-cni-bin"));
         c
+    }
+
+    /// The route reflector's namespace ([`Lab::add_route_reflector`]).
+    pub fn rr(&self) -> String {
+        format!("{}-rr", self.cfg.prefix)
+    }
+
+    /// `gobgp` against the lab's route reflector.
+    pub fn gobgp(&self, args: &[&str]) -> Result<String> {
+        let mut a = vec!["gobgp", "-p", "50051"];
+        a.extend_from_slice(args);
+        netns::exec(&self.rr(), &a)
+    }
+
+    /// The walkthrough's external route reflector: GoBGP (AS 64512) at
+    /// [`RR`] on the fabric, the controller its client, configured through
+    /// `tabby.v1.BgpAdmin` as an operator would.
+    pub fn add_route_reflector(&mut self) -> Result<()> {
+        let (rr, f) = (self.rr(), self.fabric());
+        self.add_ns(&rr)?;
+        netns::ip(
+            &f,
+            &format!("link add v-rr type veth peer name eth0 netns {rr}"),
+        )?;
+        netns::ip(&f, "link set v-rr master br0 up")?;
+        let (len, _) = self.cfg.topology.subnet_of(RR);
+        netns::ip(&rr, &format!("addr add {RR}/{len} dev eth0"))?;
+        netns::ip(&rr, "link set eth0 up")?;
+        netns::ip(&rr, "link set lo up")?;
+        let host = CONTROLLER.split(':').next().unwrap_or_default();
+        let conf = self.cfg.dir.join("gobgpd.toml");
+        fs::write(
+            &conf,
+            format!(
+                r#"[global.config]
+  as = 64512
+  router-id = "{RR}"
+[[neighbors]]
+  [neighbors.config]
+    neighbor-address = "{host}"
+    peer-as = 64512
+  [neighbors.route-reflector.config]
+    route-reflector-client = true
+    route-reflector-cluster-id = "{RR}"
+"#
+            ),
+        )?;
+        let args = vec![
+            "-f".to_string(),
+            conf.display().to_string(),
+            "--api-hosts".into(),
+            "127.0.0.1:50051".into(),
+        ];
+        let log = self.cfg.dir.join("gobgpd.log");
+        self.spawn("gobgpd", &rr, "/usr/bin/gobgpd", &args, &log)?;
+        let t = Instant::now();
+        while !self
+            .gobgp(&["global"])
+            .unwrap_or_default()
+            .contains("64512")
+        {
+            if t.elapsed() > Duration::from_secs(10) {
+                bail!("gobgpd did not answer; see {}", log.display());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.grpcurl(&[
+            "-d",
+            r#"{"enabled":true}"#,
+            "tabby.v1.BgpAdmin/SetBgpConfig",
+        ])?;
+        self.grpcurl(&[
+            "-d",
+            &format!(r#"{{"peer":{{"address":"{RR}","remote_asn":64512,"hold_time":9}}}}"#),
+            "tabby.v1.BgpAdmin/AddPeer",
+        ])?;
+        self.save()
     }
 
     /// Makes a pod: a namespace plus CNI ADD through the real plugin.

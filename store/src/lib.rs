@@ -84,6 +84,8 @@ pub enum Op {
     DeleteNode(String),
     /// Replace the IPAM configuration.
     PutConfig(IpamConfig),
+    /// Replace the BGP configuration.
+    PutBgp(BgpConfig),
 }
 
 /// What a committed [`Op`] touched: the change feed carries these.
@@ -103,6 +105,8 @@ pub enum Key {
     Node(String),
     /// The IPAM configuration.
     Config,
+    /// The BGP configuration.
+    Bgp,
 }
 
 impl Op {
@@ -121,6 +125,7 @@ impl Op {
             Op::PutNode(n) => Key::Node(n.name.clone()),
             Op::DeleteNode(n) => Key::Node(n.clone()),
             Op::PutConfig(_) => Key::Config,
+            Op::PutBgp(_) => Key::Bgp,
         }
     }
 }
@@ -165,6 +170,8 @@ pub enum Record {
     Node(Node),
     /// The IPAM configuration.
     Config(IpamConfig),
+    /// The BGP configuration.
+    Bgp(BgpConfig),
 }
 
 /// Everything in the store, as loaded at start-up.
@@ -186,6 +193,8 @@ pub struct Snapshot {
     pub nodes: BTreeMap<String, Node>,
     /// IPAM configuration.
     pub config: IpamConfig,
+    /// BGP configuration.
+    pub bgp: BgpConfig,
     /// Last revision written with an intent mark ([`Store::write_marked`]):
     /// no intent change was committed after it. 0 when none was written.
     pub intent_revision: u64,
@@ -238,6 +247,7 @@ impl Snapshot {
                     self.nodes.remove(&n);
                 }
                 Op::PutConfig(c) => self.config = c,
+                Op::PutBgp(b) => self.bgp = b,
             }
         }
     }
@@ -332,6 +342,7 @@ mod id_tests {
     }
 }
 const CONFIG_KEY: &[u8] = b"c/ipam";
+const BGP_KEY: &[u8] = b"c/bgp";
 
 fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>> {
     Ok(postcard::to_allocvec(v)?)
@@ -368,6 +379,7 @@ fn op_key(op: &Op) -> Vec<u8> {
         Key::Handle(h) => format!("h/{h}"),
         Key::Node(n) => format!("n/{n}"),
         Key::Config => return CONFIG_KEY.to_vec(),
+        Key::Bgp => return BGP_KEY.to_vec(),
     }
     .into_bytes()
 }
@@ -506,6 +518,7 @@ impl Store {
                 s.nodes.insert(n.name.clone(), n);
             }
             Record::Config(c) => s.config = c,
+            Record::Bgp(b) => s.bgp = b,
         })?;
         s.revision = revision;
         s.intent_revision = intent;
@@ -536,6 +549,7 @@ impl Store {
                     b'a' => Record::Allocation(addr()?, dec(&k, &v)?),
                     b'h' => Record::Handle(rest.to_string(), dec(&k, &v)?),
                     b'n' => Record::Node(dec_or::<Node, NodeV1>(&k, &v)?),
+                    _ if rest == "bgp" => Record::Bgp(dec(&k, &v)?),
                     _ => Record::Config(dec_or::<IpamConfig, IpamConfigV1>(&k, &v)?),
                 });
             }
@@ -620,6 +634,7 @@ impl Store {
                     Op::PutHandle(_, h) => batch.insert(k, enc(h)?),
                     Op::PutNode(n) => batch.insert(k, enc(n)?),
                     Op::PutConfig(c) => batch.insert(k, enc(c)?),
+                    Op::PutBgp(b) => batch.insert(k, enc(b)?),
                     Op::DeletePool(_)
                     | Op::DeleteBlock(_)
                     | Op::DeleteAllocation(_)

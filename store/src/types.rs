@@ -94,6 +94,51 @@ impl From<NodeV1> for Node {
     }
 }
 
+/// The controller's BGP configuration: the speaker and its peers.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct BgpConfig {
+    /// Speak BGP at all.
+    pub enabled: bool,
+    /// The cluster's AS number (0: the default, 64512).
+    pub asn: u32,
+    /// The router id (None: derived from the controller's address).
+    pub router_id: Option<std::net::Ipv4Addr>,
+    /// Where passive sessions are accepted (None: the controller's gRPC
+    /// address, port 179).
+    pub listen: Option<std::net::SocketAddr>,
+    /// The peers, by address.
+    pub peers: Vec<BgpPeer>,
+}
+
+/// One BGP peer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BgpPeer {
+    /// The peer's address.
+    pub address: IpAddr,
+    /// Its AS number.
+    pub remote_asn: u32,
+    /// Wait for the peer to connect instead of connecting.
+    pub passive: bool,
+    /// Proposed hold time, seconds (0 or 3..=65535).
+    pub hold_time: u16,
+    /// Keepalive interval, seconds (0: a third of the negotiated hold time).
+    pub keepalive: u16,
+    /// TCP-MD5 password (empty: none).
+    pub password: String,
+    /// Nodes holding their own session (empty: the controller holds it).
+    pub node_selector: String,
+    /// Pools whose blocks are advertised (empty: every pool).
+    pub export_pools: Vec<String>,
+    /// Only destinations inside these prefixes are advertised (empty: no
+    /// restriction).
+    pub export_prefixes: Vec<ipnet::IpNet>,
+    /// Communities attached to every advertised route (`asn:value` as one
+    /// 32-bit number each).
+    pub communities: Vec<u32>,
+    /// Received routes inside these prefixes are accepted (empty: none).
+    pub import_prefixes: Vec<ipnet::IpNet>,
+}
+
 /// IPAM-wide configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct IpamConfig {

@@ -118,3 +118,28 @@ impl IpamState {
         ))
     }
 }
+
+impl IpamState {
+    /// The BGP configuration.
+    pub fn bgp(&self) -> &tabby_store::BgpConfig {
+        &self.bgp
+    }
+
+    /// Replaces the BGP configuration (validated by the caller,
+    /// [`crate::bgp::config`]).
+    pub fn set_bgp(
+        &mut self,
+        b: tabby_store::BgpConfig,
+    ) -> Result<(tabby_store::BgpConfig, Mutation)> {
+        if b == self.bgp {
+            return Ok((b, Mutation::default()));
+        }
+        self.bgp = b.clone();
+        Ok((
+            b.clone(),
+            Mutation {
+                ops: vec![Op::PutBgp(b)],
+            },
+        ))
+    }
+}

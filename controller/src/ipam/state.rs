@@ -40,6 +40,8 @@ pub struct IpamState {
     pub(super) handles: ImHashMap<Name, Arc<Handle>>,
     pub(super) nodes: OrdMap<String, Node>,
     pub(super) config: IpamConfig,
+    /// The BGP speaker's configuration (kept here: one owner, one store).
+    pub(super) bgp: tabby_store::BgpConfig,
     /// Allocation records that lie in no block (only from a damaged store).
     pub(super) orphans: BTreeMap<IpAddr, Allocation>,
     /// Last release sequence number handed out.
@@ -66,6 +68,7 @@ impl IpamState {
     pub fn from_snapshot(s: Snapshot) -> IpamState {
         let mut l = Loader::default();
         l.take(Record::Config(s.config));
+        l.take(Record::Bgp(s.bgp));
         s.pools.into_values().for_each(|p| l.take(Record::Pool(p)));
         s.blocks
             .into_values()
@@ -486,6 +489,7 @@ impl Loader {
                 st.nodes.insert(n.name.clone(), n);
             }
             Record::Config(c) => st.config = c,
+            Record::Bgp(b) => st.bgp = b,
         }
     }
 

@@ -11,7 +11,7 @@ use tabby_integration::{
 };
 
 const USAGE: &str =
-    "usage: tabby-lab up [--containers] [--dual-stack] [--topology flat|racks] [--mode none|vxlan|vxlan-cross-subnet|ipip|ipip-cross-subnet] | down | show [--dir DIR] | echo-server ADDR [COUNT] | echo-client ADDR";
+    "usage: tabby-lab up [--containers] [--dual-stack] [--bgp] [--topology flat|racks] [--mode none|vxlan|vxlan-cross-subnet|ipip|ipip-cross-subnet] | down | show [--dir DIR] | echo-server ADDR [COUNT] | echo-client ADDR";
 const PREFIX: &str = "tlab";
 
 fn dir_arg(args: &[String]) -> PathBuf {
@@ -117,6 +117,26 @@ fn show(state: &LabState) -> Result<()> {
             &format!("{g} {tls} 172.18.0.1:5151 tabby.v1.IpamAdmin/ShowRoutes"),
         ),
     );
+    let rr = format!("{PREFIX}-rr");
+    if state.namespaces.contains(&rr) {
+        // Give the session a moment after `up`.
+        let t = std::time::Instant::now();
+        let mut out = shell(&rr, "gobgp -p 50051 global rib");
+        while !out.contains("10.244.") && t.elapsed() < std::time::Duration::from_secs(5) {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            out = shell(&rr, "gobgp -p 50051 global rib");
+        }
+        section(
+            "   the route reflector's table (GoBGP at 172.18.0.100, the controller its client)",
+            "gobgp global rib",
+            &out,
+        );
+        section(
+            "   its session with the controller",
+            "gobgp neighbor",
+            &shell(&rr, "gobgp -p 50051 neighbor"),
+        );
+    }
     section(
         "   IPAM summary",
         &format!("grpcurl {tls} 172.18.0.1:5151 tabby.v1.IpamAdmin/ShowIpam"),
@@ -213,6 +233,10 @@ fn up(dir: PathBuf, args: &[String]) -> Result<()> {
     }
     cfg.dual_stack = args.iter().any(|a| a == "--dual-stack");
     let mut lab = Lab::up(cfg).context("building the lab")?;
+    if args.iter().any(|a| a == "--bgp") {
+        lab.add_route_reflector()
+            .context("adding the route reflector")?;
+    }
     if let Some(m) = mode {
         lab.grpcurl(&[
             "-d",

@@ -1,0 +1,336 @@
+//! The controller as the cluster's BGP speaker (issue 15): one session per
+//! configured peer, advertising what the route model says every node holds
+//! (each block and borrowed address with its node's address as next hop),
+//! filtered per peer. It follows the published IPAM state: a change to the
+//! blocks, the nodes or the BGP configuration becomes announcements and
+//! withdrawals on every session.
+pub mod config;
+pub mod service;
+
+use crate::owner::Ipam;
+use ipnet::IpNet;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, Instant},
+};
+use tabby_bgp::{
+    codec::{Capabilities, Open, Origin, Route},
+    fsm::{Config, State},
+    session::{self, Command, Report, SessionConfig},
+};
+use tabby_store::{BgpConfig, BgpPeer};
+use tokio::sync::mpsc;
+
+/// One session as `GetStatus` shows it.
+#[derive(Debug, Clone, Default)]
+pub struct SessionStatus {
+    /// FSM state.
+    pub state: Option<State>,
+    /// When it came up.
+    pub since: Option<Instant>,
+    /// Why it last went down.
+    pub last_error: String,
+    /// Prefixes the peer advertised to us (current).
+    pub received: BTreeSet<IpNet>,
+    /// Of those, the ones the import filter accepts.
+    pub accepted: usize,
+    /// What we advertise to the peer.
+    pub advertised: BTreeMap<IpNet, Route>,
+}
+
+/// Status of every session, by peer address.
+pub type SharedStatus = Arc<Mutex<BTreeMap<IpAddr, SessionStatus>>>;
+
+fn lock(s: &SharedStatus) -> std::sync::MutexGuard<'_, BTreeMap<IpAddr, SessionStatus>> {
+    s.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What the speaker was started with.
+#[derive(Debug, Clone, Copy)]
+pub struct Speaker {
+    /// The controller's gRPC listen address (the default BGP listen
+    /// address, and the router id's fallback).
+    pub listen: SocketAddr,
+}
+
+impl Speaker {
+    /// The router id when none is configured: the listen address, if it is
+    /// a usable IPv4 address.
+    pub fn fallback_router_id(&self) -> Option<Ipv4Addr> {
+        match self.listen.ip() {
+            IpAddr::V4(a) if !a.is_unspecified() => Some(a),
+            _ => None,
+        }
+    }
+}
+
+struct Running {
+    peer: BgpPeer,
+    asn: u32,
+    router_id: Ipv4Addr,
+    cmds: mpsc::UnboundedSender<Command>,
+    incoming: mpsc::UnboundedSender<tokio::net::TcpStream>,
+    sent: BTreeMap<IpNet, Route>,
+}
+
+/// What `peer` should be advertised: every route of the cluster table with
+/// a next hop, through the peer's export filter.
+fn exports(
+    table: &[tabby_routing::ClusterRoute],
+    intent: &tabby_routing::Intent,
+    peer: &BgpPeer,
+    asn: u32,
+) -> BTreeMap<IpNet, Route> {
+    table
+        .iter()
+        .filter_map(|r| {
+            let nh = r.next_hop?;
+            let pool_ok = peer.export_pools.is_empty()
+                || intent
+                    .pool_of(&r.destination)
+                    .is_some_and(|(n, _)| peer.export_pools.contains(n));
+            let prefix_ok = peer.export_prefixes.is_empty()
+                || peer
+                    .export_prefixes
+                    .iter()
+                    .any(|p| p.contains(&r.destination));
+            (pool_ok && prefix_ok).then(|| {
+                let ibgp = peer.remote_asn == asn;
+                (
+                    r.destination,
+                    Route {
+                        prefix: r.destination,
+                        next_hop: nh,
+                        origin: Origin::Igp,
+                        as_path: if ibgp { vec![] } else { vec![asn] },
+                        communities: peer.communities.clone(),
+                        local_pref: ibgp.then_some(100),
+                    },
+                )
+            })
+        })
+        .collect()
+}
+
+/// Runs the speaker until `stop` turns true (the server's shutdown): then
+/// every session closes with a Cease and the speaker lets go of the owner.
+pub async fn run(
+    ipam: Ipam,
+    sp: Speaker,
+    status: SharedStatus,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut changes = ipam.changes();
+    let mut sessions: BTreeMap<IpAddr, Running> = BTreeMap::new();
+    let mut listener: Option<(SocketAddr, tokio::task::JoinHandle<()>)> = None;
+    loop {
+        let Ok((snap, rev)) = ipam.snapshot().await else {
+            return;
+        };
+        let cfg: BgpConfig = snap.bgp().clone();
+        let asn = config::asn(&cfg);
+        let router_id = config::router_id(&cfg, sp.fallback_router_id());
+        let wanted: BTreeMap<IpAddr, BgpPeer> = if cfg.enabled && router_id.is_some() {
+            cfg.peers.iter().map(|p| (p.address, p.clone())).collect()
+        } else {
+            BTreeMap::new()
+        };
+        if cfg.enabled && router_id.is_none() {
+            tracing::warn!("BGP is enabled but has no router id: set router_id (the listen address is not an IPv4 address)");
+        }
+        // Sessions whose peer went or changed stop.
+        let gone: Vec<IpAddr> = sessions
+            .iter()
+            .filter(|(a, r)| {
+                wanted.get(a) != Some(&r.peer) || r.asn != asn || Some(r.router_id) != router_id
+            })
+            .map(|(a, _)| *a)
+            .collect();
+        for a in gone {
+            if let Some(r) = sessions.remove(&a) {
+                let _ = r.cmds.send(Command::Stop);
+            }
+            lock(&status).remove(&a);
+        }
+        // New ones start.
+        for (a, peer) in &wanted {
+            if sessions.contains_key(a) {
+                continue;
+            }
+            let Some(rid) = router_id else { continue };
+            let (cmds, cmd_rx) = mpsc::unbounded_channel();
+            let (incoming, in_rx) = mpsc::unbounded_channel();
+            let (rep_tx, rep_rx) = mpsc::unbounded_channel();
+            let cfg = SessionConfig {
+                peer: SocketAddr::new(*a, config::BGP_PORT),
+                fsm: Config {
+                    open: Open {
+                        asn,
+                        hold_time: peer.hold_time,
+                        router_id: rid,
+                        capabilities: Capabilities {
+                            four_octet_as: Some(asn),
+                            ipv4_unicast: true,
+                            ipv6_unicast: true,
+                            route_refresh: true,
+                            graceful_restart: None,
+                        },
+                    },
+                    peer_asn: peer.remote_asn,
+                    passive: peer.passive,
+                    connect_retry: Duration::from_secs(1),
+                    connect_retry_max: Duration::from_secs(60),
+                },
+            };
+            tracing::info!(peer = %a, remote_asn = peer.remote_asn, passive = peer.passive, "BGP session starting");
+            lock(&status).insert(*a, SessionStatus::default());
+            tokio::spawn(session::run(cfg, cmd_rx, in_rx, rep_tx));
+            tokio::spawn(follow(*a, peer.clone(), rep_rx, status.clone()));
+            sessions.insert(
+                *a,
+                Running {
+                    peer: peer.clone(),
+                    asn,
+                    router_id: rid,
+                    cmds,
+                    incoming,
+                    sent: BTreeMap::new(),
+                },
+            );
+        }
+        // Passive peers need a listener.
+        let want_listen = sessions.values().any(|r| r.peer.passive).then(|| {
+            cfg.listen
+                .unwrap_or(SocketAddr::new(sp.listen.ip(), config::BGP_PORT))
+        });
+        if listener.as_ref().map(|(a, _)| *a) != want_listen {
+            if let Some((_, h)) = listener.take() {
+                h.abort();
+            }
+            if let Some(addr) = want_listen {
+                match tokio::net::TcpListener::bind(addr).await {
+                    Ok(l) => {
+                        let peers: BTreeMap<IpAddr, mpsc::UnboundedSender<tokio::net::TcpStream>> =
+                            sessions
+                                .iter()
+                                .map(|(a, r)| (*a, r.incoming.clone()))
+                                .collect();
+                        tracing::info!(%addr, "BGP listening");
+                        listener = Some((addr, tokio::spawn(accept(l, peers))));
+                    }
+                    Err(e) => tracing::error!(%addr, error = %e, "BGP cannot listen"),
+                }
+            }
+        }
+        // What each session advertises follows the cluster table.
+        if !sessions.is_empty() {
+            let intent = snap.routing_intent(rev);
+            let table = tabby_routing::cluster_routes(&intent, None);
+            for (a, r) in sessions.iter_mut() {
+                let want = exports(&table, &intent, &r.peer, asn);
+                let announce: Vec<Route> = want
+                    .values()
+                    .filter(|x| r.sent.get(&x.prefix) != Some(x))
+                    .cloned()
+                    .collect();
+                let withdraw: Vec<IpNet> = r
+                    .sent
+                    .keys()
+                    .filter(|p| !want.contains_key(p))
+                    .copied()
+                    .collect();
+                if !withdraw.is_empty() {
+                    let _ = r.cmds.send(Command::Withdraw(withdraw));
+                }
+                if !announce.is_empty() {
+                    let _ = r.cmds.send(Command::Announce(announce));
+                }
+                if let Some(s) = lock(&status).get_mut(a) {
+                    s.advertised.clone_from(&want);
+                }
+                r.sent = want;
+            }
+        }
+        // The next published state; a burst of them is taken as one.
+        tokio::select! {
+            r = changes.changed() => if r.is_err() { return },
+            _ = stop.wait_for(|s| *s) => {
+                for r in sessions.values() {
+                    let _ = r.cmds.send(Command::Stop);
+                }
+                if let Some((_, h)) = listener.take() {
+                    h.abort();
+                }
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        changes.borrow_and_update();
+    }
+}
+
+/// Hands each incoming connection to its peer's session; others are closed.
+async fn accept(
+    l: tokio::net::TcpListener,
+    peers: BTreeMap<IpAddr, mpsc::UnboundedSender<tokio::net::TcpStream>>,
+) {
+    loop {
+        let Ok((s, from)) = l.accept().await else {
+            continue;
+        };
+        match peers.get(&from.ip()) {
+            Some(tx) => {
+                let _ = tx.send(s);
+            }
+            None => tracing::warn!(%from, "BGP connection from an unknown peer refused"),
+        }
+    }
+}
+
+/// Keeps a session's status from its reports.
+async fn follow(
+    a: IpAddr,
+    peer: BgpPeer,
+    mut rx: mpsc::UnboundedReceiver<Report>,
+    status: SharedStatus,
+) {
+    while let Some(r) = rx.recv().await {
+        let mut st = lock(&status);
+        let Some(s) = st.get_mut(&a) else { return };
+        match r {
+            Report::State(state) => {
+                if state == State::Established {
+                    s.since = Some(Instant::now());
+                    tracing::info!(peer = %a, "BGP session established");
+                } else {
+                    s.since = None;
+                }
+                if state != State::Established {
+                    s.received.clear();
+                    s.accepted = 0;
+                }
+                s.state = Some(state);
+            }
+            Report::Down(why) => {
+                tracing::warn!(peer = %a, reason = %why, "BGP session down");
+                s.last_error = why;
+            }
+            Report::Received(u) => {
+                for p in u.withdraw {
+                    s.received.remove(&p);
+                }
+                for r in u.announce {
+                    s.received.insert(r.prefix);
+                }
+                s.accepted = s
+                    .received
+                    .iter()
+                    .filter(|p| peer.import_prefixes.iter().any(|i| i.contains(*p)))
+                    .count();
+            }
+            Report::Sent(_) => {}
+        }
+    }
+}

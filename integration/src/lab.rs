@@ -1078,6 +1078,14 @@ exec ip netns exec "$3" "$2/opt-cni-bin/tabby"
   [neighbors.route-reflector.config]
     route-reflector-client = true
     route-reflector-cluster-id = "{RR}"
+  [neighbors.graceful-restart.config]
+    enabled = true
+    restart-time = 120
+  [[neighbors.afi-safis]]
+    [neighbors.afi-safis.config]
+      afi-safi-name = "ipv4-unicast"
+    [neighbors.afi-safis.mp-graceful-restart.config]
+      enabled = true
 "#
             ),
         )?;

@@ -100,6 +100,34 @@ fn gobgp_route_reflector_learns_every_nodes_blocks() {
     let nb = lab.gobgp(&["neighbor"]).unwrap();
     assert!(nb.contains("172.18.0.1") && nb.contains("Establ"), "{nb}");
 
+    // Graceful restart: the controller dies (SIGKILL); the reflector keeps
+    // its routes (stale) instead of dropping them, and after the restart
+    // they are refreshed and the session is back.
+    lab.kill_controller().unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let kept = rr_rib(&lab);
+    assert_eq!(
+        kept, want,
+        "the reflector dropped the routes of a restarting controller"
+    );
+    let nb = lab.gobgp(&["neighbor"]).unwrap();
+    assert!(!nb.contains("Establ"), "{nb}");
+    lab.start_controller().unwrap();
+    lab.wait_until("the session back", Duration::from_secs(20), || {
+        lab.gobgp(&["neighbor"])
+            .unwrap_or_default()
+            .contains("Establ")
+    })
+    .unwrap();
+    lab.wait_until("the refreshed routes", Duration::from_secs(10), || {
+        rr_rib(&lab) == want
+            && !lab
+                .gobgp(&["global", "rib"])
+                .unwrap_or_default()
+                .contains("stale")
+    })
+    .unwrap();
+
     // A new block (another pool, on worker2) reaches the reflector.
     lab.grpcurl(&[
         "-d",

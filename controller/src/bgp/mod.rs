@@ -16,12 +16,24 @@ use std::{
     time::{Duration, Instant},
 };
 use tabby_bgp::{
-    codec::{Capabilities, Open, Origin, Route},
+    codec::{Afi, Capabilities, GracefulRestart, Open, Origin, Route},
     fsm::{Config, State},
     session::{self, Command, Report, SessionConfig},
 };
 use tabby_store::{BgpConfig, BgpPeer};
 use tokio::sync::mpsc;
+
+/// Seconds peers keep our routes after our session drops (RFC 4724), long
+/// enough for a controller restart.
+const RESTART_TIME: u16 = 120;
+
+/// When this process started: sessions opened within the restart time say
+/// "restarting" (the R bit), so a helping peer waits for our End-of-RIB.
+static STARTED: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
+
+fn restarted_recently() -> bool {
+    STARTED.elapsed() < Duration::from_secs(u64::from(RESTART_TIME))
+}
 
 /// One session as `GetStatus` shows it.
 #[derive(Debug, Clone, Default)]
@@ -122,6 +134,7 @@ pub async fn run(
     status: SharedStatus,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    std::sync::LazyLock::force(&STARTED);
     let mut changes = ipam.changes();
     let mut sessions: BTreeMap<IpAddr, Running> = BTreeMap::new();
     let mut listener: Option<(SocketAddr, tokio::task::JoinHandle<()>)> = None;
@@ -175,7 +188,14 @@ pub async fn run(
                             ipv4_unicast: true,
                             ipv6_unicast: true,
                             route_refresh: true,
-                            graceful_restart: None,
+                            // Peers keep our routes while the controller
+                            // restarts (the nodes keep forwarding on theirs),
+                            // until our End-of-RIB after the restart.
+                            graceful_restart: Some(GracefulRestart {
+                                restart_time: RESTART_TIME,
+                                restarting: restarted_recently(),
+                                families: vec![(Afi::Ipv4, true), (Afi::Ipv6, true)],
+                            }),
                         },
                     },
                     peer_asn: peer.remote_asn,

@@ -1304,7 +1304,10 @@ pub fn teardown_state(s: &LabState) {
     }
     for p in &s.procs {
         let cmdline = fs::read(format!("/proc/{}/cmdline", p.pid)).unwrap_or_default();
-        if String::from_utf8_lossy(&cmdline).contains("tabby") {
+        let cmd = String::from_utf8_lossy(&cmdline);
+        // The route reflector's cmdline names no tabby path when the lab
+        // directory does not.
+        if cmd.contains("tabby") || (p.role == "gobgpd" && cmd.contains("gobgpd")) {
             // A pid we started (checked by its cmdline).
             if let Ok(pid) = i32::try_from(p.pid) {
                 let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);

@@ -78,44 +78,6 @@ struct Pair {
     client_mtu: u32,
 }
 
-fn env_usize(k: &str, d: usize) -> usize {
-    std::env::var(k)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(d)
-}
-
-fn sh(cmd: &str, args: &[&str]) -> String {
-    Command::new(cmd)
-        .args(args)
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
-}
-
-/// The machine, its CPUs and kernel, as the figures depend on them.
-fn conditions() {
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("model name")
-                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    println!(
-        "conditions: {} ({}), {} CPUs (nproc), kernel {}, {}",
-        model,
-        sh("uname", &["-m"]),
-        sh("nproc", &[]),
-        sh("uname", &["-r"]),
-        sh("iperf3", &["--version"])
-            .lines()
-            .next()
-            .unwrap_or("iperf3 ?")
-    );
-}
-
 fn set_mode(lab: &Lab, mode: Mode) -> Result<()> {
     lab.grpcurl(&[
         "-d",
@@ -340,7 +302,7 @@ fn main() -> Result<()> {
     require_bins()?;
     let rounds = env_usize("ROUNDS", 3).max(1);
     let secs = env_usize("IPERF_SECS", 5).max(1);
-    conditions();
+    conditions(&["iperf3", "--version"]);
     let dir = tempfile::Builder::new()
         .prefix("tabby-bench-overlay-")
         .tempdir_in("/tmp")?;

@@ -33,13 +33,6 @@ const GW_V6: &str = "fd00:77::2";
 const ME: &str = "bench-node";
 const PEER: &str = "peer-node";
 
-fn env_usize(k: &str, d: usize) -> usize {
-    std::env::var(k)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(d)
-}
-
 /// The i-th remote block of the family.
 fn block(i: usize, v6: bool) -> IpNet {
     if v6 {

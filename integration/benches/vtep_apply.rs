@@ -58,13 +58,6 @@ const DEV: &str = Tunnel::Vxlan.device();
 const VXLAN_MTU: u32 = 1450;
 const POOL: &str = "10.128.0.0/12";
 
-fn env_usize(k: &str, d: usize) -> usize {
-    std::env::var(k)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(d)
-}
-
 /// The i-th remote node's /26 block; its first address is its tunnel address.
 fn block(i: usize) -> IpNet {
     let base = u32::from(Ipv4Addr::new(10, 128, 0, 0));
@@ -351,34 +344,6 @@ fn verify(tn: &str, pn: &str, n: usize) -> Result<()> {
     Ok(())
 }
 
-fn sh(cmd: &str, args: &[&str]) -> String {
-    Command::new(cmd)
-        .args(args)
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
-}
-
-/// The machine, its CPUs and kernel, as the figures depend on them.
-fn conditions() {
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("model name")
-                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    println!(
-        "conditions: {} ({}), {} CPUs (nproc), kernel {}, {}",
-        model,
-        sh("uname", &["-m"]),
-        sh("nproc", &[]),
-        sh("uname", &["-r"]),
-        sh("ip", &["-V"])
-    );
-}
-
 fn main() -> Result<()> {
     netns::require_root();
     catch_interrupts();
@@ -388,7 +353,7 @@ fn main() -> Result<()> {
         .prefix("tabby-bench-vteps-")
         .tempdir_in("/tmp")?;
     let pfx = prefix("tbv");
-    conditions();
+    conditions(&["ip", "-V"]);
     println!(
         "vtep apply: {n} remote VTEPs (FDB + neighbour + route each) into a fresh namespace, \
          tabby (reconciler path over netlink) vs bridge -batch + ip -batch (process starts \

@@ -114,3 +114,45 @@ pub fn require_bins() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A usize from the environment, or `d`.
+pub fn env_usize(k: &str, d: usize) -> usize {
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(d)
+}
+
+/// What a command printed (trimmed), or nothing.
+pub fn output_of(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Prints the machine, its CPUs and kernel (the figures depend on them),
+/// and the peer tool's version line (`peer`: its command and arguments).
+pub fn conditions(peer: &[&str]) {
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let version = peer
+        .split_first()
+        .map(|(c, a)| output_of(c, a))
+        .unwrap_or_default();
+    println!(
+        "conditions: {} ({}), {} CPUs (nproc), kernel {}, {}",
+        model,
+        output_of("uname", &["-m"]),
+        output_of("nproc", &[]),
+        output_of("uname", &["-r"]),
+        version.lines().next().unwrap_or("?")
+    );
+}

@@ -307,13 +307,18 @@ impl NetlinkOverlay {
                 .request(RouteNetlinkMessage::NewLink(req), 0)
                 .map_err(|e| e.into_error(format!("setting {name} nolearning")))?;
         }
+        self.set_link(link, name, Some(&dev.mac), mtu)
+    }
+
+    /// Sets `link`'s MAC (if given), MTU and up state, sending only what
+    /// differs, in one request (nothing when all is right).
+    fn set_link(&mut self, link: &Link, name: &str, mac: Option<&Mac>, mtu: u32) -> Result<()> {
         let mut req = LinkMessage::default();
         req.header.index = link.index;
         let mut what = Vec::new();
-        if link.mac != dev.mac {
-            req.attributes
-                .push(LinkAttribute::Address(dev.mac.to_vec()));
-            what.push(format!("mac {}", mac_string(&dev.mac)));
+        if let Some(mac) = mac.filter(|m| link.mac != **m) {
+            req.attributes.push(LinkAttribute::Address(mac.to_vec()));
+            what.push(format!("mac {}", mac_string(mac)));
         }
         if link.mtu != Some(mtu) {
             req.attributes.push(LinkAttribute::Mtu(mtu));
@@ -581,24 +586,7 @@ impl OverlayTable for NetlinkOverlay {
         }
         // The fallback device's local address cannot be changed (the kernel
         // refuses): it is left as it is.
-        let mut req = LinkMessage::default();
-        req.header.index = link.index;
-        let mut what = Vec::new();
-        if link.mtu != Some(mtu) {
-            req.attributes.push(LinkAttribute::Mtu(mtu));
-            what.push(format!("mtu {mtu}"));
-        }
-        if !link.up {
-            req.header.flags = LinkFlags::Up;
-            req.header.change_mask = LinkFlags::Up;
-            what.push("up".to_string());
-        }
-        if what.is_empty() {
-            return Ok(());
-        }
-        self.nl
-            .request(RouteNetlinkMessage::SetLink(req), 0)
-            .map_err(|e| e.into_error(format!("setting {IPIP} {}", what.join(" "))))
+        self.set_link(&link, IPIP, None, mtu)
     }
 
     fn uplink_mtu(&mut self, addr: IpAddr) -> Result<u32> {

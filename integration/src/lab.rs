@@ -483,13 +483,19 @@ impl Lab {
             .process_group(0)
             .spawn()
             .with_context(|| format!("starting container {name}"))?;
+        self.track(role, child);
+        Ok(())
+    }
+
+    /// Keeps a started process under its role (replacing an earlier one's
+    /// record), for signals and teardown.
+    fn track(&mut self, role: &str, child: Child) {
         self.state.procs.retain(|p| p.role != role);
         self.state.procs.push(ProcInfo {
             role: role.into(),
             pid: child.id(),
         });
         self.children.insert(role.to_string(), child);
-        Ok(())
     }
 
     fn podman_conf(&self) -> Result<PathBuf> {
@@ -676,12 +682,7 @@ impl Lab {
             .process_group(0)
             .spawn()
             .with_context(|| format!("starting {bin}"))?;
-        self.state.procs.retain(|p| p.role != role);
-        self.state.procs.push(ProcInfo {
-            role: role.into(),
-            pid: child.id(),
-        });
-        self.children.insert(role.to_string(), child);
+        self.track(role, child);
         Ok(())
     }
 

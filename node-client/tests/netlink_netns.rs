@@ -1,18 +1,19 @@
 //! Real-kernel tests of `tabby_node::netlink`, root only.
 //!
-//! Every test makes its own uniquely named namespaces (`tabby-t-<pid>-<n>`)
+//! Every test makes its own uniquely named namespaces (`tabby-n-<pid>-<n>`)
 //! and removes them in a guard, even on failure. Code under test runs on a
 //! thread inside the test's "node" namespace (via `in_netns`); checks use
 //! `ip -n <ns>` from outside. Nothing is added to the machine's own
 //! namespace. Connectivity is checked with TCP connects between namespaces,
 //! so no `ping` is needed.
 #![allow(clippy::unwrap_used)]
+mod common;
+
+use common::*;
 use ipnet::IpNet;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tabby_node::kernel::{Route, RouteTable, RouteTarget};
 use tabby_node::netlink::{
@@ -21,77 +22,8 @@ use tabby_node::netlink::{
 };
 use tabby_node::Error;
 
-fn need_root() {
-    if !nix::unistd::geteuid().is_root() {
-        panic!("this test needs root (CI runs as root)");
-    }
-}
-
-static NEXT: AtomicU32 = AtomicU32::new(0);
-
-/// Namespaces of one test, deleted on drop.
-struct Netns {
-    names: Vec<String>,
-}
-
-impl Netns {
-    fn new() -> Self {
-        Netns { names: Vec::new() }
-    }
-
-    fn add(&mut self) -> String {
-        let name = format!(
-            "tabby-t-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::SeqCst)
-        );
-        ip(&["netns", "add", &name]);
-        self.names.push(name.clone());
-        ip(&["-n", &name, "link", "set", "lo", "up"]);
-        name
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        for n in &self.names {
-            let _ = Command::new("ip").args(["netns", "del", n]).output();
-        }
-    }
-}
-
-fn path(ns: &str) -> PathBuf {
-    Path::new("/var/run/netns").join(ns)
-}
-
-fn run(cmd: &str, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd}: {e}"));
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// Runs `ip args`, panics on failure, returns stdout.
-fn ip(args: &[&str]) -> String {
-    let (ok, out, err) = run("ip", args);
-    assert!(ok, "ip {} failed: {err}", args.join(" "));
-    out
-}
-
 fn ip_ok(args: &[&str]) -> bool {
     run("ip", args).0
-}
-
-/// Cat a /proc file inside a namespace, independently of the code under test.
-fn ns_cat(ns: &str, file: &str) -> String {
-    let (ok, out, err) = run("ip", &["netns", "exec", ns, "cat", file]);
-    assert!(ok, "cat {file} in {ns}: {err}");
-    out.trim().to_string()
 }
 
 /// Runs `f` in `ns` (a thread that joined it), unwrapping in_netns itself.

@@ -8,78 +8,17 @@
 //! `bridge` and `ping` in the namespace, independently of the code under
 //! test. Nothing is added to the machine's own namespace.
 #![allow(clippy::unwrap_used)]
+mod common;
+
+use common::*;
 use std::collections::BTreeSet;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 use tabby_node::kernel::{OverlayTable, Route, RouteTable, RouteTarget, VtepTables};
 use tabby_node::netlink::{in_netns, NetlinkOverlay, NetlinkRoutes, RouteEvent, RouteMonitor};
 use tabby_node::Error;
 use tabby_routing::{mac_string, vtep_mac, Mac, Tunnel, VxlanDevice, VxlanSettings};
-
-fn need_root() {
-    if !nix::unistd::geteuid().is_root() {
-        panic!("this test needs root (CI runs as root)");
-    }
-}
-
-static NEXT: AtomicU32 = AtomicU32::new(0);
-
-/// Namespaces of one test, deleted on drop.
-struct Netns {
-    names: Vec<String>,
-}
-
-impl Netns {
-    fn new() -> Self {
-        Netns { names: Vec::new() }
-    }
-
-    fn add(&mut self) -> String {
-        let name = format!(
-            "tabby-o-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::SeqCst)
-        );
-        ip(&["netns", "add", &name]);
-        self.names.push(name.clone());
-        ip(&["-n", &name, "link", "set", "lo", "up"]);
-        name
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        for n in &self.names {
-            let _ = Command::new("ip").args(["netns", "del", n]).output();
-        }
-    }
-}
-
-fn path(ns: &str) -> PathBuf {
-    Path::new("/var/run/netns").join(ns)
-}
-
-fn run(cmd: &str, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd}: {e}"));
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// Runs `ip args`, panics on failure, returns stdout.
-fn ip(args: &[&str]) -> String {
-    let (ok, out, err) = run("ip", args);
-    assert!(ok, "ip {} failed: {err}", args.join(" "));
-    out
-}
 
 /// Runs `bridge -n ns args`, panics on failure, returns stdout.
 fn bridge(ns: &str, args: &[&str]) -> String {
@@ -88,13 +27,6 @@ fn bridge(ns: &str, args: &[&str]) -> String {
     let (ok, out, err) = run("bridge", &all);
     assert!(ok, "bridge {} failed: {err}", all.join(" "));
     out
-}
-
-/// Cat a file inside a namespace (sysfs is the namespace's there).
-fn ns_cat(ns: &str, file: &str) -> String {
-    let (ok, out, err) = run("ip", &["netns", "exec", ns, "cat", file]);
-    assert!(ok, "cat {file} in {ns}: {err}");
-    out.trim().to_string()
 }
 
 fn ifindex(ns: &str, dev: &str) -> u32 {

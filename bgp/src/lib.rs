@@ -5,4 +5,5 @@
 
 pub mod codec;
 pub mod fsm;
+pub mod md5;
 pub mod session;

@@ -26,6 +26,9 @@ pub enum Command {
     Announce(Vec<Route>),
     /// Stop advertising these prefixes.
     Withdraw(Vec<IpNet>),
+    /// Ask the peer to send its routes again (ROUTE-REFRESH, RFC 2918), for
+    /// each family of the session, when it offered route refresh.
+    Refresh,
     /// Close the session (Cease) and end.
     Stop,
 }
@@ -41,6 +44,9 @@ pub enum Report {
     Received(Update),
     /// The routes sent so far (after each change): prefixes advertised.
     Sent(usize),
+    /// The session came up with the peer's OPEN (its capabilities: graceful
+    /// restart, route refresh, families).
+    Opened(Box<codec::Open>),
 }
 
 /// How a session connects.
@@ -51,6 +57,38 @@ pub struct SessionConfig {
     /// The FSM's configuration (our OPEN, the peer's AS, passive or not,
     /// retry backoff).
     pub fsm: Config,
+    /// TCP-MD5 password (RFC 2385), if the peer has one. A listener that
+    /// hands this session connections must carry the key too
+    /// ([`crate::md5::set_key`]).
+    pub password: Option<String>,
+}
+
+/// Opens the TCP connection to the peer, signed with the password if there
+/// is one. The error says what went wrong in an operator's words.
+async fn connect(cfg: &SessionConfig) -> Result<TcpStream, String> {
+    let sock = if cfg.peer.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(|e| format!("cannot make a socket: {e}"))?;
+    if let Some(pw) = cfg.password.as_deref().filter(|p| !p.is_empty()) {
+        crate::md5::set_key(&sock, cfg.peer.ip(), pw.as_bytes())
+            .map_err(|e| format!("cannot set the TCP-MD5 password: {e}"))?;
+    }
+    let hint = if cfg.password.as_deref().is_some_and(|p| !p.is_empty()) {
+        " (a TCP-MD5 password the peer does not share also looks like this)"
+    } else {
+        ""
+    };
+    match tokio::time::timeout(Duration::from_secs(5), sock.connect(cfg.peer)).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(format!("TCP connection to {} failed: {e}{hint}", cfg.peer)),
+        Err(_) => Err(format!(
+            "TCP connection to {} timed out after 5 s{hint}",
+            cfg.peer
+        )),
+    }
 }
 
 /// The families a side offers: those of its multiprotocol capabilities, or
@@ -119,6 +157,8 @@ pub async fn run(
     let mut state = fsm.state();
     // The families both sides offered, once the session is up.
     let mut fam = (false, false);
+    // Whether the peer takes ROUTE-REFRESH requests.
+    let mut refresh_ok = false;
     let mut pending = fsm.handle(Event::Start);
     loop {
         // Carry out what the FSM asked, which may give more events.
@@ -126,22 +166,18 @@ pub async fn run(
             let mut next = Vec::new();
             for a in std::mem::take(&mut pending) {
                 match a {
-                    Action::Connect => {
-                        let c = tokio::time::timeout(
-                            Duration::from_secs(5),
-                            TcpStream::connect(cfg.peer),
-                        )
-                        .await;
-                        match c {
-                            Ok(Ok(s)) => {
-                                let _ = s.set_nodelay(true);
-                                sock = Some(s);
-                                buf.clear();
-                                next.push(Event::Connected);
-                            }
-                            _ => next.push(Event::ConnectionLost),
+                    Action::Connect => match connect(&cfg).await {
+                        Ok(s) => {
+                            let _ = s.set_nodelay(true);
+                            sock = Some(s);
+                            buf.clear();
+                            next.push(Event::Connected);
                         }
-                    }
+                        Err(why) => {
+                            let _ = reports.send(Report::Down(why));
+                            next.push(Event::ConnectionLost);
+                        }
+                    },
                     Action::Disconnect => {
                         if let Some(mut s) = sock.take() {
                             let _ = s.shutdown().await;
@@ -165,6 +201,8 @@ pub async fn run(
                                 offered(&peer.capabilities),
                             );
                             fam = (o.0 && p.0, o.1 && p.1);
+                            refresh_ok = peer.capabilities.route_refresh;
+                            let _ = reports.send(Report::Opened(peer.clone()));
                         }
                         // The whole table, then End-of-RIB per family.
                         let table: BTreeMap<IpNet, Route> = rib
@@ -235,6 +273,18 @@ pub async fn run(
                     let _ = reports.send(Report::State(State::Idle));
                     return;
                 }
+                Some(Command::Refresh) => {
+                    if fsm.state() == State::Established && refresh_ok {
+                        let afis = [(Afi::Ipv4, fam.0), (Afi::Ipv6, fam.1)];
+                        for afi in afis.into_iter().filter(|(_, on)| *on).map(|(a, _)| a) {
+                            let m = Message::RouteRefresh(codec::RouteRefresh { afi });
+                            if let Err(e) = send(&mut sock, &m).await {
+                                pending.extend(fsm.handle(e));
+                                break;
+                            }
+                        }
+                    }
+                }
                 Some(Command::Announce(routes)) => {
                     let changed: Vec<Route> = routes
                         .into_iter()
@@ -274,16 +324,15 @@ pub async fn run(
                     }
                 }
             },
-            s = incoming.recv() => {
-                if let Some(s) = s {
-                    if sock.is_none() {
-                        let _ = s.set_nodelay(true);
-                        sock = Some(s);
-                        buf.clear();
-                        pending.extend(fsm.handle(Event::Accepted));
-                    }
-                    // Else: one connection at a time; the new one is dropped.
+            // A closed channel (no listener) disables this branch.
+            Some(s) = incoming.recv() => {
+                if sock.is_none() {
+                    let _ = s.set_nodelay(true);
+                    sock = Some(s);
+                    buf.clear();
+                    pending.extend(fsm.handle(Event::Accepted));
                 }
+                // Else: one connection at a time; the new one is dropped.
             }
             r = read => match r {
                 Ok(bytes) if !bytes.is_empty() => {
@@ -346,4 +395,105 @@ async fn send(sock: &mut Option<TcpStream>, m: &Message) -> Result<(), Event> {
         s.write_all(&b).await.map_err(|_| Event::ConnectionLost)?;
     }
     Ok(())
+}
+
+/// Incoming connections for this listener's peers, by peer address.
+type PeerMap = std::sync::Arc<std::sync::Mutex<HashMap<std::net::IpAddr, PeerEntry>>>;
+
+struct PeerEntry {
+    to: mpsc::UnboundedSender<TcpStream>,
+    password: Option<String>,
+}
+
+/// A BGP listening socket that hands each connection to its peer's session
+/// (passive peers) and refuses others. Peers and their TCP-MD5 keys can
+/// change while it listens.
+pub struct Acceptor {
+    addr: SocketAddr,
+    /// A second handle on the listening socket, to set keys on.
+    keys: std::net::TcpListener,
+    peers: PeerMap,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Acceptor {
+    /// Listens on `addr`.
+    pub async fn bind(addr: SocketAddr) -> std::io::Result<Acceptor> {
+        let l = tokio::net::TcpListener::bind(addr).await?.into_std()?;
+        let keys = l.try_clone()?;
+        let l = tokio::net::TcpListener::from_std(l)?;
+        let peers: PeerMap = Default::default();
+        let p = peers.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((s, from)) = l.accept().await else {
+                    continue;
+                };
+                let to = p
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .get(&from.ip())
+                    .map(|e| e.to.clone());
+                match to {
+                    Some(tx) => {
+                        let _ = tx.send(s);
+                    }
+                    None => tracing::warn!(%from, "BGP connection from an unknown peer refused"),
+                }
+            }
+        });
+        Ok(Acceptor {
+            addr,
+            keys,
+            peers,
+            task,
+        })
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The peers whose connections it takes: each with its session's
+    /// channel and its password. Keys of peers gone or changed are removed.
+    pub fn set_peers(
+        &self,
+        peers: impl IntoIterator<
+            Item = (
+                std::net::IpAddr,
+                mpsc::UnboundedSender<TcpStream>,
+                Option<String>,
+            ),
+        >,
+    ) {
+        let new: HashMap<std::net::IpAddr, PeerEntry> = peers
+            .into_iter()
+            .map(|(a, to, password)| (a, PeerEntry { to, password }))
+            .collect();
+        let mut map = self
+            .peers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (a, old) in map.iter() {
+            let keep = new.get(a).map(|e| &e.password);
+            if old.password.is_some() && keep != Some(&old.password) {
+                let _ = crate::md5::set_key(&self.keys, *a, b"");
+            }
+        }
+        for (a, e) in &new {
+            if let Some(pw) = e.password.as_deref().filter(|p| !p.is_empty()) {
+                if let Err(err) = crate::md5::set_key(&self.keys, *a, pw.as_bytes()) {
+                    tracing::error!(peer = %a, error = %err, "cannot set the TCP-MD5 password on the BGP listener");
+                }
+            }
+        }
+        *map = new;
+    }
+}
+
+impl Drop for Acceptor {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }

@@ -89,10 +89,12 @@ fn route(prefix: &str, nh: &str) -> Route {
     }
 }
 
-#[test]
-fn routes_reach_gobgp_and_are_withdrawn() {
+/// gobgpd (AS 64512, 10.1.0.1) in one namespace and tabby's side
+/// (10.1.0.2) in another, joined by a veth pair; `auth` is the neighbor's
+/// TCP-MD5 password. Returns the lab and the two namespaces.
+fn setup(name: &str, auth: Option<&str>) -> (Lab, String, String) {
     netns::require_root();
-    let tag = format!("tb{}", std::process::id() % 100_000);
+    let tag = format!("tb{name}{}", std::process::id() % 100_000);
     let (g, t) = (format!("{tag}-gobgp"), format!("{tag}-tabby"));
     let mut lab = Lab {
         nss: Vec::new(),
@@ -116,22 +118,27 @@ fn routes_reach_gobgp_and_are_withdrawn() {
     netns::ip(&g, "link set eth0 up").unwrap();
     netns::ip(&t, "link set eth0 up").unwrap();
     let conf = lab.dir.path().join("gobgpd.toml");
+    let auth = auth
+        .map(|a| format!("\n    auth-password = \"{a}\""))
+        .unwrap_or_default();
     std::fs::write(
         &conf,
-        r#"[global.config]
+        format!(
+            r#"[global.config]
   as = 64512
   router-id = "10.1.0.1"
 [[neighbors]]
   [neighbors.config]
     neighbor-address = "10.1.0.2"
-    peer-as = 64512
+    peer-as = 64512{auth}
   [[neighbors.afi-safis]]
     [neighbors.afi-safis.config]
       afi-safi-name = "ipv4-unicast"
   [[neighbors.afi-safis]]
     [neighbors.afi-safis.config]
       afi-safi-name = "ipv6-unicast"
-"#,
+"#
+        ),
     )
     .unwrap();
     let log = std::fs::File::create(lab.dir.path().join("gobgpd.log")).unwrap();
@@ -147,8 +154,20 @@ fn routes_reach_gobgp_and_are_withdrawn() {
             .unwrap(),
     );
     wait("gobgpd's API", || gobgp(&g, &["global"]).contains("64512"));
+    (lab, g, t)
+}
 
-    // tabby's side: an active iBGP session from its namespace.
+/// tabby's side: an active iBGP session from namespace `t`, driven on a
+/// thread of its own. Returns its commands, its reports and the thread.
+#[allow(clippy::type_complexity)]
+fn start_session(
+    t: &str,
+    password: Option<&str>,
+) -> (
+    tokio::sync::mpsc::UnboundedSender<Cmd>,
+    tokio::sync::mpsc::UnboundedReceiver<Report>,
+    std::thread::JoinHandle<Result<(), anyhow::Error>>,
+) {
     let (cmd_tx, cmd_rx) = tokio::sync::mpsc::unbounded_channel();
     let (_in_tx, in_rx) = tokio::sync::mpsc::unbounded_channel();
     let (rep_tx, mut rep_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -172,8 +191,9 @@ fn routes_reach_gobgp_and_are_withdrawn() {
             connect_retry: Duration::from_millis(500),
             connect_retry_max: Duration::from_secs(5),
         },
+        password: password.map(str::to_string),
     };
-    let driver = netns::spawn_within(&t, move || {
+    let driver = netns::spawn_within(t, move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -181,6 +201,13 @@ fn routes_reach_gobgp_and_are_withdrawn() {
         Ok(())
     })
     .unwrap();
+    (cmd_tx, rep_rx, driver)
+}
+
+#[test]
+fn routes_reach_gobgp_and_are_withdrawn() {
+    let (_lab, g, t) = setup("r", None);
+    let (cmd_tx, mut rep_rx, driver) = start_session(&t, None);
     cmd_tx
         .send(Cmd::Announce(vec![
             route("10.244.0.0/26", "10.1.0.2"),
@@ -226,4 +253,66 @@ fn routes_reach_gobgp_and_are_withdrawn() {
     wait("gobgp to drop the session's routes", || {
         rib(&g, "ipv4").is_empty()
     });
+}
+
+/// The `Rcvd` column (the last) of a row of `gobgp neighbor <addr>`'s
+/// message statistics ("Route Refresh:", "Updates:").
+fn received(g: &str, row: &str) -> u64 {
+    let out = gobgp(g, &["neighbor", "10.1.0.2"]);
+    out.lines()
+        .find(|l| l.trim_start().starts_with(row))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// TCP-MD5 (RFC 2385): with gobgpd's neighbor password set, a session with
+/// another password never comes up and says why; with the same one it
+/// does. Route refresh (RFC 2918): a refresh request reaches gobgpd.
+#[test]
+fn a_tcp_md5_password_must_match_and_refresh_requests_reach_the_peer() {
+    let (_lab, g, t) = setup("m", Some("s3cret"));
+    let (cmd_tx, mut rep_rx, driver) = start_session(&t, Some("wrong"));
+    let mut why = String::new();
+    wait("the failed connection's reason", || {
+        while let Ok(r) = rep_rx.try_recv() {
+            assert_ne!(
+                r,
+                Report::State(State::Established),
+                "up with the wrong password"
+            );
+            if let Report::Down(w) = r {
+                why = w;
+            }
+        }
+        !why.is_empty()
+    });
+    assert!(why.contains("TCP-MD5"), "{why}");
+    cmd_tx.send(Cmd::Stop).unwrap();
+    driver.join().unwrap().unwrap();
+
+    let (cmd_tx, mut rep_rx, driver) = start_session(&t, Some("s3cret"));
+    wait("Established with the password", || {
+        while let Ok(r) = rep_rx.try_recv() {
+            if r == Report::State(State::Established) {
+                return true;
+            }
+        }
+        false
+    });
+    let before = received(&g, "Route Refresh:");
+    cmd_tx.send(Cmd::Refresh).unwrap();
+    // One request per family of the session (IPv4 and IPv6 unicast).
+    let t0 = Instant::now();
+    while received(&g, "Route Refresh:") != before + 2 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "gobgpd counted {} refresh requests, {before} before: {}",
+            received(&g, "Route Refresh:"),
+            gobgp(&g, &["neighbor", "10.1.0.2"])
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    cmd_tx.send(Cmd::Stop).unwrap();
+    driver.join().unwrap().unwrap();
 }

@@ -165,15 +165,15 @@ pub fn peer_from_pb(p: pb::BgpPeer, c: &BgpConfig, pools: &[String]) -> Result<B
                 p.keepalive
             ))
         })?;
-    if !p.password.is_empty() {
-        return Err(invalid(
-            "TCP-MD5 passwords are not supported yet; leave password empty".into(),
-        ));
+    if p.password.len() > tabby_bgp::md5::MAX_KEY_LEN {
+        return Err(invalid(format!(
+            "password: a TCP-MD5 password has at most {} bytes",
+            tabby_bgp::md5::MAX_KEY_LEN
+        )));
     }
     if !p.node_selector.is_empty() {
-        return Err(invalid(
-            "sessions held by nodes (node_selector) are not supported yet; leave it empty for the controller to hold the session".into(),
-        ));
+        crate::ipam::selector::Selector::parse(&p.node_selector)
+            .map_err(|e| invalid(format!("node_selector {:?}: {e}", p.node_selector)))?;
     }
     for name in &p.export_pools {
         if !pools.contains(name) {
@@ -188,8 +188,8 @@ pub fn peer_from_pb(p: pb::BgpPeer, c: &BgpConfig, pools: &[String]) -> Result<B
         passive: p.passive,
         hold_time: hold,
         keepalive,
-        password: String::new(),
-        node_selector: String::new(),
+        password: p.password,
+        node_selector: p.node_selector,
         export_pools: p.export_pools,
         export_prefixes: prefixes("export_prefixes", &p.export_prefixes)?,
         communities: p
@@ -209,7 +209,9 @@ pub fn peer_to_pb(p: &BgpPeer) -> pb::BgpPeer {
         passive: p.passive,
         hold_time: u32::from(p.hold_time),
         keepalive: u32::from(p.keepalive),
+        // Never shown: only whether there is one.
         password: String::new(),
+        has_password: !p.password.is_empty(),
         node_selector: p.node_selector.clone(),
         export_pools: p.export_pools.clone(),
         export_prefixes: p.export_prefixes.iter().map(ToString::to_string).collect(),
@@ -278,14 +280,14 @@ mod tests {
             ),
             (
                 pb::BgpPeer {
-                    password: "s3cret".into(),
+                    password: "x".repeat(81),
                     ..peer("172.18.0.103", 65000)
                 },
                 "TCP-MD5",
             ),
             (
                 pb::BgpPeer {
-                    node_selector: "rack == 'a'".into(),
+                    node_selector: "rack ==".into(),
                     ..peer("172.18.0.103", 65000)
                 },
                 "node_selector",
@@ -307,6 +309,21 @@ mod tests {
         )
         .unwrap();
         assert_eq!(peer_to_pb(&p).communities, vec!["64512:100"]);
+        // A password is kept but never shown; a selector is kept.
+        let p = peer_from_pb(
+            pb::BgpPeer {
+                password: "s3cret".into(),
+                node_selector: "rack == 'a'".into(),
+                ..peer("172.18.0.104", 65000)
+            },
+            &c,
+            &pools,
+        )
+        .unwrap();
+        assert_eq!(p.password, "s3cret");
+        let shown = peer_to_pb(&p);
+        assert!(shown.password.is_empty() && shown.has_password);
+        assert_eq!(shown.node_selector, "rack == 'a'");
     }
 
     #[test]

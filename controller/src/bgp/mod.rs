@@ -137,7 +137,7 @@ pub async fn run(
     std::sync::LazyLock::force(&STARTED);
     let mut changes = ipam.changes();
     let mut sessions: BTreeMap<IpAddr, Running> = BTreeMap::new();
-    let mut listener: Option<(SocketAddr, tokio::task::JoinHandle<()>)> = None;
+    let mut listener: Option<session::Acceptor> = None;
     loop {
         let Ok((snap, rev)) = ipam.snapshot().await else {
             return;
@@ -145,8 +145,13 @@ pub async fn run(
         let cfg: BgpConfig = snap.bgp().clone();
         let asn = config::asn(&cfg);
         let router_id = config::router_id(&cfg, sp.fallback_router_id());
+        // Peers with a node selector are the selected nodes' to hold.
         let wanted: BTreeMap<IpAddr, BgpPeer> = if cfg.enabled && router_id.is_some() {
-            cfg.peers.iter().map(|p| (p.address, p.clone())).collect()
+            cfg.peers
+                .iter()
+                .filter(|p| p.node_selector.is_empty())
+                .map(|p| (p.address, p.clone()))
+                .collect()
         } else {
             BTreeMap::new()
         };
@@ -203,6 +208,7 @@ pub async fn run(
                     connect_retry: Duration::from_secs(1),
                     connect_retry_max: Duration::from_secs(60),
                 },
+                password: (!peer.password.is_empty()).then(|| peer.password.clone()),
             };
             tracing::info!(peer = %a, remote_asn = peer.remote_asn, passive = peer.passive, "BGP session starting");
             lock(&status).insert(*a, SessionStatus::default());
@@ -225,24 +231,32 @@ pub async fn run(
             cfg.listen
                 .unwrap_or(SocketAddr::new(sp.listen.ip(), config::BGP_PORT))
         });
-        if listener.as_ref().map(|(a, _)| *a) != want_listen {
-            if let Some((_, h)) = listener.take() {
-                h.abort();
-            }
+        if listener.as_ref().map(session::Acceptor::addr) != want_listen {
+            listener = None;
             if let Some(addr) = want_listen {
-                match tokio::net::TcpListener::bind(addr).await {
+                match session::Acceptor::bind(addr).await {
                     Ok(l) => {
-                        let peers: BTreeMap<IpAddr, mpsc::UnboundedSender<tokio::net::TcpStream>> =
-                            sessions
-                                .iter()
-                                .map(|(a, r)| (*a, r.incoming.clone()))
-                                .collect();
                         tracing::info!(%addr, "BGP listening");
-                        listener = Some((addr, tokio::spawn(accept(l, peers))));
+                        listener = Some(l);
                     }
                     Err(e) => tracing::error!(%addr, error = %e, "BGP cannot listen"),
                 }
             }
+        }
+        // The listener takes the passive peers' connections, with their keys.
+        if let Some(l) = &listener {
+            l.set_peers(
+                sessions
+                    .iter()
+                    .filter(|(_, r)| r.peer.passive)
+                    .map(|(a, r)| {
+                        (
+                            *a,
+                            r.incoming.clone(),
+                            (!r.peer.password.is_empty()).then(|| r.peer.password.clone()),
+                        )
+                    }),
+            );
         }
         // What each session advertises follows the cluster table.
         if !sessions.is_empty() {
@@ -280,32 +294,12 @@ pub async fn run(
                 for r in sessions.values() {
                     let _ = r.cmds.send(Command::Stop);
                 }
-                if let Some((_, h)) = listener.take() {
-                    h.abort();
-                }
+                drop(listener.take());
                 return;
             }
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
         changes.borrow_and_update();
-    }
-}
-
-/// Hands each incoming connection to its peer's session; others are closed.
-async fn accept(
-    l: tokio::net::TcpListener,
-    peers: BTreeMap<IpAddr, mpsc::UnboundedSender<tokio::net::TcpStream>>,
-) {
-    loop {
-        let Ok((s, from)) = l.accept().await else {
-            continue;
-        };
-        match peers.get(&from.ip()) {
-            Some(tx) => {
-                let _ = tx.send(s);
-            }
-            None => tracing::warn!(%from, "BGP connection from an unknown peer refused"),
-        }
     }
 }
 
@@ -350,7 +344,7 @@ async fn follow(
                     .filter(|p| peer.import_prefixes.iter().any(|i| i.contains(*p)))
                     .count();
             }
-            Report::Sent(_) => {}
+            Report::Sent(_) | Report::Opened(_) => {}
         }
     }
 }

@@ -170,7 +170,7 @@ fn start_session(
 ) {
     let (cmd_tx, cmd_rx) = tokio::sync::mpsc::unbounded_channel();
     let (_in_tx, in_rx) = tokio::sync::mpsc::unbounded_channel();
-    let (rep_tx, mut rep_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (rep_tx, rep_rx) = tokio::sync::mpsc::unbounded_channel();
     let cfg = SessionConfig {
         peer: "10.1.0.1:179".parse().unwrap(),
         fsm: Config {

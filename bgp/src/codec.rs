@@ -215,6 +215,19 @@ pub struct Notification {
     pub data: Vec<u8>,
 }
 
+/// A community written "asn:value" (each part 0..65535) as its 32 bits.
+pub fn parse_community(s: &str) -> Option<u32> {
+    let (a, v) = s.split_once(':')?;
+    let a: u16 = a.parse().ok()?;
+    let v: u16 = v.parse().ok()?;
+    Some((u32::from(a) << 16) | u32::from(v))
+}
+
+/// A community as "asn:value".
+pub fn community_string(c: u32) -> String {
+    format!("{}:{}", c >> 16, c & 0xffff)
+}
+
 /// A ROUTE-REFRESH request (RFC 2918) for one family, unicast.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RouteRefresh {

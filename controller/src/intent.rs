@@ -75,6 +75,24 @@ struct View {
     pools: Vec<pb::IntentPool>,
     nodes: BTreeMap<String, pb::Node>,
     vxlan: pb::IntentVxlan,
+    /// The BGP configuration the generation stands for.
+    bgp: tabby_store::BgpConfig,
+    /// Changes with the BGP configuration. It starts from a random value, so
+    /// that a node resuming across a controller restart sees a change made
+    /// meanwhile as a new value.
+    bgp_generation: u64,
+}
+
+/// A nonzero start for the BGP generation, different in every process.
+fn first_generation() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64);
+    // splitmix64's finaliser spreads nearby start times apart.
+    let mut z = t.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)).max(1)
 }
 
 fn intent_vxlan(s: &IpamState) -> pb::IntentVxlan {
@@ -107,6 +125,8 @@ impl View {
                 .map(|n| (n.name.clone(), node_pb(s, n)))
                 .collect(),
             vxlan: intent_vxlan(s),
+            bgp: s.bgp().clone(),
+            bgp_generation: first_generation(),
         }
     }
 
@@ -127,6 +147,7 @@ impl View {
             pools_changed: true,
             nodes: self.nodes.values().cloned().collect(),
             vxlan: Some(self.vxlan),
+            bgp_generation: self.bgp_generation,
             ..Default::default()
         }
     }
@@ -182,7 +203,13 @@ impl View {
                         self.update_node(s, n, &mut d);
                     }
                 }
-                Key::Bgp => {}
+                Key::Bgp => {
+                    if *s.bgp() != self.bgp {
+                        self.bgp = s.bgp().clone();
+                        self.bgp_generation = self.bgp_generation.wrapping_add(1).max(1);
+                        d.bgp_generation = self.bgp_generation;
+                    }
+                }
                 Key::Config => {
                     let v = intent_vxlan(s);
                     if v != self.vxlan {

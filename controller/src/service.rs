@@ -418,4 +418,18 @@ impl pb::node_agent_server::NodeAgent for NodeService {
         let (handles, _) = self.ipam.read(move |s| s.handles_of(&me)).await?;
         Ok(Response::new(pb::ListHandlesResponse { handles }))
     }
+
+    async fn get_bgp_sessions(
+        &self,
+        req: Request<pb::GetBgpSessionsRequest>,
+    ) -> Res<pb::GetBgpSessionsResponse> {
+        let me = caller(&req)?;
+        // A read sees every write answered before it: at least the
+        // configuration of the generation that made the node ask.
+        let (r, _) = self
+            .ipam
+            .read(move |s| crate::bgp::config::node_sessions(s.bgp(), s.node(&me)))
+            .await?;
+        Ok(Response::new(r))
+    }
 }

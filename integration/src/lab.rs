@@ -29,6 +29,10 @@ pub const FABRIC_MAC: &str = "02:00:ac:12:00:01";
 pub const OUTSIDE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
 /// The route reflector's address on the fabric.
 pub const RR: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 100);
+/// The top-of-rack router's (BIRD) address on the fabric.
+pub const TOR: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 101);
+/// The top-of-rack router's AS (eBGP with the cluster's 64512).
+pub const TOR_ASN: u32 = 65001;
 /// The CNI network name.
 pub const NETWORK: &str = "k8s-pod-network";
 
@@ -835,6 +839,9 @@ impl Lab {
             CONTROLLER.into(),
             "--node-name".into(),
             node.into(),
+            // As a kubelet labels its node; BGP peers select nodes by it.
+            "--node-label".into(),
+            format!("kubernetes.io/hostname={node}"),
             "--cni-socket".into(),
             self.socket(node).display().to_string(),
             "--resync-interval".into(),
@@ -1122,6 +1129,135 @@ exec ip netns exec "$3" "$2/opt-cni-bin/tabby"
         self.save()
     }
 
+    /// The top-of-rack router's namespace ([`Lab::add_tor`]).
+    pub fn tor(&self) -> String {
+        format!("{}-tor", self.cfg.prefix)
+    }
+
+    /// `birdc` against the lab's top-of-rack router.
+    pub fn birdc(&self, args: &[&str]) -> Result<String> {
+        let sock = self.cfg.dir.join("bird-tor.ctl").display().to_string();
+        let mut a = vec!["birdc", "-s", sock.as_str()];
+        a.extend_from_slice(args);
+        netns::exec(&self.tor(), &a)
+    }
+
+    /// BIRD's configuration for [`Lab::add_tor`]: an eBGP session (AS
+    /// [`TOR_ASN`]) with each of `nodes`, importing what they advertise and
+    /// exporting its static routes `statics` (next hop: itself).
+    pub fn tor_conf(&self, nodes: &[&str], statics: &[&str]) -> String {
+        let mut c = format!(
+            r#"router id {TOR};
+log "{log}" all;
+protocol device {{ }}
+protocol static statics {{
+  ipv4;
+{routes}}}
+template bgp nodes {{
+  local {TOR} as {TOR_ASN};
+  direct;
+  hold time 9;
+  ipv4 {{ import all; export where source = RTS_STATIC; }};
+}}
+"#,
+            log = self.cfg.dir.join("bird-tor.log").display(),
+            routes = statics
+                .iter()
+                .map(|r| format!("  route {r} blackhole;\n"))
+                .collect::<String>(),
+        );
+        for n in nodes {
+            let ip = self
+                .cfg
+                .nodes
+                .iter()
+                .find(|(name, _)| name == n)
+                .map(|(_, ip)| *ip)
+                .unwrap_or(Ipv4Addr::UNSPECIFIED);
+            c += &format!(
+                "protocol bgp {} from nodes {{ neighbor {ip} as 64512; }}\n",
+                n.replace('-', "_")
+            );
+        }
+        c
+    }
+
+    /// A top-of-rack router on the fabric: BIRD 2 (Debian `bird2`) at
+    /// [`TOR`], peering with each of `nodes` itself (Calico's node-specific
+    /// BGPPeer), with the static routes `statics` to offer them. tabby's side
+    /// is configured through `tabby.v1.BgpAdmin` as an operator would: a peer
+    /// with `node_selector` and `import_prefixes`.
+    pub fn add_tor(
+        &mut self,
+        nodes: &[&str],
+        statics: &[&str],
+        node_selector: &str,
+        import_prefixes: &[&str],
+    ) -> Result<()> {
+        let (tor, f) = (self.tor(), self.fabric());
+        self.add_ns(&tor)?;
+        netns::ip(
+            &f,
+            &format!("link add v-tor type veth peer name eth0 netns {tor}"),
+        )?;
+        netns::ip(&f, "link set v-tor master br0 up")?;
+        let (len, _) = self.cfg.topology.subnet_of(TOR);
+        netns::ip(&tor, &format!("addr add {TOR}/{len} dev eth0"))?;
+        netns::ip(&tor, "link set eth0 up")?;
+        netns::ip(&tor, "link set lo up")?;
+        let conf = self.cfg.dir.join("bird-tor.conf");
+        fs::write(&conf, self.tor_conf(nodes, statics))?;
+        let args = vec![
+            "-f".to_string(),
+            "-c".into(),
+            conf.display().to_string(),
+            "-s".into(),
+            self.cfg.dir.join("bird-tor.ctl").display().to_string(),
+            "-P".into(),
+            self.cfg.dir.join("bird-tor.pid").display().to_string(),
+        ];
+        let log = self.cfg.dir.join("bird-tor.out");
+        self.spawn("bird-tor", &tor, "/usr/sbin/bird", &args, &log)?;
+        let t = Instant::now();
+        while !self
+            .birdc(&["show", "status"])
+            .unwrap_or_default()
+            .contains("Daemon is up")
+        {
+            if t.elapsed() > Duration::from_secs(10) {
+                bail!("BIRD did not answer; see {}", log.display());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.grpcurl(&[
+            "-d",
+            r#"{"enabled":true}"#,
+            "tabby.v1.BgpAdmin/SetBgpConfig",
+        ])?;
+        let peer = serde_json::json!({"peer": {
+            "address": TOR.to_string(),
+            "remote_asn": TOR_ASN,
+            "hold_time": 9,
+            "node_selector": node_selector,
+            "import_prefixes": import_prefixes,
+        }});
+        self.grpcurl(&["-d", &peer.to_string(), "tabby.v1.BgpAdmin/AddPeer"])?;
+        self.save()
+    }
+
+    /// Gives the top-of-rack router new static routes (`birdc configure`).
+    pub fn set_tor_statics(&self, nodes: &[&str], statics: &[&str]) -> Result<()> {
+        fs::write(
+            self.cfg.dir.join("bird-tor.conf"),
+            self.tor_conf(nodes, statics),
+        )?;
+        let out = self.birdc(&["configure"])?;
+        if !out.contains("Reconfigured") && !out.contains("Reconfiguration in progress") {
+            bail!("birdc configure: {out}");
+        }
+        Ok(())
+    }
+
     /// Makes a pod: a namespace plus CNI ADD through the real plugin.
     pub fn add_pod(&mut self, node: &str, name: &str) -> Result<Pod> {
         let ns = format!("{}-p-{}-{}", self.cfg.prefix, short(node), name);
@@ -1308,7 +1444,10 @@ pub fn teardown_state(s: &LabState) {
         let cmd = String::from_utf8_lossy(&cmdline);
         // The route reflector's cmdline names no tabby path when the lab
         // directory does not.
-        if cmd.contains("tabby") || (p.role == "gobgpd" && cmd.contains("gobgpd")) {
+        if cmd.contains("tabby")
+            || (p.role == "gobgpd" && cmd.contains("gobgpd"))
+            || (p.role == "bird-tor" && cmd.contains("bird"))
+        {
             // A pid we started (checked by its cmdline).
             if let Ok(pid) = i32::try_from(p.pid) {
                 let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);

@@ -166,3 +166,149 @@ fn gobgp_route_reflector_learns_every_nodes_blocks() {
     )
     .unwrap();
 }
+
+/// BIRD's routes learned from protocol `proto` (one per node): (prefix,
+/// next hop), from `birdc show route protocol <proto>`.
+fn bird_routes(lab: &Lab, proto: &str) -> BTreeSet<(String, String)> {
+    let out = lab
+        .birdc(&["show", "route", "protocol", proto])
+        .unwrap_or_default();
+    let mut rows = BTreeSet::new();
+    let mut prefix: Option<String> = None;
+    for l in out.lines() {
+        let first = l.split_whitespace().next().unwrap_or_default();
+        if !l.starts_with(char::is_whitespace) && first.contains('/') {
+            prefix = Some(first.to_string());
+        } else if let (Some(p), Some(rest)) = (&prefix, l.trim().strip_prefix("via ")) {
+            let nh = rest.split_whitespace().next().unwrap_or_default();
+            rows.insert((p.clone(), nh.to_string()));
+        }
+    }
+    rows
+}
+
+/// The routes of `table` (the cluster table) whose next hop is `node`'s.
+fn of_node(
+    table: &BTreeSet<(String, String)>,
+    lab: &Lab,
+    node: &str,
+) -> BTreeSet<(String, String)> {
+    let ip = lab.node_ip(node).to_string();
+    table.iter().filter(|(_, nh)| *nh == ip).cloned().collect()
+}
+
+/// A node's kernel route to `dst` (`ip route show <dst>`), or "".
+fn kernel_route(lab: &Lab, node: &str, dst: &str) -> String {
+    sh(&lab.node_ns(node), &format!("ip route show {dst}"))
+        .trim()
+        .to_string()
+}
+
+/// Sessions held by nodes (Calico's node-specific BGPPeer) with BIRD as a
+/// top-of-rack router: a peer whose node_selector picks control-plane and
+/// worker (not worker2). BIRD learns each selected node's blocks with that
+/// node as next hop (next-hop self); a static route BIRD exports and the
+/// import filter allows reaches the selected nodes' kernels (proto 77),
+/// while one inside a pool and one outside the filter do not; a route BIRD
+/// withdraws leaves the kernels; a new block reaches BIRD.
+#[test]
+fn bird_top_of_rack_peers_with_the_selected_nodes() {
+    let (mut lab, _d) = lab();
+    for node in ["control-plane", "worker", "worker2"] {
+        lab.add_pod(node, &format!("{}-a", node.replace("control-plane", "cp")))
+            .unwrap();
+    }
+    let selected = ["control-plane", "worker"];
+    // 192.0.2.0/24: allowed; 203.0.113.0/24: not in the filter;
+    // 10.244.250.0/24: in the filter but inside the pool (10.244.0.0/16).
+    let statics = ["192.0.2.0/24", "203.0.113.0/24", "10.244.250.0/24"];
+    lab.add_tor(
+        &selected,
+        &statics,
+        "kubernetes.io/hostname != 'worker2'",
+        &["192.0.2.0/24", "10.0.0.0/8"],
+    )
+    .unwrap();
+    let table = cluster_table(&lab);
+    let tor = tabby_integration::lab::TOR.to_string();
+    for node in selected {
+        let proto = node.replace('-', "_");
+        let want = of_node(&table, &lab, node);
+        assert!(!want.is_empty(), "{node} holds no block: {table:?}");
+        let mut last = BTreeSet::new();
+        let r = lab.wait_until(
+            &format!("BIRD to learn {node}'s blocks"),
+            Duration::from_secs(30),
+            || {
+                last = bird_routes(&lab, &proto);
+                last == want
+            },
+        );
+        assert!(
+            r.is_ok(),
+            "BIRD from {node}: {last:?}, want {want:?}\nbirdc: {}\nnode log: {}",
+            lab.birdc(&["show", "protocols", "all", &proto])
+                .unwrap_or_default(),
+            std::fs::read_to_string(lab.node_log(node))
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains("BGP"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        lab.wait_until(
+            &format!("the imported route in {node}'s kernel"),
+            Duration::from_secs(20),
+            || {
+                let r = kernel_route(&lab, node, "192.0.2.0/24");
+                r.contains(&format!("via {tor}")) && r.contains("proto 77")
+            },
+        )
+        .unwrap();
+    }
+    // Not imported: outside the filter, inside a pool; nothing on worker2,
+    // which holds no session.
+    std::thread::sleep(Duration::from_millis(500));
+    for node in selected {
+        assert_eq!(kernel_route(&lab, node, "203.0.113.0/24"), "", "{node}");
+        let r = kernel_route(&lab, node, "10.244.250.0/24");
+        assert!(!r.contains(&tor), "{node}: {r}");
+    }
+    assert_eq!(kernel_route(&lab, "worker2", "192.0.2.0/24"), "");
+    assert!(bird_routes(&lab, "worker2").is_empty());
+    let st = lab.grpcurl(&["tabby.v1.BgpAdmin/GetStatus"]).unwrap();
+    assert!(st.contains("\"state\": \"NodeHeld\""), "{st}");
+
+    // A new block on worker reaches BIRD, via worker.
+    lab.grpcurl(&[
+        "-d",
+        r#"{"pool":{"name":"extra","cidr":"10.99.0.0/16"}}"#,
+        "tabby.v1.IpamAdmin/CreatePool",
+    ])
+    .unwrap();
+    lab.grpcurl_as(
+        "worker",
+        &[
+            "-d",
+            r#"{"handle":"x.extra","requested":["10.99.0.5"]}"#,
+            "tabby.v1.NodeAgent/Assign",
+        ],
+    )
+    .unwrap();
+    let w = lab.node_ip("worker").to_string();
+    lab.wait_until("the new block at BIRD", Duration::from_secs(10), || {
+        bird_routes(&lab, "worker").contains(&("10.99.0.0/26".to_string(), w.clone()))
+    })
+    .unwrap();
+
+    // BIRD withdraws the allowed route: it leaves the kernels.
+    lab.set_tor_statics(&selected, &["203.0.113.0/24"]).unwrap();
+    for node in selected {
+        lab.wait_until(
+            &format!("the withdrawn route to leave {node}'s kernel"),
+            Duration::from_secs(10),
+            || kernel_route(&lab, node, "192.0.2.0/24").is_empty(),
+        )
+        .unwrap();
+    }
+}

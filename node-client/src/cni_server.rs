@@ -612,6 +612,7 @@ impl pb::pod_network_server::PodNetwork for PodNetworkService {
             revision: st.revision,
             routes: st.routes as u64,
             last_error: st.last_error.unwrap_or_default(),
+            bgp_sessions: st.bgp.iter().map(|(a, s)| s.to_pb(*a)).collect(),
         }))
     }
 

@@ -38,6 +38,8 @@ pub struct NodeStatus {
     /// exists): new pods get no larger an MTU, so their packets fit the
     /// tunnel. Existing pods keep theirs.
     pub tunnel_mtu: Option<u32>,
+    /// The BGP sessions this node holds itself, by peer.
+    pub bgp: std::collections::BTreeMap<std::net::IpAddr, crate::bgp::SessionState>,
 }
 
 /// Shared status.

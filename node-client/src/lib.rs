@@ -5,6 +5,7 @@
 //! out); [`kernel`] defines what the executor can do, with the real netlink
 //! implementation in [`netlink`] and the nftables one in [`nft`].
 
+pub mod bgp;
 pub mod cni_server;
 pub mod controller;
 pub mod daemon;

@@ -273,6 +273,11 @@ async fn main() -> anyhow::Result<()> {
             nft_verify: a.nft_verify_interval,
         },
     );
+    // The BGP sessions this node holds follow the reconciler's view of the
+    // intent (its own destinations, the pools, the BGP generation).
+    let (bgp_view_tx, bgp_view_rx) = tokio::sync::watch::channel(Arc::default());
+    let mut rec = rec;
+    rec.publish_bgp_view(bgp_view_tx);
     let rec_rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -328,6 +333,12 @@ async fn main() -> anyhow::Result<()> {
             })
             .context("starting the nftables monitor thread")?;
     }
+    tokio::spawn(tabby_node::bgp::run(
+        ctl.clone(),
+        bgp_view_rx,
+        tx.clone(),
+        st.clone(),
+    ));
     let pods = PodNetworkService::new(ctl, st.clone(), a.mtu);
     tokio::spawn(pods.clone().reclaim_after_snapshots(snapshots));
 

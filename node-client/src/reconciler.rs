@@ -42,6 +42,9 @@ pub enum Event {
     Nft(NftEvent),
     /// Something may have changed under us: run a full pass.
     Poke,
+    /// The routes this node's BGP sessions import (all of them, each with
+    /// its next hop), already filtered (never inside a pool).
+    Imported(BTreeMap<IpNet, std::net::IpAddr>),
     /// Stop the reconciler.
     Shutdown,
 }
@@ -237,6 +240,12 @@ pub struct Reconciler<T: RouteTable> {
     v6_forwarding: bool,
     errors: Vec<String>,
     passes: Passes,
+    /// Routes learned over BGP to install (below the cluster's routes).
+    imported: BTreeMap<IpNet, std::net::IpAddr>,
+    /// The intent's BGP generation, last seen.
+    bgp_generation: u64,
+    /// Where the BGP sessions' view of the intent is published.
+    bgp_view: Option<tokio::sync::watch::Sender<Arc<crate::bgp::BgpView>>>,
 }
 
 impl<T: RouteTable> Reconciler<T> {
@@ -291,6 +300,63 @@ impl<T: RouteTable> Reconciler<T> {
             v6_forwarding: false,
             errors: Vec::new(),
             passes: Passes::default(),
+            imported: BTreeMap::new(),
+            bgp_generation: 0,
+            bgp_view: None,
+        }
+    }
+
+    /// Publishes the BGP sessions' view of the intent on `tx` after every
+    /// update that changes it.
+    pub fn publish_bgp_view(&mut self, tx: tokio::sync::watch::Sender<Arc<crate::bgp::BgpView>>) {
+        self.bgp_view = Some(tx);
+    }
+
+    fn publish(&self) {
+        if let Some(tx) = &self.bgp_view {
+            let v = crate::bgp::BgpView::of(
+                &self.intent,
+                &self.node_index,
+                &self.me,
+                self.bgp_generation,
+            );
+            tx.send_if_modified(|old| {
+                let changed = **old != v;
+                if changed {
+                    *old = Arc::new(v);
+                }
+                changed
+            });
+        }
+    }
+
+    /// A BGP-learned route at `dst`, if one is imported and it is not in a
+    /// pool (the cluster's routes always win).
+    fn imported_at(&self, dst: &IpNet) -> Option<Route> {
+        let gw = self.imported.get(dst)?;
+        let in_pool = self.intent.pools.values().any(|p| p.cidr.contains(dst));
+        (!in_pool).then_some(Route {
+            dst: *dst,
+            target: RouteTarget::Via(*gw),
+        })
+    }
+
+    fn take_imported(&mut self, new: BTreeMap<IpNet, std::net::IpAddr>) {
+        let changed: Vec<IpNet> = self
+            .imported
+            .iter()
+            .filter(|(d, g)| new.get(d) != Some(g))
+            .map(|(d, _)| *d)
+            .chain(
+                new.iter()
+                    .filter(|(d, g)| self.imported.get(d) != Some(g))
+                    .map(|(d, _)| *d),
+            )
+            .collect();
+        self.imported = new;
+        // Before the first intent the first full pass takes them.
+        if self.have_intent {
+            self.touched.extend(changed);
         }
     }
 
@@ -355,6 +421,7 @@ impl<T: RouteTable> Reconciler<T> {
                 Event::Shutdown => return false,
                 Event::Poke => self.full_due = true,
                 Event::Update(u) => self.take_update(&u),
+                Event::Imported(r) => self.take_imported(r),
                 Event::Route(r) => self.take_route_event(r),
                 Event::Nft(_) => self.nft_check_due = true,
             }
@@ -436,6 +503,10 @@ impl<T: RouteTable> Reconciler<T> {
                     tracing::info!(revision = u.revision, "first full intent sync");
                     self.synced = true;
                 }
+                if u.bgp_generation != 0 {
+                    self.bgp_generation = u.bgp_generation;
+                }
+                self.publish();
                 lock_resume(&self.resume).record(u, true);
                 // Bounded: passes that keep failing must not grow it.
                 if !u.snapshot && u.commit_unix_nanos > 0 && self.committed_at.len() < 4096 {
@@ -511,6 +582,13 @@ impl<T: RouteTable> Reconciler<T> {
             .filter(|r| self.routable(r))
             .map(|r| (r.dst, *r))
             .collect();
+        let imported: Vec<Route> = self
+            .imported
+            .keys()
+            .filter(|d| !self.want.contains_key(d))
+            .filter_map(|d| self.imported_at(d))
+            .collect();
+        self.want.extend(imported.into_iter().map(|r| (r.dst, r)));
         let wanted: BTreeSet<Route> = self.want.values().copied().collect();
         self.nat = (d.nat_v4.clone(), d.nat_v6.clone());
         self.ipv6 = d.ipv6;
@@ -553,7 +631,9 @@ impl<T: RouteTable> Reconciler<T> {
         let mut want = BTreeSet::new();
         let mut have = Vec::new();
         for dst in std::mem::take(&mut self.touched) {
-            match tabby_routing::route_at(&self.intent, &self.me, &dst).filter(|r| self.routable(r))
+            match tabby_routing::route_at(&self.intent, &self.me, &dst)
+                .filter(|r| self.routable(r))
+                .or_else(|| self.imported_at(&dst))
             {
                 Some(r) => {
                     self.want.insert(dst, r);

@@ -118,21 +118,14 @@ fn prefixes(what: &str, v: &[String]) -> Result<Vec<IpNet>> {
 
 /// "asn:value" as one 32-bit community.
 fn community(s: &str) -> Result<u32> {
-    let bad = || {
+    tabby_bgp::codec::parse_community(s).ok_or_else(|| {
         invalid(format!(
             "community {s:?}: write it as asn:value, each 0..65535"
         ))
-    };
-    let (a, v) = s.split_once(':').ok_or_else(bad)?;
-    let a: u16 = a.parse().map_err(|_| bad())?;
-    let v: u16 = v.parse().map_err(|_| bad())?;
-    Ok((u32::from(a) << 16) | u32::from(v))
+    })
 }
 
-/// A community as "asn:value".
-pub fn community_string(c: u32) -> String {
-    format!("{}:{}", c >> 16, c & 0xffff)
-}
+pub use tabby_bgp::codec::community_string;
 
 /// Checks an AddPeer request against the configuration `c` and the pools
 /// that exist.
@@ -199,6 +192,36 @@ pub fn peer_from_pb(p: pb::BgpPeer, c: &BgpConfig, pools: &[String]) -> Result<B
             .collect::<Result<_>>()?,
         import_prefixes: prefixes("import_prefixes", &p.import_prefixes)?,
     })
+}
+
+/// The sessions `node` holds itself: the peers whose selector matches its
+/// labels, with their passwords (for that node only). Nothing when BGP is
+/// off or the node is unknown.
+pub fn node_sessions(
+    c: &BgpConfig,
+    node: Option<&tabby_store::Node>,
+) -> pb::GetBgpSessionsResponse {
+    let peers = match node {
+        Some(n) if c.enabled => c
+            .peers
+            .iter()
+            .filter(|p| {
+                !p.node_selector.is_empty()
+                    && crate::ipam::selector::Selector::parse(&p.node_selector)
+                        .is_ok_and(|s| s.matches(&n.labels))
+            })
+            .map(|p| pb::BgpPeer {
+                password: p.password.clone(),
+                ..peer_to_pb(p)
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    pb::GetBgpSessionsResponse {
+        enabled: c.enabled,
+        asn: asn(c),
+        peers,
+    }
 }
 
 /// A stored peer as the API shows it.

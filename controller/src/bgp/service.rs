@@ -129,12 +129,16 @@ impl pb::bgp_admin_server::BgpAdmin for BgpService {
                 pb::BgpSessionStatus {
                     peer: p.address.to_string(),
                     remote_asn: p.remote_asn,
-                    state: s
-                        .state
-                        .map_or(if cfg.enabled { "Idle" } else { "Disabled" }, |s| {
-                            s.as_str()
-                        })
-                        .into(),
+                    // Sessions held by nodes are in each node's Status.
+                    state: if !p.node_selector.is_empty() {
+                        "NodeHeld".into()
+                    } else {
+                        s.state
+                            .map_or(if cfg.enabled { "Idle" } else { "Disabled" }, |s| {
+                                s.as_str()
+                            })
+                            .into()
+                    },
                     uptime_seconds: s.since.map_or(0, |t| t.elapsed().as_secs()),
                     last_error: s.last_error.clone(),
                     prefixes_sent: s.advertised.len() as u64,

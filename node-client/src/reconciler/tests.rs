@@ -850,3 +850,72 @@ fn ipv6_vxlan_pools_get_vxlan_v6_beside_vxlan() {
     // Pods fit both tunnels.
     assert_eq!(r.status.lock().unwrap().tunnel_mtu, Some(1430));
 }
+
+fn imported(routes: &[(&str, &str)]) -> Event {
+    Event::Imported(
+        routes
+            .iter()
+            .map(|(d, g)| (d.parse().unwrap(), g.parse().unwrap()))
+            .collect(),
+    )
+}
+
+#[test]
+fn bgp_imports_are_installed_beside_the_cluster_routes_never_inside_a_pool() {
+    let mut r = reconciler(FakeNat::default());
+    // Before the first intent: kept for the first full pass.
+    r.handle(vec![imported(&[("192.0.2.0/24", "172.18.0.101")])]);
+    r.handle(vec![snapshot()]);
+    assert!(kernel(&r).contains(&via("192.0.2.0/24", "172.18.0.101")));
+    // Later changes are incremental: one added, one moved, one inside the
+    // pool (refused), one where the cluster has a route (the cluster wins).
+    r.handle(vec![imported(&[
+        ("192.0.2.0/24", "172.18.0.102"),
+        ("198.51.100.0/24", "172.18.0.101"),
+        ("10.244.9.0/24", "172.18.0.101"),
+        ("10.244.0.0/26", "172.18.0.101"),
+    ])]);
+    let k = kernel(&r);
+    assert!(k.contains(&via("192.0.2.0/24", "172.18.0.102")), "{k:?}");
+    assert!(k.contains(&via("198.51.100.0/24", "172.18.0.101")), "{k:?}");
+    assert!(
+        !k.iter().any(|x| x.dst == "10.244.9.0/24".parse().unwrap()),
+        "{k:?}"
+    );
+    assert!(k.contains(&via("10.244.0.0/26", "172.18.0.2")), "{k:?}");
+    assert_eq!(r.passes().full, 1, "imports need no full pass");
+    // A full pass keeps them, and withdrawn ones go.
+    r.handle(vec![Event::Poke]);
+    assert_eq!(kernel(&r), k);
+    r.handle(vec![imported(&[("198.51.100.0/24", "172.18.0.101")])]);
+    let k = kernel(&r);
+    assert!(
+        !k.iter().any(|x| x.dst == "192.0.2.0/24".parse().unwrap()),
+        "{k:?}"
+    );
+    assert!(k.contains(&via("198.51.100.0/24", "172.18.0.101")));
+}
+
+#[test]
+fn the_bgp_view_is_published_with_the_generation_and_the_nodes_own() {
+    let mut r = reconciler(FakeNat::default());
+    let (tx, rx) = tokio::sync::watch::channel(Arc::default());
+    r.publish_bgp_view(tx);
+    r.handle(vec![Event::Update(Box::new(pb::IntentUpdate {
+        bgp_generation: 7,
+        ..match snapshot() {
+            Event::Update(u) => *u,
+            _ => unreachable!(),
+        }
+    }))]);
+    let v = rx.borrow().clone();
+    assert_eq!(v.generation, 7);
+    assert_eq!(v.own, ["10.244.0.64/26".parse().unwrap()].into());
+    assert_eq!(v.addrs, vec!["172.18.0.3/32".parse().unwrap()]);
+    // A delta without a BGP change keeps the generation.
+    r.handle(vec![delta(11, |u| {
+        u.blocks.push(block("10.244.0.192/26", "worker"))
+    })]);
+    let v = rx.borrow().clone();
+    assert_eq!((v.generation, v.own.len()), (7, 2));
+}

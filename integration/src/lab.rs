@@ -1073,6 +1073,17 @@ exec ip netns exec "$3" "$2/opt-cni-bin/tabby"
         netns::ip(&rr, "link set lo up")?;
         let host = CONTROLLER.split(':').next().unwrap_or_default();
         let conf = self.cfg.dir.join("gobgpd.toml");
+        // Dual stack: IPv6 unicast over the same (IPv4) session.
+        let v6 = if self.cfg.dual_stack {
+            r#"  [[neighbors.afi-safis]]
+    [neighbors.afi-safis.config]
+      afi-safi-name = "ipv6-unicast"
+    [neighbors.afi-safis.mp-graceful-restart.config]
+      enabled = true
+"#
+        } else {
+            ""
+        };
         fs::write(
             &conf,
             format!(
@@ -1094,7 +1105,7 @@ exec ip netns exec "$3" "$2/opt-cni-bin/tabby"
       afi-safi-name = "ipv4-unicast"
     [neighbors.afi-safis.mp-graceful-restart.config]
       enabled = true
-"#
+{v6}"#
             ),
         )?;
         let args = vec![
@@ -1144,27 +1155,49 @@ exec ip netns exec "$3" "$2/opt-cni-bin/tabby"
 
     /// BIRD's configuration for [`Lab::add_tor`]: an eBGP session (AS
     /// [`TOR_ASN`]) with each of `nodes`, importing what they advertise and
-    /// exporting its static routes `statics` (next hop: itself).
+    /// exporting its static routes `statics` (next hop: itself). In a
+    /// dual-stack lab the session also carries IPv6 (MP-BGP over the IPv4
+    /// session, IPv6 next hops).
     pub fn tor_conf(&self, nodes: &[&str], statics: &[&str]) -> String {
+        let routes = |v4: bool| {
+            statics
+                .iter()
+                .filter(|r| r.contains(':') != v4)
+                .map(|r| format!("  route {r} blackhole;\n"))
+                .collect::<String>()
+        };
+        let v6 = if self.cfg.dual_stack {
+            format!(
+                "protocol static statics6 {{\n  ipv6;\n{}}}\n",
+                routes(false)
+            )
+        } else {
+            String::new()
+        };
+        let v6_channel = if self.cfg.dual_stack {
+            format!(
+                "  ipv6 {{ import all; export where source = RTS_STATIC; next hop address {}; }};\n",
+                node_ip_v6(TOR)
+            )
+        } else {
+            String::new()
+        };
         let mut c = format!(
             r#"router id {TOR};
 log "{log}" all;
 protocol device {{ }}
 protocol static statics {{
   ipv4;
-{routes}}}
-template bgp nodes {{
+{routes4}}}
+{v6}template bgp nodes {{
   local {TOR} as {TOR_ASN};
   direct;
   hold time 9;
   ipv4 {{ import all; export where source = RTS_STATIC; }};
-}}
+{v6_channel}}}
 "#,
             log = self.cfg.dir.join("bird-tor.log").display(),
-            routes = statics
-                .iter()
-                .map(|r| format!("  route {r} blackhole;\n"))
-                .collect::<String>(),
+            routes4 = routes(true),
         );
         for n in nodes {
             let ip = self
@@ -1203,6 +1236,12 @@ template bgp nodes {{
         netns::ip(&f, "link set v-tor master br0 up")?;
         let (len, _) = self.cfg.topology.subnet_of(TOR);
         netns::ip(&tor, &format!("addr add {TOR}/{len} dev eth0"))?;
+        if self.cfg.dual_stack {
+            netns::ip(
+                &tor,
+                &format!("addr add {}/64 dev eth0 nodad", node_ip_v6(TOR)),
+            )?;
+        }
         netns::ip(&tor, "link set eth0 up")?;
         netns::ip(&tor, "link set lo up")?;
         let conf = self.cfg.dir.join("bird-tor.conf");

@@ -1,8 +1,11 @@
 //! The walkthrough's step 3 with a real route reflector (#15): GoBGP
 //! (Debian `gobgpd`) on the lab's fabric, the controller peering with it
 //! through `tabby.v1.BgpAdmin`; `gobgp global rib` lists every node's block
-//! with that node as next hop, exactly the controller's cluster route table;
-//! a new block appears there; removing the peer takes the routes away.
+//! (IPv4 and IPv6) with that node as next hop, exactly the controller's
+//! cluster route table; a controller restart with graceful restart makes
+//! gobgp record no withdrawal; a new block appears there; removing the peer
+//! takes the routes away. And BIRD as a top-of-rack router for sessions
+//! held by nodes.
 #![allow(clippy::unwrap_used)]
 mod common;
 
@@ -10,9 +13,19 @@ use common::*;
 use std::{collections::BTreeSet, time::Duration};
 use tabby_integration::lab::Lab;
 
-/// (prefix, next hop) of `gobgp -j global rib`.
+/// (prefix, next hop) of `gobgp -j global rib`, both families.
 fn rr_rib(lab: &Lab) -> BTreeSet<(String, String)> {
-    let out = lab.gobgp(&["-j", "global", "rib"]).unwrap_or_default();
+    let mut rows = BTreeSet::new();
+    for family in ["ipv4", "ipv6"] {
+        rows.extend(rr_rib_of(lab, family));
+    }
+    rows
+}
+
+fn rr_rib_of(lab: &Lab, family: &str) -> BTreeSet<(String, String)> {
+    let out = lab
+        .gobgp(&["-j", "global", "rib", "-a", family])
+        .unwrap_or_default();
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_default();
     let mut rows = BTreeSet::new();
     for (prefix, paths) in v.as_object().cloned().unwrap_or_default() {
@@ -45,9 +58,45 @@ fn cluster_table(lab: &Lab) -> BTreeSet<(String, String)> {
         .collect()
 }
 
+/// `gobgp monitor global rib` of one family, printing into a file: what the
+/// reflector's RIB went through (killed on drop).
+struct Monitor(std::process::Child, std::path::PathBuf);
+
+impl Monitor {
+    fn start(lab: &Lab, family: &str) -> Monitor {
+        let path = lab.cfg.dir.join(format!("monitor-{family}.json"));
+        let out = std::fs::File::create(&path).unwrap();
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", &lab.rr(), "gobgp", "-p", "50051"])
+            .args(["monitor", "global", "rib", "-j", "-a", family])
+            .stdout(out)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        Monitor(child, path)
+    }
+
+    /// The withdrawals it saw.
+    fn withdrawals(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.1)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("\"withdrawal\":true"))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn gobgp_route_reflector_learns_every_nodes_blocks() {
-    let (mut lab, _d) = lab();
+    let (mut lab, _d) = common::lab_with(|c| c.dual_stack = true);
     for node in ["control-plane", "worker", "worker2"] {
         lab.add_pod(node, &format!("{}-a", node.replace("control-plane", "cp")))
             .unwrap();
@@ -67,7 +116,8 @@ fn gobgp_route_reflector_learns_every_nodes_blocks() {
 
     // Every node's block, via that node: the cluster route table.
     let want = cluster_table(&lab);
-    assert_eq!(want.len(), 3, "{want:?}");
+    // A block of each family per node.
+    assert_eq!(want.len(), 6, "{want:?}");
     let mut last = BTreeSet::new();
     let r = lab.wait_until("the reflector's RIB", Duration::from_secs(20), || {
         last = rr_rib(&lab);
@@ -96,13 +146,15 @@ fn gobgp_route_reflector_learns_every_nodes_blocks() {
         ])
         .unwrap();
     assert!(st.contains("\"state\": \"Established\""), "{st}");
-    assert!(st.contains("\"prefixesSent\": \"3\""), "{st}");
+    assert!(st.contains("\"prefixesSent\": \"6\""), "{st}");
     let nb = lab.gobgp(&["neighbor"]).unwrap();
     assert!(nb.contains("172.18.0.1") && nb.contains("Establ"), "{nb}");
 
     // Graceful restart: the controller dies (SIGKILL); the reflector keeps
     // its routes (stale) instead of dropping them, and after the restart
     // they are refreshed and the session is back.
+    let monitors = [Monitor::start(&lab, "ipv4"), Monitor::start(&lab, "ipv6")];
+    std::thread::sleep(Duration::from_millis(300));
     lab.kill_controller().unwrap();
     std::thread::sleep(Duration::from_millis(1500));
     let kept = rr_rib(&lab);
@@ -127,6 +179,14 @@ fn gobgp_route_reflector_learns_every_nodes_blocks() {
                 .contains("stale")
     })
     .unwrap();
+    for m in &monitors {
+        assert_eq!(
+            m.withdrawals(),
+            Vec::<String>::new(),
+            "gobgp recorded withdrawals across the restart"
+        );
+    }
+    // The monitors see withdrawals (checked at the end, where the peer goes).
 
     // A new block (another pool, on worker2) reaches the reflector.
     lab.grpcurl(&[
@@ -165,6 +225,10 @@ fn gobgp_route_reflector_learns_every_nodes_blocks() {
         || rr_rib(&lab).is_empty(),
     )
     .unwrap();
+    // Without graceful restart's help the same monitors record withdrawals:
+    // the check above could fail.
+    let seen: usize = monitors.iter().map(|m| m.withdrawals().len()).sum();
+    assert!(seen > 0, "the monitors recorded no withdrawal at all");
 }
 
 /// BIRD's routes learned from protocol `proto` (one per node): (prefix,
@@ -187,54 +251,76 @@ fn bird_routes(lab: &Lab, proto: &str) -> BTreeSet<(String, String)> {
     rows
 }
 
-/// The routes of `table` (the cluster table) whose next hop is `node`'s.
+/// The routes of `table` (the cluster table) whose next hop is one of
+/// `node`'s addresses (IPv4 or IPv6).
 fn of_node(
     table: &BTreeSet<(String, String)>,
     lab: &Lab,
     node: &str,
 ) -> BTreeSet<(String, String)> {
-    let ip = lab.node_ip(node).to_string();
-    table.iter().filter(|(_, nh)| *nh == ip).cloned().collect()
+    let ip = lab.node_ip(node);
+    let ips = [
+        ip.to_string(),
+        tabby_integration::lab::node_ip_v6(ip).to_string(),
+    ];
+    table
+        .iter()
+        .filter(|(_, nh)| ips.contains(nh))
+        .cloned()
+        .collect()
 }
 
 /// A node's kernel route to `dst` (`ip route show <dst>`), or "".
 fn kernel_route(lab: &Lab, node: &str, dst: &str) -> String {
-    sh(&lab.node_ns(node), &format!("ip route show {dst}"))
+    let family = if dst.contains(':') { "-6" } else { "-4" };
+    sh(&lab.node_ns(node), &format!("ip {family} route show {dst}"))
         .trim()
         .to_string()
 }
 
 /// Sessions held by nodes (Calico's node-specific BGPPeer) with BIRD as a
-/// top-of-rack router: a peer whose node_selector picks control-plane and
-/// worker (not worker2). BIRD learns each selected node's blocks with that
-/// node as next hop (next-hop self); a static route BIRD exports and the
-/// import filter allows reaches the selected nodes' kernels (proto 77),
-/// while one inside a pool and one outside the filter do not; a route BIRD
-/// withdraws leaves the kernels; a new block reaches BIRD.
+/// top-of-rack router, in a dual-stack lab: a peer whose node_selector picks
+/// control-plane and worker (not worker2). BIRD learns each selected node's
+/// IPv4 and IPv6 blocks with that node as next hop (next-hop self); a static
+/// route of each family that BIRD exports and the import filter allows
+/// reaches the selected nodes' kernels (proto 77), while one inside a pool
+/// and one outside the filter do not; a route BIRD withdraws leaves the
+/// kernels; a new block reaches BIRD.
 #[test]
 fn bird_top_of_rack_peers_with_the_selected_nodes() {
-    let (mut lab, _d) = lab();
+    let (mut lab, _d) = common::lab_with(|c| c.dual_stack = true);
     for node in ["control-plane", "worker", "worker2"] {
         lab.add_pod(node, &format!("{}-a", node.replace("control-plane", "cp")))
             .unwrap();
     }
     let selected = ["control-plane", "worker"];
-    // 192.0.2.0/24: allowed; 203.0.113.0/24: not in the filter;
-    // 10.244.250.0/24: in the filter but inside the pool (10.244.0.0/16).
-    let statics = ["192.0.2.0/24", "203.0.113.0/24", "10.244.250.0/24"];
+    // 192.0.2.0/24 and 2001:db8:1::/48: allowed; 203.0.113.0/24: not in
+    // the filter; 10.244.250.0/24 and fd00:10:244::ff00/120: in the filter
+    // but inside a pool (10.244.0.0/16, fd00:10:244::/64).
+    let statics = [
+        "192.0.2.0/24",
+        "203.0.113.0/24",
+        "10.244.250.0/24",
+        "2001:db8:1::/48",
+        "fd00:10:244::ff00/120",
+    ];
     lab.add_tor(
         &selected,
         &statics,
         "kubernetes.io/hostname != 'worker2'",
-        &["192.0.2.0/24", "10.0.0.0/8"],
+        &["192.0.2.0/24", "10.0.0.0/8", "2001:db8::/32", "fd00::/8"],
     )
     .unwrap();
+    let tor6 = tabby_integration::lab::node_ip_v6(tabby_integration::lab::TOR).to_string();
     let table = cluster_table(&lab);
     let tor = tabby_integration::lab::TOR.to_string();
     for node in selected {
         let proto = node.replace('-', "_");
         let want = of_node(&table, &lab, node);
-        assert!(!want.is_empty(), "{node} holds no block: {table:?}");
+        assert!(
+            want.iter().any(|(p, _)| p.contains(':')) && want.iter().any(|(p, _)| !p.contains(':')),
+            "{node} holds no block of each family: {table:?}"
+        );
         let mut last = BTreeSet::new();
         let r = lab.wait_until(
             &format!("BIRD to learn {node}'s blocks"),
@@ -256,15 +342,32 @@ fn bird_top_of_rack_peers_with_the_selected_nodes() {
                 .collect::<Vec<_>>()
                 .join("\n")
         );
-        lab.wait_until(
-            &format!("the imported route in {node}'s kernel"),
+        let r = lab.wait_until(
+            &format!("the imported routes in {node}'s kernel"),
             Duration::from_secs(20),
             || {
                 let r = kernel_route(&lab, node, "192.0.2.0/24");
-                r.contains(&format!("via {tor}")) && r.contains("proto 77")
+                let r6 = kernel_route(&lab, node, "2001:db8:1::/48");
+                r.contains(&format!("via {tor}"))
+                    && r.contains("proto 77")
+                    && r6.contains(&format!("via {tor6}"))
+                    && r6.contains("proto 77")
             },
-        )
-        .unwrap();
+        );
+        assert!(
+            r.is_ok(),
+            "{node}: ip route: {}\nip -6 route: {}\nBIRD exports: {}\nnode log: {}",
+            sh(&lab.node_ns(node), "ip route"),
+            sh(&lab.node_ns(node), "ip -6 route"),
+            lab.birdc(&["show", "route", "export", &proto])
+                .unwrap_or_default(),
+            std::fs::read_to_string(lab.node_log(node))
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains("BGP") || l.contains("WARN") || l.contains("ERROR"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
     }
     // Not imported: outside the filter, inside a pool; nothing on worker2,
     // which holds no session.
@@ -273,8 +376,11 @@ fn bird_top_of_rack_peers_with_the_selected_nodes() {
         assert_eq!(kernel_route(&lab, node, "203.0.113.0/24"), "", "{node}");
         let r = kernel_route(&lab, node, "10.244.250.0/24");
         assert!(!r.contains(&tor), "{node}: {r}");
+        let r = kernel_route(&lab, node, "fd00:10:244::ff00/120");
+        assert!(!r.contains(&tor6), "{node}: {r}");
     }
     assert_eq!(kernel_route(&lab, "worker2", "192.0.2.0/24"), "");
+    assert_eq!(kernel_route(&lab, "worker2", "2001:db8:1::/48"), "");
     assert!(bird_routes(&lab, "worker2").is_empty());
     let st = lab.grpcurl(&["tabby.v1.BgpAdmin/GetStatus"]).unwrap();
     assert!(st.contains("\"state\": \"NodeHeld\""), "{st}");
@@ -301,13 +407,16 @@ fn bird_top_of_rack_peers_with_the_selected_nodes() {
     })
     .unwrap();
 
-    // BIRD withdraws the allowed route: it leaves the kernels.
+    // BIRD withdraws the allowed routes: they leave the kernels.
     lab.set_tor_statics(&selected, &["203.0.113.0/24"]).unwrap();
     for node in selected {
         lab.wait_until(
-            &format!("the withdrawn route to leave {node}'s kernel"),
+            &format!("the withdrawn routes to leave {node}'s kernel"),
             Duration::from_secs(10),
-            || kernel_route(&lab, node, "192.0.2.0/24").is_empty(),
+            || {
+                kernel_route(&lab, node, "192.0.2.0/24").is_empty()
+                    && kernel_route(&lab, node, "2001:db8:1::/48").is_empty()
+            },
         )
         .unwrap();
     }

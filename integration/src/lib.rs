@@ -2,6 +2,7 @@
 //! tests and the `tabby-lab` binary behind `make lab`. Never needed at run time.
 
 pub mod echo;
+pub mod etcd;
 pub mod lab;
 pub mod netns;
 pub mod podman;

@@ -1,8 +1,9 @@
 //! Durable typed state of the tabby controller.
 //!
-//! Everything lives in one sled tree so that a [`Mutation`] (any mix of
-//! pools, blocks, allocations, handles, nodes and config) is applied as one
-//! atomic batch. [`Store::commit`] takes several mutations at once (group
+//! Everything lives in one key space on a [`Backend`] (sled, the embedded
+//! default; or etcd, for controllers that fail over) so that a
+//! [`Mutation`] (any mix of pools, blocks, allocations, handles, nodes and
+//! config) is applied as one atomic batch. [`Store::commit`] takes several mutations at once (group
 //! commit), gives each its own revision, writes one batch and flushes it to
 //! disk before returning: a caller may acknowledge only after that.
 //!
@@ -20,8 +21,11 @@
 //! across restarts is the intent mark: a watcher that has applied it needs
 //! nothing, any other gets a snapshot.
 
+mod backend;
+pub mod etcd;
 mod types;
 
+pub use backend::{Backend, SledBackend};
 pub use types::*;
 
 use serde::{de::DeserializeOwned, Serialize};
@@ -39,6 +43,13 @@ pub enum StoreError {
     /// The database failed (I/O, corruption detected by sled).
     #[error("store: {0}")]
     Db(#[from] sled::Error),
+    /// etcd failed or could not be reached.
+    #[error("store: etcd: {0}")]
+    Etcd(String),
+    /// This controller is no longer the leader: its write was refused
+    /// (fencing), and nothing of it landed.
+    #[error("store: not the leader any more: {0}")]
+    Fenced(String),
     /// A record could not be encoded or decoded.
     #[error("store: record codec: {0}")]
     Codec(#[from] postcard::Error),
@@ -262,8 +273,7 @@ pub struct Written {
 
 /// The durable store. Cheap to share behind an `Arc`; commits are serialized.
 pub struct Store {
-    db: sled::Db,
-    tree: sled::Tree,
+    backend: Box<dyn Backend>,
     /// Random identity, made when the store was created.
     id: String,
     /// Its opens, oldest first; the last is this one.
@@ -398,20 +408,19 @@ impl Store {
     /// Opens (or creates) the store in `dir`; sled's page cache holds at
     /// most about `cache_bytes`.
     pub fn open_with_cache(dir: impl AsRef<Path>, cache_bytes: u64) -> Result<Store> {
-        let db = sled::Config::new()
-            .path(dir.as_ref())
-            .cache_capacity(cache_bytes)
-            // Durability comes from our explicit flush after each group commit.
-            .flush_every_ms(None)
-            .open()?;
-        let tree = db.open_tree("state")?;
-        let revision = match tree.get(REV_KEY)? {
+        Self::open_on(Box::new(SledBackend::open(dir.as_ref(), cache_bytes)?))
+    }
+
+    /// Opens (or creates) the store on `backend`: reads the revision, the
+    /// intent mark and the identity, and records a new epoch, durably.
+    pub fn open_on(backend: Box<dyn Backend>) -> Result<Store> {
+        let revision = match backend.get(REV_KEY)? {
             Some(v) => meta_u64(REV_KEY, &v)?,
             None => 0,
         };
         // The mark counts only if it was kept up to date to the last batch
         // (a binary that did not know it would have left it behind).
-        let intent = match tree.get(INTENT_KEY)? {
+        let intent = match backend.get(INTENT_KEY)? {
             Some(v) if v.len() == 16 => {
                 let (mark, at) = v.split_at(8);
                 if meta_u64(INTENT_KEY, at)? == revision {
@@ -428,18 +437,19 @@ impl Store {
             }
             None => 0,
         };
-        let id = match tree.get(ID_KEY)? {
+        let mut first = Vec::new();
+        let id = match backend.get(ID_KEY)? {
             Some(v) => String::from_utf8(v.to_vec()).map_err(|_| StoreError::Corrupt {
                 key: "m/id".into(),
                 why: "not UTF-8".into(),
             })?,
             None => {
                 let id = new_store_id();
-                tree.insert(ID_KEY, id.as_bytes())?;
+                first.push((ID_KEY.to_vec(), Some(id.as_bytes().to_vec())));
                 id
             }
         };
-        let mut epochs: Vec<Epoch> = match tree.get(EPOCHS_KEY)? {
+        let mut epochs: Vec<Epoch> = match backend.get(EPOCHS_KEY)? {
             Some(v) => dec(EPOCHS_KEY, &v)?,
             None => Vec::new(),
         };
@@ -449,13 +459,13 @@ impl Store {
         });
         let drop_old = epochs.len().saturating_sub(MAX_EPOCHS);
         epochs.drain(..drop_old);
-        tree.insert(EPOCHS_KEY, enc(&epochs)?)?;
+        first.push((EPOCHS_KEY.to_vec(), Some(enc(&epochs)?)));
+        backend.apply(first)?;
         // Durable before anyone is told the new epoch.
-        db.flush()?;
+        backend.sync()?;
         let (feed, _) = broadcast::channel(4096);
         Ok(Store {
-            db,
-            tree,
+            backend,
             id,
             epochs,
             revision: Mutex::new(Counters { revision, intent }),
@@ -533,47 +543,33 @@ impl Store {
     pub fn load_each(&self, mut f: impl FnMut(Record)) -> Result<(u64, u64)> {
         let c = *self.counters();
         for prefix in [b'p', b'b', b'r', b'a', b'h', b'n', b'c'] {
-            for kv in self.tree.scan_prefix([prefix, b'/']) {
-                let (k, v) = kv?;
+            self.backend.scan(&[prefix, b'/'], &mut |k, v| {
                 let corrupt = |why: &str| StoreError::Corrupt {
-                    key: String::from_utf8_lossy(&k).into_owned(),
+                    key: String::from_utf8_lossy(k).into_owned(),
                     why: why.to_string(),
                 };
                 let rest = std::str::from_utf8(&k[2..]).map_err(|_| corrupt("key is not UTF-8"))?;
                 let addr =
                     || -> Result<IpAddr> { rest.parse().map_err(|_| corrupt("bad address")) };
                 f(match prefix {
-                    b'p' => Record::Pool(dec(&k, &v)?),
-                    b'b' => Record::Block(dec(&k, &v)?),
-                    b'r' => Record::Released(addr()?, dec(&k, &v)?),
-                    b'a' => Record::Allocation(addr()?, dec(&k, &v)?),
-                    b'h' => Record::Handle(rest.to_string(), dec(&k, &v)?),
-                    b'n' => Record::Node(dec_or::<Node, NodeV1>(&k, &v)?),
-                    _ if rest == "bgp" => Record::Bgp(dec(&k, &v)?),
-                    _ => Record::Config(dec_or::<IpamConfig, IpamConfigV1>(&k, &v)?),
+                    b'p' => Record::Pool(dec(k, v)?),
+                    b'b' => Record::Block(dec(k, v)?),
+                    b'r' => Record::Released(addr()?, dec(k, v)?),
+                    b'a' => Record::Allocation(addr()?, dec(k, v)?),
+                    b'h' => Record::Handle(rest.to_string(), dec(k, v)?),
+                    b'n' => Record::Node(dec_or::<Node, NodeV1>(k, v)?),
+                    _ if rest == "bgp" => Record::Bgp(dec(k, v)?),
+                    _ => Record::Config(dec_or::<IpamConfig, IpamConfigV1>(k, v)?),
                 });
-            }
+                Ok(())
+            })?;
         }
         // Anything else is damage: say so rather than start on part of it.
-        // Known keys are `<prefix>/...`; look only into the gaps between.
-        let known = b"abchmnpr";
-        let mut lo: Vec<u8> = Vec::new();
-        for p in known.iter().map(Some).chain([None]) {
-            let hi = p.map(|p| vec![*p, b'/']);
-            let found = match &hi {
-                Some(hi) => self.tree.range(lo.clone()..hi.clone()).keys().next(),
-                None => self.tree.range(lo.clone()..).keys().next(),
-            };
-            if let Some(k) = found {
-                let k = k?;
-                return Err(StoreError::Corrupt {
-                    key: String::from_utf8_lossy(&k).into_owned(),
-                    why: "unknown prefix".into(),
-                });
-            }
-            if let Some(p) = p {
-                lo = vec![*p, b'/' + 1];
-            }
+        if let Some(k) = self.backend.first_key_outside(b"abchmnpr")? {
+            return Err(StoreError::Corrupt {
+                key: String::from_utf8_lossy(&k).into_owned(),
+                why: "unknown prefix".into(),
+            });
         }
         Ok((c.revision, c.intent))
     }
@@ -612,7 +608,7 @@ impl Store {
     ) -> Result<(Vec<u64>, Written)> {
         let mut guard = self.counters();
         let mut rev = guard.revision;
-        let mut batch = sled::Batch::default();
+        let mut batch: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
         let mut revs = Vec::with_capacity(mutations.len());
         let mut commits = Vec::new();
         let feed = self.feed.receiver_count() > 0;
@@ -626,22 +622,23 @@ impl Store {
             let mut keys = Vec::with_capacity(if feed { m.ops.len() } else { 0 });
             for op in &m.ops {
                 let k = op_key(op);
-                match op {
-                    Op::PutPool(p) => batch.insert(k, enc(p)?),
-                    Op::PutBlock(b) => batch.insert(k, enc(b)?),
-                    Op::PutAllocation(_, a) => batch.insert(k, enc(a)?),
-                    Op::SetReleased(_, seq) => batch.insert(k, enc(seq)?),
-                    Op::PutHandle(_, h) => batch.insert(k, enc(h)?),
-                    Op::PutNode(n) => batch.insert(k, enc(n)?),
-                    Op::PutConfig(c) => batch.insert(k, enc(c)?),
-                    Op::PutBgp(b) => batch.insert(k, enc(b)?),
+                let v = match op {
+                    Op::PutPool(p) => Some(enc(p)?),
+                    Op::PutBlock(b) => Some(enc(b)?),
+                    Op::PutAllocation(_, a) => Some(enc(a)?),
+                    Op::SetReleased(_, seq) => Some(enc(seq)?),
+                    Op::PutHandle(_, h) => Some(enc(h)?),
+                    Op::PutNode(n) => Some(enc(n)?),
+                    Op::PutConfig(c) => Some(enc(c)?),
+                    Op::PutBgp(b) => Some(enc(b)?),
                     Op::DeletePool(_)
                     | Op::DeleteBlock(_)
                     | Op::DeleteAllocation(_)
                     | Op::ClearReleased(_)
                     | Op::DeleteHandle(_)
-                    | Op::DeleteNode(_) => batch.remove(k),
-                }
+                    | Op::DeleteNode(_) => None,
+                };
+                batch.push((k, v));
                 if feed {
                     keys.push(op.key());
                 }
@@ -659,12 +656,12 @@ impl Store {
             return Ok((revs, Written { commits }));
         }
         let mark = if intent { rev } else { guard.intent };
-        batch.insert(REV_KEY, &rev.to_be_bytes());
+        batch.push((REV_KEY.to_vec(), Some(rev.to_be_bytes().to_vec())));
         let mut m = [0u8; 16];
         m[..8].copy_from_slice(&mark.to_be_bytes());
         m[8..].copy_from_slice(&rev.to_be_bytes());
-        batch.insert(INTENT_KEY, &m[..]);
-        self.tree.apply_batch(batch)?;
+        batch.push((INTENT_KEY.to_vec(), Some(m.to_vec())));
+        self.backend.apply(batch)?;
         *guard = Counters {
             revision: rev,
             intent: mark,
@@ -678,7 +675,7 @@ impl Store {
         if written.iter().all(|w| w.commits.is_empty()) {
             return Ok(());
         }
-        self.db.flush()?;
+        self.backend.sync()?;
         if self.feed.receiver_count() > 0 {
             for c in written.into_iter().flat_map(|w| w.commits) {
                 // A receiver gone meanwhile is fine.
@@ -690,8 +687,7 @@ impl Store {
 
     /// Flushes everything to disk (used at shutdown).
     pub fn flush(&self) -> Result<()> {
-        self.db.flush()?;
-        Ok(())
+        self.backend.sync()
     }
 }
 

@@ -163,7 +163,9 @@ fn unknown_keys_are_an_error() {
                 ops: vec![Op::PutPool(pool())],
             }])
             .unwrap();
-            s.tree.insert(key, &[0u8][..]).unwrap();
+            s.backend
+                .apply(vec![(key.as_bytes().to_vec(), Some(vec![0u8]))])
+                .unwrap();
             s.flush().unwrap();
         }
         let s = reopen(dir.path());
@@ -199,7 +201,9 @@ fn identity_and_intent_mark_survive_a_reopen() {
     assert_eq!((snap.revision, snap.intent_revision), (3, 2));
     // A writer that moves the revision without keeping the mark (an older
     // binary) makes the mark untrusted: 0, so every watcher gets a snapshot.
-    s.tree.insert(REV_KEY, &4u64.to_be_bytes()).unwrap();
+    s.backend
+        .apply(vec![(REV_KEY.to_vec(), Some(4u64.to_be_bytes().to_vec()))])
+        .unwrap();
     s.flush().unwrap();
     drop(s);
     let s = reopen(dir.path());

@@ -1,0 +1,154 @@
+//! The store on a real etcd (Debian etcd-server 3.4, three members on
+//! loopback, started here): records, revisions, the intent mark and epochs
+//! survive a reopen; a group commit larger than etcd's default transaction
+//! is one transaction; unknown keys are damage; a deposed leader's writes
+//! land nowhere (fencing); one member down changes nothing, two stop writes
+//! with a clear error and nothing acknowledged is lost.
+#![allow(clippy::unwrap_used)]
+
+use std::{net::IpAddr, time::Duration};
+use tabby_integration::etcd::EtcdCluster;
+use tabby_store::{
+    etcd::{self, EtcdBackend, EtcdConfig},
+    Allocation, Encapsulation, Mutation, Op, Pool, Store, StoreError,
+};
+
+fn cfg(c: &EtcdCluster, prefix: &str) -> EtcdConfig {
+    EtcdConfig {
+        endpoints: c.endpoints(),
+        prefix: prefix.into(),
+        tls: None,
+    }
+}
+
+fn open(c: &EtcdCluster, prefix: &str, fence: Option<i64>) -> Store {
+    Store::open_on(Box::new(EtcdBackend::open(&cfg(c, prefix), fence).unwrap())).unwrap()
+}
+
+fn pool(name: &str) -> Pool {
+    Pool {
+        name: name.into(),
+        cidr: "10.0.0.0/16".parse().unwrap(),
+        block_size: 26,
+        nat_outgoing: true,
+        encapsulation: Encapsulation::None,
+        disabled: false,
+        node_selector: String::new(),
+    }
+}
+
+fn alloc(i: u32) -> Mutation {
+    let a: IpAddr = std::net::Ipv4Addr::from(0x0a00_0000 + i).into();
+    Mutation {
+        ops: vec![Op::PutAllocation(
+            a,
+            Allocation {
+                handle: format!("h{i}"),
+                node: "n1".into(),
+            },
+        )],
+    }
+}
+
+#[test]
+fn records_revisions_and_epochs_survive_a_reopen() {
+    let c = EtcdCluster::start(3).unwrap();
+    let s = open(&c, "/t1/", None);
+    assert_eq!(s.revision(), 0);
+    let id = s.id().to_string();
+    let revs = s
+        .commit(&[
+            Mutation {
+                ops: vec![Op::PutPool(pool("p"))],
+            },
+            alloc(1),
+        ])
+        .unwrap();
+    assert_eq!(revs, vec![1, 2]);
+    let (revs, w) = s.write_marked(&[alloc(2)], true).unwrap();
+    s.make_durable(vec![w]).unwrap();
+    assert_eq!(revs, vec![3]);
+    // One group of 1,000 mutations: far past etcd's default of 128
+    // operations, still one transaction.
+    let many: Vec<Mutation> = (10..1010).map(alloc).collect();
+    s.commit(&many).unwrap();
+    drop(s);
+    let s = open(&c, "/t1/", None);
+    assert_eq!(s.id(), id);
+    assert_eq!(s.epochs().len(), 2);
+    let snap = s.load().unwrap();
+    assert_eq!((snap.revision, snap.intent_revision), (1003, 3));
+    assert_eq!(snap.pools.len(), 1);
+    assert_eq!(snap.allocations.len(), 1002);
+    // Another prefix is another store.
+    let other = open(&c, "/t2/", None);
+    assert_ne!(other.id(), id);
+    assert_eq!(other.load().unwrap().allocations.len(), 0);
+    // A key under the prefix that is not the store's is damage.
+    c.etcdctl(&["put", "/t1/zz", "x"]).unwrap();
+    match s.load() {
+        Err(StoreError::Corrupt { key, .. }) => assert_eq!(key, "zz"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_deposed_leaders_writes_land_nowhere() {
+    let c = EtcdCluster::start(3).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let cl = rt.block_on(cfg(&c, "/f/").connect()).unwrap();
+    let (who, _) = tokio::sync::watch::channel(None);
+    let first = rt
+        .block_on(etcd::campaign(&cl, "/f/", "10.0.0.1:5151", 2, &who))
+        .unwrap();
+    assert_eq!(
+        rt.block_on(etcd::leader(&cl, "/f/")).unwrap().as_deref(),
+        Some("10.0.0.1:5151")
+    );
+    let s = open(&c, "/f/", Some(first.lease));
+    s.commit(&[alloc(1)]).unwrap();
+    // The leader's lease ends (as when it pauses past its TTL); another
+    // campaigner takes over.
+    rt.block_on(async {
+        let mut cl = cl.clone();
+        cl.lease_revoke(first.lease).await.unwrap();
+    });
+    let (who2, _) = tokio::sync::watch::channel(None);
+    let second = rt
+        .block_on(etcd::campaign(&cl, "/f/", "10.0.0.2:5151", 2, &who2))
+        .unwrap();
+    match s.commit(&[alloc(2)]) {
+        Err(StoreError::Fenced(_)) => {}
+        other => panic!("a deposed leader's write: {other:?}"),
+    }
+    let s2 = open(&c, "/f/", Some(second.lease));
+    let snap = s2.load().unwrap();
+    assert_eq!(
+        snap.allocations.len(),
+        1,
+        "only the write made while leading"
+    );
+    s2.commit(&[alloc(3)]).unwrap();
+}
+
+#[test]
+fn one_member_down_changes_nothing_two_stop_writes_until_they_return() {
+    let mut c = EtcdCluster::start(3).unwrap();
+    let s = open(&c, "/q/", None);
+    s.commit(&[alloc(1)]).unwrap();
+    c.kill_member(0);
+    s.commit(&[alloc(2)]).unwrap();
+    c.kill_member(1);
+    let t = std::time::Instant::now();
+    let e = s.commit(&[alloc(3)]).unwrap_err();
+    assert!(matches!(e, StoreError::Etcd(_)), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+    c.start_member(0).unwrap();
+    c.start_member(1).unwrap();
+    c.wait_healthy(Duration::from_secs(20)).unwrap();
+    // The store failed a write: a controller would exit and start again.
+    let s = open(&c, "/q/", None);
+    let snap = s.load().unwrap();
+    assert!(snap.allocations.len() >= 2, "acknowledged writes kept");
+    s.commit(&[alloc(4)]).unwrap();
+}

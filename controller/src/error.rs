@@ -28,6 +28,10 @@ pub enum Error {
     /// The IPAM owner task is gone (shutting down).
     #[error("controller is shutting down")]
     Unavailable,
+    /// The store cannot take writes now (etcd out of reach, or this
+    /// controller deposed); nothing was acknowledged.
+    #[error("{0}")]
+    StoreUnavailable(String),
     /// A local resource failed (thread, socket).
     #[error("internal: {0}")]
     Internal(String),
@@ -50,7 +54,11 @@ impl From<Error> for tonic::Status {
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::Exhausted(_) => Code::ResourceExhausted,
             Error::Unauthenticated(_) => Code::Unauthenticated,
-            Error::Unavailable => Code::Unavailable,
+            // etcd out of reach, or this controller deposed: try again
+            // (at the leader).
+            Error::Unavailable
+            | Error::StoreUnavailable(_)
+            | Error::Store(StoreError::Etcd(_) | StoreError::Fenced(_)) => Code::Unavailable,
             Error::Store(_) | Error::Internal(_) => Code::Internal,
         };
         tonic::Status::new(code, e.to_string())

@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod owner;
 pub mod server;
 pub mod service;
+pub mod standby;
 pub mod watch;
 
 pub use error::{Error, Result};

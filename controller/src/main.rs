@@ -31,6 +31,34 @@ struct Args {
     /// Directory of the embedded store (sled). Created if missing.
     #[arg(long, env = "TABBY_DATA_DIR", default_value = "./tabby-data")]
     data_dir: PathBuf,
+    /// Where the state lives: `sled` (embedded, one controller) or `etcd`
+    /// (several controllers, one leading; see --etcd-endpoints).
+    #[arg(long, env = "TABBY_DATASTORE", value_enum, default_value = "sled")]
+    datastore: Datastore,
+    /// etcd members, comma-separated (`http://10.0.0.1:2379,...`; https
+    /// with --etcd-cacert).
+    #[arg(long, env = "TABBY_ETCD_ENDPOINTS", value_delimiter = ',')]
+    etcd_endpoints: Vec<String>,
+    /// Key prefix of tabby's state in etcd.
+    #[arg(long, env = "TABBY_ETCD_PREFIX", default_value = tabby_store::etcd::DEFAULT_PREFIX)]
+    etcd_prefix: String,
+    /// CA bundle that signed etcd's certificates (makes the connection TLS).
+    #[arg(long, env = "TABBY_ETCD_CACERT")]
+    etcd_cacert: Option<PathBuf>,
+    /// Client certificate for etcd (with --etcd-key).
+    #[arg(long, env = "TABBY_ETCD_CERT")]
+    etcd_cert: Option<PathBuf>,
+    /// Client key for etcd (with --etcd-cert).
+    #[arg(long, env = "TABBY_ETCD_KEY")]
+    etcd_key: Option<PathBuf>,
+    /// The leader's lease: a leader that cannot renew it for this long is
+    /// replaced, and its writes are refused from then on.
+    #[arg(long, env = "TABBY_ETCD_LEASE_TTL", default_value = "5s", value_parser = parse_duration)]
+    etcd_lease_ttl: Duration,
+    /// The address other controllers send clients to while this one leads
+    /// (default: --listen).
+    #[arg(long, env = "TABBY_ADVERTISE")]
+    advertise: Option<String>,
     /// Create this pool at start-up if no pool has that CIDR (e.g. 10.244.0.0/16).
     #[arg(long, env = "TABBY_BOOTSTRAP_POOL")]
     bootstrap_pool: Option<String>,
@@ -118,6 +146,15 @@ enum Command {
     /// operators').
     #[command(subcommand)]
     Certs(Certs),
+}
+
+/// Where the state lives.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum Datastore {
+    /// The embedded store in --data-dir.
+    Sled,
+    /// etcd v3 (--etcd-endpoints), with leader election.
+    Etcd,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -312,37 +349,249 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // open records an epoch).
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
-        .with_context(|| format!("binding --listen {}", args.listen))?;
+        .with_context(|| format!("binding --listen {}", args.listen))?
+        .into_std()?;
     let health_listener = match &args.health_listen {
         Some(a) => Some(
             tokio::net::TcpListener::bind(a)
                 .await
-                .with_context(|| format!("binding --health-listen {a}"))?,
+                .with_context(|| format!("binding --health-listen {a}"))?
+                .into_std()?,
         ),
         None => None,
     };
     if let Some(l) = &health_listener {
         tracing::info!(addr = %l.local_addr()?, "serving plaintext health checks");
     }
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("creating --data-dir {}", args.data_dir.display()))?;
-    let store = Arc::new(
-        Store::open_with_cache(
-            &args.data_dir,
-            args.store_cache_mb.saturating_mul(1024 * 1024),
-        )
-        .with_context(|| format!("opening store in {}", args.data_dir.display()))?,
-    );
-    tracing::info!(
-        data_dir = %args.data_dir.display(),
-        revision = store.revision(),
-        store_id = store.id(),
-        epoch = store.epoch().id,
-        "store open"
-    );
+    let listeners = Listeners {
+        grpc: listener,
+        health: health_listener,
+    };
+    // SIGTERM/SIGINT, seen by every part that must stop.
+    let (term_tx, term) = tokio::sync::watch::channel(false);
+    let signal = tabby_runtime::shutdown_signal()?;
+    tokio::spawn(async move {
+        signal.await;
+        let _ = term_tx.send(true);
+    });
+    match args.datastore {
+        Datastore::Sled => {
+            std::fs::create_dir_all(&args.data_dir)
+                .with_context(|| format!("creating --data-dir {}", args.data_dir.display()))?;
+            let store = Arc::new(
+                Store::open_with_cache(
+                    &args.data_dir,
+                    args.store_cache_mb.saturating_mul(1024 * 1024),
+                )
+                .with_context(|| format!("opening store in {}", args.data_dir.display()))?,
+            );
+            tracing::info!(
+                data_dir = %args.data_dir.display(),
+                revision = store.revision(),
+                store_id = store.id(),
+                epoch = store.epoch().id,
+                "store open"
+            );
+            lead(&args, store, opts, &listeners, wait_true(term), None).await?;
+            exit_now()
+        }
+        Datastore::Etcd => run_etcd(&args, opts, &listeners, term).await,
+    }
+}
+
+/// The listening sockets, kept across leaderships: each server gets a clone.
+struct Listeners {
+    grpc: std::net::TcpListener,
+    health: Option<std::net::TcpListener>,
+}
+
+impl Listeners {
+    fn grpc(&self) -> std::io::Result<tokio::net::TcpListener> {
+        clone_listener(&self.grpc)
+    }
+
+    fn health(&self) -> std::io::Result<Option<tokio::net::TcpListener>> {
+        self.health.as_ref().map(clone_listener).transpose()
+    }
+}
+
+fn clone_listener(l: &std::net::TcpListener) -> std::io::Result<tokio::net::TcpListener> {
+    let c = l.try_clone()?;
+    c.set_nonblocking(true)?;
+    tokio::net::TcpListener::from_std(c)
+}
+
+/// Resolves once `w` is true.
+async fn wait_true(mut w: tokio::sync::watch::Receiver<bool>) {
+    let _ = w.wait_for(|v| *v).await;
+}
+
+/// Everything is durable. Dropping the state, the store and the runtime
+/// one allocation at a time would take seconds (2 s at 550,000
+/// allocations) and change nothing on disk.
+fn exit_now() -> ! {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    #[allow(clippy::exit)]
+    std::process::exit(0)
+}
+
+/// How a leadership ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Ended {
+    /// SIGTERM/SIGINT: everything flushed; exit.
+    Stopped,
+    /// The etcd lease was lost: step down.
+    Lost,
+}
+
+/// With etcd: stand by until elected, lead until stopped or deposed (then
+/// stand by again), and keep the state in etcd.
+async fn run_etcd(
+    args: &Args,
+    opts: ServeOptions,
+    listeners: &Listeners,
+    term: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    use tabby_store::etcd::{self, EtcdBackend, EtcdConfig, EtcdTls};
+    if args.etcd_endpoints.is_empty() {
+        anyhow::bail!("--datastore etcd needs --etcd-endpoints");
+    }
+    if !args.etcd_prefix.ends_with('/') {
+        anyhow::bail!("--etcd-prefix {:?} must end with /", args.etcd_prefix);
+    }
+    let tls = match (&args.etcd_cacert, &args.etcd_cert, &args.etcd_key) {
+        (None, None, None) => None,
+        (Some(ca), None, None) => Some(EtcdTls {
+            ca: ca.clone(),
+            identity: None,
+        }),
+        (Some(ca), Some(c), Some(k)) => Some(EtcdTls {
+            ca: ca.clone(),
+            identity: Some((c.clone(), k.clone())),
+        }),
+        _ => anyhow::bail!("--etcd-cert and --etcd-key go together, and need --etcd-cacert"),
+    };
+    let cfg = EtcdConfig {
+        endpoints: args.etcd_endpoints.clone(),
+        prefix: args.etcd_prefix.clone(),
+        tls,
+    };
+    let ttl = i64::try_from(args.etcd_lease_ttl.as_secs().max(1)).unwrap_or(5);
+    let me = match &args.advertise {
+        Some(a) => a.clone(),
+        None => listeners.grpc.local_addr()?.to_string(),
+    };
+    let client = cfg.connect().await.context("connecting to etcd")?;
+    let mut first = true;
+    loop {
+        // Stand by: health says NOT_SERVING, tabby calls are UNAVAILABLE
+        // with the leader's address, until this one is elected.
+        let now = etcd::leader(&client, &args.etcd_prefix)
+            .await
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "etcd: cannot read the leader");
+                None
+            });
+        let (who_tx, who) = tokio::sync::watch::channel(now);
+        let (stop_standby, standby_stopped) = tokio::sync::oneshot::channel::<()>();
+        let standby = {
+            let (l, h, opts) = (listeners.grpc()?, listeners.health()?, opts.clone());
+            tokio::spawn(async move {
+                tabby_controller::standby::serve(l, h, &opts, who, async move {
+                    let _ = standby_stopped.await;
+                })
+                .await
+            })
+        };
+        if std::mem::take(&mut first) {
+            tracing::info!(
+                listen = %listeners.grpc.local_addr()?,
+                tls = opts.tls.is_some(),
+                "serving gRPC as a standby until elected"
+            );
+        }
+        tracing::info!(me = %me, ttl, "standing by: campaigning for leadership in etcd");
+        let elected = tokio::select! {
+            l = etcd::campaign(&client, &args.etcd_prefix, &me, ttl, &who_tx) => Some(l),
+            () = wait_true(term.clone()) => None,
+        };
+        let _ = stop_standby.send(());
+        if let Ok(Err(e)) = standby.await {
+            tracing::warn!(error = %e, "the standby server stopped with an error");
+        }
+        let leadership = match elected {
+            None => return Ok(()),
+            Some(Ok(l)) => l,
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "campaign failed; standing by again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        tracing::info!(lease = leadership.lease, "elected: leading");
+        let lease = leadership.lease;
+        let store = {
+            let cfg = cfg.clone();
+            tokio::task::spawn_blocking(move || {
+                Store::open_on(Box::new(EtcdBackend::open(&cfg, Some(lease))?))
+            })
+            .await
+            .context("opening the etcd store")?
+        };
+        let ended = match store {
+            Ok(store) => {
+                let store = Arc::new(store);
+                tracing::info!(
+                    prefix = %args.etcd_prefix,
+                    revision = store.revision(),
+                    store_id = store.id(),
+                    epoch = store.epoch().id,
+                    "store open (etcd)"
+                );
+                lead(
+                    args,
+                    store,
+                    opts.clone(),
+                    listeners,
+                    wait_true(term.clone()),
+                    Some(leadership.lost),
+                )
+                .await
+            }
+            Err(e) => Err(anyhow::Error::from(e).context("opening the etcd store")),
+        };
+        // Whatever ended it, let a standby take over at once.
+        let mut c = client.clone();
+        let _ = tokio::time::timeout(Duration::from_secs(2), c.lease_revoke(lease)).await;
+        match ended {
+            Ok(Ended::Stopped) => exit_now(),
+            Ok(Ended::Lost) => tracing::error!("leadership lost; standing by"),
+            Err(e) => tracing::error!(error = %format!("{e:#}"), "leading failed; standing by"),
+        }
+        if *term.borrow() {
+            return Ok(());
+        }
+    }
+}
+
+/// Leads on `store` until `shutdown` (then flushes and returns Stopped) or,
+/// with etcd, until `lost` turns true (Lost). An owner failure is an error
+/// (OwnerFailed).
+async fn lead(
+    args: &Args,
+    store: Arc<Store>,
+    opts: ServeOptions,
+    listeners: &Listeners,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    lost: Option<tokio::sync::watch::Receiver<bool>>,
+) -> anyhow::Result<Ended> {
+    let listener = listeners.grpc()?;
+    let health_listener = listeners.health()?;
     let (ipam, mut owner) = Ipam::start(store.clone())?;
     tokio::select! {
-        r = bootstrap(&ipam, &args) => r?,
+        r = bootstrap(&ipam, args) => r?,
         e = owner.failed() => return Err(OwnerFailed(e).into()),
     }
 
@@ -369,7 +618,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }));
     }
     tracing::info!(listen = %listener.local_addr()?, tls = opts.tls.is_some(), "serving gRPC");
-    let shutdown = tabby_runtime::shutdown_signal()?;
+    // The server stops on a signal, or when the etcd lease is lost.
+    let lost_flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let shutdown = {
+        let lost_flag = lost_flag.clone();
+        async move {
+            match lost {
+                Some(lost) => {
+                    tokio::select! {
+                        () = shutdown => {}
+                        () = wait_true(lost) => {
+                            lost_flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                            tracing::error!("the etcd lease is lost: another controller may lead; stopping");
+                        }
+                    }
+                }
+                None => shutdown.await,
+            }
+        }
+    };
     tokio::select! {
         r = server::serve(listener, health_listener, ipam, opts, shutdown) => r?,
         e = owner.failed() => return Err(OwnerFailed(e).into()),
@@ -382,17 +649,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .context("joining the IPAM owner")?;
     joined.map_err(OwnerFailed)?;
+    if lost_flag.load(std::sync::atomic::Ordering::SeqCst) {
+        return Ok(Ended::Lost);
+    }
     store.flush()?;
     tracing::info!(
         revision = store.revision(),
         "shutdown complete, store flushed"
     );
-    // Everything is durable. Dropping the state, the store and the runtime
-    // one allocation at a time would take seconds (2 s at 550,000
-    // allocations) and change nothing on disk.
-    use std::io::Write;
-    let _ = std::io::stdout().flush();
-    let _ = std::io::stderr().flush();
-    #[allow(clippy::exit)]
-    std::process::exit(0)
+    Ok(Ended::Stopped)
 }

@@ -30,7 +30,7 @@ use std::{
     sync::{Arc, Mutex, PoisonError},
     thread,
 };
-use tabby_store::{Mutation, Op, Store, Written};
+use tabby_store::{Mutation, Op, Store, StoreError, Written};
 use tokio::sync::broadcast;
 use tokio::sync::{mpsc, oneshot};
 
@@ -294,7 +294,14 @@ impl Ipam {
                 Box::new(move |r: std::result::Result<u64, &Error>| {
                     let _ = otx.send(match r {
                         Ok(rev) => Ok((t, rev)),
-                        // A store failure is ours, not the caller's: INTERNAL.
+                        // A store failure is ours, not the caller's:
+                        // INTERNAL; etcd out of reach or this controller
+                        // deposed: UNAVAILABLE (try again, at the leader).
+                        Err(Error::Store(e @ (StoreError::Etcd(_) | StoreError::Fenced(_)))) => {
+                            Err(Error::StoreUnavailable(format!(
+                                "not stored, nothing acknowledged: {e}"
+                            )))
+                        }
                         Err(e) => Err(Error::Internal(format!(
                             "not stored, nothing acknowledged: {e}"
                         ))),

@@ -32,6 +32,9 @@ pub const LEADER_KEY: &[u8] = b"m/leader";
 /// more follow, and the etcd revision it was read at.
 type Page = (Vec<(Vec<u8>, Vec<u8>)>, bool, i64);
 
+/// How long a group commit keeps trying while etcd does not answer.
+const RETRY_FOR: Duration = Duration::from_secs(8);
+
 /// Keys read per request when scanning.
 const PAGE: i64 = 4096;
 
@@ -61,7 +64,7 @@ impl EtcdConfig {
     pub async fn connect(&self) -> Result<Client> {
         let mut o = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
-            .with_timeout(Duration::from_secs(5))
+            .with_timeout(Duration::from_secs(3))
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
             .with_keep_alive_while_idle(true);
         if let Some(t) = &self.tls {
@@ -258,13 +261,28 @@ impl Backend for EtcdBackend {
         let mut c = self.client.clone();
         let fenced = self.fence.is_some();
         self.run(async move {
-            let r = c.txn(txn).await.map_err(|e| etcd_error(&e))?;
-            if fenced && !r.succeeded() {
-                return Err(StoreError::Fenced(
-                    "another controller leads (our lease no longer holds the leader key); nothing was written".into(),
-                ));
+            // A transaction whose answer was lost (a member died, the etcd
+            // leader changed) is sent again: it puts absolute values, and
+            // only the fence's holder writes, so a second landing changes
+            // nothing. Bounded, so that a lost quorum is an error soon.
+            let deadline = tokio::time::Instant::now() + RETRY_FOR;
+            let mut wait = Duration::from_millis(50);
+            loop {
+                match c.txn(txn.clone()).await {
+                    Ok(r) if fenced && !r.succeeded() => {
+                        return Err(StoreError::Fenced(
+                            "another controller leads (our lease no longer holds the leader key); nothing was written".into(),
+                        ))
+                    }
+                    Ok(_) => return Ok(()),
+                    Err(e) if tokio::time::Instant::now() + wait < deadline => {
+                        tracing::warn!(error = %e, "etcd transaction failed; sending it again");
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(Duration::from_secs(1));
+                    }
+                    Err(e) => return Err(etcd_error(&e)),
+                }
             }
-            Ok(())
         })
     }
 

@@ -31,6 +31,7 @@ bench: deps
 	$(CARGO) bench -p tabby-integration --bench convergence
 	$(CARGO) bench -p tabby-integration --bench vtep_apply
 	$(CARGO) bench -p tabby-integration --bench overlay_throughput
+	$(CARGO) bench -p tabby-integration --bench bgp_announce
 
 # The two OCI images (podman, offline, FROM scratch, static binaries):
 # localhost/tabby-controller:dev and localhost/tabby-node:dev.

@@ -140,6 +140,32 @@ fn grouped(routes: &BTreeMap<IpNet, Route>) -> Vec<Update> {
         .collect()
 }
 
+/// Tells a session to go from advertising `sent` to advertising `want`:
+/// withdrawals for what is gone, announcements for what is new or changed.
+/// The controller's and the nodes' sessions both keep their sent table so.
+pub fn advertise(
+    cmds: &mpsc::UnboundedSender<Command>,
+    sent: &BTreeMap<IpNet, Route>,
+    want: &BTreeMap<IpNet, Route>,
+) {
+    let withdraw: Vec<IpNet> = sent
+        .keys()
+        .filter(|p| !want.contains_key(p))
+        .copied()
+        .collect();
+    let announce: Vec<Route> = want
+        .values()
+        .filter(|x| sent.get(&x.prefix) != Some(x))
+        .cloned()
+        .collect();
+    if !withdraw.is_empty() {
+        let _ = cmds.send(Command::Withdraw(withdraw));
+    }
+    if !announce.is_empty() {
+        let _ = cmds.send(Command::Announce(announce));
+    }
+}
+
 /// Runs a session until [`Command::Stop`] or until `cmds` closes. Incoming
 /// connections for this peer arrive on `incoming` (from the owner's
 /// listener).

@@ -521,23 +521,7 @@ pub async fn run(
         // Advertise the node's own destinations.
         for (a, r) in sessions.iter_mut() {
             let want = exports(&view, &r.peer, r.asn);
-            let announce: Vec<Route> = want
-                .values()
-                .filter(|x| r.sent.get(&x.prefix) != Some(x))
-                .cloned()
-                .collect();
-            let withdraw: Vec<IpNet> = r
-                .sent
-                .keys()
-                .filter(|p| !want.contains_key(p))
-                .copied()
-                .collect();
-            if !withdraw.is_empty() {
-                let _ = r.cmds.send(Command::Withdraw(withdraw));
-            }
-            if !announce.is_empty() {
-                let _ = r.cmds.send(Command::Announce(announce));
-            }
+            session::advertise(&r.cmds, &r.sent, &want);
             if let Some(s) = lock_status(&status).bgp.get_mut(a) {
                 s.sent = want.len();
             }

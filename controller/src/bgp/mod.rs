@@ -274,23 +274,7 @@ pub async fn run(
             let table = tabby_routing::cluster_routes(&intent, None);
             for (a, r) in sessions.iter_mut() {
                 let want = exports(&table, &intent, &r.peer, asn);
-                let announce: Vec<Route> = want
-                    .values()
-                    .filter(|x| r.sent.get(&x.prefix) != Some(x))
-                    .cloned()
-                    .collect();
-                let withdraw: Vec<IpNet> = r
-                    .sent
-                    .keys()
-                    .filter(|p| !want.contains_key(p))
-                    .copied()
-                    .collect();
-                if !withdraw.is_empty() {
-                    let _ = r.cmds.send(Command::Withdraw(withdraw));
-                }
-                if !announce.is_empty() {
-                    let _ = r.cmds.send(Command::Announce(announce));
-                }
+                session::advertise(&r.cmds, &r.sent, &want);
                 if let Some(s) = lock(&status).get_mut(a) {
                     s.advertised.clone_from(&want);
                 }

@@ -54,7 +54,7 @@ run-controller: build
 # DUAL_STACK=1 adds IPv6 to the fabric and an IPv6 pool; BGP=1 adds a GoBGP
 # route reflector on the fabric that the controller peers with.
 lab: deps build
-	target/release/tabby-lab up $(if $(TOPOLOGY),--topology $(TOPOLOGY)) $(if $(MODE),--mode $(MODE)) $(if $(DUAL_STACK),--dual-stack) $(if $(BGP),--bgp)
+	target/release/tabby-lab up $(if $(TOPOLOGY),--topology $(TOPOLOGY)) $(if $(MODE),--mode $(MODE)) $(if $(DUAL_STACK),--dual-stack) $(if $(BGP),--bgp) $(if $(HA),--ha)
 
 # The same lab with the controller and node clients as containers of the
 # images (podman, runc, the manifests' mounts and settings).

@@ -25,11 +25,18 @@ const SERVICES: [&str; 4] = [
 ];
 
 /// What a standby answers a tabby call with.
+/// The leader's address also goes in the `tabby-leader` metadata (empty
+/// while none leads), which tells a client that nothing was done.
 pub fn unavailable(leader: Option<&str>) -> tonic::Status {
-    tonic::Status::unavailable(match leader {
+    let mut st = tonic::Status::unavailable(match leader {
         Some(l) => format!("this controller is a standby; the leader is {l}"),
         None => "this controller is a standby and no controller leads yet (etcd unreachable, or an election under way); try again".into(),
-    })
+    });
+    // An address that is not a valid header value is only in the message.
+    if let Ok(v) = leader.unwrap_or_default().parse() {
+        st.metadata_mut().insert(tabby_proto::LEADER_HEADER, v);
+    }
+    st
 }
 
 /// Answers every `tabby.v1` call with [`unavailable`]; health and

@@ -102,6 +102,14 @@ async fn the_standby_takes_over_with_every_acknowledged_assignment() {
         .unwrap_err();
     assert_eq!(e.code(), Code::Unavailable, "{e}");
     assert!(e.message().contains(&a.addr.to_string()), "{e}");
+    // ...and in metadata, for clients that follow it (tabby-node).
+    assert_eq!(
+        e.metadata()
+            .get(tabby_proto::LEADER_HEADER)
+            .and_then(|v| v.to_str().ok()),
+        Some(a.addr.to_string().as_str()),
+        "{e:?}"
+    );
     assert_eq!(health(&b).await, 2, "standby NOT_SERVING"); // 2: NOT_SERVING
     assert_eq!(health(&a).await, 1, "leader SERVING");
 

@@ -38,6 +38,80 @@ pub fn etcd_bin() -> Result<PathBuf> {
     Ok(p)
 }
 
+/// The flags of one member (`name`, data in `data`) listening on
+/// 127.0.0.1 of its namespace at `client` and `peer`, in a new cluster
+/// `cluster` (`name=http://127.0.0.1:PEER,...`).
+pub fn member_args(name: &str, data: &Path, client: u16, peer: u16, cluster: &str) -> Vec<String> {
+    let client = format!("http://127.0.0.1:{client}");
+    let peer = format!("http://127.0.0.1:{peer}");
+    [
+        "--name",
+        name,
+        "--data-dir",
+        &data.display().to_string(),
+        "--listen-client-urls",
+        &client,
+        "--advertise-client-urls",
+        &client,
+        "--listen-peer-urls",
+        &peer,
+        "--initial-advertise-peer-urls",
+        &peer,
+        "--initial-cluster",
+        cluster,
+        "--initial-cluster-state",
+        "new",
+        "--initial-cluster-token",
+        "tabby-test",
+        // A group commit is one transaction.
+        "--max-txn-ops",
+        "10000",
+        // Loopback: quick elections.
+        "--heartbeat-interval",
+        "50",
+        "--election-timeout",
+        "500",
+        "--log-level",
+        "warn",
+    ]
+    .map(str::to_string)
+    .to_vec()
+}
+
+/// Waits until a quorum of the cluster at `endpoints` (comma-separated)
+/// answers a linearizable read, with etcdctl run in namespace `ns` when
+/// given.
+pub fn wait_healthy(endpoints: &str, ns: Option<&str>, timeout: Duration) -> Result<()> {
+    let t = Instant::now();
+    loop {
+        let mut cmd = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "etcdctl"]);
+                c
+            }
+            None => Command::new("etcdctl"),
+        };
+        let out = cmd
+            .env("ETCDCTL_API", "3")
+            .args([
+                "--endpoints",
+                endpoints,
+                "--command-timeout=1s",
+                "get",
+                "health-probe",
+            ])
+            .output();
+        if out.is_ok_and(|o| o.status.success()) {
+            return Ok(());
+        }
+        if t.elapsed() > timeout {
+            bail!("etcd at {endpoints} did not become healthy in {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 impl EtcdCluster {
     /// Starts `n` members and waits until the cluster answers.
     pub fn start(n: usize) -> Result<EtcdCluster> {
@@ -99,35 +173,13 @@ impl EtcdCluster {
             .append(true)
             .open(dir.join(format!("{}.log", m.name)))?;
         let child = Command::new(etcd_bin()?)
-            .args(["--name", &m.name])
-            .arg("--data-dir")
-            .arg(dir.join(&m.name))
-            .args([
-                "--listen-client-urls",
-                &format!("http://127.0.0.1:{}", m.client),
-                "--advertise-client-urls",
-                &format!("http://127.0.0.1:{}", m.client),
-                "--listen-peer-urls",
-                &format!("http://127.0.0.1:{}", m.peer),
-                "--initial-advertise-peer-urls",
-                &format!("http://127.0.0.1:{}", m.peer),
-                "--initial-cluster",
+            .args(member_args(
+                &m.name,
+                &dir.join(&m.name),
+                m.client,
+                m.peer,
                 &cluster,
-                "--initial-cluster-state",
-                "new",
-                "--initial-cluster-token",
-                "tabby-test",
-                // A group commit is one transaction.
-                "--max-txn-ops",
-                "10000",
-                // Loopback: quick elections.
-                "--heartbeat-interval",
-                "50",
-                "--election-timeout",
-                "500",
-                "--log-level",
-                "warn",
-            ])
+            ))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -147,29 +199,8 @@ impl EtcdCluster {
 
     /// Waits until a quorum answers a linearizable read.
     pub fn wait_healthy(&self, timeout: Duration) -> Result<()> {
-        let t = Instant::now();
-        loop {
-            let out = Command::new("etcdctl")
-                .env("ETCDCTL_API", "3")
-                .args([
-                    "--endpoints",
-                    &self.endpoints_flag(),
-                    "--command-timeout=1s",
-                    "get",
-                    "health-probe",
-                ])
-                .output();
-            if out.is_ok_and(|o| o.status.success()) {
-                return Ok(());
-            }
-            if t.elapsed() > timeout {
-                bail!(
-                    "etcd did not become healthy in {timeout:?}; logs in {}",
-                    self.dir.path().display()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_healthy(&self.endpoints_flag(), None, timeout)
+            .with_context(|| format!("logs in {}", self.dir.path().display()))
     }
 
     /// `etcdctl` against the cluster (API v3); its stdout.

@@ -74,6 +74,30 @@ pub struct LabConfig {
     /// and a second pool, [`POOL_V6`] with `nat_outgoing`, so every pod gets
     /// an address of each family.
     pub dual_stack: bool,
+    /// High availability (issue 16): a three-member etcd on the fabric's
+    /// loopback, two controller replicas on it ([`CONTROLLER`] and
+    /// [`CONTROLLER_B`], the first started leads), and node clients given
+    /// both addresses. Off: one controller on its embedded store.
+    pub ha: bool,
+}
+
+/// The second controller replica of an HA lab.
+pub const CONTROLLER_B: &str = "172.18.0.1:5152";
+
+/// An HA lab's etcd members: (client, peer) ports on the fabric's loopback.
+const ETCD_PORTS: [(u16, u16); 3] = [(2379, 2380), (22379, 22380), (32379, 32380)];
+
+/// The controller replicas of a lab: (role, address, metrics port).
+fn replicas(ha: bool) -> &'static [(&'static str, &'static str, u16)] {
+    const ALL: [(&str, &str, u16); 2] = [
+        ("controller", CONTROLLER, 9100),
+        ("controller-b", CONTROLLER_B, 9102),
+    ];
+    if ha {
+        &ALL
+    } else {
+        &ALL[..1]
+    }
 }
 
 /// The IPv6 pool of a dual-stack lab.
@@ -137,6 +161,7 @@ impl LabConfig {
             containers: None,
             topology: Topology::Flat,
             dual_stack: false,
+            ha: false,
         }
     }
 
@@ -261,6 +286,9 @@ impl Lab {
                 );
             }
         }
+        if cfg.ha && cfg.containers.is_some() {
+            bail!("an HA lab runs its controllers as processes: --ha cannot be combined with --containers");
+        }
         fs::create_dir_all(&cfg.dir)?;
         let mut lab = Lab {
             state: LabState {
@@ -274,6 +302,9 @@ impl Lab {
         };
         lab.make_certs()?;
         lab.build_fabric()?;
+        if lab.cfg.ha {
+            lab.start_etcd()?;
+        }
         lab.start_controller()?;
         for (n, ip) in lab.cfg.nodes.clone() {
             lab.add_node(&n, ip)?;
@@ -690,21 +721,121 @@ impl Lab {
         Ok(())
     }
 
-    /// Starts (or restarts) the controller on the fabric.
+    /// The etcd endpoints of an HA lab (on the fabric's loopback).
+    pub fn etcd_endpoints(&self) -> String {
+        ETCD_PORTS
+            .iter()
+            .map(|(c, _)| format!("http://127.0.0.1:{c}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Starts an HA lab's three etcd members in the fabric namespace, as
+    /// processes of the lab (roles `etcd-0`..`etcd-2`).
+    fn start_etcd(&mut self) -> Result<()> {
+        let bin = crate::etcd::etcd_bin()?;
+        let cluster = ETCD_PORTS
+            .iter()
+            .enumerate()
+            .map(|(i, (_, p))| format!("m{i}=http://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let f = self.fabric();
+        for (i, (client, peer)) in ETCD_PORTS.into_iter().enumerate() {
+            let name = format!("m{i}");
+            let data = self.cfg.dir.join(format!("etcd-{i}"));
+            let log = self.cfg.dir.join(format!("etcd-{i}.log"));
+            let logf = fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log)?;
+            let child = Command::new("ip")
+                .args(["netns", "exec", &f])
+                .arg(&bin)
+                .args(crate::etcd::member_args(
+                    &name, &data, client, peer, &cluster,
+                ))
+                .stdin(Stdio::null())
+                .stdout(logf.try_clone()?)
+                .stderr(logf)
+                .process_group(0)
+                .spawn()
+                .context("starting etcd")?;
+            self.track(&format!("etcd-{i}"), child);
+        }
+        self.save()?;
+        crate::etcd::wait_healthy(&self.etcd_endpoints(), Some(&f), Duration::from_secs(20))
+    }
+
+    /// The address of a controller replica's role (`controller`,
+    /// `controller-b`).
+    pub fn controller_addr(&self, role: &str) -> Result<&'static str> {
+        replicas(self.cfg.ha)
+            .iter()
+            .find(|r| r.0 == role)
+            .map(|r| r.1)
+            .ok_or_else(|| anyhow!("no controller replica {role:?} in this lab"))
+    }
+
+    /// A replica's log file.
+    pub fn controller_log(&self, role: &str) -> PathBuf {
+        self.cfg.dir.join(format!("{role}.log"))
+    }
+
+    /// The role of the replica that serves (its health says SERVING for
+    /// NodeAgent), if one does.
+    pub fn leader(&self) -> Option<&'static str> {
+        replicas(self.cfg.ha).iter().map(|r| r.0).find(|role| {
+            let Ok(addr) = self.controller_addr(role) else {
+                return false;
+            };
+            self.grpcurl_at(
+                addr,
+                self.admin_tls_flags(),
+                &[
+                    "-d",
+                    r#"{"service":"tabby.v1.NodeAgent"}"#,
+                    "grpc.health.v1.Health/Check",
+                ],
+            )
+            .is_ok_and(|o| o.contains("\"SERVING\""))
+        })
+    }
+
+    /// Starts (or restarts) the controller on the fabric; in an HA lab,
+    /// every replica not running, the first to start leading.
     pub fn start_controller(&mut self) -> Result<()> {
-        let log = self.cfg.dir.join("controller.log");
-        let args = vec![
+        for &(role, addr, metrics) in replicas(self.cfg.ha) {
+            if self.children.contains_key(role) {
+                continue;
+            }
+            self.start_replica(role, addr, metrics)?;
+        }
+        let first = !self.cfg.dir.join("pool-v6").exists();
+        if first && self.cfg.dual_stack {
+            self.grpcurl(&[
+                "-d",
+                &format!(r#"{{"pool":{{"name":"default-pool-v6","cidr":"{POOL_V6}","nat_outgoing":true}}}}"#),
+                "tabby.v1.IpamAdmin/CreatePool",
+            ])
+            .context("creating the IPv6 pool")?;
+            fs::write(self.cfg.dir.join("pool-v6"), POOL_V6)?;
+        }
+        self.save()
+    }
+
+    fn start_replica(&mut self, role: &str, addr: &str, metrics: u16) -> Result<()> {
+        let log = self.controller_log(role);
+        let mut args = vec![
             "--listen".into(),
-            CONTROLLER.into(),
-            "--data-dir".into(),
-            self.cfg.dir.join("controller-data").display().to_string(),
+            addr.into(),
             "--bootstrap-pool".into(),
             self.cfg.pool.clone(),
             "--bootstrap-block-size".into(),
             self.cfg.block_size.to_string(),
             // Metrics on the fabric's loopback (see Lab::metrics).
             "--metrics-listen".into(),
-            "127.0.0.1:9100".into(),
+            format!("127.0.0.1:{metrics}"),
             "--tls-cert".into(),
             self.certs_dir().join("server.pem").display().to_string(),
             "--tls-key".into(),
@@ -715,24 +846,39 @@ impl Lab {
             "--client-ca".into(),
             self.certs_dir().join("ca.pem").display().to_string(),
         ];
+        if self.cfg.ha {
+            args.extend([
+                "--datastore".into(),
+                "etcd".into(),
+                "--etcd-endpoints".into(),
+                self.etcd_endpoints(),
+                "--advertise".into(),
+                addr.into(),
+            ]);
+        } else {
+            args.extend([
+                "--data-dir".into(),
+                self.cfg.dir.join("controller-data").display().to_string(),
+            ]);
+        }
         let mark = log_len(&log);
-        let first = !self.cfg.dir.join("controller-data").exists();
         if let Some(images) = self.cfg.containers.clone() {
             self.start_controller_container(&images)?;
         } else {
             let f = self.fabric();
-            self.spawn("controller", &f, "tabby-controller", &args, &log)?;
+            self.spawn(role, &f, "tabby-controller", &args, &log)?;
         }
         wait_log(&log, mark, "serving gRPC", Duration::from_secs(20))?;
-        if first && self.cfg.dual_stack {
-            self.grpcurl(&[
-                "-d",
-                &format!(r#"{{"pool":{{"name":"default-pool-v6","cidr":"{POOL_V6}","nat_outgoing":true}}}}"#),
-                "tabby.v1.IpamAdmin/CreatePool",
-            ])
-            .context("creating the IPv6 pool")?;
+        if self.cfg.ha && self.leader().is_none() {
+            // The first replica: let it win the election before the next
+            // starts, so that the lab's leader is known.
+            wait_log(&log, mark, "elected: leading", Duration::from_secs(20))?;
+            let t = Instant::now();
+            while self.leader().is_none() && t.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
-        self.save()
+        Ok(())
     }
 
     /// A node's IPv6 fabric address (dual-stack labs).
@@ -836,7 +982,11 @@ impl Lab {
             "--controller-ca".into(),
             d.join("ca.pem").display().to_string(),
             "--controller".into(),
-            CONTROLLER.into(),
+            replicas(self.cfg.ha)
+                .iter()
+                .map(|r| r.1)
+                .collect::<Vec<_>>()
+                .join(","),
             "--node-name".into(),
             node.into(),
             // As a kubelet labels its node; BGP peers select nodes by it.
@@ -1397,13 +1547,34 @@ protocol static statics {{
         self.grpcurl_with(tls, args)
     }
 
+    /// Against the leader: in an HA lab, a replica that is out of reach
+    /// or a standby is passed over for the next.
     fn grpcurl_with(&self, tls: Vec<String>, args: &[&str]) -> Result<String> {
+        let mut last = None;
+        for &(_, addr, _) in replicas(self.cfg.ha) {
+            match self.grpcurl_at(addr, tls.clone(), args) {
+                Err(e)
+                    if self.cfg.ha
+                        && ["standby", "connection refused", "Failed to dial"]
+                            .iter()
+                            .any(|m| format!("{e:#}").contains(m)) =>
+                {
+                    last = Some(e);
+                }
+                r => return r,
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow!("no controller replica")))
+    }
+
+    /// grpcurl against the controller replica at `addr`.
+    pub fn grpcurl_at(&self, addr: &str, tls: Vec<String>, args: &[&str]) -> Result<String> {
         let g = self.cfg.grpcurl.display().to_string();
         let mut cmd = vec![g.as_str()];
         cmd.extend(tls.iter().map(String::as_str));
         let last = args.len().saturating_sub(1);
         cmd.extend_from_slice(&args[..last]);
-        cmd.push(CONTROLLER);
+        cmd.push(addr);
         cmd.extend_from_slice(&args[last..]);
         netns::exec(&self.fabric(), &cmd)
     }
@@ -1486,6 +1657,7 @@ pub fn teardown_state(s: &LabState) {
         if cmd.contains("tabby")
             || (p.role == "gobgpd" && cmd.contains("gobgpd"))
             || (p.role == "bird-tor" && cmd.contains("bird"))
+            || (p.role.starts_with("etcd-") && cmd.contains("etcd"))
         {
             // A pid we started (checked by its cmdline).
             if let Ok(pid) = i32::try_from(p.pid) {

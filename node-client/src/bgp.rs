@@ -364,8 +364,7 @@ pub async fn run(
         let failing = retry_at.is_some_and(|t| now < t);
         if view.generation != 0 && ((stale_gen && !failing) || now >= fetch_at) {
             match ctl
-                .agent
-                .clone()
+                .agent()
                 .get_bgp_sessions(pb::GetBgpSessionsRequest {})
                 .await
             {
@@ -376,6 +375,7 @@ pub async fn run(
                     fetch_at = Instant::now() + jittered(REFETCH);
                 }
                 Err(e) => {
+                    ctl.failed(&e);
                     let wait = retry.next_delay();
                     tracing::warn!(error = %e.message(), retry_in = ?wait, "cannot fetch this node's BGP sessions");
                     fetch_at = Instant::now() + wait;

@@ -102,8 +102,10 @@ fn reconnect_backoff() -> Backoff {
 /// Registers this node, retrying until it works or `stop` is set.
 pub async fn register(ctl: &Controller, node: pb::Node, status: &SharedStatus, stop: &AtomicBool) {
     let mut backoff = reconnect_backoff();
+    // Moves to another replica without waiting, once round the list.
+    let mut hops = 0;
     while !stop.load(Ordering::Relaxed) {
-        let mut agent = ctl.agent.clone();
+        let mut agent = ctl.agent();
         match agent
             .register_node(pb::RegisterNodeRequest {
                 node: Some(node.clone()),
@@ -118,8 +120,14 @@ pub async fn register(ctl: &Controller, node: pb::Node, status: &SharedStatus, s
                 return;
             }
             Err(e) => {
+                // Another replica may lead: try it at once.
+                if ctl.failed(&e) && hops < ctl.replicas() {
+                    hops += 1;
+                    continue;
+                }
+                hops = 0;
                 let d = backoff.next_delay();
-                tracing::warn!(error = %e.message(), code = ?e.code(), retry_in = ?d, "registration failed");
+                tracing::warn!(error = %e.message(), code = ?e.code(), controller = %ctl.address(), retry_in = ?d, "registration failed");
                 tokio::time::sleep(d).await;
             }
         }
@@ -138,6 +146,7 @@ pub async fn watch(
     snapshots: Arc<tokio::sync::Notify>,
 ) {
     let mut backoff = reconnect_backoff();
+    let mut hops = 0;
     while !stop.load(Ordering::Relaxed) {
         // Register before every watch: cheap when unchanged, and a restarted
         // controller with a fresh store learns about us again.
@@ -148,7 +157,7 @@ pub async fn watch(
             epoch,
             ..
         } = lock_resume(&resume).clone();
-        let mut client = ctl.intent.clone();
+        let mut client = ctl.intent();
         match client
             .watch(pb::WatchRequest {
                 since_revision: since,
@@ -164,8 +173,9 @@ pub async fn watch(
                     st.watching = true;
                     st.controller_seen = Some(Instant::now());
                 }
-                tracing::info!(since, "intent watch connected");
+                tracing::info!(since, controller = %ctl.address(), "intent watch connected");
                 backoff.reset();
+                hops = 0;
                 loop {
                     match stream.message().await {
                         Ok(Some(u)) => {
@@ -188,13 +198,21 @@ pub async fn watch(
                         }
                         Err(e) => {
                             tracing::warn!(error = %e.message(), "intent stream broken");
+                            // A leader that stepped down or died: the
+                            // next try goes to another replica.
+                            ctl.failed(&e);
                             break;
                         }
                     }
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e.message(), code = ?e.code(), unavailable = is_unavailable(&e), "intent watch failed");
+                tracing::warn!(error = %e.message(), code = ?e.code(), unavailable = is_unavailable(&e), controller = %ctl.address(), "intent watch failed");
+                if ctl.failed(&e) && hops < ctl.replicas() {
+                    hops += 1;
+                    lock_status(&status).watching = false;
+                    continue;
+                }
             }
         }
         lock_status(&status).watching = false;

@@ -9,7 +9,7 @@ use std::{
 };
 use tabby_node::{
     cni_server::PodNetworkService,
-    controller::{controller_host, Controller, Transport},
+    controller::{controller_addresses, controller_host, Controller, Transport},
     daemon::{self, lock_status, Event, NodeStatus, Reconciler, SharedResume, Sysctl, Timers},
     detect, netlink,
     nft::Nft,
@@ -27,7 +27,9 @@ struct Args {
     /// Without a subcommand: run the node client.
     #[command(subcommand)]
     command: Option<Command>,
-    /// Controller gRPC address (host:port).
+    /// Controller gRPC address (host:port), or several replicas' addresses
+    /// separated by commas: the node finds the one that leads, and moves
+    /// when another takes over.
     #[arg(long, env = "TABBY_CONTROLLER", required = true)]
     controller: Option<String>,
     /// This node's name (Kubernetes node name).
@@ -176,11 +178,17 @@ fn transport(a: &Args, controller: &str, node_name: &str) -> anyhow::Result<Tran
             };
             let tls = Reloading::start(ClientMaterial(files), a.tls_reload_interval)
                 .context("loading --tls-cert, --tls-key and --controller-ca")?;
+            // Without --tls-server-name each replica is verified against
+            // its own address's host (Controller::new).
+            let first = &controller_addresses(controller)?[0];
             let name = match &a.tls_server_name {
                 Some(n) => n.clone(),
-                None => controller_host(controller)?,
+                None => controller_host(first)?,
             };
-            Ok(Transport::Tls(Connector::new(tls, &name, Duration::from_secs(2))?))
+            Ok(Transport::Tls {
+                connector: Connector::new(tls, &name, Duration::from_secs(2))?,
+                server_name: a.tls_server_name.clone(),
+            })
         }
         (_, _, _, true) => anyhow::bail!("--insecure cannot be combined with --tls-cert, --tls-key or --controller-ca"),
         _ => anyhow::bail!(

@@ -18,3 +18,8 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 /// is refused; only a controller run with `--insecure` takes the name from it.
 /// Read in exactly one place in the controller.
 pub const NODE_IDENTITY_HEADER: &str = "tabby-node";
+
+/// gRPC trailer metadata key on a standby controller's UNAVAILABLE answer:
+/// the leader's advertised address. Its presence also says the call was
+/// refused before doing anything, so a client may send it elsewhere.
+pub const LEADER_HEADER: &str = "tabby-leader";

@@ -42,6 +42,18 @@ impl Connector {
             connect_timeout,
         })
     }
+
+    /// The same client material, verifying the server against another name
+    /// (one controller replica of several, each with its own address).
+    pub fn with_server_name(&self, server_name: &str) -> Result<Self> {
+        let name = ServerName::try_from(server_name.to_string())
+            .map_err(|e| Error::Invalid(format!("TLS server name {server_name:?}: {e}")))?;
+        Ok(Connector {
+            tls: self.tls.clone(),
+            server_name: name,
+            connect_timeout: self.connect_timeout,
+        })
+    }
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;

@@ -11,7 +11,7 @@ use tabby_integration::{
 };
 
 const USAGE: &str =
-    "usage: tabby-lab up [--containers] [--dual-stack] [--bgp] [--topology flat|racks] [--mode none|vxlan|vxlan-cross-subnet|ipip|ipip-cross-subnet] | down | show [--dir DIR] | echo-server ADDR [COUNT] | echo-client ADDR";
+    "usage: tabby-lab up [--containers] [--dual-stack] [--bgp] [--ha] [--topology flat|racks] [--mode none|vxlan|vxlan-cross-subnet|ipip|ipip-cross-subnet] | down | show [--dir DIR] | echo-server ADDR [COUNT] | echo-client ADDR";
 const PREFIX: &str = "tlab";
 
 fn dir_arg(args: &[String]) -> PathBuf {
@@ -232,6 +232,8 @@ fn up(dir: PathBuf, args: &[String]) -> Result<()> {
         cfg.containers = Some(images);
     }
     cfg.dual_stack = args.iter().any(|a| a == "--dual-stack");
+    // Three etcd members and two controller replicas (issue 16).
+    cfg.ha = args.iter().any(|a| a == "--ha");
     let mut lab = Lab::up(cfg).context("building the lab")?;
     if args.iter().any(|a| a == "--bgp") {
         lab.add_route_reflector()

@@ -39,18 +39,8 @@ struct Args {
     /// with --etcd-cacert).
     #[arg(long, env = "TABBY_ETCD_ENDPOINTS", value_delimiter = ',')]
     etcd_endpoints: Vec<String>,
-    /// Key prefix of tabby's state in etcd.
-    #[arg(long, env = "TABBY_ETCD_PREFIX", default_value = tabby_store::etcd::DEFAULT_PREFIX)]
-    etcd_prefix: String,
-    /// CA bundle that signed etcd's certificates (makes the connection TLS).
-    #[arg(long, env = "TABBY_ETCD_CACERT")]
-    etcd_cacert: Option<PathBuf>,
-    /// Client certificate for etcd (with --etcd-key).
-    #[arg(long, env = "TABBY_ETCD_CERT")]
-    etcd_cert: Option<PathBuf>,
-    /// Client key for etcd (with --etcd-cert).
-    #[arg(long, env = "TABBY_ETCD_KEY")]
-    etcd_key: Option<PathBuf>,
+    #[command(flatten)]
+    etcd: EtcdAccess,
     /// The leader's lease: a leader that cannot renew it for this long is
     /// replaced, and its writes are refused from then on.
     #[arg(long, env = "TABBY_ETCD_LEASE_TTL", default_value = "5s", value_parser = parse_duration)]
@@ -140,12 +130,100 @@ struct Args {
     max_inflight_per_node: usize,
 }
 
+/// How to reach tabby's keys in etcd, beside the endpoints.
+#[derive(clap::Args, Debug, Clone)]
+struct EtcdAccess {
+    /// Key prefix of tabby's state in etcd.
+    #[arg(long, env = "TABBY_ETCD_PREFIX", default_value = tabby_store::etcd::DEFAULT_PREFIX)]
+    etcd_prefix: String,
+    /// CA bundle that signed etcd's certificates (makes the connection TLS).
+    #[arg(long, env = "TABBY_ETCD_CACERT")]
+    etcd_cacert: Option<PathBuf>,
+    /// Client certificate for etcd (with --etcd-key).
+    #[arg(long, env = "TABBY_ETCD_CERT")]
+    etcd_cert: Option<PathBuf>,
+    /// Client key for etcd (with --etcd-cert).
+    #[arg(long, env = "TABBY_ETCD_KEY")]
+    etcd_key: Option<PathBuf>,
+}
+
+impl EtcdAccess {
+    /// The store's etcd configuration for `endpoints`.
+    fn config(&self, endpoints: &[String]) -> anyhow::Result<tabby_store::etcd::EtcdConfig> {
+        use tabby_store::etcd::{EtcdConfig, EtcdTls};
+        if endpoints.is_empty() {
+            anyhow::bail!("no etcd endpoints given (--etcd-endpoints)");
+        }
+        if !self.etcd_prefix.ends_with('/') {
+            anyhow::bail!("--etcd-prefix {:?} must end with /", self.etcd_prefix);
+        }
+        let tls = match (&self.etcd_cacert, &self.etcd_cert, &self.etcd_key) {
+            (None, None, None) => None,
+            (Some(ca), None, None) => Some(EtcdTls {
+                ca: ca.clone(),
+                identity: None,
+            }),
+            (Some(ca), Some(c), Some(k)) => Some(EtcdTls {
+                ca: ca.clone(),
+                identity: Some((c.clone(), k.clone())),
+            }),
+            _ => anyhow::bail!("--etcd-cert and --etcd-key go together, and need --etcd-cacert"),
+        };
+        Ok(EtcdConfig {
+            endpoints: endpoints.to_vec(),
+            prefix: self.etcd_prefix.clone(),
+            tls,
+        })
+    }
+}
+
 #[derive(clap::Subcommand, Debug)]
 enum Command {
     /// Make the certificates of a cluster (a CA, the controller's, nodes',
     /// operators').
     #[command(subcommand)]
     Certs(Certs),
+    /// Copy an embedded (sled) store into an empty etcd prefix, to move a
+    /// cluster onto etcd. Stop the controller first (its store is locked
+    /// while it runs); the copy keeps the store's id, so node clients
+    /// resume on the new controllers without a snapshot.
+    Migrate {
+        /// The sled store's directory (the old --data-dir).
+        #[arg(long)]
+        from_sled: PathBuf,
+        /// etcd members to copy into, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        to_etcd: Vec<String>,
+        #[command(flatten)]
+        etcd: EtcdAccess,
+    },
+}
+
+/// `tabby-controller migrate`: every key of the sled store into an empty
+/// etcd prefix; refused, with nothing written, when the prefix holds keys.
+fn migrate(from: &std::path::Path, endpoints: &[String], etcd: &EtcdAccess) -> anyhow::Result<()> {
+    use tabby_store::{etcd::EtcdBackend, migrate, SledBackend};
+    if !from.join("conf").exists() && !from.join("db").exists() {
+        anyhow::bail!("--from-sled {}: no sled store there", from.display());
+    }
+    let cfg = etcd.config(endpoints)?;
+    let src = SledBackend::open(from, 64 << 20).with_context(|| {
+        format!(
+            "opening the sled store in {} (is its controller stopped?)",
+            from.display()
+        )
+    })?;
+    let dst = EtcdBackend::open(&cfg, None).context("connecting to etcd")?;
+    // 100 keys per transaction: inside etcd's default --max-txn-ops (128).
+    let n = migrate::copy(&src, &dst, 100)?;
+    println!(
+        "copied {} keys ({} bytes) from {} into etcd under {}",
+        n.keys,
+        n.bytes,
+        from.display(),
+        cfg.prefix
+    );
+    Ok(())
 }
 
 /// Where the state lives.
@@ -308,8 +386,14 @@ struct OwnerFailed(Error);
 
 fn start() -> anyhow::Result<()> {
     let mut args = Args::parse();
-    if let Some(Command::Certs(c)) = args.command.take() {
-        return certs(c);
+    match args.command.take() {
+        Some(Command::Certs(c)) => return certs(c),
+        Some(Command::Migrate {
+            from_sled,
+            to_etcd,
+            etcd,
+        }) => return migrate(&from_sled, &to_etcd, &etcd),
+        None => {}
     }
     tabby_runtime::init_logging(&args.log, args.log_format).context("--log")?;
     let workers = match args.worker_threads {
@@ -454,30 +538,8 @@ async fn run_etcd(
     listeners: &Listeners,
     term: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    use tabby_store::etcd::{self, EtcdBackend, EtcdConfig, EtcdTls};
-    if args.etcd_endpoints.is_empty() {
-        anyhow::bail!("--datastore etcd needs --etcd-endpoints");
-    }
-    if !args.etcd_prefix.ends_with('/') {
-        anyhow::bail!("--etcd-prefix {:?} must end with /", args.etcd_prefix);
-    }
-    let tls = match (&args.etcd_cacert, &args.etcd_cert, &args.etcd_key) {
-        (None, None, None) => None,
-        (Some(ca), None, None) => Some(EtcdTls {
-            ca: ca.clone(),
-            identity: None,
-        }),
-        (Some(ca), Some(c), Some(k)) => Some(EtcdTls {
-            ca: ca.clone(),
-            identity: Some((c.clone(), k.clone())),
-        }),
-        _ => anyhow::bail!("--etcd-cert and --etcd-key go together, and need --etcd-cacert"),
-    };
-    let cfg = EtcdConfig {
-        endpoints: args.etcd_endpoints.clone(),
-        prefix: args.etcd_prefix.clone(),
-        tls,
-    };
+    use tabby_store::etcd::{self, EtcdBackend};
+    let cfg = args.etcd.config(&args.etcd_endpoints)?;
     let ttl = i64::try_from(args.etcd_lease_ttl.as_secs().max(1)).unwrap_or(5);
     let me = match &args.advertise {
         Some(a) => a.clone(),
@@ -488,7 +550,7 @@ async fn run_etcd(
     loop {
         // Stand by: health says NOT_SERVING, tabby calls are UNAVAILABLE
         // with the leader's address, until this one is elected.
-        let now = etcd::leader(&client, &args.etcd_prefix)
+        let now = etcd::leader(&client, &args.etcd.etcd_prefix)
             .await
             .unwrap_or_else(|e| {
                 tracing::warn!(error = %e, "etcd: cannot read the leader");
@@ -514,7 +576,7 @@ async fn run_etcd(
         }
         tracing::info!(me = %me, ttl, "standing by: campaigning for leadership in etcd");
         let elected = tokio::select! {
-            l = etcd::campaign(&client, &args.etcd_prefix, &me, ttl, &who_tx) => Some(l),
+            l = etcd::campaign(&client, &args.etcd.etcd_prefix, &me, ttl, &who_tx) => Some(l),
             () = wait_true(term.clone()) => None,
         };
         let _ = stop_standby.send(());
@@ -544,7 +606,7 @@ async fn run_etcd(
             Ok(store) => {
                 let store = Arc::new(store);
                 tracing::info!(
-                    prefix = %args.etcd_prefix,
+                    prefix = %args.etcd.etcd_prefix,
                     revision = store.revision(),
                     store_id = store.id(),
                     epoch = store.epoch().id,

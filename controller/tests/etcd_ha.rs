@@ -363,3 +363,108 @@ async fn etcd_members_down_one_changes_nothing_two_make_writes_unavailable() {
         assert_eq!(r.allocations.len(), 1, "{h}");
     }
 }
+
+/// `tabby-controller migrate --from-sled DIR --to-etcd ...` copies a sled
+/// store into an empty etcd prefix: a controller on etcd then serves the
+/// same pools, nodes and handles, with the same store id (node clients
+/// resume without a snapshot). Into a prefix that holds keys it is refused,
+/// with nothing written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn migrate_copies_a_sled_store_into_an_empty_prefix_only() {
+    let etcd = EtcdCluster::start(3).unwrap();
+    let dir = temp_dir();
+    let sled = dir.path().join("sled");
+    let mut before = BTreeMap::new();
+    let store_id;
+    {
+        let mut c = Controller::start(&sled);
+        create_pool(&mut c.admin().await, "p", "10.0.0.0/16", 28).await;
+        register(&c, "n1", 1).await;
+        let mut n = c.node("n1").await;
+        for i in 0..40 {
+            let r = n
+                .assign(AssignRequest {
+                    handle: format!("h{i}"),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            before.insert(format!("h{i}"), r.allocations[0].address.clone());
+        }
+        store_id = watch_store_id(&c).await;
+        c.term();
+    }
+    let migrate = |prefix: &str| {
+        std::process::Command::new(common::controller_bin())
+            .args(["migrate", "--from-sled"])
+            .arg(&sled)
+            .args(["--to-etcd", &etcd.endpoints_flag(), "--etcd-prefix", prefix])
+            .output()
+            .unwrap()
+    };
+    let out = migrate("/m/");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("copied"));
+    let keys = etcd
+        .etcdctl(&["get", "--prefix", "--keys-only", "/m/"])
+        .unwrap();
+    // Again, into the same prefix: refused, nothing written.
+    let again = migrate("/m/");
+    assert!(!again.status.success());
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(err.contains("not empty"), "{err}");
+    assert_eq!(
+        etcd.etcdctl(&["get", "--prefix", "--keys-only", "/m/"])
+            .unwrap(),
+        keys
+    );
+
+    // A controller on the copy serves the same state under the same id.
+    let c = Controller::start_bin(
+        &common::controller_bin(),
+        &dir.path().join("unused"),
+        &[
+            "--datastore",
+            "etcd",
+            "--etcd-endpoints",
+            &etcd.endpoints_flag(),
+            "--etcd-prefix",
+            "/m/",
+        ],
+    );
+    wait_leader([&c, &c], Duration::from_secs(10)).await;
+    assert_eq!(watch_store_id(&c).await, store_id);
+    let mut n = c.node("n1").await;
+    for (h, a) in &before {
+        let r = n
+            .assign(AssignRequest {
+                handle: h.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(&r.allocations[0].address, a, "{h}");
+    }
+    let (_, bad) = check_ipam(&mut c.admin().await).await;
+    assert!(bad.is_empty(), "{bad:?}");
+}
+
+/// The store id a controller's intent snapshot names.
+async fn watch_store_id(c: &Controller) -> String {
+    let mut w = tabby_proto::v1::intent_stream_client::IntentStreamClient::with_interceptor(
+        c.node_channel("n1").await,
+        common::NodeHeader("n1".parse().unwrap()),
+    );
+    let mut s = w
+        .watch(tabby_proto::v1::WatchRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    s.message().await.unwrap().unwrap().store_id
+}

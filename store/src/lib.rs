@@ -23,6 +23,7 @@
 
 mod backend;
 pub mod etcd;
+pub mod migrate;
 mod types;
 
 pub use backend::{Backend, SledBackend};
@@ -50,6 +51,9 @@ pub enum StoreError {
     /// (fencing), and nothing of it landed.
     #[error("store: not the leader any more: {0}")]
     Fenced(String),
+    /// A migration's target already holds keys; nothing was written.
+    #[error("store: {0}")]
+    NotEmpty(String),
     /// A record could not be encoded or decoded.
     #[error("store: record codec: {0}")]
     Codec(#[from] postcard::Error),

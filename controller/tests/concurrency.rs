@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used)]
 mod common;
 
-use common::{create_pool, node_client, register, temp_dir, Controller};
+use common::{create_pool, node_client, register, temp_dir, Controller, Datastore};
 use ipnet::Ipv4Net;
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -43,9 +43,24 @@ fn without_revision(mut s: ShowIpamResponse) -> ShowIpamResponse {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_assignments_are_unique_affine_and_survive_restart() {
+    concurrent_assignments(&Datastore::Sled).await;
+}
+
+/// The same on etcd (three members started here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_assignments_are_unique_affine_and_survive_restart_on_etcd() {
+    let etcd = tabby_integration::etcd::EtcdCluster::start(3).unwrap();
+    concurrent_assignments(&Datastore::Etcd {
+        endpoints: etcd.endpoints_flag(),
+        prefix: "/concurrency/".into(),
+    })
+    .await;
+}
+
+async fn concurrent_assignments(store: &Datastore) {
     let dir = temp_dir();
     let data = dir.path().join("data");
-    let mut c = Controller::start(&data);
+    let mut c = Controller::start_on(&data, store);
     let pool: Ipv4Net = POOL.parse().unwrap();
     {
         let mut admin = c.admin().await;
@@ -254,7 +269,7 @@ async fn concurrent_assignments_are_unique_affine_and_survive_restart() {
         "no clean shutdown line:\n{}",
         c.stderr()
     );
-    let mut c = Controller::start(&data);
+    let mut c = Controller::start_on(&data, store);
     let mut admin = c.admin().await;
     let show2 = admin
         .show_ipam(ShowIpamRequest { show_blocks: true })

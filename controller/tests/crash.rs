@@ -7,7 +7,7 @@
 #![allow(clippy::unwrap_used)]
 mod common;
 
-use common::{create_pool, node_client, register, temp_dir, Controller, XorShift};
+use common::{create_pool, node_client, register, temp_dir, Controller, Datastore, XorShift};
 use futures::future::join_all;
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -350,6 +350,22 @@ async fn verify(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_loses_nothing_acknowledged() {
+    crash(&Datastore::Sled, ROUNDS).await;
+}
+
+/// The same on etcd (three members started here), fewer rounds: each
+/// restart waits for the killed leader's lease (1 s) to end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_loses_nothing_acknowledged_on_etcd() {
+    let etcd = tabby_integration::etcd::EtcdCluster::start(3).unwrap();
+    let store = Datastore::Etcd {
+        endpoints: etcd.endpoints_flag(),
+        prefix: "/crash/".into(),
+    };
+    crash(&store, 8).await;
+}
+
+async fn crash(store: &Datastore, rounds: usize) {
     let seed = std::env::var("TABBY_CRASH_SEED")
         .ok()
         .and_then(|s| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok())
@@ -365,9 +381,9 @@ async fn sigkill_loses_nothing_acknowledged() {
     let t0 = Instant::now();
     let (mut total_assigned, mut total_released) = (0usize, 0usize);
 
-    for round in 0..=ROUNDS {
+    for round in 0..=rounds {
         let ts = Instant::now();
-        let mut c = Controller::start(&data);
+        let mut c = Controller::start_on(&data, store);
         if round == 0 {
             let mut admin = c.admin().await;
             create_pool(&mut admin, "crash-pool", POOL, 0).await;
@@ -383,7 +399,7 @@ async fn sigkill_loses_nothing_acknowledged() {
             &recent_released,
             std::mem::take(&mut in_flight),
             &mut rng,
-            round == ROUNDS,
+            round == rounds,
         )
         .await;
         let verify_time = ts.elapsed();
@@ -393,7 +409,7 @@ async fn sigkill_loses_nothing_acknowledged() {
                 m.live.len()
             );
         }
-        if round == ROUNDS {
+        if round == rounds {
             c.term();
             break;
         }
@@ -486,7 +502,7 @@ async fn sigkill_loses_nothing_acknowledged() {
         );
     }
     println!(
-        "{ROUNDS} crashes in {:.2?}: {total_assigned} assignments and {total_released} releases acknowledged, {} live at the end",
+        "{rounds} crashes in {:.2?}: {total_assigned} assignments and {total_released} releases acknowledged, {} live at the end",
         t0.elapsed(),
         m.live.len()
     );

@@ -81,8 +81,23 @@ async fn claim(c: &Controller, k: usize) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_deltas_resume_and_slow_watchers() {
+    snapshot_deltas(&common::Datastore::Sled).await;
+}
+
+/// The same on etcd (three members started here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_deltas_resume_and_slow_watchers_on_etcd() {
+    let etcd = tabby_integration::etcd::EtcdCluster::start(3).unwrap();
+    snapshot_deltas(&common::Datastore::Etcd {
+        endpoints: etcd.endpoints_flag(),
+        prefix: "/deltas/".into(),
+    })
+    .await;
+}
+
+async fn snapshot_deltas(store: &common::Datastore) {
     let dir = common::temp_dir();
-    let c = Controller::start(dir.path());
+    let c = Controller::start_on(dir.path(), store);
     let mut admin = c.admin().await;
     create_pool(&mut admin, "p", "10.0.0.0/8", 26).await;
     register(&c, "claimer", 0).await;
@@ -216,8 +231,24 @@ async fn watch(c: &Controller, since: u64, store_id: &str, epoch: &str) -> Strea
 /// resent, even though other changes (assignments inside a block) came after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_across_a_controller_restart() {
+    resume_across_restart(&common::Datastore::Sled).await;
+}
+
+/// The same on etcd (three members started here): a new leader on the
+/// same prefix resumes its watchers as a restarted controller does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_across_a_controller_restart_on_etcd() {
+    let etcd = tabby_integration::etcd::EtcdCluster::start(3).unwrap();
+    resume_across_restart(&common::Datastore::Etcd {
+        endpoints: etcd.endpoints_flag(),
+        prefix: "/resume/".into(),
+    })
+    .await;
+}
+
+async fn resume_across_restart(store: &common::Datastore) {
     let dir = common::temp_dir();
-    let mut c = Controller::start(dir.path());
+    let mut c = Controller::start_on(dir.path(), store);
     let mut admin = c.admin().await;
     create_pool(&mut admin, "p", "10.0.0.0/8", 26).await;
     register(&c, "claimer", 0).await;
@@ -248,7 +279,7 @@ async fn resume_across_a_controller_restart() {
     drop((w, n, admin));
     c.term();
 
-    let c = Controller::start(dir.path());
+    let c = Controller::start_on(dir.path(), store);
     let mut resumed = Vec::new();
     for since in [mark, after] {
         resumed.push((since, watch(&c, since, &store_id, &epoch).await));

@@ -575,6 +575,9 @@ async fn run_etcd(
             );
         }
         tracing::info!(me = %me, ttl, "standing by: campaigning for leadership in etcd");
+        // Warm state: a copy of the store that follows the leader's writes,
+        // so that taking over does not read every key while nodes wait.
+        let mirror = tabby_store::warm::Mirror::start(client.clone(), &args.etcd.etcd_prefix);
         let elected = tokio::select! {
             l = etcd::campaign(&client, &args.etcd.etcd_prefix, &me, ttl, &who_tx) => Some(l),
             () = wait_true(term.clone()) => None,
@@ -594,10 +597,27 @@ async fn run_etcd(
         };
         tracing::info!(lease = leadership.lease, "elected: leading");
         let lease = leadership.lease;
+        let copy = mirror
+            .take(&client, &args.etcd.etcd_prefix, Duration::from_secs(3))
+            .await;
+        match &copy {
+            Some(c) => tracing::info!(
+                keys = c.kvs.len(),
+                revision = c.revision,
+                "taking over with the warm copy"
+            ),
+            None => {
+                tracing::warn!("the warm copy was not current in time: reading the store from etcd")
+            }
+        }
         let store = {
             let cfg = cfg.clone();
             tokio::task::spawn_blocking(move || {
-                Store::open_on(Box::new(EtcdBackend::open(&cfg, Some(lease))?))
+                let backend = match copy {
+                    Some(c) => EtcdBackend::open_warm(&cfg, Some(lease), c)?,
+                    None => EtcdBackend::open(&cfg, Some(lease))?,
+                };
+                Store::open_on(Box::new(backend))
             })
             .await
             .context("opening the etcd store")?

@@ -194,6 +194,13 @@ async fn the_standby_takes_over_with_every_acknowledged_assignment() {
     }
     eprintln!("failover: assignments answered again {failover:?} after SIGKILL (TTL {TTL:?})");
     assert_eq!(health(&b).await, 1, "the new leader SERVING");
+    // It took over with its warm copy, not by reading every key again.
+    for line in [
+        "taking over with the warm copy",
+        "store loaded from the warm copy",
+    ] {
+        assert!(b.stderr().contains(line), "no {line:?} in:\n{}", b.stderr());
+    }
     // Every acknowledged assignment is there, under its handle, and no
     // address is held twice.
     let acked = acked.lock().unwrap().clone();

@@ -26,6 +26,9 @@ pub trait Backend: Send + Sync {
     /// A key that is not `<c>/...` for one of the bytes of `known` (sorted),
     /// if there is one: damage, or another program's keys.
     fn first_key_outside(&self, known: &[u8]) -> Result<Option<Vec<u8>>>;
+    /// The store has read its state: a backend may drop what it kept to
+    /// serve that first load (a standby's warm copy).
+    fn loaded(&self) {}
 }
 
 /// The embedded default: one sled tree, flushed explicitly after each group

@@ -30,13 +30,13 @@ pub const LEADER_KEY: &[u8] = b"m/leader";
 
 /// A page of a range read: the keys (without the prefix) and values, whether
 /// more follow, and the etcd revision it was read at.
-type Page = (Vec<(Vec<u8>, Vec<u8>)>, bool, i64);
+pub(crate) type Page = (Vec<(Vec<u8>, Vec<u8>)>, bool, i64);
 
 /// How long a group commit keeps trying while etcd does not answer.
 const RETRY_FOR: Duration = Duration::from_secs(8);
 
 /// Keys read per request when scanning.
-const PAGE: i64 = 4096;
+pub(crate) const PAGE: i64 = 4096;
 
 /// TLS to etcd: the CA that signed its certificates, and our client
 /// certificate if it asks for one.
@@ -85,7 +85,7 @@ impl EtcdConfig {
 }
 
 /// An etcd error in an operator's words.
-fn etcd_error(e: &etcd_client::Error) -> StoreError {
+pub(crate) fn etcd_error(e: &etcd_client::Error) -> StoreError {
     let s = e.to_string();
     if s.contains("too many operations in txn request") {
         StoreError::Etcd(format!(
@@ -98,7 +98,7 @@ fn etcd_error(e: &etcd_client::Error) -> StoreError {
 
 /// The key just past every key starting with `k` (etcd's range end for a
 /// prefix).
-fn prefix_end(k: &[u8]) -> Vec<u8> {
+pub(crate) fn prefix_end(k: &[u8]) -> Vec<u8> {
     let mut end = k.to_vec();
     while let Some(last) = end.pop() {
         if last < 0xff {
@@ -119,6 +119,10 @@ pub struct EtcdBackend {
     pending: Mutex<Vec<Put>>,
     /// The leader's lease that every transaction must find on `m/leader`.
     fence: Option<i64>,
+    /// A standby's warm copy ([`crate::warm`]): reads are served from it
+    /// (and writes applied to it: the fence's holder is the only writer)
+    /// until the store has loaded, then it is dropped.
+    warm: Mutex<Option<BTreeMap<Vec<u8>, Vec<u8>>>>,
 }
 
 impl EtcdBackend {
@@ -139,7 +143,27 @@ impl EtcdBackend {
             prefix: cfg.prefix.as_bytes().to_vec(),
             pending: Mutex::new(Vec::new()),
             fence,
+            warm: Mutex::new(None),
         })
+    }
+
+    /// As [`EtcdBackend::open`], reading from `copy` (a standby's warm
+    /// copy, current at etcd's revision when this one was elected) until
+    /// the store has loaded.
+    pub fn open_warm(
+        cfg: &EtcdConfig,
+        fence: Option<i64>,
+        copy: crate::warm::Copy,
+    ) -> Result<EtcdBackend> {
+        let b = Self::open(cfg, fence)?;
+        *b.warm_copy() = Some(copy.kvs);
+        Ok(b)
+    }
+
+    fn warm_copy(&self) -> std::sync::MutexGuard<'_, Option<BTreeMap<Vec<u8>, Vec<u8>>>> {
+        self.warm
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn key(&self, k: &[u8]) -> Vec<u8> {
@@ -167,26 +191,38 @@ impl EtcdBackend {
             Some(h) => self.key(h),
             None => prefix_end(&self.prefix),
         };
-        let mut c = self.client.clone();
+        let c = self.client.clone();
         let plen = self.prefix.len();
-        self.run(async move {
-            let mut o = GetOptions::new()
-                .with_range(end)
-                .with_limit(limit)
-                .with_revision(revision);
-            if keys_only {
-                o = o.with_keys_only();
-            }
-            let r = c.get(from, Some(o)).await.map_err(|e| etcd_error(&e))?;
-            let rev = r.header().map_or(0, |h| h.revision());
-            let kvs = r
-                .kvs()
-                .iter()
-                .map(|kv| (kv.key()[plen..].to_vec(), kv.value().to_vec()))
-                .collect();
-            Ok((kvs, r.more(), rev))
-        })
+        self.run(async move { page(c, from, end, limit, revision, keys_only, plen).await })
     }
+}
+
+/// Keys `[from, end)`, at most `limit`, at `revision` (0: the newest), with
+/// `strip` bytes of prefix removed from each key.
+pub(crate) async fn page(
+    mut c: Client,
+    from: Vec<u8>,
+    end: Vec<u8>,
+    limit: i64,
+    revision: i64,
+    keys_only: bool,
+    strip: usize,
+) -> Result<Page> {
+    let mut o = GetOptions::new()
+        .with_range(end)
+        .with_limit(limit)
+        .with_revision(revision);
+    if keys_only {
+        o = o.with_keys_only();
+    }
+    let r = c.get(from, Some(o)).await.map_err(|e| etcd_error(&e))?;
+    let rev = r.header().map_or(0, |h| h.revision());
+    let kvs = r
+        .kvs()
+        .iter()
+        .map(|kv| (kv.key()[strip..].to_vec(), kv.value().to_vec()))
+        .collect();
+    Ok((kvs, r.more(), rev))
 }
 
 /// Runs `f` on `rt` and waits for it, from any thread (also one that runs
@@ -214,6 +250,9 @@ impl Drop for EtcdBackend {
 
 impl Backend for EtcdBackend {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        if let Some(w) = &*self.warm_copy() {
+            return Ok(w.get(key).cloned());
+        }
         let k = self.key(key);
         let mut c = self.client.clone();
         self.run(async move {
@@ -223,6 +262,14 @@ impl Backend for EtcdBackend {
     }
 
     fn apply(&self, batch: Vec<Put>) -> Result<()> {
+        if let Some(w) = &mut *self.warm_copy() {
+            for (k, v) in &batch {
+                match v {
+                    Some(v) => w.insert(k.clone(), v.clone()),
+                    None => w.remove(k),
+                };
+            }
+        }
         self.pending
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -287,12 +334,22 @@ impl Backend for EtcdBackend {
     }
 
     fn scan(&self, prefix: &[u8], f: Visit<'_>) -> Result<()> {
-        let end = prefix_end(prefix);
+        if let Some(w) = &*self.warm_copy() {
+            for (k, v) in w.range(prefix.to_vec()..) {
+                if !k.starts_with(prefix) {
+                    break;
+                }
+                f(k, v)?;
+            }
+            return Ok(());
+        }
+        // An empty prefix: the whole store space.
+        let end = (!prefix.is_empty()).then(|| prefix_end(prefix));
         let mut from = prefix.to_vec();
         // Every page at the revision of the first: one consistent picture.
         let mut rev = 0;
         loop {
-            let (kvs, more, at) = self.range(&from, Some(&end), PAGE, rev, false)?;
+            let (kvs, more, at) = self.range(&from, end.as_deref(), PAGE, rev, false)?;
             if rev == 0 {
                 rev = at;
             }
@@ -310,6 +367,12 @@ impl Backend for EtcdBackend {
     }
 
     fn first_key_outside(&self, known: &[u8]) -> Result<Option<Vec<u8>>> {
+        if let Some(w) = &*self.warm_copy() {
+            return Ok(w
+                .keys()
+                .find(|k| !(k.len() >= 2 && known.contains(&k[0]) && k[1] == b'/'))
+                .cloned());
+        }
         let mut lo: Vec<u8> = Vec::new();
         for p in known.iter().map(Some).chain([None]) {
             let hi = p.map(|p| vec![*p, b'/']);
@@ -322,6 +385,15 @@ impl Backend for EtcdBackend {
             }
         }
         Ok(None)
+    }
+
+    fn loaded(&self) {
+        if let Some(w) = self.warm_copy().take() {
+            tracing::info!(
+                keys = w.len(),
+                "store loaded from the warm copy; reading etcd from now on"
+            );
+        }
     }
 }
 

@@ -25,6 +25,7 @@ mod backend;
 pub mod etcd;
 pub mod migrate;
 mod types;
+pub mod warm;
 
 pub use backend::{Backend, SledBackend};
 pub use types::*;
@@ -575,6 +576,7 @@ impl Store {
                 why: "unknown prefix".into(),
             });
         }
+        self.backend.loaded();
         Ok((c.revision, c.intent))
     }
 

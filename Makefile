@@ -25,6 +25,7 @@ bench: deps
 	$(CARGO) bench -p tabby-controller --bench ipam_grpc
 	$(CARGO) bench -p tabby-controller --bench fanout
 	$(CARGO) bench -p tabby-controller --bench scale
+	$(CARGO) bench -p tabby-controller --bench etcd_ha
 	$(CARGO) bench -p tabby-integration --bench route_apply
 	$(CARGO) bench -p tabby-integration --bench pod_socket
 	$(CARGO) bench -p tabby-integration --bench cni_cycle

@@ -27,6 +27,9 @@ use tokio::sync::mpsc;
 /// enough for a controller restart.
 const RESTART_TIME: u16 = 120;
 
+/// The least time between two passes over the cluster table.
+const MIN_RECOMPUTE: Duration = Duration::from_millis(20);
+
 /// When this process started: sessions opened within the restart time say
 /// "restarting" (the R bit), so a helping peer waits for our End-of-RIB.
 static STARTED: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
@@ -81,6 +84,15 @@ impl Speaker {
         }
     }
 }
+
+/// One session's share of a full pass: its peer, commands and what it was
+/// sent.
+type FullPass = (
+    IpAddr,
+    BgpPeer,
+    mpsc::UnboundedSender<Command>,
+    BTreeMap<IpNet, Route>,
+);
 
 struct Running {
     peer: BgpPeer,
@@ -142,6 +154,11 @@ pub async fn run(
     let mut changes = ipam.changes();
     let mut sessions: BTreeMap<IpAddr, Running> = BTreeMap::new();
     let mut listener: Option<session::Acceptor> = None;
+    let mut last_pass = Instant::now();
+    // The state the last pass advertised, and whether the set of sessions
+    // changed since (a new session needs the whole table).
+    let mut prev: Option<Arc<crate::ipam::IpamState>> = None;
+    let mut sessions_changed = true;
     loop {
         let Ok((snap, rev)) = ipam.snapshot().await else {
             return;
@@ -171,6 +188,7 @@ pub async fn run(
             .map(|(a, _)| *a)
             .collect();
         for a in gone {
+            sessions_changed = true;
             if let Some(r) = sessions.remove(&a) {
                 let _ = r.cmds.send(Command::Stop);
             }
@@ -222,6 +240,7 @@ pub async fn run(
                     ..Default::default()
                 },
             );
+            sessions_changed = true;
             tokio::spawn(session::run(cfg, cmd_rx, in_rx, rep_tx));
             tokio::spawn(follow(*a, peer.clone(), rep_rx, status.clone()));
             sessions.insert(
@@ -268,20 +287,93 @@ pub async fn run(
                     }),
             );
         }
-        // What each session advertises follows the cluster table.
-        if !sessions.is_empty() {
-            let intent = snap.routing_intent(rev);
-            let table = tabby_routing::cluster_routes(&intent, None);
-            for (a, r) in sessions.iter_mut() {
-                let want = exports(&table, &intent, &r.peer, asn);
-                session::advertise(&r.cmds, &r.sent, &want);
-                if let Some(s) = lock(&status).get_mut(a) {
-                    s.advertised.clone_from(&want);
+        // What each session advertises follows the cluster table: only the
+        // entries that changed since the last pass, when that is all that
+        // changed and no session started; else the whole table, off the
+        // async workers (10,000 blocks take milliseconds; gRPC answers must
+        // not wait behind them).
+        let part = match (&prev, sessions_changed) {
+            (Some(p), false) => snap.route_changes(p),
+            _ => None,
+        };
+        sessions_changed = false;
+        if sessions.is_empty() {
+            // Nothing to advertise to.
+        } else if let Some((blocks, addrs)) = part {
+            if !blocks.is_empty() || !addrs.is_empty() {
+                let intent = snap.routing_intent_part(rev, &blocks, &addrs);
+                let table = tabby_routing::cluster_routes(&intent, None);
+                let dsts: Vec<IpNet> = blocks
+                    .iter()
+                    .copied()
+                    .chain(addrs.iter().map(|a| IpNet::from(*a)))
+                    .collect();
+                for (a, r) in sessions.iter_mut() {
+                    let want = exports(&table, &intent, &r.peer, asn);
+                    let had: BTreeMap<IpNet, Route> = dsts
+                        .iter()
+                        .filter_map(|d| r.sent.remove(d).map(|x| (*d, x)))
+                        .collect();
+                    session::advertise(&r.cmds, &had, &want);
+                    if let Some(s) = lock(&status).get_mut(a) {
+                        for d in &dsts {
+                            s.advertised.remove(d);
+                        }
+                        s.advertised
+                            .extend(want.iter().map(|(k, v)| (*k, v.clone())));
+                    }
+                    r.sent.extend(want);
                 }
-                r.sent = want;
+            }
+        } else {
+            let work: Vec<FullPass> = sessions
+                .iter_mut()
+                .map(|(a, r)| {
+                    (
+                        *a,
+                        r.peer.clone(),
+                        r.cmds.clone(),
+                        std::mem::take(&mut r.sent),
+                    )
+                })
+                .collect();
+            let (snap2, status2) = (snap.clone(), status.clone());
+            let done = tokio::task::spawn_blocking(move || {
+                let intent = snap2.routing_intent(rev);
+                let table = tabby_routing::cluster_routes(&intent, None);
+                work.into_iter()
+                    .map(|(a, peer, cmds, sent)| {
+                        let want = exports(&table, &intent, &peer, asn);
+                        session::advertise(&cmds, &sent, &want);
+                        if let Some(s) = lock(&status2).get_mut(&a) {
+                            s.advertised.clone_from(&want);
+                        }
+                        (a, want)
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await;
+            match done {
+                Ok(done) => {
+                    for (a, want) in done {
+                        if let Some(r) = sessions.get_mut(&a) {
+                            r.sent = want;
+                        }
+                    }
+                }
+                Err(e) => {
+                    // Not expected (the pass does not panic on any state);
+                    // the next pass starts again from nothing sent.
+                    tracing::error!(error = %e, "BGP export pass failed");
+                    sessions_changed = true;
+                }
             }
         }
-        // The next published state; a burst of them is taken as one.
+        prev = Some(snap);
+        // The next published state. The first change after a quiet spell
+        // goes out at once; within MIN_RECOMPUTE of the last pass, changes
+        // wait for its end and are taken as one (a burst of claims costs
+        // one pass per interval, not one each).
         tokio::select! {
             r = changes.changed() => if r.is_err() { return },
             _ = stop.wait_for(|s| *s) => {
@@ -292,8 +384,9 @@ pub async fn run(
                 return;
             }
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep_until((last_pass + MIN_RECOMPUTE).into()).await;
         changes.borrow_and_update();
+        last_pass = Instant::now();
     }
 }
 

@@ -13,7 +13,7 @@ use std::{
 };
 use tabby_store::{Allocation, Block, Encapsulation, Pool};
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub(super) enum Slot {
     /// Free; `seq` is the release order (0: never released).
     Free { seq: u64 },
@@ -22,7 +22,8 @@ pub(super) enum Slot {
     Used(Arc<Allocation>),
 }
 
-#[derive(Debug, Clone)]
+// PartialEq: the BGP speaker diffs published states' block maps.
+#[derive(Debug, Clone, PartialEq)]
 pub(super) struct BlockState {
     pub(super) rec: Block,
     pub(super) slots: Vec<Slot>,

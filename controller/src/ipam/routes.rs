@@ -1,8 +1,10 @@
 //! The IPAM state as the routing model sees it. `ShowRoutes` evaluates the
 //! shared route computation (`tabby_routing`) over it, the same function
 //! every node runs over the intent stream.
-use super::IpamState;
+use super::{records::BlockState, IpamState};
+use im::ordmap::DiffItem;
 use ipnet::IpNet;
+use std::{collections::BTreeSet, net::IpAddr, sync::Arc};
 use tabby_routing::{vtep_mac, vtep_mac_v6, BlockIntent, Intent, NodeIntent, PoolIntent, Vtep};
 use tabby_store::Node;
 
@@ -10,6 +12,75 @@ impl IpamState {
     /// The cluster intent at this state: what the intent stream carries
     /// (every pool, block, borrowed address and node), as the routing model.
     pub fn routing_intent(&self, revision: u64) -> Intent {
+        self.intent_with(
+            revision,
+            self.blocks.values(),
+            self.borrowed.iter().map(|(a, n)| (*a, n)),
+        )
+    }
+
+    /// [`IpamState::routing_intent`] with only the blocks `blocks` and the
+    /// borrowed addresses `borrowed` (every pool and node): enough for the
+    /// cluster routes of those entries alone, which depend on nothing else.
+    pub fn routing_intent_part(
+        &self,
+        revision: u64,
+        blocks: &BTreeSet<IpNet>,
+        borrowed: &BTreeSet<IpAddr>,
+    ) -> Intent {
+        self.intent_with(
+            revision,
+            blocks.iter().filter_map(|c| self.blocks.get(c)),
+            borrowed
+                .iter()
+                .filter_map(|a| self.borrowed.get(a).map(|n| (*a, n))),
+        )
+    }
+
+    /// What changed in the cluster routes since `prev`: the blocks and the
+    /// borrowed addresses whose entries differ. None when something every
+    /// route depends on changed (pools, nodes, configuration), so that only
+    /// a full recomputation is right. Shared subtrees of the persistent maps
+    /// are skipped, so this costs what changed, not the table's size.
+    pub fn route_changes(&self, prev: &IpamState) -> Option<(BTreeSet<IpNet>, BTreeSet<IpAddr>)> {
+        let pools_same = self.pools.len() == prev.pools.len()
+            && self
+                .pools
+                .iter()
+                .zip(prev.pools.iter())
+                .all(|((a, p), (b, q))| a == b && p.rec == q.rec);
+        if !pools_same
+            || self.config != prev.config
+            || self.bgp != prev.bgp
+            || prev.nodes.diff(&self.nodes).next().is_some()
+        {
+            return None;
+        }
+        let blocks = prev
+            .blocks
+            .diff(&self.blocks)
+            .map(|d| match d {
+                DiffItem::Add(c, _) | DiffItem::Remove(c, _) => *c,
+                DiffItem::Update { new: (c, _), .. } => *c,
+            })
+            .collect();
+        let borrowed = prev
+            .borrowed
+            .diff(&self.borrowed)
+            .map(|d| match d {
+                DiffItem::Add(a, _) | DiffItem::Remove(a, _) => *a,
+                DiffItem::Update { new: (a, _), .. } => *a,
+            })
+            .collect();
+        Some((blocks, borrowed))
+    }
+
+    fn intent_with<'a>(
+        &'a self,
+        revision: u64,
+        blocks: impl Iterator<Item = &'a Arc<BlockState>>,
+        borrowed: impl Iterator<Item = (IpAddr, &'a String)>,
+    ) -> Intent {
         Intent {
             revision,
             pools: self
@@ -26,9 +97,7 @@ impl IpamState {
                     )
                 })
                 .collect(),
-            blocks: self
-                .blocks
-                .values()
+            blocks: blocks
                 .map(|b| {
                     (
                         b.rec.cidr,
@@ -39,7 +108,7 @@ impl IpamState {
                     )
                 })
                 .collect(),
-            borrowed: self.borrowed.iter().map(|(a, n)| (*a, n.clone())).collect(),
+            borrowed: borrowed.map(|(a, n)| (a, n.clone())).collect(),
             nodes: self
                 .nodes
                 .values()

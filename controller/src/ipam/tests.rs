@@ -952,3 +952,98 @@ fn node_addresses_keep_their_interface_prefix() {
         assert!(matches!(e, Error::InvalidArgument(_)), "{bad}: {e}");
     }
 }
+
+/// The cluster table kept up to date from [`IpamState::route_changes`] (as
+/// the BGP speaker keeps what it advertises), starting from `prev`'s table.
+fn table_after(
+    prev: &IpamState,
+    table: &mut BTreeMap<IpNet, tabby_routing::ClusterRoute>,
+    now: &IpamState,
+) -> bool {
+    match now.route_changes(prev) {
+        Some((blocks, addrs)) => {
+            let part =
+                tabby_routing::cluster_routes(&now.routing_intent_part(0, &blocks, &addrs), None);
+            for d in blocks
+                .iter()
+                .copied()
+                .chain(addrs.iter().map(|a| IpNet::from(*a)))
+            {
+                table.remove(&d);
+            }
+            table.extend(part.into_iter().map(|r| (r.destination, r)));
+            true
+        }
+        None => {
+            *table = full_table(now);
+            false
+        }
+    }
+}
+
+fn full_table(s: &IpamState) -> BTreeMap<IpNet, tabby_routing::ClusterRoute> {
+    tabby_routing::cluster_routes(&s.routing_intent(0), None)
+        .into_iter()
+        .map(|r| (r.destination, r))
+        .collect()
+}
+
+#[test]
+fn route_changes_name_exactly_what_a_claim_or_borrow_changed() {
+    let mut h = Harness::new(&[pool("p", "10.0.0.0/27", 28)], &["n1", "n2"]);
+    let before = h.st.clone();
+    h.assign("n1", "a0").unwrap();
+    let (blocks, addrs) =
+        h.st.route_changes(&before)
+            .expect("an assign changes no node");
+    assert_eq!(blocks, ["10.0.0.0/28".parse().unwrap()].into());
+    assert!(addrs.is_empty());
+    // Another address in the same block: the block's state changed, its route not.
+    let before = h.st.clone();
+    h.assign("n1", "a1").unwrap();
+    let mut table = full_table(&before);
+    assert!(table_after(&before, &mut table, &h.st));
+    assert_eq!(table, full_table(&h.st));
+    // A node's address change touches every route through it: a full pass.
+    let before = h.st.clone();
+    let mut n1 = node("n1");
+    n1.addresses = vec![ip("172.18.0.9")];
+    h.st.register_node(n1).unwrap();
+    assert!(h.st.route_changes(&before).is_none());
+    // Unchanged: nothing to do.
+    assert_eq!(h.st.route_changes(&h.st.clone()), Some(Default::default()));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(100))]
+
+    /// Kept up to date from route_changes alone, the table always equals a
+    /// full recomputation (claims, borrows, releases, node removals).
+    #[test]
+    fn incremental_route_table_equals_the_full_one(actions in proptest::collection::vec(action(), 1..80)) {
+        let mut h = Harness::new(&[pool("p", "10.0.0.0/26", 29)], &["n0", "n1", "n2"]);
+        let mut table = full_table(&h.st);
+        for a in actions {
+            let prev = h.st.clone();
+            match a {
+                Action::Assign { node, handle } => { let _ = h.assign(&format!("n{node}"), &format!("h{handle}")); }
+                Action::AssignAt { node, handle, offset } => {
+                    let _ = h.assign_req(
+                        &format!("n{node}"),
+                        AssignRequest { handle: format!("h{handle}"), requested: vec![IpAddr::from([10, 0, 0, offset % 70])], ..Default::default() },
+                    );
+                }
+                Action::Release { handle } => { h.release(&format!("h{handle}")); }
+                Action::ReleaseAddr { offset } => { let _ = h.st.release_address(None, IpAddr::from([10, 0, 0, offset % 64])); }
+                Action::Strict(s) => h.set_config(s, 0),
+                Action::DeleteNode { node } => {
+                    let name = format!("n{node}");
+                    let _ = h.st.delete_node(&name);
+                    h.st.register_node(self::node(&name)).unwrap();
+                }
+            }
+            table_after(&prev, &mut table, &h.st);
+            prop_assert_eq!(&table, &full_table(&h.st));
+        }
+    }
+}

@@ -245,6 +245,80 @@ fn gobgp_route_reflector_learns_every_nodes_blocks() {
     )
     .unwrap();
 
+    // Every path as in the walkthrough: origin IGP, local-pref 100.
+    for family in ["ipv4", "ipv6"] {
+        let out = lab.gobgp(&["-j", "global", "rib", "-a", family]).unwrap();
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        for (prefix, paths) in v.as_object().cloned().unwrap_or_default() {
+            for p in paths.as_array().cloned().unwrap_or_default() {
+                let attrs = p["attrs"].as_array().cloned().unwrap_or_default();
+                let has = |t: u64, val: u64| {
+                    attrs
+                        .iter()
+                        .any(|a| a["type"].as_u64() == Some(t) && a["value"].as_u64() == Some(val))
+                };
+                assert!(has(1, 0), "{prefix}: origin not IGP: {attrs:?}");
+                assert!(has(5, 100), "{prefix}: local-pref not 100: {attrs:?}");
+            }
+        }
+    }
+
+    // A borrowed address (worker's pod in worker2's block) goes out as a /32
+    // via worker, and its release withdraws it within 1 s.
+    lab.grpcurl_as(
+        "worker",
+        &[
+            "-d",
+            r#"{"handle":"x.borrow","requested":["10.99.0.9"]}"#,
+            "tabby.v1.NodeAgent/Assign",
+        ],
+    )
+    .unwrap();
+    let w = lab.node_ip("worker").to_string();
+    let host = ("10.99.0.9/32".to_string(), w);
+    lab.wait_until(
+        "the borrowed /32 at the reflector",
+        Duration::from_secs(10),
+        || rr_rib(&lab).contains(&host),
+    )
+    .unwrap();
+    lab.grpcurl_as(
+        "worker",
+        &[
+            "-d",
+            r#"{"handle":"x.borrow"}"#,
+            "tabby.v1.NodeAgent/ReleaseHandle",
+        ],
+    )
+    .unwrap();
+    lab.wait_until(
+        "the /32 withdrawn on release",
+        Duration::from_secs(1),
+        || !rr_rib(&lab).contains(&host),
+    )
+    .unwrap();
+    // A pool change (the pool deleted once empty) withdraws its block within 1 s.
+    lab.grpcurl_as(
+        "worker2",
+        &[
+            "-d",
+            r#"{"handle":"x.extra"}"#,
+            "tabby.v1.NodeAgent/ReleaseHandle",
+        ],
+    )
+    .unwrap();
+    lab.grpcurl(&["-d", r#"{"name":"extra"}"#, "tabby.v1.IpamAdmin/DeletePool"])
+        .unwrap();
+    lab.wait_until("the pool's block withdrawn", Duration::from_secs(1), || {
+        !rr_rib(&lab).iter().any(|(p, _)| p.starts_with("10.99."))
+    })
+    .unwrap();
+    assert_eq!(
+        rr_rib(&lab),
+        want,
+        "the reflector's RIB after the pool went"
+    );
+
     // Removing the peer closes the session: the reflector drops the routes.
     lab.grpcurl(&[
         "-d",

@@ -87,6 +87,15 @@ pub const CONTROLLER_B: &str = "172.18.0.1:5152";
 /// An HA lab's etcd members: (client, peer) ports on the fabric's loopback.
 const ETCD_PORTS: [(u16, u16); 3] = [(2379, 2380), (22379, 22380), (32379, 32380)];
 
+/// The etcd endpoints of an HA lab, in its fabric namespace.
+pub fn ha_etcd_endpoints() -> String {
+    ETCD_PORTS
+        .iter()
+        .map(|(c, _)| format!("http://127.0.0.1:{c}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// The controller replicas of a lab: (role, address, metrics port).
 fn replicas(ha: bool) -> &'static [(&'static str, &'static str, u16)] {
     const ALL: [(&str, &str, u16); 2] = [
@@ -723,11 +732,7 @@ impl Lab {
 
     /// The etcd endpoints of an HA lab (on the fabric's loopback).
     pub fn etcd_endpoints(&self) -> String {
-        ETCD_PORTS
-            .iter()
-            .map(|(c, _)| format!("http://127.0.0.1:{c}"))
-            .collect::<Vec<_>>()
-            .join(",")
+        ha_etcd_endpoints()
     }
 
     /// Starts an HA lab's three etcd members in the fabric namespace, as

@@ -109,12 +109,63 @@ fn show(state: &LabState) -> Result<()> {
     );
     let g = lab::grpcurl().display().to_string();
     let tls = lab::admin_tls_flags(&state.dir).join(" ");
+    // An HA lab: which replica leads (the other answers NOT_SERVING), the
+    // etcd members, and the leader key; the views below ask the leader.
+    let mut ctl = lab::CONTROLLER;
+    if state.procs.iter().any(|p| p.role == "controller-b") {
+        let health = |addr: &str| {
+            shell(
+                &fabric,
+                &format!(
+                    "{g} {tls} -d '{{\"service\":\"tabby.v1.NodeAgent\"}}' {addr} grpc.health.v1.Health/Check"
+                ),
+            )
+        };
+        let mut out = String::new();
+        for addr in [lab::CONTROLLER, lab::CONTROLLER_B] {
+            let h = health(addr);
+            let serving = h.contains("\"SERVING\"");
+            if serving {
+                ctl = addr;
+            }
+            let state = if serving {
+                "SERVING (leads)"
+            } else if h.contains("NOT_SERVING") {
+                "NOT_SERVING (stands by)"
+            } else {
+                "not answering"
+            };
+            out.push_str(&format!("{addr}: {state}\n"));
+        }
+        section(
+            "   controller replicas (etcd datastore): health of tabby.v1.NodeAgent",
+            "grpcurl ... -d '{\"service\":\"tabby.v1.NodeAgent\"}' ADDR grpc.health.v1.Health/Check",
+            &out,
+        );
+        let ep = lab::ha_etcd_endpoints();
+        section(
+            "   the etcd members",
+            "etcdctl endpoint status -w table",
+            &shell(
+                &fabric,
+                &format!("ETCDCTL_API=3 etcdctl --endpoints {ep} endpoint status -w table"),
+            ),
+        );
+        section(
+            "   the leader key (on the leader's lease)",
+            "etcdctl get /tabby/m/leader",
+            &shell(
+                &fabric,
+                &format!("ETCDCTL_API=3 etcdctl --endpoints {ep} get /tabby/m/leader"),
+            ),
+        );
+    }
     section(
         "3. the controller's cluster route table",
-        &format!("grpcurl {tls} 172.18.0.1:5151 tabby.v1.IpamAdmin/ShowRoutes"),
+        &format!("grpcurl {tls} {ctl} tabby.v1.IpamAdmin/ShowRoutes"),
         &shell(
             &fabric,
-            &format!("{g} {tls} 172.18.0.1:5151 tabby.v1.IpamAdmin/ShowRoutes"),
+            &format!("{g} {tls} {ctl} tabby.v1.IpamAdmin/ShowRoutes"),
         ),
     );
     let rr = format!("{PREFIX}-rr");
@@ -139,10 +190,10 @@ fn show(state: &LabState) -> Result<()> {
     }
     section(
         "   IPAM summary",
-        &format!("grpcurl {tls} 172.18.0.1:5151 tabby.v1.IpamAdmin/ShowIpam"),
+        &format!("grpcurl {tls} {ctl} tabby.v1.IpamAdmin/ShowIpam"),
         &shell(
             &fabric,
-            &format!("{g} {tls} 172.18.0.1:5151 tabby.v1.IpamAdmin/ShowIpam"),
+            &format!("{g} {tls} {ctl} tabby.v1.IpamAdmin/ShowIpam"),
         ),
     );
     section(

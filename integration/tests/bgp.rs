@@ -319,6 +319,43 @@ fn gobgp_route_reflector_learns_every_nodes_blocks() {
         "the reflector's RIB after the pool went"
     );
 
+    // A node removal (its pods' addresses released first, as a drain does)
+    // withdraws its blocks, both families, within 1 s.
+    let listed = lab
+        .grpcurl_as("worker2", &["tabby.v1.NodeAgent/ListHandles"])
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    for h in v["handles"].as_array().cloned().unwrap_or_default() {
+        let h = h.as_str().unwrap();
+        lab.grpcurl_as(
+            "worker2",
+            &[
+                "-d",
+                &format!(r#"{{"handle":"{h}"}}"#),
+                "tabby.v1.NodeAgent/ReleaseHandle",
+            ],
+        )
+        .unwrap();
+    }
+    let w2_addrs = [w2.clone(), lab.node_ip6("worker2").to_string()];
+    assert_eq!(
+        want.iter().filter(|(_, nh)| w2_addrs.contains(nh)).count(),
+        2,
+        "{want:?}"
+    );
+    let freed = lab
+        .grpcurl(&[
+            "-d",
+            r#"{"name":"worker2"}"#,
+            "tabby.v1.IpamAdmin/DeleteNode",
+        ])
+        .unwrap();
+    assert!(freed.contains("blocksFreed"), "{freed}");
+    lab.wait_until("worker2's blocks withdrawn", Duration::from_secs(1), || {
+        !rr_rib(&lab).iter().any(|(_, nh)| w2_addrs.contains(nh))
+    })
+    .unwrap();
+
     // Removing the peer closes the session: the reflector drops the routes.
     lab.grpcurl(&[
         "-d",

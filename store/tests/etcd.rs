@@ -25,6 +25,23 @@ fn open(c: &EtcdCluster, prefix: &str, fence: Option<i64>) -> Store {
     Store::open_on(Box::new(EtcdBackend::open(&cfg(c, prefix), fence).unwrap())).unwrap()
 }
 
+/// [`open`], tried again for up to `within` as a supervisor restarts a
+/// controller whose store did not open.
+fn open_retrying(c: &EtcdCluster, prefix: &str, within: Duration) -> Store {
+    let t = std::time::Instant::now();
+    loop {
+        let r = EtcdBackend::open(&cfg(c, prefix), None).and_then(|b| Store::open_on(Box::new(b)));
+        match r {
+            Ok(s) => return s,
+            Err(e) if t.elapsed() < within => {
+                eprintln!("opening the store failed ({e}); again");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(e) => panic!("the store did not open within {within:?}: {e}"),
+        }
+    }
+}
+
 fn pool(name: &str) -> Pool {
     Pool {
         name: name.into(),
@@ -146,8 +163,11 @@ fn one_member_down_changes_nothing_two_stop_writes_until_they_return() {
     c.start_member(0).unwrap();
     c.start_member(1).unwrap();
     c.wait_healthy(Duration::from_secs(20)).unwrap();
-    // The store failed a write: a controller would exit and start again.
-    let s = open(&c, "/q/", None);
+    // The store failed a write: a controller would exit and start again,
+    // and again while etcd, just back from a lost quorum, still settles
+    // (on a loaded machine its first answers can outlast a request's
+    // timeout).
+    let s = open_retrying(&c, "/q/", Duration::from_secs(30));
     let snap = s.load().unwrap();
     assert!(snap.allocations.len() >= 2, "acknowledged writes kept");
     s.commit(&[alloc(4)]).unwrap();

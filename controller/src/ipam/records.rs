@@ -13,7 +13,7 @@ use std::{
 };
 use tabby_store::{Allocation, Block, Encapsulation, Pool};
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Slot {
     /// Free; `seq` is the release order (0: never released).
     Free { seq: u64 },
@@ -22,8 +22,10 @@ pub(super) enum Slot {
     Used(Arc<Allocation>),
 }
 
-// PartialEq: the BGP speaker diffs published states' block maps.
-#[derive(Debug, Clone, PartialEq)]
+// Eq, not only PartialEq: the BGP speaker diffs published states' block
+// maps, and `Arc<T: Eq>` compares pointers first, so blocks the states
+// share cost nothing to compare.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct BlockState {
     pub(super) rec: Block,
     pub(super) slots: Vec<Slot>,

@@ -16,24 +16,37 @@ impl IpamState {
             revision,
             self.blocks.values(),
             self.borrowed.iter().map(|(a, n)| (*a, n)),
+            None,
         )
     }
 
     /// [`IpamState::routing_intent`] with only the blocks `blocks` and the
-    /// borrowed addresses `borrowed` (every pool and node): enough for the
-    /// cluster routes of those entries alone, which depend on nothing else.
+    /// borrowed addresses `borrowed`, every pool, and only the nodes those
+    /// name: enough for the cluster routes of those entries alone (each
+    /// depends on its own node and the pools, nothing else), at a cost that
+    /// follows the change, not the cluster's size.
     pub fn routing_intent_part(
         &self,
         revision: u64,
         blocks: &BTreeSet<IpNet>,
         borrowed: &BTreeSet<IpAddr>,
     ) -> Intent {
+        let blocks: Vec<&Arc<BlockState>> =
+            blocks.iter().filter_map(|c| self.blocks.get(c)).collect();
+        let borrowed: Vec<(IpAddr, &String)> = borrowed
+            .iter()
+            .filter_map(|a| self.borrowed.get(a).map(|n| (*a, n)))
+            .collect();
+        let named: BTreeSet<&str> = blocks
+            .iter()
+            .filter_map(|b| b.rec.affinity.as_deref())
+            .chain(borrowed.iter().map(|(_, n)| n.as_str()))
+            .collect();
         self.intent_with(
             revision,
-            blocks.iter().filter_map(|c| self.blocks.get(c)),
-            borrowed
-                .iter()
-                .filter_map(|a| self.borrowed.get(a).map(|n| (*a, n))),
+            blocks.into_iter(),
+            borrowed.into_iter(),
+            Some(&named),
         )
     }
 
@@ -80,7 +93,20 @@ impl IpamState {
         revision: u64,
         blocks: impl Iterator<Item = &'a Arc<BlockState>>,
         borrowed: impl Iterator<Item = (IpAddr, &'a String)>,
+        only_nodes: Option<&BTreeSet<&str>>,
     ) -> Intent {
+        let nodes = match only_nodes {
+            None => self
+                .nodes
+                .values()
+                .map(|n| (n.name.clone(), self.node_intent(n)))
+                .collect(),
+            Some(names) => names
+                .iter()
+                .filter_map(|n| self.nodes.get(*n))
+                .map(|n| (n.name.clone(), self.node_intent(n)))
+                .collect(),
+        };
         Intent {
             revision,
             pools: self
@@ -109,11 +135,7 @@ impl IpamState {
                 })
                 .collect(),
             borrowed: borrowed.map(|(a, n)| (a, n.clone())).collect(),
-            nodes: self
-                .nodes
-                .values()
-                .map(|n| (n.name.clone(), self.node_intent(n)))
-                .collect(),
+            nodes,
             vxlan: crate::convert::vxlan_settings(&self.config),
         }
     }

@@ -31,7 +31,7 @@
 mod common;
 #[path = "util/mod.rs"]
 mod util;
-use util::{find_binary, fs_type};
+use util::{cpu_time, find_binary, fs_type};
 
 use common::{create_pool, register, Controller, NodeClient, XorShift};
 use std::{
@@ -61,28 +61,6 @@ const TABBY_PREFIX: &str = "/bench-tabby/";
 const TABBY_PLAIN_PREFIX: &str = "/bench-tabby-plain/";
 const CALICO_PREFIX: &str = "/bench-calico/";
 const HA_PREFIX: &str = "/bench-ha/";
-
-/// CPU time (user + system) of process `pid` ("self" for this one), from
-/// /proc; zero where unavailable.
-fn cpu_time(pid: &str) -> Duration {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return Duration::ZERO;
-    };
-    // utime and stime: the 14th and 15th fields of the line.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .skip(11)
-        .take(2)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .unwrap_or(100)
-        .max(1) as f64;
-    Duration::from_secs_f64(f.iter().sum::<u64>() as f64 / hz)
-}
 
 /// CPU time of this process's etcd children (the cluster's members).
 fn etcd_cpu() -> Duration {

@@ -16,7 +16,7 @@
 mod common;
 #[path = "util/mod.rs"]
 mod util;
-use util::{find_binary, fs_type};
+use util::{cpu_time, find_binary, fs_type};
 
 use common::{create_pool, node_client, register, Controller, NodeClient};
 use std::{
@@ -37,29 +37,6 @@ const LATENCY_CALLS: usize = 3000;
 const FLUSHES: usize = 1000;
 const TARGET_RATE: f64 = 20_000.0;
 const TARGET_TLS_P50: Duration = Duration::from_micros(600);
-
-/// CPU time (user + system) of process `pid` ("self" for this one), from
-/// /proc; zero where unavailable.
-fn cpu_time(pid: &str) -> Duration {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return Duration::ZERO;
-    };
-    // Fields after the parenthesised command name; utime and stime are the
-    // 14th and 15th fields of the line.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .skip(11)
-        .take(2)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .unwrap_or(100)
-        .max(1) as f64;
-    Duration::from_secs_f64(f.iter().sum::<u64>() as f64 / hz)
-}
 
 /// CPU use of the server and of this (client) process over a phase.
 struct Cpu {

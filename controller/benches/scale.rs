@@ -68,7 +68,7 @@
 mod common;
 #[path = "util/mod.rs"]
 mod util;
-use util::{find_binary, fs_type, rss_kib};
+use util::{cpu_time, find_binary, fs_type, rss_kib};
 
 use anyhow::{anyhow, bail, Context};
 use common::{create_pool, node_client, AdminClient, Controller};
@@ -118,29 +118,6 @@ const TARGET_RESTART: Duration = Duration::from_secs(1);
 /// "No slower than at the first checkpoint", give or take this much noise
 /// of a p50 over 20 calls.
 const CLAIM_TOLERANCE: f64 = 1.10;
-
-/// CPU time (user + system) of process `pid` ("self" for this one), from
-/// /proc; zero where unavailable.
-fn cpu_time(pid: &str) -> Duration {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return Duration::ZERO;
-    };
-    // utime and stime: the 14th and 15th fields, counted from after the
-    // parenthesised command name as the 12th and 13th.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let ticks: u64 = rest
-        .split_whitespace()
-        .skip(11)
-        .take(2)
-        .filter_map(|x| x.parse::<u64>().ok())
-        .sum();
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .unwrap_or(100)
-        .max(1) as f64;
-    Duration::from_secs_f64(ticks as f64 / hz)
-}
 
 // ---------------------------------------------------------------------------
 // Configuration

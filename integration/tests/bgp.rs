@@ -23,21 +23,34 @@ fn rr_rib(lab: &Lab) -> BTreeSet<(String, String)> {
 }
 
 fn rr_rib_of(lab: &Lab, family: &str) -> BTreeSet<(String, String)> {
-    let out = lab
-        .gobgp(&["-j", "global", "rib", "-a", family])
-        .unwrap_or_default();
-    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_default();
     let mut rows = BTreeSet::new();
-    for (prefix, paths) in v.as_object().cloned().unwrap_or_default() {
-        for p in paths.as_array().cloned().unwrap_or_default() {
-            for a in p["attrs"].as_array().cloned().unwrap_or_default() {
-                if let Some(nh) = a["nexthop"].as_str() {
-                    rows.insert((prefix.clone(), nh.to_string()));
-                }
+    for (prefix, attrs) in rr_paths(lab, family) {
+        for a in attrs {
+            if let Some(nh) = a["nexthop"].as_str() {
+                rows.insert((prefix.clone(), nh.to_string()));
             }
         }
     }
     rows
+}
+
+/// Every path of `gobgp -j global rib` for `family`: its prefix and its
+/// path attributes (as gobgp prints them).
+fn rr_paths(lab: &Lab, family: &str) -> Vec<(String, Vec<serde_json::Value>)> {
+    let out = lab
+        .gobgp(&["-j", "global", "rib", "-a", family])
+        .unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_default();
+    let mut paths = Vec::new();
+    for (prefix, ps) in v.as_object().cloned().unwrap_or_default() {
+        for p in ps.as_array().cloned().unwrap_or_default() {
+            paths.push((
+                prefix.clone(),
+                p["attrs"].as_array().cloned().unwrap_or_default(),
+            ));
+        }
+    }
+    paths
 }
 
 /// The controller's cluster route table as (destination, next hop).
@@ -247,19 +260,16 @@ fn gobgp_route_reflector_learns_every_nodes_blocks() {
 
     // Every path as in the walkthrough: origin IGP, local-pref 100.
     for family in ["ipv4", "ipv6"] {
-        let out = lab.gobgp(&["-j", "global", "rib", "-a", family]).unwrap();
-        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
-        for (prefix, paths) in v.as_object().cloned().unwrap_or_default() {
-            for p in paths.as_array().cloned().unwrap_or_default() {
-                let attrs = p["attrs"].as_array().cloned().unwrap_or_default();
-                let has = |t: u64, val: u64| {
-                    attrs
-                        .iter()
-                        .any(|a| a["type"].as_u64() == Some(t) && a["value"].as_u64() == Some(val))
-                };
-                assert!(has(1, 0), "{prefix}: origin not IGP: {attrs:?}");
-                assert!(has(5, 100), "{prefix}: local-pref not 100: {attrs:?}");
-            }
+        let paths = rr_paths(&lab, family);
+        assert!(!paths.is_empty(), "no {family} paths at the reflector");
+        for (prefix, attrs) in paths {
+            let has = |t: u64, val: u64| {
+                attrs
+                    .iter()
+                    .any(|a| a["type"].as_u64() == Some(t) && a["value"].as_u64() == Some(val))
+            };
+            assert!(has(1, 0), "{prefix}: origin not IGP: {attrs:?}");
+            assert!(has(5, 100), "{prefix}: local-pref not 100: {attrs:?}");
         }
     }
 

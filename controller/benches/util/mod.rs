@@ -56,3 +56,26 @@ pub fn rss_kib(pid: i32) -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// CPU time (user + system) of process `pid` ("self" for this one), from
+/// /proc; zero where unavailable.
+pub fn cpu_time(pid: &str) -> std::time::Duration {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return std::time::Duration::ZERO;
+    };
+    // utime and stime: the 14th and 15th fields, counted from after the
+    // parenthesised command name as the 12th and 13th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let ticks: u64 = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|x| x.parse::<u64>().ok())
+        .sum();
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100)
+        .max(1) as f64;
+    std::time::Duration::from_secs_f64(ticks as f64 / hz)
+}

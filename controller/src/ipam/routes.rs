@@ -2,7 +2,7 @@
 //! shared route computation (`tabby_routing`) over it, the same function
 //! every node runs over the intent stream.
 use super::{records::BlockState, IpamState};
-use im::ordmap::DiffItem;
+use im::{ordmap::DiffItem, OrdMap};
 use ipnet::IpNet;
 use std::{collections::BTreeSet, net::IpAddr, sync::Arc};
 use tabby_routing::{vtep_mac, vtep_mac_v6, BlockIntent, Intent, NodeIntent, PoolIntent, Vtep};
@@ -69,23 +69,10 @@ impl IpamState {
         {
             return None;
         }
-        let blocks = prev
-            .blocks
-            .diff(&self.blocks)
-            .map(|d| match d {
-                DiffItem::Add(c, _) | DiffItem::Remove(c, _) => *c,
-                DiffItem::Update { new: (c, _), .. } => *c,
-            })
-            .collect();
-        let borrowed = prev
-            .borrowed
-            .diff(&self.borrowed)
-            .map(|d| match d {
-                DiffItem::Add(a, _) | DiffItem::Remove(a, _) => *a,
-                DiffItem::Update { new: (a, _), .. } => *a,
-            })
-            .collect();
-        Some((blocks, borrowed))
+        Some((
+            changed_keys(&prev.blocks, &self.blocks),
+            changed_keys(&prev.borrowed, &self.borrowed),
+        ))
     }
 
     fn intent_with<'a>(
@@ -164,4 +151,19 @@ impl IpamState {
             }),
         }
     }
+}
+
+/// The keys whose entries differ between `prev` and `now` (added, removed or
+/// changed).
+fn changed_keys<K: Ord + Copy, V: PartialEq + Clone>(
+    prev: &OrdMap<K, V>,
+    now: &OrdMap<K, V>,
+) -> BTreeSet<K> {
+    prev.diff(now)
+        .map(|d| match d {
+            DiffItem::Add(k, _) | DiffItem::Remove(k, _) | DiffItem::Update { new: (k, _), .. } => {
+                *k
+            }
+        })
+        .collect()
 }

@@ -129,7 +129,7 @@ impl IpamState {
                 repairable: true,
             });
         }
-        // Handles come in hash order: sort what was found, not the handles.
+        // Each part is in handle order, but a problem may name any handle.
         stale.sort_by(|x, y| (&x.handle, x.address).cmp(&(&y.handle, y.address)));
         out.append(&mut stale);
         out

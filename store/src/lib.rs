@@ -541,13 +541,13 @@ impl Store {
     }
 
     /// Reads every record and hands each to `f` as it is decoded, without
-    /// collecting them: pools first, then blocks, release marks,
-    /// allocations, handles, nodes and the configuration, so that a reader
+    /// collecting them: pools first, then blocks, release marks, handles,
+    /// allocations, nodes and the configuration, so that a reader
     /// can place each record where it belongs as it comes. Returns the
     /// revision and the intent mark the records are at.
     pub fn load_each(&self, mut f: impl FnMut(Record)) -> Result<(u64, u64)> {
         let c = *self.counters();
-        for prefix in [b'p', b'b', b'r', b'a', b'h', b'n', b'c'] {
+        for prefix in [b'p', b'b', b'r', b'h', b'a', b'n', b'c'] {
             self.backend.scan(&[prefix, b'/'], &mut |k, v| {
                 let corrupt = |why: &str| StoreError::Corrupt {
                     key: String::from_utf8_lossy(k).into_owned(),

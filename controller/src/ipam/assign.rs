@@ -3,7 +3,7 @@
 //! plan, so that a failure leaves nothing half done.
 use super::{
     addr::{addr_at, block_of, ordinal_of, Family},
-    records::{AllocationView, AssignRequest, PoolState, Slot},
+    records::{AllocationView, AssignRequest, Held, PoolState, Slot},
     validate::check_handle,
     IpamState,
 };
@@ -14,7 +14,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
 };
-use tabby_store::{Allocation, Block, Handle, Mutation, Node, Op};
+use tabby_store::{Block, Handle, Mutation, Node, Op};
 
 /// Where an assignment will come from (planned before anything changes).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -243,6 +243,10 @@ impl IpamState {
             picks.push(p);
         }
         let node = n.name.clone();
+        let held = Held {
+            handle: req.handle.as_str().into(),
+            node: self.node_name(&node),
+        };
         let mut ops = Vec::new();
         let mut addrs = Vec::new();
         for p in picks {
@@ -270,22 +274,18 @@ impl IpamState {
                 Slot::Used(_) => unreachable!("planned a free slot"),
             };
             b.free.remove(&(seq, ordinal));
-            let al = Allocation {
-                handle: req.handle.clone(),
-                node: node.clone(),
-            };
-            b.slots[ordinal as usize] = Slot::Used(Arc::new(al.clone()));
+            b.slots[ordinal as usize] = Slot::Used(held.clone());
             let borrowed = b.rec.affinity.as_deref() != Some(node.as_str());
             let addr = addr_at(&block, ordinal);
             if borrowed {
                 self.borrowed.insert(addr, node.clone());
             }
-            self.count_address(&node, borrowed, true);
+            self.count_address(&held.node, borrowed, true);
             self.refresh_free(&block, old);
             if seq > 0 {
                 ops.push(Op::ClearReleased(addr));
             }
-            ops.push(Op::PutAllocation(addr, al));
+            ops.push(Op::PutAllocation(addr, held.record()));
             addrs.push(addr);
         }
         let h = Handle {
@@ -294,7 +294,7 @@ impl IpamState {
             attributes: req.attributes,
         };
         ops.push(Op::PutHandle(req.handle.clone(), h.clone()));
-        self.put_handle(req.handle, h);
+        self.put_handle(held.handle, h);
         let views = addrs
             .iter()
             .filter_map(|a| self.allocation_of(*a))

@@ -3,15 +3,15 @@
 use super::{
     addr::addr_at,
     records::{
-        BlockState, BlockUsage, IpamUsage, LeakRelease, NodeUsage, PoolUsage, Problem, ProblemKind,
-        Slot,
+        BlockState, BlockUsage, Held, IpamUsage, LeakRelease, NodeUsage, PoolUsage, Problem,
+        ProblemKind, Slot,
     },
     IpamState,
 };
 use crate::error::Result;
 use ipnet::IpNet;
 use std::{collections::BTreeMap, net::IpAddr};
-use tabby_store::{Allocation, Handle, Mutation};
+use tabby_store::{Handle, Mutation};
 
 impl IpamState {
     /// Utilization per pool and node, and per block when `blocks` is set.
@@ -123,7 +123,7 @@ impl IpamState {
             out.push(Problem {
                 kind: ProblemKind::AddressWithoutHandle,
                 address: Some(*a),
-                handle: Some(al.handle.clone()),
+                handle: Some(al.handle.to_string()),
                 block: None,
                 detail: format!("{a} is recorded as allocated but lies in no block; release it"),
                 repairable: true,
@@ -195,7 +195,7 @@ impl IpamState {
         for (hid, h) in handles {
             for (i, a) in h.addresses.iter().enumerate() {
                 repeats |= h.addresses[..i].contains(a);
-                if self.holder(*a).map(|al| al.handle.as_str()) == Some(*hid) {
+                if self.holder(*a).map(|al| &*al.handle) == Some(*hid) {
                     held += 1;
                 } else {
                     out.push(Problem {
@@ -215,22 +215,16 @@ impl IpamState {
     }
 
     /// Whether `al`'s handle lists `a`; a problem if not.
-    fn check_listed(
-        &self,
-        a: IpAddr,
-        al: &Allocation,
-        block: Option<IpNet>,
-        out: &mut Vec<Problem>,
-    ) {
+    fn check_listed(&self, a: IpAddr, al: &Held, block: Option<IpNet>, out: &mut Vec<Problem>) {
         let listed = self
             .handles
-            .get(al.handle.as_str())
+            .get(&al.handle)
             .is_some_and(|h| h.addresses.contains(&a));
         if !listed {
             out.push(Problem {
                 kind: ProblemKind::AddressWithoutHandle,
                 address: Some(a),
-                handle: Some(al.handle.clone()),
+                handle: Some(al.handle.to_string()),
                 block,
                 detail: format!(
                     "{a} is allocated to handle {:?}, which does not list it: nothing will release it (leaked)",
@@ -289,16 +283,16 @@ impl IpamState {
 /// A borrowed address is no damage, but the check names it.
 fn check_affinity(
     a: IpAddr,
-    al: &Allocation,
+    al: &Held,
     affinity: Option<&str>,
     block: Option<IpNet>,
     out: &mut Vec<Problem>,
 ) {
-    if affinity != Some(al.node.as_str()) {
+    if affinity != Some(&*al.node) {
         out.push(Problem {
             kind: ProblemKind::BorrowedAddress,
             address: Some(a),
-            handle: Some(al.handle.clone()),
+            handle: Some(al.handle.to_string()),
             block,
             detail: format!(
                 "{a} on node {:?} is borrowed from block {} affine to {:?} (valid; routed by its own /32)",

@@ -4,12 +4,12 @@ use super::{
     addr::{addr_u128, block_len, u128_addr, Family},
     free::FreeBlocks,
     selector::Selector,
+    state::Name,
 };
 use ipnet::IpNet;
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
-    sync::Arc,
 };
 use tabby_store::{Allocation, Block, Encapsulation, Pool};
 
@@ -17,9 +17,30 @@ use tabby_store::{Allocation, Block, Encapsulation, Pool};
 pub(super) enum Slot {
     /// Free; `seq` is the release order (0: never released).
     Free { seq: u64 },
-    /// Behind an `Arc`: a block shared with readers' snapshots is copied
-    /// on its next change, and that copy should not copy every string.
-    Used(Arc<Allocation>),
+    /// Allocated.
+    Used(Held),
+}
+
+/// Who holds an allocated address: names shared with the handle table and
+/// with the node's other addresses, so a slot owns no string of its own
+/// (a block shared with readers' snapshots is copied on its next change,
+/// and that copy bumps counts instead of copying strings).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Held {
+    /// The handle holding it.
+    pub(super) handle: Name,
+    /// The node holding it.
+    pub(super) node: Name,
+}
+
+impl Held {
+    /// As the store records it.
+    pub(super) fn record(&self) -> Allocation {
+        Allocation {
+            handle: self.handle.to_string(),
+            node: self.node.to_string(),
+        }
+    }
 }
 
 // Eq, not only PartialEq: the BGP speaker diffs published states' block

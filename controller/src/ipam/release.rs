@@ -57,7 +57,8 @@ impl IpamState {
         let mut released = Vec::new();
         for &a in &h.addresses {
             // Only free what this handle really holds.
-            if self.holder(a).is_some_and(|al| al.handle == handle) && self.free_slot(a, &mut ops) {
+            if self.holder(a).is_some_and(|al| &*al.handle == handle) && self.free_slot(a, &mut ops)
+            {
                 released.push(a);
             }
         }
@@ -76,7 +77,7 @@ impl IpamState {
             return Ok((Vec::new(), Mutation::default()));
         };
         if let Some(n) = node {
-            if al.node != n {
+            if &*al.node != n {
                 return Err(Error::PermissionDenied(format!(
                     "address {a} is held by node {:?}, not {n:?}",
                     al.node

@@ -2,13 +2,13 @@
 //! indices, and read-only lookups.
 use super::{
     addr::{addr_at, block_of, host_net, ordinal_of},
-    records::{AllocationView, BlockState, PoolState, Slot},
+    records::{AllocationView, BlockState, Held, PoolState, Slot},
     selector::Selector,
 };
 use im::{HashMap as ImHashMap, OrdMap, OrdSet};
 use ipnet::IpNet;
 use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
-use tabby_store::{Allocation, Block, Handle, IpamConfig, Node, Pool, Record, Snapshot};
+use tabby_store::{Block, Handle, IpamConfig, Node, Pool, Record, Snapshot};
 
 /// A node or handle name as the persistent maps key it: a copy of a map
 /// node (after a snapshot) copies pointers, not strings.
@@ -48,7 +48,7 @@ pub struct IpamState {
     /// The BGP speaker's configuration (kept here: one owner, one store).
     pub(super) bgp: tabby_store::BgpConfig,
     /// Allocation records that lie in no block (only from a damaged store).
-    pub(super) orphans: BTreeMap<IpAddr, Allocation>,
+    pub(super) orphans: BTreeMap<IpAddr, Held>,
     /// Last release sequence number handed out.
     pub(super) release_seq: u64,
     /// Derived index: blocks affine to each node.
@@ -81,11 +81,11 @@ impl IpamState {
         for (a, seq) in s.released {
             l.take(Record::Released(a, seq));
         }
-        for (a, al) in s.allocations {
-            l.take(Record::Allocation(a, al));
-        }
         for (id, h) in s.handles {
             l.take(Record::Handle(id, h));
+        }
+        for (a, al) in s.allocations {
+            l.take(Record::Allocation(a, al));
         }
         s.nodes.into_values().for_each(|n| l.take(Record::Node(n)));
         l.finish()
@@ -242,10 +242,26 @@ impl IpamState {
         }
     }
 
+    /// Node `n`'s name as the state already shares it (a new one if the
+    /// node holds no address yet).
+    pub(super) fn node_name(&self, n: &str) -> Name {
+        self.node_counts
+            .get_key_value(n)
+            .map_or_else(|| n.into(), |(k, _)| k.clone())
+    }
+
+    /// Handle `h`'s name as the handle table shares it (a new one if it is
+    /// not there).
+    pub(super) fn handle_name(&self, h: &str) -> Name {
+        self.handles
+            .get_key_value(h)
+            .map_or_else(|| h.into(), |(k, _)| k.clone())
+    }
+
     /// Counts an address that `node` took (`up`) or gave back.
-    pub(super) fn count_address(&mut self, node: &str, borrowed: bool, up: bool) {
+    pub(super) fn count_address(&mut self, node: &Name, borrowed: bool, up: bool) {
         if self.node_counts.get(node).is_none() {
-            self.node_counts.insert(node.into(), NodeCounts::default());
+            self.node_counts.insert(node.clone(), NodeCounts::default());
         }
         let c = self.node_counts.get_mut(node).expect("inserted");
         let d = |n: &mut u64| *n = if up { *n + 1 } else { n.saturating_sub(1) };
@@ -259,8 +275,7 @@ impl IpamState {
     }
 
     /// Adds or replaces handle `id`, keeping the per-node index.
-    pub(super) fn put_handle(&mut self, id: String, h: Handle) {
-        let id: Name = id.into();
+    pub(super) fn put_handle(&mut self, id: Name, h: Handle) {
         if let Some(old) = self.handles.get(&id) {
             if old.node != h.node {
                 let node = old.node.clone();
@@ -387,11 +402,11 @@ impl IpamState {
         v
     }
 
-    fn view(&self, b: &BlockState, ordinal: u32, a: &Allocation) -> AllocationView {
+    fn view(&self, b: &BlockState, ordinal: u32, a: &Held) -> AllocationView {
         AllocationView {
             address: addr_at(&b.rec.cidr, ordinal),
-            handle: a.handle.clone(),
-            node: a.node.clone(),
+            handle: a.handle.to_string(),
+            node: a.node.to_string(),
             block: b.rec.cidr,
             block_affinity: b.rec.affinity.clone(),
         }
@@ -424,7 +439,7 @@ impl IpamState {
     }
 
     /// Who holds `a`, also when it lies in no block (a damaged store).
-    pub(super) fn holder(&self, a: IpAddr) -> Option<&Allocation> {
+    pub(super) fn holder(&self, a: IpAddr) -> Option<&Held> {
         if let Some(b) = self.block_containing(a) {
             if let Slot::Used(al) = &b.slots[ordinal_of(&b.rec.cidr, a) as usize] {
                 return Some(al);
@@ -435,8 +450,10 @@ impl IpamState {
 }
 
 /// Builds the state record by record, in the order [`tabby_store::Store::load_each`]
-/// gives them: pools, then blocks, release marks and allocations (handles,
-/// nodes and the configuration in any order). Nothing is collected on the
+/// gives them: pools, then blocks, release marks, handles and allocations
+/// (nodes and the configuration in any order; allocations before handles
+/// also load correctly, only without sharing the handles' names, so in
+/// more memory). Nothing is collected on the
 /// way, so a start holds one copy of the state, not two. Inconsistent
 /// records are kept (so that `check` can report them), never a reason to
 /// fail start-up.
@@ -471,25 +488,30 @@ impl Loader {
                 }
                 st.release_seq = st.release_seq.max(seq);
             }
-            Record::Allocation(addr, a) => match st.block_containing_mut(addr) {
-                Some(b) => {
-                    let o = ordinal_of(&b.rec.cidr, addr);
-                    if let Slot::Free { seq } = b.slots[o as usize] {
-                        b.free.remove(&(seq, o));
-                    }
-                    let borrowed = b.rec.affinity.as_deref() != Some(a.node.as_str());
-                    let node = a.node.clone();
-                    b.slots[o as usize] = Slot::Used(Arc::new(a));
-                    if borrowed {
-                        st.borrowed.insert(addr, node.clone());
-                    }
-                    st.count_address(&node, borrowed, true);
+            Record::Allocation(addr, a) => {
+                // Handles come first (see [`Loader`]), so the slot shares
+                // the handle table's name.
+                let held = Held {
+                    handle: st.handle_name(&a.handle),
+                    node: st.node_name(&a.node),
+                };
+                let Some(b) = st.block_containing_mut(addr) else {
+                    st.orphans.insert(addr, held);
+                    return;
+                };
+                let o = ordinal_of(&b.rec.cidr, addr);
+                if let Slot::Free { seq } = b.slots[o as usize] {
+                    b.free.remove(&(seq, o));
                 }
-                None => {
-                    st.orphans.insert(addr, a);
+                let borrowed = b.rec.affinity.as_deref() != Some(a.node.as_str());
+                let node = held.node.clone();
+                b.slots[o as usize] = Slot::Used(held);
+                if borrowed {
+                    st.borrowed.insert(addr, a.node);
                 }
-            },
-            Record::Handle(id, h) => st.put_handle(id, h),
+                st.count_address(&node, borrowed, true);
+            }
+            Record::Handle(id, h) => st.put_handle(id.into(), h),
             Record::Node(n) => {
                 st.nodes.insert(n.name.clone(), n);
             }

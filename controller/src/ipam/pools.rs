@@ -1,7 +1,7 @@
 //! Pools: create, update, delete.
 use super::{
     addr::{addr_at, Family},
-    records::{PoolState, PoolUpdate},
+    records::{BlockState, PoolState, PoolUpdate},
     selector::Selector,
     validate::{check_name, parse_cidr},
     IpamState,
@@ -124,11 +124,18 @@ impl IpamState {
 
     /// The blocks inside `cidr`, by CIDR.
     pub(super) fn blocks_in(&self, cidr: &IpNet) -> Vec<IpNet> {
+        self.blocks_of_range(cidr).map(|b| b.rec.cidr).collect()
+    }
+
+    /// The blocks inside `cidr`, in order.
+    pub(super) fn blocks_of_range<'a>(
+        &'a self,
+        cidr: &'a IpNet,
+    ) -> impl Iterator<Item = &'a BlockState> + 'a {
         self.blocks
             .range(IpNet::new(cidr.network(), 0).expect("valid")..)
             .take_while(|(c, _)| cidr.contains(&c.network()))
-            .map(|(c, _)| *c)
-            .collect()
+            .map(|(_, b)| &**b)
     }
 
     /// Deletes a pool that holds no allocations, with its (empty) blocks.

@@ -4,6 +4,7 @@ use super::{
     addr::{addr_at, block_of, host_net, ordinal_of},
     records::{AllocationView, BlockState, Held, PoolState, Slot},
     selector::Selector,
+    tunnels::tunnel_handle_node,
 };
 use im::{HashMap as ImHashMap, OrdMap, OrdSet};
 use ipnet::IpNet;
@@ -65,6 +66,10 @@ pub struct IpamState {
     pub(super) node_counts: ImHashMap<Name, NodeCounts>,
     /// Derived index: handles held by each node (ListHandles, a node's GC).
     pub(super) node_handles: ImHashMap<Name, OrdSet<Name>>,
+    /// Derived index: how many handles hold tunnel addresses. While none
+    /// does, a node's tunnel lookups (two per node in ShowIpam, ShowRoutes
+    /// and the intent) skip the handle table.
+    pub(super) tunnel_handles: usize,
 }
 
 impl IpamState {
@@ -191,6 +196,17 @@ impl IpamState {
         if borrowed != self.borrowed {
             out.push(format!("borrowed {:?} != {:?}", self.borrowed, borrowed));
         }
+        let tunnels = self
+            .handles
+            .keys()
+            .filter(|h| tunnel_handle_node(h).is_some())
+            .count();
+        if tunnels != self.tunnel_handles {
+            out.push(format!(
+                "tunnel_handles {} != {tunnels}",
+                self.tunnel_handles
+            ));
+        }
         if handles != self.node_handles {
             out.push(format!(
                 "node_handles {:?} != {:?}",
@@ -276,11 +292,13 @@ impl IpamState {
 
     /// Adds or replaces handle `id`, keeping the per-node index.
     pub(super) fn put_handle(&mut self, id: Name, h: Handle) {
-        if let Some(old) = self.handles.get(&id) {
-            if old.node != h.node {
+        match self.handles.get(&id) {
+            Some(old) if old.node != h.node => {
                 let node = old.node.clone();
                 self.unindex_handle(&node, &id);
             }
+            Some(_) => {}
+            None => self.tunnel_handles += usize::from(tunnel_handle_node(&id).is_some()),
         }
         match self.node_handles.get_mut(h.node.as_str()) {
             Some(set) => {
@@ -298,6 +316,7 @@ impl IpamState {
     pub(super) fn remove_handle(&mut self, id: &str) -> Option<Arc<Handle>> {
         let h = self.handles.remove(id)?;
         self.unindex_handle(&h.node, id);
+        self.tunnel_handles -= usize::from(tunnel_handle_node(id).is_some());
         Some(h)
     }
 

@@ -45,6 +45,9 @@ impl IpamState {
 
     /// `node`'s tunnel address, if it holds one.
     pub fn tunnel_address(&self, node: &str) -> Option<IpAddr> {
+        if self.tunnel_handles == 0 {
+            return None;
+        }
         self.handles
             .get(tunnel_handle(node).as_str())
             .and_then(|h| h.addresses.iter().find(|a| a.is_ipv4()).copied())
@@ -52,6 +55,9 @@ impl IpamState {
 
     /// `node`'s IPv6 tunnel address, if it holds one.
     pub fn tunnel_v6_address(&self, node: &str) -> Option<IpAddr> {
+        if self.tunnel_handles == 0 {
+            return None;
+        }
         self.handles
             .get(tunnel_v6_handle(node).as_str())
             .and_then(|h| h.addresses.iter().find(|a| a.is_ipv6()).copied())

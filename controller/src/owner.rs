@@ -30,7 +30,7 @@ use std::{
     sync::{Arc, Mutex, PoisonError},
     thread,
 };
-use tabby_store::{Mutation, Op, Store, StoreError, Written};
+use tabby_store::{Mutation, Op, Record, Store, StoreError, Written};
 use tokio::sync::broadcast;
 use tokio::sync::{mpsc, oneshot};
 
@@ -56,15 +56,44 @@ impl Owned {
     /// State as `store` holds it; watchers of this store resume from its
     /// intent mark.
     fn load(store: &Store) -> Result<Owned> {
-        // Streamed: each record is placed as it is read.
+        // Streamed: each record is placed as it is read, and reading the
+        // store (one thread) overlaps placing the records (this one).
         let mut loader = Loader::default();
-        let (revision, marked) = store.load_each(|r| loader.take(r))?;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Record>>(LOAD_QUEUE);
+        let (revision, marked) = std::thread::scope(|sc| {
+            let reading = sc.spawn(move || {
+                let mut batch = Vec::with_capacity(LOAD_BATCH);
+                let r = store.load_each(|r| {
+                    batch.push(r);
+                    if batch.len() == LOAD_BATCH {
+                        // The receiver stops only when this thread is done.
+                        let _ = tx.send(std::mem::replace(
+                            &mut batch,
+                            Vec::with_capacity(LOAD_BATCH),
+                        ));
+                    }
+                });
+                let _ = tx.send(batch);
+                r
+            });
+            for batch in rx {
+                batch.into_iter().for_each(|r| loader.take(r));
+            }
+            reading
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        })?;
         let ipam = loader.finish();
         let intent =
             IntentTracker::new(&ipam, revision).resumable(store.id(), store.epochs(), marked);
         Ok(Owned { ipam, intent })
     }
 }
+
+/// Records handed from the store reader to the loader at a time, and how
+/// many such batches may wait.
+const LOAD_BATCH: usize = 1024;
+const LOAD_QUEUE: usize = 16;
 
 /// Most jobs folded into one group commit.
 const MAX_GROUP: usize = 512;

@@ -292,24 +292,22 @@ impl IpamState {
 
     /// Adds or replaces handle `id`, keeping the per-node index.
     pub(super) fn put_handle(&mut self, id: Name, h: Handle) {
-        match self.handles.get(&id) {
-            Some(old) if old.node != h.node => {
-                let node = old.node.clone();
-                self.unindex_handle(&node, &id);
-            }
+        // One descent of the table: the old record comes back from the insert.
+        let h = Arc::new(h);
+        match self.handles.insert(id.clone(), h.clone()) {
+            Some(old) if old.node != h.node => self.unindex_handle(&old.node, &id),
             Some(_) => {}
             None => self.tunnel_handles += usize::from(tunnel_handle_node(&id).is_some()),
         }
         match self.node_handles.get_mut(h.node.as_str()) {
             Some(set) => {
-                set.insert(id.clone());
+                set.insert(id);
             }
             None => {
                 self.node_handles
-                    .insert(h.node.as_str().into(), OrdSet::unit(id.clone()));
+                    .insert(h.node.as_str().into(), OrdSet::unit(id));
             }
         }
-        self.handles.insert(id, Arc::new(h));
     }
 
     /// Removes handle `id`, keeping the per-node index.

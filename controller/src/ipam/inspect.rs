@@ -1,7 +1,7 @@
 //! Inspection and repair: utilization, the consistency check, and the admin
 //! release that repairs what the check finds.
 use super::{
-    addr::addr_at,
+    addr::{addr_at, ordinal_of},
     records::{
         BlockState, BlockUsage, Held, IpamUsage, LeakRelease, NodeUsage, PoolUsage, Problem,
         ProblemKind, Slot,
@@ -207,10 +207,26 @@ impl IpamState {
     pub(super) fn check_handles(&self, handles: &[(&str, &Handle)]) -> (Vec<Problem>, u64, bool) {
         let mut out = Vec::new();
         let (mut held, mut repeats) = (0, false);
+        // Handles come in name order, and a node's pods' names sort
+        // together, so the next address is mostly in the block of the last
+        // one: try that block before searching the block table.
+        let mut last: Option<&BlockState> = None;
         for (hid, h) in handles {
             for (i, a) in h.addresses.iter().enumerate() {
                 repeats |= h.addresses[..i].contains(a);
-                if self.holder(*a).map(|al| &*al.handle) == Some(*hid) {
+                let block = last
+                    .filter(|b| b.rec.cidr.contains(a))
+                    .or_else(|| self.block_containing(*a));
+                let slot = block.map(|b| {
+                    last = Some(b);
+                    &b.slots[ordinal_of(&b.rec.cidr, *a) as usize]
+                });
+                // As `holder`: a free slot's address may still be an orphan.
+                let holder = match slot {
+                    Some(Slot::Used(al)) => Some(al),
+                    _ => self.orphans.get(a),
+                };
+                if holder.map(|al| &*al.handle) == Some(*hid) {
                     held += 1;
                 } else {
                     out.push(Problem {

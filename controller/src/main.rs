@@ -71,7 +71,7 @@ struct Args {
     /// Page cache of the embedded store, in MiB. The controller keeps the
     /// state in its own memory and reads the store at start, so a small
     /// cache costs little.
-    #[arg(long, env = "TABBY_STORE_CACHE_MB", default_value_t = 64)]
+    #[arg(long, env = "TABBY_STORE_CACHE_MB", default_value_t = 16)]
     store_cache_mb: u64,
     /// gRPC worker threads; 0 means one less than the CPUs (at least 1), which
     /// leaves a core for the IPAM owner thread that every call goes through.

@@ -142,6 +142,52 @@ impl Harness {
                 .collect()
         };
         assert_eq!(free(&re), free(&self.st), "FIFO order survives reload");
+        // Loaded in the store's order, a slot shares its handle's name with
+        // the handle table (memory, #17).
+        for b in re.blocks.values() {
+            for s in &b.slots {
+                if let super::records::Slot::Used(al) = s {
+                    let (k, _) = re.handles.get_key_value(&al.handle).expect("listed");
+                    assert!(
+                        std::sync::Arc::ptr_eq(k, &al.handle),
+                        "{} not shared",
+                        al.handle
+                    );
+                }
+            }
+        }
+        // Allocations before handles: the same state, only without sharing.
+        let mut l = Loader::default();
+        let s = self.replica.clone();
+        l.take(tabby_store::Record::Config(s.config));
+        s.pools
+            .into_values()
+            .for_each(|p| l.take(tabby_store::Record::Pool(p)));
+        s.blocks
+            .into_values()
+            .for_each(|b| l.take(tabby_store::Record::Block(b)));
+        for (a, seq) in s.released {
+            l.take(tabby_store::Record::Released(a, seq));
+        }
+        for (a, al) in s.allocations {
+            l.take(tabby_store::Record::Allocation(a, al));
+        }
+        for (id, h) in s.handles {
+            l.take(tabby_store::Record::Handle(id, h));
+        }
+        s.nodes
+            .into_values()
+            .for_each(|n| l.take(tabby_store::Record::Node(n)));
+        let other = l.finish();
+        assert!(
+            other.index_problems().is_empty(),
+            "{:?}",
+            other.index_problems()
+        );
+        assert_eq!(other.allocations(), allocs);
+        assert_eq!(other.handles, self.st.handles);
+        assert_eq!(other.usage(true), self.st.usage(true));
+        assert_eq!(free(&other), free(&self.st));
     }
 }
 

@@ -10,7 +10,7 @@ use super::{
 };
 use crate::error::Result;
 use ipnet::IpNet;
-use std::{collections::BTreeMap, net::IpAddr};
+use std::net::IpAddr;
 use tabby_store::{Handle, Mutation};
 
 impl IpamState {
@@ -33,47 +33,36 @@ impl IpamState {
                 used,
             });
         }
-        // In name order, straight into the answer: a node is one lookup in
-        // each index, no map of its own (5,000 nodes cost about 1 ms).
-        let (mut with_blocks, mut with_counts) = (0, 0);
+        // Nodes, their blocks and their counts are all kept in name order:
+        // merged in one pass, no lookups. Blocks or addresses of a node that
+        // is not registered (only from a damaged store) are listed too.
         let mut nodes: Vec<NodeUsage> = Vec::with_capacity(self.nodes.len());
-        for n in self.nodes.keys() {
+        let mut registered = self.nodes.keys().map(String::as_str).peekable();
+        let mut blocks_of = self.node_blocks.iter().peekable();
+        let mut counts_of = self.node_counts.iter().peekable();
+        loop {
+            let name = [
+                registered.peek().copied(),
+                blocks_of.peek().map(|(n, _)| &***n),
+                counts_of.peek().map(|(n, _)| &***n),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            let Some(name) = name else { break };
             let mut e = NodeUsage {
-                name: n.clone(),
+                name: name.to_string(),
                 ..Default::default()
             };
-            if let Some(set) = self.node_blocks.get(n.as_str()) {
+            registered.next_if(|n| *n == name);
+            if let Some((_, set)) = blocks_of.next_if(|(n, _)| &***n == name) {
                 e.blocks = set.iter().copied().collect();
-                with_blocks += 1;
             }
-            if let Some(c) = self.node_counts.get(n.as_str()) {
+            if let Some((_, c)) = counts_of.next_if(|(n, _)| &***n == name) {
                 e.addresses = c.addresses;
                 e.borrowed = c.borrowed;
-                with_counts += 1;
             }
             nodes.push(e);
-        }
-        // Blocks or addresses of a node that is not registered (only from a
-        // damaged store): listed too, found only when the counts say so.
-        if with_blocks < self.node_blocks.len() || with_counts < self.node_counts.len() {
-            let mut extra: BTreeMap<String, NodeUsage> = BTreeMap::new();
-            for (n, set) in &self.node_blocks {
-                if !self.nodes.contains_key(&**n) {
-                    let e = extra.entry(n.to_string()).or_default();
-                    e.name = n.to_string();
-                    e.blocks = set.iter().copied().collect();
-                }
-            }
-            for (n, c) in &self.node_counts {
-                if !self.nodes.contains_key(&**n) {
-                    let e = extra.entry(n.to_string()).or_default();
-                    e.name = n.to_string();
-                    e.addresses = c.addresses;
-                    e.borrowed = c.borrowed;
-                }
-            }
-            nodes.extend(extra.into_values());
-            nodes.sort_by(|a, b| a.name.cmp(&b.name));
         }
         if blocks {
             u.blocks = self

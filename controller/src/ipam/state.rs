@@ -52,8 +52,9 @@ pub struct IpamState {
     pub(super) orphans: BTreeMap<IpAddr, Held>,
     /// Last release sequence number handed out.
     pub(super) release_seq: u64,
-    /// Derived index: blocks affine to each node.
-    pub(super) node_blocks: ImHashMap<Name, OrdSet<IpNet>>,
+    /// Derived index: blocks affine to each node. Ordered like `nodes` (by
+    /// name), as `node_counts` is: ShowIpam merges the three in one pass.
+    pub(super) node_blocks: OrdMap<Name, OrdSet<IpNet>>,
     /// Derived index: addresses held by a node other than their block's
     /// (ShowRoutes, the intent), with the holder.
     pub(super) borrowed: OrdMap<IpAddr, String>,
@@ -63,7 +64,7 @@ pub struct IpamState {
     pub(super) node_free: ImHashMap<Name, OrdSet<FreeKey>>,
     /// Derived index: per node, the addresses it holds in blocks, and how
     /// many of them are borrowed (ShowIpam).
-    pub(super) node_counts: ImHashMap<Name, NodeCounts>,
+    pub(super) node_counts: OrdMap<Name, NodeCounts>,
     /// Derived index: handles held by each node (ListHandles, a node's GC).
     pub(super) node_handles: ImHashMap<Name, OrdSet<Name>>,
     /// Derived index: how many handles hold tunnel addresses. While none
@@ -144,7 +145,7 @@ impl IpamState {
     #[cfg(test)]
     pub(crate) fn index_problems(&self) -> Vec<String> {
         let mut out = Vec::new();
-        let mut blocks: ImHashMap<Name, OrdSet<IpNet>> = ImHashMap::new();
+        let mut blocks: OrdMap<Name, OrdSet<IpNet>> = OrdMap::new();
         for b in self.blocks.values() {
             if let Some(n) = &b.rec.affinity {
                 blocks
@@ -168,7 +169,7 @@ impl IpamState {
         if free != self.node_free {
             out.push(format!("node_free {:?} != {:?}", self.node_free, free));
         }
-        let mut counts: ImHashMap<Name, NodeCounts> = ImHashMap::new();
+        let mut counts: OrdMap<Name, NodeCounts> = OrdMap::new();
         for a in self.allocations() {
             let c = counts.entry(a.node.as_str().into()).or_default();
             c.addresses += 1;

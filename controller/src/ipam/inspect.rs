@@ -1,7 +1,7 @@
 //! Inspection and repair: utilization, the consistency check, and the admin
 //! release that repairs what the check finds.
 use super::{
-    addr::{addr_at, ordinal_of},
+    addr::addr_at,
     records::{
         BlockState, BlockUsage, Held, IpamUsage, LeakRelease, NodeUsage, PoolUsage, Problem,
         ProblemKind, Slot,
@@ -206,16 +206,8 @@ impl IpamState {
                 let block = last
                     .filter(|b| b.rec.cidr.contains(a))
                     .or_else(|| self.block_containing(*a));
-                let slot = block.map(|b| {
-                    last = Some(b);
-                    &b.slots[ordinal_of(&b.rec.cidr, *a) as usize]
-                });
-                // As `holder`: a free slot's address may still be an orphan.
-                let holder = match slot {
-                    Some(Slot::Used(al)) => Some(al),
-                    _ => self.orphans.get(a),
-                };
-                if holder.map(|al| &*al.handle) == Some(*hid) {
+                last = block.or(last);
+                if self.holder_in(block, *a).map(|al| &*al.handle) == Some(*hid) {
                     held += 1;
                 } else {
                     out.push(Problem {

@@ -77,6 +77,13 @@ impl IpamState {
     /// Builds the state from a store snapshot. Inconsistent records are kept
     /// (so that `check` can report them), never a reason to fail start-up.
     pub fn from_snapshot(s: Snapshot) -> IpamState {
+        Self::from_snapshot_in_order(s, false)
+    }
+
+    /// [`IpamState::from_snapshot`]; with `allocations_first` the
+    /// allocations are placed before the handles instead of after them (the
+    /// store's order), which must give the same state.
+    pub(crate) fn from_snapshot_in_order(s: Snapshot, allocations_first: bool) -> IpamState {
         let mut l = Loader::default();
         l.take(Record::Config(s.config));
         l.take(Record::Bgp(s.bgp));
@@ -87,11 +94,15 @@ impl IpamState {
         for (a, seq) in s.released {
             l.take(Record::Released(a, seq));
         }
-        for (id, h) in s.handles {
-            l.take(Record::Handle(id, h));
-        }
-        for (a, al) in s.allocations {
-            l.take(Record::Allocation(a, al));
+        let handles = s.handles.into_iter().map(|(id, h)| Record::Handle(id, h));
+        let allocations = s
+            .allocations
+            .into_iter()
+            .map(|(a, al)| Record::Allocation(a, al));
+        if allocations_first {
+            allocations.chain(handles).for_each(|r| l.take(r));
+        } else {
+            handles.chain(allocations).for_each(|r| l.take(r));
         }
         s.nodes.into_values().for_each(|n| l.take(Record::Node(n)));
         l.finish()
@@ -277,10 +288,7 @@ impl IpamState {
 
     /// Counts an address that `node` took (`up`) or gave back.
     pub(super) fn count_address(&mut self, node: &Name, borrowed: bool, up: bool) {
-        if self.node_counts.get(node).is_none() {
-            self.node_counts.insert(node.clone(), NodeCounts::default());
-        }
-        let c = self.node_counts.get_mut(node).expect("inserted");
+        let c = self.node_counts.entry(node.clone()).or_default();
         let d = |n: &mut u64| *n = if up { *n + 1 } else { n.saturating_sub(1) };
         d(&mut c.addresses);
         if borrowed {
@@ -458,12 +466,20 @@ impl IpamState {
 
     /// Who holds `a`, also when it lies in no block (a damaged store).
     pub(super) fn holder(&self, a: IpAddr) -> Option<&Held> {
-        if let Some(b) = self.block_containing(a) {
-            if let Slot::Used(al) = &b.slots[ordinal_of(&b.rec.cidr, a) as usize] {
-                return Some(al);
-            }
+        self.holder_in(self.block_containing(a), a)
+    }
+
+    /// [`IpamState::holder`], given the block holding `a` (None: no block
+    /// does). A free slot's address may still be an orphan.
+    pub(super) fn holder_in<'a>(
+        &'a self,
+        b: Option<&'a BlockState>,
+        a: IpAddr,
+    ) -> Option<&'a Held> {
+        match b.map(|b| &b.slots[ordinal_of(&b.rec.cidr, a) as usize]) {
+            Some(Slot::Used(al)) => Some(al),
+            _ => self.orphans.get(&a),
         }
-        self.orphans.get(&a)
     }
 }
 

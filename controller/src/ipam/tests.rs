@@ -157,28 +157,7 @@ impl Harness {
             }
         }
         // Allocations before handles: the same state, only without sharing.
-        let mut l = Loader::default();
-        let s = self.replica.clone();
-        l.take(tabby_store::Record::Config(s.config));
-        s.pools
-            .into_values()
-            .for_each(|p| l.take(tabby_store::Record::Pool(p)));
-        s.blocks
-            .into_values()
-            .for_each(|b| l.take(tabby_store::Record::Block(b)));
-        for (a, seq) in s.released {
-            l.take(tabby_store::Record::Released(a, seq));
-        }
-        for (a, al) in s.allocations {
-            l.take(tabby_store::Record::Allocation(a, al));
-        }
-        for (id, h) in s.handles {
-            l.take(tabby_store::Record::Handle(id, h));
-        }
-        s.nodes
-            .into_values()
-            .for_each(|n| l.take(tabby_store::Record::Node(n)));
-        let other = l.finish();
+        let other = IpamState::from_snapshot_in_order(self.replica.clone(), true);
         assert!(
             other.index_problems().is_empty(),
             "{:?}",

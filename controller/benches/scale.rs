@@ -48,6 +48,9 @@
 //! - `SCALE_NODES` [5000]: registered nodes;
 //! - `SCALE_PODS` [110]: pods per node;
 //! - `SCALE_CONC` [64]: Assigns in flight during the load;
+//! - `SCALE_ATTRS` [1]: 1, each Assign carries the attributes tabby-node
+//!   sends for a pod (a 64-digit container id, ifname, namespace, pod
+//!   name); 0, none (as runs before 2026-12-02 afternoon did);
 //! - `SCALE_CHECKPOINTS` [22000,110000,550000]: allocation counts at which
 //!   the figures are taken, ascending. When NODES × PODS is smaller than the
 //!   last, all are scaled down in proportion so that the last is NODES ×
@@ -127,6 +130,8 @@ struct Cfg {
     nodes: usize,
     pods: usize,
     conc: usize,
+    /// Whether Assigns carry a pod's attributes, as tabby-node's do.
+    attrs: bool,
     checkpoints: Vec<u64>,
     /// Why the checkpoints differ from the ones asked for, if they do.
     scaled: Option<String>,
@@ -182,10 +187,16 @@ fn config() -> anyhow::Result<Cfg> {
             "{asked:?} scaled down to {cps:?}: SCALE_NODES × SCALE_PODS = {total}"
         ));
     }
+    let attrs = match std::env::var("SCALE_ATTRS").as_deref() {
+        Err(_) | Ok("1") => true,
+        Ok("0") => false,
+        Ok(v) => bail!("SCALE_ATTRS={v:?}: want 0 or 1"),
+    };
     Ok(Cfg {
         nodes,
         pods,
         conc,
+        attrs,
         checkpoints: cps,
         scaled,
     })
@@ -194,6 +205,22 @@ fn config() -> anyhow::Result<Cfg> {
 /// Name of load node `i` (0-based): `s0001`, ...
 fn node_name(i: usize) -> String {
     format!("s{:04}", i + 1)
+}
+
+/// The attributes tabby-node sends with pod `j` of node `i`'s Assign
+/// (`cni_server.rs`): container id, interface, namespace, pod name.
+fn pod_attributes(i: usize, j: u64) -> std::collections::HashMap<String, String> {
+    // A container id is 64 hex digits; distinct per pod.
+    let id = format!("{:016x}", (i as u64) << 32 | j).repeat(4);
+    [
+        ("container_id", id),
+        ("ifname", "eth0".to_string()),
+        ("namespace", format!("team-{}", i % 40)),
+        ("pod", format!("web-{i}-{j}")),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
 }
 
 /// A made-up node address, distinct per index, outside the pool.
@@ -554,6 +581,7 @@ async fn load(
     for t in 0..cfg.conc {
         let ch = chans[t % chans.len()].clone();
         let (next, probe) = (next.clone(), probe.clone());
+        let attrs = cfg.attrs;
         tasks.push(tokio::spawn(async move {
             let r = async {
                 let mut worst = (Duration::ZERO, 0);
@@ -565,10 +593,16 @@ async fn load(
                     let (i, j) = ((k % nodes) as usize, k / nodes);
                     let name = node_name(i);
                     let handle = format!("pod-{}-{j}", i + 1);
+                    let attributes = if attrs {
+                        pod_attributes(i, j)
+                    } else {
+                        Default::default()
+                    };
                     let s = Instant::now();
                     let r = node_client(ch.clone(), &name)
                         .assign(AssignRequest {
                             handle: handle.clone(),
+                            attributes,
                             ..Default::default()
                         })
                         .await
@@ -1270,6 +1304,14 @@ async fn run() -> anyhow::Result<bool> {
         cfg.pods,
         cfg.conc,
         LOAD_CHANNELS.min(cfg.conc)
+    );
+    println!(
+        "  attributes  {}",
+        if cfg.attrs {
+            "a pod's, as tabby-node sends them (container_id, ifname, namespace, pod; about 100 bytes)"
+        } else {
+            "none (SCALE_ATTRS=0)"
+        }
     );
     let labels: Vec<String> = cfg.checkpoints.iter().map(|&c| count_label(c)).collect();
     println!("  checkpoints {} allocations", labels.join(", "));

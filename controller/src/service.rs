@@ -147,7 +147,7 @@ impl pb::ipam_admin_server::IpamAdmin for AdminService {
                         s.allocation_of(a).map(|v| {
                             let attrs = s
                                 .handle(&v.handle)
-                                .map(|h| h.attributes.clone())
+                                .map(|h| h.attributes)
                                 .unwrap_or_default();
                             (v, attrs)
                         })
@@ -171,7 +171,7 @@ impl pb::ipam_admin_server::IpamAdmin for AdminService {
                                 .iter()
                                 .filter_map(|a| s.allocation_of(*a))
                                 .collect();
-                            (v, rec.attributes.clone())
+                            (v, rec.attributes)
                         })
                     })
                     .await?;

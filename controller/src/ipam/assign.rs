@@ -184,7 +184,7 @@ impl IpamState {
             ))
         })?;
         if let Some(h) = self.handles.get(req.handle.as_str()) {
-            if h.node != node {
+            if &*h.node != node {
                 // Another node's handle: not this caller's to use (#12).
                 return Err(Error::PermissionDenied(format!(
                     "handle {:?} is held by node {:?}, not {node:?}",
@@ -293,8 +293,8 @@ impl IpamState {
             addresses: addrs.clone(),
             attributes: req.attributes,
         };
-        ops.push(Op::PutHandle(req.handle.clone(), h.clone()));
-        self.put_handle(held.handle, h);
+        self.put_handle(held.handle, &h);
+        ops.push(Op::PutHandle(req.handle.clone(), h));
         let views = addrs
             .iter()
             .filter_map(|a| self.allocation_of(*a))

@@ -3,15 +3,15 @@
 use super::{
     addr::addr_at,
     records::{
-        BlockState, BlockUsage, Held, IpamUsage, LeakRelease, NodeUsage, PoolUsage, Problem,
-        ProblemKind, Slot,
+        BlockState, BlockUsage, HandleState, Held, IpamUsage, LeakRelease, NodeUsage, PoolUsage,
+        Problem, ProblemKind, Slot,
     },
     IpamState,
 };
 use crate::error::Result;
 use ipnet::IpNet;
 use std::net::IpAddr;
-use tabby_store::{Handle, Mutation};
+use tabby_store::Mutation;
 
 impl IpamState {
     /// Utilization per pool and node, and per block when `blocks` is set.
@@ -97,7 +97,7 @@ impl IpamState {
     /// to name the leaked ones.
     pub fn check(&self) -> Vec<Problem> {
         let blocks: Vec<&BlockState> = self.blocks.values().map(|b| &**b).collect();
-        let handles: Vec<(&str, &Handle)> =
+        let handles: Vec<(&str, &HandleState)> =
             self.handles.iter().map(|(k, h)| (&**k, &**h)).collect();
         // Threads pay off only on a large table.
         let parts = if blocks.len() + handles.len() < 4096 {
@@ -193,7 +193,10 @@ impl IpamState {
 
     /// The handle part of [`IpamState::check`]: problems, how many listed
     /// addresses their handle holds, and whether a handle lists one twice.
-    pub(super) fn check_handles(&self, handles: &[(&str, &Handle)]) -> (Vec<Problem>, u64, bool) {
+    pub(super) fn check_handles(
+        &self,
+        handles: &[(&str, &HandleState)],
+    ) -> (Vec<Problem>, u64, bool) {
         let mut out = Vec::new();
         let (mut held, mut repeats) = (0, false);
         // Handles come in name order, and a node's pods' names sort

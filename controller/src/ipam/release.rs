@@ -45,7 +45,7 @@ impl IpamState {
             return Ok((Vec::new(), Mutation::default()));
         };
         if let Some(n) = node {
-            if h.node != n {
+            if &*h.node != n {
                 return Err(Error::PermissionDenied(format!(
                     "handle {handle:?} is held by node {:?}, not {n:?}",
                     h.node
@@ -98,7 +98,7 @@ impl IpamState {
                 self.remove_handle(handle);
                 ops.push(Op::DeleteHandle(handle.to_string()));
             } else {
-                ops.push(Op::PutHandle(handle.to_string(), h.clone()));
+                ops.push(Op::PutHandle(handle.to_string(), h.record()));
             }
         }
     }

@@ -2,7 +2,7 @@
 //! indices, and read-only lookups.
 use super::{
     addr::{addr_at, block_of, host_net, ordinal_of},
-    records::{AllocationView, BlockState, Held, PoolState, Slot},
+    records::{AllocationView, BlockState, HandleState, Held, PoolState, Slot},
     selector::Selector,
     tunnels::tunnel_handle_node,
 };
@@ -43,7 +43,7 @@ pub struct IpamState {
     /// (CheckIpam) visits their addresses' blocks in a cache-friendly order.
     /// Against `im::HashMap` at 550,000 handles: about 100 MiB less heap,
     /// a third less time to load them, CheckIpam 4-5x faster.
-    pub(super) handles: OrdMap<Name, Arc<Handle>>,
+    pub(super) handles: OrdMap<Name, Arc<HandleState>>,
     pub(super) nodes: OrdMap<String, Node>,
     pub(super) config: IpamConfig,
     /// The BGP speaker's configuration (kept here: one owner, one store).
@@ -195,7 +195,7 @@ impl IpamState {
         let mut handles: ImHashMap<Name, OrdSet<Name>> = ImHashMap::new();
         for (id, h) in &self.handles {
             handles
-                .entry(h.node.as_str().into())
+                .entry(h.node.clone())
                 .or_default()
                 .insert(id.clone());
         }
@@ -271,11 +271,13 @@ impl IpamState {
     }
 
     /// Node `n`'s name as the state already shares it (a new one if the
-    /// node holds no address yet).
+    /// node holds neither an address nor a handle yet).
     pub(super) fn node_name(&self, n: &str) -> Name {
         self.node_counts
             .get_key_value(n)
-            .map_or_else(|| n.into(), |(k, _)| k.clone())
+            .map(|(k, _)| k.clone())
+            .or_else(|| self.node_handles.get_key_value(n).map(|(k, _)| k.clone()))
+            .unwrap_or_else(|| n.into())
     }
 
     /// Handle `h`'s name as the handle table shares it (a new one if it is
@@ -300,27 +302,27 @@ impl IpamState {
     }
 
     /// Adds or replaces handle `id`, keeping the per-node index.
-    pub(super) fn put_handle(&mut self, id: Name, h: Handle) {
+    pub(super) fn put_handle(&mut self, id: Name, h: &Handle) {
+        let node = self.node_name(&h.node);
         // One descent of the table: the old record comes back from the insert.
-        let h = Arc::new(h);
-        match self.handles.insert(id.clone(), h.clone()) {
-            Some(old) if old.node != h.node => self.unindex_handle(&old.node, &id),
+        let h = Arc::new(HandleState::new(node.clone(), h));
+        match self.handles.insert(id.clone(), h) {
+            Some(old) if old.node != node => self.unindex_handle(&old.node, &id),
             Some(_) => {}
             None => self.tunnel_handles += usize::from(tunnel_handle_node(&id).is_some()),
         }
-        match self.node_handles.get_mut(h.node.as_str()) {
+        match self.node_handles.get_mut(&*node) {
             Some(set) => {
                 set.insert(id);
             }
             None => {
-                self.node_handles
-                    .insert(h.node.as_str().into(), OrdSet::unit(id));
+                self.node_handles.insert(node, OrdSet::unit(id));
             }
         }
     }
 
     /// Removes handle `id`, keeping the per-node index.
-    pub(super) fn remove_handle(&mut self, id: &str) -> Option<Arc<Handle>> {
+    pub(super) fn remove_handle(&mut self, id: &str) -> Option<Arc<HandleState>> {
         let h = self.handles.remove(id)?;
         self.unindex_handle(&h.node, id);
         self.tunnel_handles -= usize::from(tunnel_handle_node(id).is_some());
@@ -396,9 +398,9 @@ impl IpamState {
         self.nodes.values().cloned().collect()
     }
 
-    /// A handle, if it exists.
-    pub fn handle(&self, h: &str) -> Option<&Handle> {
-        self.handles.get(h).map(|h| &**h)
+    /// A handle, if it exists (built from the state's compact form).
+    pub fn handle(&self, h: &str) -> Option<Handle> {
+        self.handles.get(h).map(|h| h.record())
     }
 
     /// Handles held by a node, sorted.
@@ -545,7 +547,7 @@ impl Loader {
                 }
                 st.count_address(&node, borrowed, true);
             }
-            Record::Handle(id, h) => st.put_handle(id.into(), h),
+            Record::Handle(id, h) => st.put_handle(id.into(), &h),
             Record::Node(n) => {
                 st.nodes.insert(n.name.clone(), n);
             }

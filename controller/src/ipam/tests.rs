@@ -156,6 +156,28 @@ impl Harness {
                 }
             }
         }
+        // And one name per node: a handle's, a slot's and the per-node
+        // index's are the same `Arc`.
+        for h in re.handles.values() {
+            let (k, _) = re.node_handles.get_key_value(&*h.node).expect("indexed");
+            assert!(
+                std::sync::Arc::ptr_eq(k, &h.node),
+                "node {} not shared",
+                h.node
+            );
+        }
+        for b in re.blocks.values() {
+            for s in &b.slots {
+                if let super::records::Slot::Used(al) = s {
+                    let (k, _) = re.node_handles.get_key_value(&*al.node).expect("indexed");
+                    assert!(
+                        std::sync::Arc::ptr_eq(k, &al.node),
+                        "node {} not shared",
+                        al.node
+                    );
+                }
+            }
+        }
         // Allocations before handles: the same state, only without sharing.
         let other = IpamState::from_snapshot_in_order(self.replica.clone(), true);
         assert!(
@@ -702,7 +724,7 @@ proptest! {
             match a {
                 Action::Assign { node, handle } => {
                     let hid = format!("h{handle}");
-                    let existed = h.st.handle(&hid).cloned();
+                    let existed = h.st.handle(&hid);
                     match h.assign(&format!("n{node}"), &hid) {
                         Ok(v) => {
                             if let Some(e) = existed {
@@ -728,8 +750,8 @@ proptest! {
                 }
                 Action::Release { handle } => {
                     let hid = format!("h{handle}");
-                    let held = h.st.handle(&hid).map(|x| x.addresses.clone()).unwrap_or_default();
-                    let node = h.st.handle(&hid).map(|x| x.node.clone());
+                    let held = h.st.handle(&hid).map(|x| x.addresses).unwrap_or_default();
+                    let node = h.st.handle(&hid).map(|x| x.node);
                     let released = h.release(&hid);
                     prop_assert_eq!(&released, &held);
                     // Round trip: a fresh handle on the same node gets an address again.
@@ -1070,5 +1092,44 @@ proptest! {
             table_after(&prev, &mut table, &h.st);
             prop_assert_eq!(&table, &full_table(&h.st));
         }
+    }
+}
+
+/// A handle kept in the state's compact form gives back exactly what was
+/// stored: attributes of any content, none, one address or several.
+#[test]
+fn compact_handle_round_trip() {
+    use super::records::HandleState;
+    let attrs = |kv: &[(&str, &str)]| -> BTreeMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let cases = [
+        Handle {
+            node: "n1".into(),
+            addresses: vec!["10.0.0.1".parse().unwrap()],
+            attributes: BTreeMap::new(),
+        },
+        Handle {
+            node: "n1".into(),
+            addresses: vec!["10.0.0.1".parse().unwrap(), "fd00::1".parse().unwrap()],
+            attributes: attrs(&[
+                ("container_id", &"f".repeat(64)),
+                ("ifname", "eth0"),
+                ("namespace", "default"),
+                ("pod", "web-0"),
+            ]),
+        },
+        Handle {
+            node: "n2".into(),
+            addresses: vec![],
+            attributes: attrs(&[("", ""), ("nul\0in key", "ü\0"), ("k", "")]),
+        },
+    ];
+    for h in cases {
+        let c = HandleState::new(h.node.as_str().into(), &h);
+        assert_eq!(c.record(), h);
+        assert_eq!(c.attributes(), h.attributes);
     }
 }

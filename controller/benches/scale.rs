@@ -48,9 +48,11 @@
 //! - `SCALE_NODES` [5000]: registered nodes;
 //! - `SCALE_PODS` [110]: pods per node;
 //! - `SCALE_CONC` [64]: Assigns in flight during the load;
-//! - `SCALE_ATTRS` [1]: 1, each Assign carries the attributes tabby-node
-//!   sends for a pod (a 64-digit container id, ifname, namespace, pod
-//!   name); 0, none (as runs before 2026-12-02 afternoon did);
+//! - `SCALE_ATTRS` [1]: 1, each Assign is a pod's as tabby-node makes it:
+//!   handle `k8s-pod-network.<container id>` and the attributes it sends
+//!   (the 64-digit container id, ifname, namespace, pod name); 0, handle
+//!   `pod-<node>-<n>` and no attributes (as runs before 2026-12-02
+//!   afternoon did);
 //! - `SCALE_CHECKPOINTS` [22000,110000,550000]: allocation counts at which
 //!   the figures are taken, ascending. When NODES × PODS is smaller than the
 //!   last, all are scaled down in proportion so that the last is NODES ×
@@ -130,7 +132,8 @@ struct Cfg {
     nodes: usize,
     pods: usize,
     conc: usize,
-    /// Whether Assigns carry a pod's attributes, as tabby-node's do.
+    /// Whether Assigns carry a pod's handle and attributes as tabby-node
+    /// makes them, or short handles and none.
     attrs: bool,
     checkpoints: Vec<u64>,
     /// Why the checkpoints differ from the ones asked for, if they do.
@@ -207,12 +210,18 @@ fn node_name(i: usize) -> String {
     format!("s{:04}", i + 1)
 }
 
-/// The attributes tabby-node sends with pod `j` of node `i`'s Assign
-/// (`cni_server.rs`): container id, interface, namespace, pod name.
-fn pod_attributes(i: usize, j: u64) -> std::collections::HashMap<String, String> {
+/// Pod `j` of node `i`: its handle and attributes. `real`: as tabby-node
+/// makes them (`cni_server.rs`): handle `<network>.<container id>`,
+/// attributes container id, interface, namespace, pod name. Otherwise
+/// `pod-<node>-<j>` and none.
+fn pod(i: usize, j: u64, real: bool) -> (String, std::collections::HashMap<String, String>) {
+    if !real {
+        return (format!("pod-{}-{j}", i + 1), Default::default());
+    }
     // A container id is 64 hex digits; distinct per pod.
     let id = format!("{:016x}", (i as u64) << 32 | j).repeat(4);
-    [
+    let handle = format!("k8s-pod-network.{id}");
+    let attributes = [
         ("container_id", id),
         ("ifname", "eth0".to_string()),
         ("namespace", format!("team-{}", i % 40)),
@@ -220,7 +229,8 @@ fn pod_attributes(i: usize, j: u64) -> std::collections::HashMap<String, String>
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
-    .collect()
+    .collect();
+    (handle, attributes)
 }
 
 /// A made-up node address, distinct per index, outside the pool.
@@ -592,12 +602,7 @@ async fn load(
                     }
                     let (i, j) = ((k % nodes) as usize, k / nodes);
                     let name = node_name(i);
-                    let handle = format!("pod-{}-{j}", i + 1);
-                    let attributes = if attrs {
-                        pod_attributes(i, j)
-                    } else {
-                        Default::default()
-                    };
+                    let (handle, attributes) = pod(i, j, attrs);
                     let s = Instant::now();
                     let r = node_client(ch.clone(), &name)
                         .assign(AssignRequest {
@@ -1308,9 +1313,9 @@ async fn run() -> anyhow::Result<bool> {
     println!(
         "  attributes  {}",
         if cfg.attrs {
-            "a pod's, as tabby-node sends them (container_id, ifname, namespace, pod; about 100 bytes)"
+            "a pod's handle and attributes as tabby-node sends them (k8s-pod-network.<64 hex digits>; container_id, ifname, namespace, pod)"
         } else {
-            "none (SCALE_ATTRS=0)"
+            "short handles (pod-<node>-<n>), no attributes (SCALE_ATTRS=0)"
         }
     );
     let labels: Vec<String> = cfg.checkpoints.iter().map(|&c| count_label(c)).collect();
@@ -1348,27 +1353,29 @@ async fn run() -> anyhow::Result<bool> {
     );
 
     // The prober's address: the first one assigned.
+    let (first_handle, attributes) = pod(0, 0, cfg.attrs);
     let first = {
         let ch = connect(&c.endpoint()).await?;
         let r = node_client(ch, &node_name(0))
             .assign(AssignRequest {
-                handle: "pod-1-0".into(),
+                handle: first_handle.clone(),
+                attributes,
                 ..Default::default()
             })
             .await
-            .context("Assign pod-1-0")?
+            .with_context(|| format!("Assign {first_handle}"))?
             .into_inner();
         r.allocations
             .first()
-            .context("Assign pod-1-0: no allocation")?
+            .with_context(|| format!("Assign {first_handle}: no allocation"))?
             .address
             .clone()
     };
     let probe = Arc::new(Probe::new(c.endpoint()));
     probe.allocs.store(1, Ordering::SeqCst);
-    let prober = start_prober(probe.clone(), first.clone(), "pod-1-0".into());
+    let prober = start_prober(probe.clone(), first.clone(), first_handle.clone());
     println!(
-        "prober: GetAllocation {first} (held by pod-1-0) in a loop, c=1, own connection and thread"
+        "prober: GetAllocation {first} (held by {first_handle}) in a loop, c=1, own connection and thread"
     );
 
     let mut pts = Vec::new();

@@ -157,7 +157,10 @@ impl pb::ipam_admin_server::IpamAdmin for AdminService {
                     found.ok_or_else(|| Error::NotFound(format!("{a} is not allocated")))?;
                 pb::GetAllocationResponse {
                     allocations: vec![alloc_to_pb(&v)],
-                    attributes: attrs.into_iter().collect(),
+                    attributes: attrs
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
                 }
             }
             (true, false) => {
@@ -179,7 +182,10 @@ impl pb::ipam_admin_server::IpamAdmin for AdminService {
                     found.ok_or_else(|| Error::NotFound("handle does not exist".into()))?;
                 pb::GetAllocationResponse {
                     allocations: v.iter().map(alloc_to_pb).collect(),
-                    attributes: attrs.into_iter().collect(),
+                    attributes: attrs
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
                 }
             }
             _ => {

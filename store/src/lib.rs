@@ -27,6 +27,7 @@ pub mod migrate;
 mod types;
 pub mod warm;
 
+mod attributes;
 pub use backend::{Backend, SledBackend};
 pub use types::*;
 

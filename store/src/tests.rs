@@ -64,7 +64,7 @@ fn commit_load_roundtrip_and_revisions() {
                 Handle {
                     node: "n1".into(),
                     addresses: vec![ip("10.0.0.1")],
-                    attributes: [("pod".to_string(), "a".to_string())].into(),
+                    attributes: [("pod", "a")].into_iter().collect(),
                 },
             ),
             Op::SetReleased(ip("10.0.0.2"), 7),
@@ -90,7 +90,7 @@ fn commit_load_roundtrip_and_revisions() {
     assert_eq!(snap.blocks.len(), 1);
     assert_eq!(snap.allocations[&ip("10.0.0.1")].handle, "h");
     assert_eq!(snap.released[&ip("10.0.0.2")], 7);
-    assert_eq!(snap.handles["h"].attributes["pod"], "a");
+    assert_eq!(snap.handles["h"].attributes.get("pod"), Some("a"));
     assert!(snap.config.strict_affinity);
 
     s.commit(&[Mutation {
@@ -297,4 +297,57 @@ fn records_of_the_older_layouts_still_load() {
     // Neither layout: corrupt, with the key named.
     let e = crate::dec_or::<Node, NodeV1>(b"n/bad", &[0xff, 0xff]).unwrap_err();
     assert!(e.to_string().contains("n/bad"), "{e}");
+}
+
+/// Packed attributes are stored exactly as the map they hold was (the
+/// format is unchanged), and come back as that map, whatever the strings.
+#[test]
+fn attributes_keep_the_map_format() {
+    let maps: Vec<BTreeMap<String, String>> = vec![
+        BTreeMap::new(),
+        [
+            ("container_id", "f".repeat(64)),
+            ("ifname", "eth0".into()),
+            ("namespace", "default".into()),
+            ("pod", "web-0".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect(),
+        [("", ""), ("nul\0in key", "\u{fc}\0"), ("k", "")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    ];
+    for m in maps {
+        let a = Attributes::from(&m);
+        assert_eq!(a.to_map(), m);
+        assert_eq!(a.is_empty(), m.is_empty());
+        let bytes = postcard::to_allocvec(&m).unwrap();
+        assert_eq!(
+            postcard::to_allocvec(&a).unwrap(),
+            bytes,
+            "same bytes as the map"
+        );
+        let back: Attributes = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(back, a, "decoded from the map's bytes");
+        for (k, v) in &m {
+            assert_eq!(a.get(k), Some(v.as_str()));
+        }
+    }
+    // A map written out of order or with a repeated key (not by a
+    // BTreeMap) still decodes as the map, the last value winning.
+    let pairs = [("b", "1"), ("a", "2"), ("b", "3")];
+    let mut bytes = vec![pairs.len() as u8];
+    for (k, v) in pairs {
+        for s in [k, v] {
+            bytes.push(s.len() as u8);
+            bytes.extend_from_slice(s.as_bytes());
+        }
+    }
+    let a: Attributes = postcard::from_bytes(&bytes).unwrap();
+    assert_eq!(a.iter().collect::<Vec<_>>(), vec![("a", "2"), ("b", "3")]);
+    // Damage is an error, not a panic.
+    assert!(postcard::from_bytes::<Attributes>(&[1, 5, b'a']).is_err());
+    assert!(postcard::from_bytes::<Attributes>(&[1, 2, 0xff, 0xfe, 0]).is_err());
 }

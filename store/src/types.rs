@@ -3,6 +3,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use std::{collections::BTreeMap, net::IpAddr};
 
+pub use crate::attributes::{Attributes, Iter as AttributeIter};
 pub use tabby_routing::Encapsulation;
 
 /// An IP pool.
@@ -53,7 +54,7 @@ pub struct Handle {
     /// Its addresses.
     pub addresses: Vec<IpAddr>,
     /// Attributes given at assignment (pod namespace, name, ...).
-    pub attributes: BTreeMap<String, String>,
+    pub attributes: Attributes,
 }
 
 /// A registered node.

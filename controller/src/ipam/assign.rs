@@ -14,7 +14,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
 };
-use tabby_store::{Block, Handle, Mutation, Node, Op};
+use tabby_store::{Attributes, Block, Handle, Mutation, Node, Op};
 
 /// Where an assignment will come from (planned before anything changes).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -291,10 +291,10 @@ impl IpamState {
         let h = Handle {
             node: node.clone(),
             addresses: addrs.clone(),
-            attributes: req.attributes,
+            attributes: Attributes::from(&req.attributes),
         };
-        self.put_handle(held.handle, &h);
-        ops.push(Op::PutHandle(req.handle.clone(), h));
+        ops.push(Op::PutHandle(req.handle.clone(), h.clone()));
+        self.put_handle(held.handle, h);
         let views = addrs
             .iter()
             .filter_map(|a| self.allocation_of(*a))

@@ -12,7 +12,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
 };
-use tabby_store::{Allocation, Block, Encapsulation, Handle, Pool};
+use tabby_store::{Allocation, Attributes, Block, Encapsulation, Handle, Pool};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Slot {
@@ -46,28 +46,26 @@ impl Held {
 
 /// A handle as the state keeps it; the store's form is [`Handle`]. There is
 /// one per pod, so it is kept small: the node's name is shared with the
-/// state's other tables, one address sits inline, and the attributes are
-/// packed into one heap block. (As a [`Handle`], four attributes such as
-/// tabby-node sends take about 900 bytes of heap: a map node and eight
-/// strings.)
+/// state's other tables, and one address sits inline. (The attributes come
+/// packed from the store.)
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct HandleState {
     /// The node the workload runs on.
     pub(super) node: Name,
     /// Its addresses.
     pub(super) addresses: SmallVec<[IpAddr; 1]>,
-    /// Its attributes, packed (see [`pack`]).
-    attributes: Box<[u8]>,
+    /// Its attributes.
+    pub(super) attributes: Attributes,
 }
 
 impl HandleState {
     /// `h`, held on `node` (the state's shared copy of `h.node`).
-    pub(super) fn new(node: Name, h: &Handle) -> HandleState {
+    pub(super) fn new(node: Name, h: Handle) -> HandleState {
         debug_assert_eq!(&*node, h.node);
         HandleState {
             node,
-            addresses: h.addresses.iter().copied().collect(),
-            attributes: pack(&h.attributes),
+            addresses: h.addresses.into_iter().collect(),
+            attributes: h.attributes,
         }
     }
 
@@ -76,43 +74,9 @@ impl HandleState {
         Handle {
             node: self.node.to_string(),
             addresses: self.addresses.to_vec(),
-            attributes: self.attributes(),
+            attributes: self.attributes.clone(),
         }
     }
-
-    /// Its attributes.
-    pub(super) fn attributes(&self) -> BTreeMap<String, String> {
-        unpack(&self.attributes)
-    }
-}
-
-/// Packs attributes into one buffer: for each key and then value, its
-/// length (u32, little-endian) and its bytes. Empty: no allocation.
-fn pack(m: &BTreeMap<String, String>) -> Box<[u8]> {
-    let len: usize = m.iter().map(|(k, v)| 8 + k.len() + v.len()).sum();
-    let mut out = Vec::with_capacity(len);
-    for s in m.iter().flat_map(|(k, v)| [k, v]) {
-        // A gRPC message is far below 4 GiB: a string's length fits.
-        out.extend_from_slice(&(s.len() as u32).to_le_bytes());
-        out.extend_from_slice(s.as_bytes());
-    }
-    out.into_boxed_slice()
-}
-
-/// The attributes [`pack`] packed.
-fn unpack(mut b: &[u8]) -> BTreeMap<String, String> {
-    let mut next = || -> Option<String> {
-        let (n, rest) = b.split_first_chunk::<4>()?;
-        let (s, rest) = rest.split_at_checked(u32::from_le_bytes(*n) as usize)?;
-        b = rest;
-        // Packed from Strings: valid UTF-8.
-        Some(String::from_utf8_lossy(s).into_owned())
-    };
-    let mut m = BTreeMap::new();
-    while let (Some(k), Some(v)) = (next(), next()) {
-        m.insert(k, v);
-    }
-    m
 }
 
 // Eq, not only PartialEq: the BGP speaker diffs published states' block

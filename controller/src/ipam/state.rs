@@ -302,7 +302,7 @@ impl IpamState {
     }
 
     /// Adds or replaces handle `id`, keeping the per-node index.
-    pub(super) fn put_handle(&mut self, id: Name, h: &Handle) {
+    pub(super) fn put_handle(&mut self, id: Name, h: Handle) {
         let node = self.node_name(&h.node);
         // One descent of the table: the old record comes back from the insert.
         let h = Arc::new(HandleState::new(node.clone(), h));
@@ -547,7 +547,7 @@ impl Loader {
                 }
                 st.count_address(&node, borrowed, true);
             }
-            Record::Handle(id, h) => st.put_handle(id.into(), &h),
+            Record::Handle(id, h) => st.put_handle(id.into(), h),
             Record::Node(n) => {
                 st.nodes.insert(n.name.clone(), n);
             }

@@ -8,7 +8,7 @@ use crate::{
 };
 use std::{collections::BTreeMap, net::IpAddr};
 use tabby_proto::v1 as pb;
-use tabby_store::{Block, Encapsulation, IpamConfig, Node, Pool};
+use tabby_store::{Attributes, Block, Encapsulation, IpamConfig, Node, Pool};
 
 /// Parses a list of addresses.
 pub(crate) fn parse_addrs(v: &[String]) -> Result<Vec<IpAddr>> {
@@ -182,6 +182,13 @@ pub(crate) fn alloc_to_pb(a: &AllocationView) -> pb::Allocation {
 }
 
 /// The answer to a release.
+/// A handle's attributes as the API carries them.
+pub(crate) fn attributes_to_pb(a: &Attributes) -> std::collections::HashMap<String, String> {
+    a.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
 pub(crate) fn release_to_pb(v: Vec<IpAddr>, rev: u64) -> pb::ReleaseResponse {
     pb::ReleaseResponse {
         released: v.iter().map(ToString::to_string).collect(),

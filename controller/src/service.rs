@@ -3,9 +3,9 @@
 use crate::{
     auth::caller,
     convert::{
-        alloc_to_pb, assign_from_pb, cluster_route_to_pb, config_to_pb, config_update_from_pb,
-        node_from_pb, node_pb, parse_addrs, pool_from_pb, pool_to_pb, release_to_pb,
-        update_from_pb,
+        alloc_to_pb, assign_from_pb, attributes_to_pb, cluster_route_to_pb, config_to_pb,
+        config_update_from_pb, node_from_pb, node_pb, parse_addrs, pool_from_pb, pool_to_pb,
+        release_to_pb, update_from_pb,
     },
     error::Error,
     ipam::{parse_addr, AllocationView, ProblemKind},
@@ -146,8 +146,8 @@ impl pb::ipam_admin_server::IpamAdmin for AdminService {
                     .read(move |s| {
                         s.allocation_of(a).map(|v| {
                             let attrs = s
-                                .handle(&v.handle)
-                                .map(|h| h.attributes)
+                                .handle_parts(&v.handle)
+                                .map(|(_, at)| attributes_to_pb(at))
                                 .unwrap_or_default();
                             (v, attrs)
                         })
@@ -157,10 +157,7 @@ impl pb::ipam_admin_server::IpamAdmin for AdminService {
                     found.ok_or_else(|| Error::NotFound(format!("{a} is not allocated")))?;
                 pb::GetAllocationResponse {
                     allocations: vec![alloc_to_pb(&v)],
-                    attributes: attrs
-                        .iter()
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                        .collect(),
+                    attributes: attrs,
                 }
             }
             (true, false) => {
@@ -168,13 +165,10 @@ impl pb::ipam_admin_server::IpamAdmin for AdminService {
                 let (found, _) = self
                     .ipam
                     .read(move |s| {
-                        s.handle(&h).map(|rec| {
-                            let v: Vec<AllocationView> = rec
-                                .addresses
-                                .iter()
-                                .filter_map(|a| s.allocation_of(*a))
-                                .collect();
-                            (v, rec.attributes)
+                        s.handle_parts(&h).map(|(addrs, at)| {
+                            let v: Vec<AllocationView> =
+                                addrs.iter().filter_map(|a| s.allocation_of(*a)).collect();
+                            (v, attributes_to_pb(at))
                         })
                     })
                     .await?;
@@ -182,10 +176,7 @@ impl pb::ipam_admin_server::IpamAdmin for AdminService {
                     found.ok_or_else(|| Error::NotFound("handle does not exist".into()))?;
                 pb::GetAllocationResponse {
                     allocations: v.iter().map(alloc_to_pb).collect(),
-                    attributes: attrs
-                        .iter()
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                        .collect(),
+                    attributes: attrs,
                 }
             }
             _ => {

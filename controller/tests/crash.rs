@@ -109,6 +109,7 @@ async fn client_task(
                 Duration::from_secs(10),
                 cl.assign(AssignRequest {
                     handle: h.clone(),
+                    attributes: attributes_of(&h),
                     ..Default::default()
                 }),
             )
@@ -143,6 +144,16 @@ async fn client_task(
     }
 }
 
+/// The attributes every Assign of handle `h` carries (as tabby-node's do),
+/// which must come back with it after any crash.
+fn attributes_of(h: &str) -> HashMap<String, String> {
+    HashMap::from([
+        ("container_id".to_string(), h.to_string()),
+        ("ifname".to_string(), "eth0".to_string()),
+        ("pod".to_string(), format!("web-{}", h.len())),
+    ])
+}
+
 /// The handle's allocation as the controller reports it, or None when the
 /// handle does not exist.
 async fn lookup(admin: &mut common::AdminClient, h: &str) -> Option<Held> {
@@ -158,6 +169,7 @@ async fn lookup(admin: &mut common::AdminClient, h: &str) -> Option<Held> {
             assert_eq!(r.allocations.len(), 1, "handle {h}: {:?}", r.allocations);
             let a = &r.allocations[0];
             assert_eq!(a.handle, h);
+            assert_eq!(r.attributes, attributes_of(h), "handle {h}: attributes");
             Some(Held {
                 node: a.node.clone(),
                 addr: a.address.clone(),
@@ -177,7 +189,12 @@ async fn holder_of(admin: &mut common::AdminClient, addr: &str) -> Option<String
         })
         .await
     {
-        Ok(r) => r.into_inner().allocations.first().map(|a| a.handle.clone()),
+        Ok(r) => {
+            let r = r.into_inner();
+            let h = r.allocations.first().map(|a| a.handle.clone())?;
+            assert_eq!(r.attributes, attributes_of(&h), "{addr} ({h}): attributes");
+            Some(h)
+        }
         Err(s) if s.code() == Code::NotFound => None,
         Err(s) => panic!("GetAllocation {addr}: {s}"),
     }

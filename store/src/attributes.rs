@@ -35,13 +35,6 @@ impl Attributes {
     pub fn get(&self, key: &str) -> Option<&str> {
         self.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
     }
-
-    /// As a map.
-    pub fn to_map(&self) -> BTreeMap<String, String> {
-        self.iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
 }
 
 /// Appends `s` to a packed buffer.
@@ -74,12 +67,6 @@ impl<K: AsRef<str>, V: AsRef<str>> From<&BTreeMap<K, V>> for Attributes {
             push(&mut buf, v.as_ref());
         }
         Attributes(buf.into_boxed_slice())
-    }
-}
-
-impl From<BTreeMap<String, String>> for Attributes {
-    fn from(m: BTreeMap<String, String>) -> Self {
-        Attributes::from(&m)
     }
 }
 

@@ -9,7 +9,7 @@ use super::{
 use im::{HashMap as ImHashMap, OrdMap, OrdSet};
 use ipnet::IpNet;
 use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
-use tabby_store::{Block, Handle, IpamConfig, Node, Pool, Record, Snapshot};
+use tabby_store::{Attributes, Block, Handle, IpamConfig, Node, Pool, Record, Snapshot};
 
 /// A node or handle name as the persistent maps key it: a copy of a map
 /// node (after a snapshot) copies pointers, not strings.
@@ -401,6 +401,14 @@ impl IpamState {
     /// A handle, if it exists (built from the state's compact form).
     pub fn handle(&self, h: &str) -> Option<Handle> {
         self.handles.get(h).map(|h| h.record())
+    }
+
+    /// A handle's addresses and attributes, if it exists, without building
+    /// its record (GetAllocation).
+    pub fn handle_parts(&self, h: &str) -> Option<(&[IpAddr], &Attributes)> {
+        self.handles
+            .get(h)
+            .map(|h| (h.addresses.as_slice(), &h.attributes))
     }
 
     /// Handles held by a node, sorted.

@@ -158,23 +158,15 @@ impl Harness {
         }
         // And one name per node: a handle's, a slot's and the per-node
         // index's are the same `Arc`.
-        for h in re.handles.values() {
-            let (k, _) = re.node_handles.get_key_value(&*h.node).expect("indexed");
-            assert!(
-                std::sync::Arc::ptr_eq(k, &h.node),
-                "node {} not shared",
-                h.node
-            );
-        }
+        let shared = |node: &super::state::Name| {
+            let (k, _) = re.node_handles.get_key_value(&**node).expect("indexed");
+            assert!(std::sync::Arc::ptr_eq(k, node), "node {node} not shared");
+        };
+        re.handles.values().for_each(|h| shared(&h.node));
         for b in re.blocks.values() {
             for s in &b.slots {
                 if let super::records::Slot::Used(al) = s {
-                    let (k, _) = re.node_handles.get_key_value(&*al.node).expect("indexed");
-                    assert!(
-                        std::sync::Arc::ptr_eq(k, &al.node),
-                        "node {} not shared",
-                        al.node
-                    );
+                    shared(&al.node);
                 }
             }
         }

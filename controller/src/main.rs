@@ -658,6 +658,9 @@ async fn run_etcd(
     }
 }
 
+/// How long calls in flight get to finish after the IPAM owner failed.
+const FAILED_DRAIN: Duration = Duration::from_secs(2);
+
 /// Leads on `store` until `shutdown` (then flushes and returns Stopped) or,
 /// with etcd, until `lost` turns true (Lost). An owner failure is an error
 /// (OwnerFailed).
@@ -719,9 +722,27 @@ async fn lead(
             }
         }
     };
+    // An owner failure stops the server gracefully too: the calls it failed
+    // have their answers (UNAVAILABLE, INTERNAL) on the way, and dropping
+    // the server would reset their connections instead.
+    let (failing, failed) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        tokio::select! {
+            () = shutdown => {}
+            _ = failed => {}
+        }
+    };
+    let server = server::serve(listener, health_listener, ipam, opts, shutdown);
+    tokio::pin!(server);
     tokio::select! {
-        r = server::serve(listener, health_listener, ipam, opts, shutdown) => r?,
-        e = owner.failed() => return Err(OwnerFailed(e).into()),
+        r = &mut server => r?,
+        e = owner.failed() => {
+            let _ = failing.send(());
+            if tokio::time::timeout(FAILED_DRAIN, server).await.is_err() {
+                tracing::warn!("calls still open after an owner failure were dropped");
+            }
+            return Err(OwnerFailed(e).into());
+        }
     }
     let _ = metrics_stop.send(());
     // The server dropped its Ipam handles: the owner commits what is queued,

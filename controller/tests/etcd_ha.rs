@@ -336,7 +336,7 @@ async fn etcd_members_down_one_changes_nothing_two_make_writes_unavailable() {
     assign("two").await.unwrap();
     etcd.kill_member(1);
     let e = assign("three").await.unwrap_err();
-    assert_eq!(e.code(), Code::Unavailable, "{e}");
+    assert_eq!(e.code(), Code::Unavailable, "{e}; stderr:\n{}", a.stderr());
     assert!(
         e.message().contains("etcd") || e.message().contains("standby"),
         "a clear message: {e}"

@@ -397,6 +397,9 @@ impl Backend for EtcdBackend {
     }
 }
 
+/// Pause between attempts to reopen a broken lease keep-alive stream.
+const KEEPALIVE_RETRY: Duration = Duration::from_millis(100);
+
 /// What a campaign for leadership gives: the lease that holds the leader
 /// key (the fence of every write), and word when it is lost.
 pub struct Leadership {
@@ -427,20 +430,49 @@ pub async fn campaign(
     let (lost_tx, lost) = tokio::sync::watch::channel(false);
     {
         let mut c = client.clone();
-        let every = Duration::from_millis((ttl.max(1) as u64) * 1000 / 3);
+        let ttl_d = Duration::from_secs(ttl.max(1) as u64);
+        let every = ttl_d / 3;
         tokio::spawn(async move {
-            let alive = async {
-                let (mut keeper, mut stream) = c.lease_keep_alive(lease).await.ok()?;
+            // A keep-alive stream breaks when the etcd member it runs on goes
+            // away, but the lease lives on in the cluster: open another (the
+            // client picks a live member) until the lease could have run
+            // out, with a margin of one interval so that this controller
+            // steps down before a successor can be elected.
+            let mut deadline = tokio::time::Instant::now() + ttl_d - every;
+            let mut first = true;
+            'stream: while tokio::time::Instant::now() < deadline {
+                if !std::mem::take(&mut first) {
+                    tracing::warn!(
+                        lease,
+                        "etcd lease keep-alive stream broken: opening another"
+                    );
+                    tokio::time::sleep(KEEPALIVE_RETRY).await;
+                }
+                let (mut keeper, mut stream) =
+                    match tokio::time::timeout_at(deadline, c.lease_keep_alive(lease)).await {
+                        Ok(Ok(k)) => k,
+                        Ok(Err(_)) => continue,
+                        Err(_) => break,
+                    };
                 loop {
-                    keeper.keep_alive().await.ok()?;
-                    match tokio::time::timeout(every, stream.message()).await {
-                        Ok(Ok(Some(r))) if r.ttl() > 0 => {}
-                        _ => return None,
+                    if keeper.keep_alive().await.is_err() {
+                        continue 'stream;
+                    }
+                    // Half an interval, so that a silent member leaves time
+                    // to try another before the deadline.
+                    match tokio::time::timeout(every / 2, stream.message()).await {
+                        Ok(Ok(Some(r))) if r.ttl() > 0 => {
+                            deadline = tokio::time::Instant::now()
+                                + Duration::from_secs(r.ttl() as u64)
+                                - every;
+                        }
+                        // The lease is gone: nothing can bring it back.
+                        Ok(Ok(Some(_))) => break 'stream,
+                        _ => continue 'stream,
                     }
                     tokio::time::sleep(every).await;
                 }
-            };
-            let _: Option<()> = alive.await;
+            }
             tracing::error!(
                 lease,
                 "the etcd lease could not be kept alive: leadership lost"

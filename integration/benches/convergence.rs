@@ -1037,6 +1037,8 @@ trait Driver {
 struct Rep {
     all: Option<Duration>,
     node_median: Option<Duration>,
+    /// The first node to have it: the central path, before the fan-out.
+    first: Option<Duration>,
     missing: usize,
 }
 
@@ -1050,6 +1052,7 @@ fn rep_of(d: &[Option<Duration>]) -> Rep {
             None
         },
         node_median: (!got.is_empty()).then(|| median(&got)),
+        first: got.iter().min().copied(),
         missing,
     }
 }
@@ -1153,10 +1156,12 @@ struct Summary {
     add_med: Option<Duration>,
     add_max: Option<Duration>,
     add_node_med: Option<Duration>,
+    add_first_med: Option<Duration>,
     add_timeouts: usize,
     wd_med: Option<Duration>,
     wd_max: Option<Duration>,
     wd_node_med: Option<Duration>,
+    wd_first_med: Option<Duration>,
     wd_timeouts: usize,
     /// Mean per node, ms of CPU per update (windows).
     cpu_update: f64,
@@ -1204,15 +1209,18 @@ fn summarize(m: &Measured, pids: &[u32], nodes: usize, overflow: usize) -> Resul
     let (crss, cpriv) = mem_kib(pids[nodes])?;
     let all = |v: &[Rep]| -> Vec<Duration> { v.iter().filter_map(|r| r.all).collect() };
     let nmed = |v: &[Rep]| med_opt(v.iter().filter_map(|r| r.node_median).collect());
+    let fmed = |v: &[Rep]| med_opt(v.iter().filter_map(|r| r.first).collect());
     let (a, w) = (all(&m.add), all(&m.wd));
     Ok(Summary {
         add_med: med_opt(a.clone()),
         add_max: a.iter().max().copied(),
         add_node_med: nmed(&m.add),
+        add_first_med: fmed(&m.add),
         add_timeouts: m.add.len() - a.len(),
         wd_med: med_opt(w.clone()),
         wd_max: w.iter().max().copied(),
         wd_node_med: nmed(&m.wd),
+        wd_first_med: fmed(&m.wd),
         wd_timeouts: m.wd.len() - w.len(),
         cpu_update: per_node(&m.win_ns) / upd,
         cpu_update_net: (per_node(&m.win_ns)
@@ -1703,9 +1711,13 @@ fn print_summary(n: usize, reps: usize, t: Option<&Summary>, b: Option<&Summary>
     row_d("add, node-median delay (median of reps)", &|s| {
         s.add_node_med
     });
+    row_d("add, first node's delay (median of reps)", &|s| {
+        s.add_first_med
+    });
     row_d("withdraw→all median", &|s| s.wd_med);
     row_d("withdraw→all max", &|s| s.wd_max);
     row_d("withdraw, node-median delay", &|s| s.wd_node_med);
+    row_d("withdraw, first node's delay", &|s| s.wd_first_med);
     let to = |s: Option<&Summary>| {
         s.map(|s| format!("{}/{}", s.add_timeouts, s.wd_timeouts))
             .unwrap_or_else(|| "-".into())

@@ -302,8 +302,7 @@ impl IntentTracker {
     /// Records a written group: `revision` is its last revision, `keys`
     /// everything it touched. Returns the delta when the intent changed; the
     /// caller broadcasts it (through [`IntentTracker::sender`]) once the group
-    /// is written, without waiting for its flush: a watcher that applied a
-    /// group a crash lost is past its epoch's end and gets a snapshot.
+    /// is durable.
     pub fn on_commit(
         &mut self,
         s: &IpamState,

@@ -4,27 +4,16 @@
 //! send it closures; it runs every queued closure against the state and
 //! writes all resulting mutations as one atomic batch (group commit). A
 //! second thread, the committer, flushes written batches to disk and only
-//! then hands their answers, in order, to one task on the gRPC runtime,
-//! while the owner already prepares the next group. An answer therefore
-//! never reveals state that is not on disk, and a crash loses nothing that
-//! was acknowledged.
+//! then hands their answers and intent deltas, in order, to one task on the
+//! gRPC runtime, which answers and then broadcasts the deltas, while the
+//! owner already prepares the next group. An answer therefore never reveals state that is not on disk, and a
+//! crash loses nothing that was acknowledged.
 //!
-//! A group's intent delta does not wait for the flush: the owner hands it to
-//! the same task as soon as the group is written, so that nodes apply it
-//! while the disk syncs (the flush is most of a route's way to the nodes).
-//! That is safe because a delta is stamped with its revision and the store's
-//! epoch: when a crash loses a group that was broadcast, the restarted store
-//! opens a new epoch that starts below that group's revision, so a node that
-//! applied it is past its epoch's end, resumes with a snapshot, and its
-//! reconcile removes what the lost group added. No caller heard of the lost
-//! group, so no pod uses what it added.
-//!
-//! Answers and deltas go through that task, not straight from the committer
-//! or the owner, so that a whole group's callers wake inside the runtime
-//! together and each connection writes their responses in one go (one wake
-//! and one write per group rather than per call), and so that waking every
-//! watcher is a wake inside the runtime, not a cross-thread wake-up per
-//! watcher.
+//! Answers go through that task, not straight from the committer, so that a
+//! whole group's callers wake inside the runtime together and each connection
+//! writes their responses in one go (one wake and one write per group rather
+//! than per call), and so that waking every watcher is a wake inside the
+//! runtime, not a cross-thread wake-up per watcher.
 //!
 //! When the store fails for good (a flush, or the reload after a failed
 //! write), nothing more can be acknowledged: the thread that met the failure
@@ -47,16 +36,13 @@ use tokio::sync::{mpsc, oneshot};
 
 type Finish = Box<dyn FnOnce(std::result::Result<u64, &Error>) + Send>;
 type Job = Box<dyn FnOnce(&mut Owned) -> (Mutation, Finish) + Send>;
-/// What the delivery task hands out, in the order it arrives.
-enum Deliver {
-    /// A written group's intent delta, from the owner, to broadcast.
-    Delta(broadcast::Sender<Arc<Encoded>>, Arc<Encoded>),
-    /// Durable groups, from the committer: the state after them for readers,
-    /// and their answers (finisher and revision).
-    Durable {
-        view: Option<(Arc<IpamState>, u64)>,
-        answers: Vec<(Finish, u64)>,
-    },
+/// A durable group on its way to the delivery task: the answers (finisher
+/// and revision), then the intent deltas to broadcast.
+struct Durable {
+    /// The state after the group, for readers.
+    view: Option<(Arc<IpamState>, u64)>,
+    answers: Vec<(Finish, u64)>,
+    deltas: Vec<(broadcast::Sender<Arc<Encoded>>, Arc<Encoded>)>,
 }
 type BeforeFlush = Box<dyn FnMut() + Send>;
 
@@ -281,23 +267,34 @@ impl Ipam {
         let view = Arc::new(View::default());
         view.publish(Arc::new(state.ipam.clone()), store.revision());
         let (tx, rx) = mpsc::channel::<Job>(4096);
-        let (dtx, mut drx) = mpsc::unbounded_channel::<Deliver>();
+        let (dtx, mut drx) = mpsc::unbounded_channel::<Durable>();
         let v2 = view.clone();
         rt.spawn(async move {
-            while let Some(d) = drx.recv().await {
-                match d {
-                    // Broadcast from inside the runtime: waking every watcher
-                    // from the owner's thread costs one cross-thread wake (a
-                    // syscall) per watcher. No watchers is fine.
-                    Deliver::Delta(tx, e) => drop(tx.send(e)),
-                    Deliver::Durable { view, answers } => {
-                        if let Some((st, rev)) = view {
-                            v2.publish(st, rev);
-                        }
-                        for (finish, rev) in answers {
-                            finish(Ok(rev));
-                        }
-                    }
+            while let Some(Durable {
+                view,
+                answers,
+                deltas,
+            }) = drx.recv().await
+            {
+                if let Some((st, rev)) = view {
+                    v2.publish(st, rev);
+                }
+                // Answers first: woken before the watchers, the callers do
+                // not queue behind the fan-out to every node. (Broadcasting
+                // once written, before the flush, is safe thanks to the
+                // epochs and was measured: 10-15% faster convergence, but the
+                // answers then queue behind the fan-out on this thread; an
+                // Assign took 3.8 ms instead of 1.4 with 30 watchers, 11
+                // instead of 2 with 100.)
+                for (finish, rev) in answers {
+                    finish(Ok(rev));
+                }
+                // Broadcast from inside the runtime: waking every watcher
+                // from the committer's thread costs one cross-thread wake
+                // (a syscall) per watcher.
+                for (tx, e) in deltas {
+                    // No watchers is fine.
+                    let _ = tx.send(e);
                 }
             }
         });
@@ -429,15 +426,16 @@ struct Flight {
     written: Written,
     view: Option<(Arc<IpamState>, u64)>,
     answers: Vec<(Finish, u64)>,
+    delta: Option<(broadcast::Sender<Arc<Encoded>>, Arc<Encoded>)>,
 }
 
-/// Flushes written groups, then hands their answers to the delivery task, in
-/// order. Fails when a flush fails or the
+/// Flushes written groups, then hands their answers and deltas to the
+/// delivery task, in order. Fails when a flush fails or the
 /// delivery task is gone: nothing more can be acknowledged then.
 fn commit_loop(
     store: Arc<Store>,
     rx: std::sync::mpsc::Receiver<Flight>,
-    deliver: mpsc::UnboundedSender<Deliver>,
+    deliver: mpsc::UnboundedSender<Durable>,
     mut before_flush: Option<BeforeFlush>,
 ) -> Result<()> {
     while let Ok(first) = rx.recv() {
@@ -458,12 +456,21 @@ fn commit_loop(
         match flushed {
             Ok(()) => {
                 let mut answers = Vec::new();
+                let mut deltas = Vec::new();
                 let mut view = None;
                 for f in flights {
                     answers.extend(f.answers);
+                    deltas.extend(f.delta);
                     view = f.view.or(view);
                 }
-                if deliver.send(Deliver::Durable { view, answers }).is_err() {
+                if deliver
+                    .send(Durable {
+                        view,
+                        answers,
+                        deltas,
+                    })
+                    .is_err()
+                {
                     // Committed changes could no longer be acknowledged.
                     tracing::error!("the answer delivery task is gone; the controller stops");
                     return Err(Error::Internal("the answer delivery task is gone".into()));
@@ -490,16 +497,15 @@ fn run(
     mut state: Owned,
     store: Arc<Store>,
     mut rx: mpsc::Receiver<Job>,
-    deliver: mpsc::UnboundedSender<Deliver>,
+    deliver: mpsc::UnboundedSender<Durable>,
     before_flush: Option<BeforeFlush>,
     failure: Failure,
     view: Arc<View>,
 ) -> Result<()> {
     let (ctx, crx) = std::sync::mpsc::channel::<Flight>();
     let s2 = store.clone();
-    let d2 = deliver.clone();
     let committer = spawn(COMMITTER, failure, move || {
-        commit_loop(s2, crx, d2, before_flush)
+        commit_loop(s2, crx, deliver, before_flush)
     })?;
     let mut mutations = Vec::with_capacity(MAX_GROUP);
     let mut finishes: Vec<Finish> = Vec::with_capacity(MAX_GROUP);
@@ -545,13 +551,8 @@ fn run(
         };
         match store.write_marked(&mutations, delta.is_some()) {
             Ok((revs, written)) => {
-                if revs.last() == Some(&last) {
-                    // Out before the flush (see the module's comment); a
-                    // send fails only when the task is gone, which the
-                    // committer reports.
-                    if let Some(e) = delta {
-                        let _ = deliver.send(Deliver::Delta(state.intent.sender(), e));
-                    }
+                let delta = if revs.last() == Some(&last) {
+                    delta.map(|e| (state.intent.sender(), e))
                 } else {
                     // Someone else wrote the store: the delta carries a wrong
                     // revision. Drop it and the tracker; watchers reconnect
@@ -566,7 +567,8 @@ fn run(
                         store.epochs(),
                         0,
                     );
-                }
+                    None
+                };
                 // Readers get the state after this group once it is
                 // durable: a clone of persistent maps, about nothing.
                 let changed = mutations.iter().any(|m| !m.is_empty());
@@ -577,6 +579,7 @@ fn run(
                         written,
                         view: snap,
                         answers,
+                        delta,
                     })
                     .is_err()
                 {
@@ -630,39 +633,33 @@ mod tests {
     use super::*;
     use crate::ipam::tests::pool;
     use std::time::Duration;
-    use tabby_proto::v1 as pb;
 
-    /// An owner on a store in `dir` whose every flush waits for a send on
-    /// the returned channel.
-    fn held_flushes(dir: &std::path::Path) -> (Ipam, OwnerThread, std::sync::mpsc::Sender<()>) {
-        let store = Arc::new(Store::open(dir).unwrap());
-        let (open_tx, open_rx) = std::sync::mpsc::channel::<()>();
-        let hold: BeforeFlush = Box::new(move || {
-            let _ = open_rx.recv();
-        });
-        let (ipam, owner) = Ipam::start_with(store, Some(hold)).unwrap();
-        (ipam, owner, open_tx)
-    }
-
-    /// No caller hears of a change, and no reader sees it, before the flush
-    /// that makes it durable has run; watchers get its delta at once.
+    /// No caller hears of a change, and no watcher sees it, before the flush
+    /// that makes it durable has run.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn nothing_is_answered_before_its_flush() {
         let dir = tempfile::tempdir().unwrap();
-        let (ipam, owner, open_tx) = held_flushes(dir.path());
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let (open_tx, open_rx) = std::sync::mpsc::channel::<()>();
+        let (ipam, owner) = Ipam::start_with(
+            store,
+            Some(Box::new(move || {
+                let _ = open_rx.recv();
+            })),
+        )
+        .unwrap();
         // The watch itself goes through one commit: let that one flush run.
         open_tx.send(()).unwrap();
         let mut watch = ipam.watch(0, None).await.unwrap();
         let pool = pool("p", "10.0.0.0/16", 26);
         let i2 = ipam.clone();
         let call = tokio::spawn(async move { i2.call(move |s| s.create_pool(pool)).await });
-        // The delta does not wait for the flush.
-        let delta = tokio::time::timeout(Duration::from_secs(5), watch.live.recv())
-            .await
-            .expect("delta before the flush")
-            .expect("delta");
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!call.is_finished(), "answered before the flush ran");
+        assert!(
+            watch.live.try_recv().is_err(),
+            "delta broadcast before the flush ran"
+        );
         // Readers do not wait for the flush, and do not see the change yet.
         let (pools, _) = tokio::time::timeout(Duration::from_secs(1), ipam.read(|s| s.pools()))
             .await
@@ -677,86 +674,12 @@ mod tests {
         let (pools, read_rev) = ipam.read(|s| s.pools()).await.unwrap();
         assert_eq!(pools.len(), 1, "read after the answer");
         assert!(read_rev >= rev);
-        assert_eq!(delta.revision, rev, "the delta names the answer's revision");
-        drop(open_tx);
-        drop((ipam, watch));
-        owner.join().unwrap();
-    }
-
-    /// Copies a store's directory as it is on disk (what a crash leaves).
-    fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-        std::fs::create_dir_all(to).unwrap();
-        for e in std::fs::read_dir(from).unwrap() {
-            let e = e.unwrap();
-            let dst = to.join(e.file_name());
-            if e.file_type().unwrap().is_dir() {
-                copy_dir(&e.path(), &dst);
-            } else {
-                std::fs::copy(e.path(), dst).unwrap();
-            }
-        }
-    }
-
-    /// A delta goes out before its flush, so a crash can lose a group that a
-    /// node applied. The restarted store's new epoch starts below that
-    /// group's revision: the node, resuming with it, gets a snapshot without
-    /// the lost change (its reconcile removes it), not "nothing changed".
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_broadcast_group_lost_in_a_crash_costs_a_snapshot() {
-        use prost::Message;
-        let dir = tempfile::tempdir().unwrap();
-        let (ipam, owner, open_tx) = held_flushes(dir.path());
-        open_tx.send(()).unwrap();
-        let mut watch = ipam.watch(0, None).await.unwrap();
-        let first = pb::IntentUpdate::decode(watch.initial[0].bytes.clone()).unwrap();
-        assert!(first.snapshot && first.pools.is_empty());
-        let i2 = ipam.clone();
-        let call = tokio::spawn(async move {
-            i2.call(|s| s.create_pool(pool("p", "10.0.0.0/16", 26)))
-                .await
-        });
-        let delta = tokio::time::timeout(Duration::from_secs(5), watch.live.recv())
+        tokio::time::timeout(Duration::from_secs(5), watch.live.recv())
             .await
-            .expect("delta before the flush")
-            .unwrap();
-        let applied = pb::IntentUpdate::decode(delta.bytes.clone()).unwrap();
-        assert!(applied.pools_changed && applied.pools.len() == 1);
-        // The crash: the disk as it is while the flush is held back.
-        let crashed = tempfile::tempdir().unwrap();
-        copy_dir(dir.path(), crashed.path());
-        open_tx.send(()).unwrap();
-        call.await.unwrap().unwrap();
+            .expect("delta after the flush")
+            .expect("delta");
         drop(open_tx);
         drop((ipam, watch));
-        owner.join().unwrap();
-
-        let store = Arc::new(Store::open(crashed.path()).unwrap());
-        assert!(
-            store.revision() < applied.revision,
-            "the copy holds the unflushed group: {} >= {}",
-            store.revision(),
-            applied.revision
-        );
-        let (ipam, owner) = Ipam::start(store).unwrap();
-        // Other changes reach and pass the lost revision before the node
-        // comes back: the same numbers now mean something else.
-        let mut rev = 0;
-        for (i, cidr) in ["10.1.0.0/16", "10.2.0.0/16"].into_iter().enumerate() {
-            let p = pool(&format!("q{i}"), cidr, 26);
-            rev = ipam.call(move |s| s.create_pool(p)).await.unwrap().1;
-        }
-        assert!(rev > applied.revision);
-        let from = ResumeFrom {
-            store_id: first.store_id.clone(),
-            epoch: applied.epoch.clone(),
-        };
-        let w = ipam.watch(applied.revision, Some(from)).await.unwrap();
-        let u = pb::IntentUpdate::decode(w.initial[0].bytes.clone()).unwrap();
-        assert!(u.snapshot, "resumed past the lost group: {u:?}");
-        let names: Vec<_> = u.pools.iter().map(|p| p.name.as_str()).collect();
-        assert_eq!(names, ["q0", "q1"], "the lost pool is gone");
-        assert_ne!(u.epoch, applied.epoch);
-        drop((ipam, w));
         owner.join().unwrap();
     }
 

@@ -412,8 +412,16 @@ impl pb::node_agent_server::NodeAgent for NodeService {
         req: Request<pb::ListHandlesRequest>,
     ) -> Res<pb::ListHandlesResponse> {
         let me = caller(&req)?;
-        let (handles, _) = self.ipam.read(move |s| s.handles_of(&me)).await?;
-        Ok(Response::new(pb::ListHandlesResponse { handles }))
+        let (listed, _) = self.ipam.read(move |s| s.handle_entries_of(&me)).await?;
+        let handles = listed.iter().map(|(h, _)| h.clone()).collect();
+        let entries = listed
+            .into_iter()
+            .map(|(handle, container_id)| pb::HandleEntry {
+                handle,
+                container_id,
+            })
+            .collect();
+        Ok(Response::new(pb::ListHandlesResponse { handles, entries }))
     }
 
     async fn get_bgp_sessions(

@@ -282,14 +282,22 @@ async fn verify(
     for n in 0..NODES {
         let name = node_name(n);
         let mut cl = c.node(&name).await;
-        let got: BTreeSet<String> = cl
+        let listed = cl
             .list_handles(ListHandlesRequest {})
             .await
             .expect("ListHandles")
-            .into_inner()
-            .handles
-            .into_iter()
-            .collect();
+            .into_inner();
+        // Each entry names its handle's container (what CNI GC tells
+        // networks apart by), in the order of the names.
+        assert_eq!(listed.entries.len(), listed.handles.len(), "{name}");
+        for (e, h) in listed.entries.iter().zip(&listed.handles) {
+            assert_eq!(&e.handle, h);
+            assert_eq!(
+                Some(e.container_id.as_str()),
+                attributes_of(h).get("container_id").map(String::as_str)
+            );
+        }
+        let got: BTreeSet<String> = listed.handles.into_iter().collect();
         let want: BTreeSet<String> = m
             .live
             .iter()

@@ -327,6 +327,37 @@ async fn blocking<T: Send + 'static>(
 
 /// A blocking task that did not return: it panicked, or the runtime shut
 /// down before it ran.
+/// The handles a GC of `network` releases: those of that network that no
+/// `valid` attachment names. A handle is `<network>.<container id>` and both
+/// may contain dots, so a handle that records its container id belongs to
+/// `network` only when it is exactly that network's handle for it (GC of
+/// `k8s` leaves network `k8s.v2`'s `k8s.v2.<id>` alone); one that does not
+/// is taken by its prefix, as before container ids were listed.
+pub fn gc_candidates(
+    network: &str,
+    valid: &[pb::PodAttachment],
+    held: Vec<pb::HandleEntry>,
+) -> Vec<String> {
+    let prefix = format!("{network}.");
+    let valid: BTreeSet<String> = valid
+        .iter()
+        .map(|a| format!("{prefix}{}", a.container_id))
+        .collect();
+    held.into_iter()
+        .filter(|e| {
+            let ours = match e.container_id.as_str() {
+                "" => e.handle.starts_with(&prefix),
+                cid => e
+                    .handle
+                    .strip_prefix(&prefix)
+                    .is_some_and(|rest| rest == cid),
+            };
+            ours && !valid.contains(&e.handle)
+        })
+        .map(|e| e.handle)
+        .collect()
+}
+
 fn join_error(e: tokio::task::JoinError) -> Error {
     if e.is_panic() {
         Error::Panicked {
@@ -624,22 +655,13 @@ impl pb::pod_network_server::PodNetwork for PodNetworkService {
         if r.network.is_empty() {
             return Err(invalid("network name is required"));
         }
-        let valid: BTreeSet<String> = r
-            .valid
-            .iter()
-            .map(|a| format!("{}.{}", r.network, a.container_id))
-            .collect();
         let handles = self
             .ipam
             .list_handles()
             .await
             .map_err(|e| Error::controller("ListHandles", e))?;
-        let prefix = format!("{}.", r.network);
         let mut released = Vec::new();
-        for h in handles
-            .into_iter()
-            .filter(|h| h.starts_with(&prefix) && !valid.contains(h))
-        {
+        for h in gc_candidates(&r.network, &r.valid, handles) {
             // Under the handle's lock, like ADD, DEL and reclaim: a reclaim
             // between the retire and the release would assign it again.
             let _lock = self.locks.lock(&h).await;

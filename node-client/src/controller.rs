@@ -258,8 +258,9 @@ pub trait Ipam: Send + Sync {
     /// `NodeAgent.ReleaseHandle`: the addresses released (none for an
     /// unknown handle).
     async fn release_handle(&self, handle: &str) -> std::result::Result<Vec<String>, Status>;
-    /// `NodeAgent.ListHandles`: the handles this node holds.
-    async fn list_handles(&self) -> std::result::Result<Vec<String>, Status>;
+    /// `NodeAgent.ListHandles`: the handles this node holds, each with its
+    /// container id (empty when unknown).
+    async fn list_handles(&self) -> std::result::Result<Vec<pb::HandleEntry>, Status>;
 }
 
 #[tonic::async_trait]
@@ -290,11 +291,23 @@ impl Ipam for Controller {
         Ok(r.into_inner().released)
     }
 
-    async fn list_handles(&self) -> std::result::Result<Vec<String>, Status> {
+    async fn list_handles(&self) -> std::result::Result<Vec<pb::HandleEntry>, Status> {
         let r = self
             .each(|mut a| async move { a.list_handles(pb::ListHandlesRequest {}).await })
-            .await?;
-        Ok(r.into_inner().handles)
+            .await?
+            .into_inner();
+        // A controller from before `entries` sends the names only.
+        if r.entries.is_empty() {
+            return Ok(r
+                .handles
+                .into_iter()
+                .map(|handle| pb::HandleEntry {
+                    handle,
+                    container_id: String::new(),
+                })
+                .collect());
+        }
+        Ok(r.entries)
     }
 }
 

@@ -89,8 +89,17 @@ impl Ipam for FakeIpam {
         Ok(self.held.lock().unwrap().remove(handle).unwrap_or_default())
     }
 
-    async fn list_handles(&self) -> std::result::Result<Vec<String>, Status> {
-        Ok(self.held.lock().unwrap().keys().cloned().collect())
+    async fn list_handles(&self) -> std::result::Result<Vec<pb::HandleEntry>, Status> {
+        Ok(self
+            .held
+            .lock()
+            .unwrap()
+            .keys()
+            .map(|h| pb::HandleEntry {
+                handle: h.clone(),
+                container_id: String::new(),
+            })
+            .collect())
     }
 }
 

@@ -83,7 +83,7 @@ impl Calls {
 struct FakeIpam {
     calls: Arc<Calls>,
     /// What ListHandles answers.
-    handles: Vec<String>,
+    handles: Vec<pb::HandleEntry>,
 }
 
 #[tonic::async_trait]
@@ -108,7 +108,7 @@ impl Ipam for FakeIpam {
         self.calls.push(format!("release {handle}"));
         Ok(Vec::new())
     }
-    async fn list_handles(&self) -> std::result::Result<Vec<String>, Status> {
+    async fn list_handles(&self) -> std::result::Result<Vec<pb::HandleEntry>, Status> {
         self.calls.push("read handles".into());
         Ok(self.handles.clone())
     }
@@ -171,7 +171,7 @@ struct Fixture {
     pods: Arc<FakePods>,
 }
 
-fn fixture(handles: Vec<String>) -> Fixture {
+fn fixture(handles: Vec<pb::HandleEntry>) -> Fixture {
     let calls = Arc::new(Calls::default());
     let ipam = Arc::new(FakeIpam {
         calls: calls.clone(),
@@ -522,14 +522,24 @@ fn check_requests() {
     });
 }
 
-/// GC: needs a network name; releases exactly the held handles of the form
-/// `<network>.<anything>` that no valid attachment names, each after
-/// retiring its veths, and nothing else.
+/// A handle as ListHandles lists it: `cid` is its container id attribute.
+fn entry(handle: String, cid: &str) -> pb::HandleEntry {
+    pb::HandleEntry {
+        handle,
+        container_id: cid.into(),
+    }
+}
+
+/// GC: needs a network name; releases exactly the held handles of that
+/// network (`<network>.<its container id>`, or `<network>.<anything>` when
+/// the container id is not known) that no valid attachment names, each
+/// after retiring its veths, and nothing else: never a handle of a network
+/// whose name extends this one's (`<network>.v2`).
 #[test]
 fn gc_requests() {
     let handle = prop_oneof![
-        3 => (network(), container_id()).prop_map(|(n, c)| format!("{n}.{c}")),
-        1 => garbage_string(),
+        3 => (network(), container_id()).prop_map(|(n, c)| entry(format!("{n}.{c}"), &c)),
+        1 => garbage_string().prop_map(|h| entry(h, "")),
     ];
     let strategy = (
         network(),
@@ -540,9 +550,11 @@ fn gc_requests() {
         .prop_map(|(network, valid, mut held, also_valid)| {
             // Some held handles of this network are listed as valid.
             let mut valid: Vec<pb::PodAttachment> = valid.into_iter().flatten().collect();
+            // A pod of another network whose name extends this one's.
+            held.push(entry(format!("{network}.v2.c9"), "c9"));
             for i in also_valid {
                 let cid = format!("v{}", i.index(1000));
-                held.push(format!("{network}.{cid}"));
+                held.push(entry(format!("{network}.{cid}"), &cid));
                 valid.push(pb::PodAttachment {
                     container_id: cid,
                     ifname: "eth0".into(),
@@ -572,8 +584,15 @@ fn gc_requests() {
             .collect();
         let want: Vec<String> = held
             .iter()
-            .filter(|h| h.starts_with(&prefix) && !valid.contains(*h))
-            .cloned()
+            .filter(|e| {
+                let ours = if e.container_id.is_empty() {
+                    e.handle.starts_with(&prefix)
+                } else {
+                    e.handle == format!("{prefix}{}", e.container_id)
+                };
+                ours && !valid.contains(&e.handle)
+            })
+            .map(|e| e.handle.clone())
             .collect();
         prop_assert_eq!(&released, &want);
         let changes: Vec<String> = want

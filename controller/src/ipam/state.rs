@@ -411,6 +411,25 @@ impl IpamState {
             .map(|h| (h.addresses.as_slice(), &h.attributes))
     }
 
+    /// Handles held by a node, sorted, each with its `container_id`
+    /// attribute (empty when it has none).
+    pub fn handle_entries_of(&self, node: &str) -> Vec<(String, String)> {
+        self.node_handles
+            .get(node)
+            .map(|s| {
+                s.iter()
+                    .map(|h| {
+                        let cid = self
+                            .handle_parts(h)
+                            .and_then(|(_, a)| a.get("container_id"))
+                            .unwrap_or_default();
+                        (h.to_string(), cid.to_string())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Handles held by a node, sorted.
     pub fn handles_of(&self, node: &str) -> Vec<String> {
         self.node_handles

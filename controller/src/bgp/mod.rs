@@ -30,6 +30,9 @@ const RESTART_TIME: u16 = 120;
 /// The least time between two passes over the cluster table.
 const MIN_RECOMPUTE: Duration = Duration::from_millis(20);
 
+/// How soon a failed export pass is tried again.
+const RETRY_PASS: Duration = Duration::from_secs(1);
+
 /// When this process started: sessions opened within the restart time say
 /// "restarting" (the R bit), so a helping peer waits for our End-of-RIB.
 static STARTED: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
@@ -93,6 +96,38 @@ type FullPass = (
     mpsc::UnboundedSender<Command>,
     BTreeMap<IpNet, Route>,
 );
+
+/// A session's peer and routes: what a full pass advertised, or what it was
+/// sent before a pass that failed.
+type PeerRoutes = (IpAddr, BTreeMap<IpNet, Route>);
+
+/// A full pass over `work`: `compute` gives each session's exports (in
+/// order), and only once all are known does any session get commands. When
+/// `compute` panics nothing is sent and each session's record of what it
+/// was sent comes back unchanged (Err), so that the next pass still
+/// withdraws what the peer holds; taking them and losing them would leave
+/// the peer's routes stale.
+fn full_pass(
+    work: Vec<FullPass>,
+    status: &SharedStatus,
+    compute: impl FnOnce(&[FullPass]) -> Vec<BTreeMap<IpNet, Route>>,
+) -> Result<Vec<PeerRoutes>, Vec<PeerRoutes>> {
+    let wants = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| compute(&work)));
+    match wants {
+        Ok(wants) if wants.len() == work.len() => Ok(work
+            .into_iter()
+            .zip(wants)
+            .map(|((a, _, cmds, sent), want)| {
+                session::advertise(&cmds, &sent, &want);
+                if let Some(s) = lock(status).get_mut(&a) {
+                    s.advertised.clone_from(&want);
+                }
+                (a, want)
+            })
+            .collect()),
+        _ => Err(work.into_iter().map(|(a, _, _, sent)| (a, sent)).collect()),
+    }
+}
 
 struct Running {
     peer: BgpPeer,
@@ -159,6 +194,7 @@ pub async fn run(
     // changed since (a new session needs the whole table).
     let mut prev: Option<Arc<crate::ipam::IpamState>> = None;
     let mut sessions_changed = true;
+    let mut retry = false;
     loop {
         let Ok((snap, rev)) = ipam.snapshot().await else {
             return;
@@ -339,33 +375,47 @@ pub async fn run(
                 .collect();
             let (snap2, status2) = (snap.clone(), status.clone());
             let done = tokio::task::spawn_blocking(move || {
-                let intent = snap2.routing_intent(rev);
-                let table = tabby_routing::cluster_routes(&intent, None);
-                work.into_iter()
-                    .map(|(a, peer, cmds, sent)| {
-                        let want = exports(&table, &intent, &peer, asn);
-                        session::advertise(&cmds, &sent, &want);
-                        if let Some(s) = lock(&status2).get_mut(&a) {
-                            s.advertised.clone_from(&want);
-                        }
-                        (a, want)
-                    })
-                    .collect::<Vec<_>>()
+                full_pass(work, &status2, |work| {
+                    let intent = snap2.routing_intent(rev);
+                    let table = tabby_routing::cluster_routes(&intent, None);
+                    work.iter()
+                        .map(|(_, peer, _, _)| exports(&table, &intent, peer, asn))
+                        .collect()
+                })
             })
             .await;
             match done {
-                Ok(done) => {
+                Ok(Ok(done)) => {
                     for (a, want) in done {
                         if let Some(r) = sessions.get_mut(&a) {
                             r.sent = want;
                         }
                     }
                 }
-                Err(e) => {
-                    // Not expected (the pass does not panic on any state);
-                    // the next pass starts again from nothing sent.
-                    tracing::error!(error = %e, "BGP export pass failed");
+                Ok(Err(kept)) => {
+                    // Not expected (the pass does not panic on any state).
+                    // Nothing was sent: try again from what each session
+                    // still advertises.
+                    tracing::error!("BGP export pass failed; trying again");
+                    for (a, sent) in kept {
+                        if let Some(r) = sessions.get_mut(&a) {
+                            r.sent = sent;
+                        }
+                    }
                     sessions_changed = true;
+                    retry = true;
+                }
+                Err(e) => {
+                    // The task itself failed: what the sessions advertise is
+                    // not known. Restart them, so that peers drop our routes
+                    // and the next pass starts from nothing sent.
+                    tracing::error!(error = %e, "BGP export pass failed; restarting the sessions");
+                    for (a, r) in std::mem::take(&mut sessions) {
+                        let _ = r.cmds.send(Command::Stop);
+                        lock(&status).remove(&a);
+                    }
+                    sessions_changed = true;
+                    retry = true;
                 }
             }
         }
@@ -373,9 +423,12 @@ pub async fn run(
         // The next published state. The first change after a quiet spell
         // goes out at once; within MIN_RECOMPUTE of the last pass, changes
         // wait for its end and are taken as one (a burst of claims costs
-        // one pass per interval, not one each).
+        // one pass per interval, not one each). A failed pass is tried
+        // again after RETRY_PASS without waiting for a change.
+        let again = std::mem::take(&mut retry);
         tokio::select! {
             r = changes.changed() => if r.is_err() { return },
+            () = tokio::time::sleep(RETRY_PASS), if again => {}
             _ = stop.wait_for(|s| *s) => {
                 for r in sessions.values() {
                     let _ = r.cmds.send(Command::Stop);
@@ -433,6 +486,91 @@ async fn follow(
             }
             Report::Opened(open) => s.refresh_ok = open.capabilities.route_refresh,
             Report::Sent(_) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(p: &str) -> (IpNet, Route) {
+        let prefix: IpNet = p.parse().unwrap();
+        (
+            prefix,
+            Route {
+                prefix,
+                next_hop: "172.18.0.2".parse().unwrap(),
+                origin: Origin::Igp,
+                as_path: vec![],
+                communities: vec![],
+                local_pref: Some(100),
+            },
+        )
+    }
+
+    fn work(sent: &[&str]) -> (Vec<FullPass>, mpsc::UnboundedReceiver<Command>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let peer = BgpPeer {
+            address: "172.18.0.9".parse().unwrap(),
+            remote_asn: 64512,
+            passive: false,
+            hold_time: 9,
+            keepalive: 3,
+            password: String::new(),
+            node_selector: String::new(),
+            export_pools: vec![],
+            export_prefixes: vec![],
+            communities: vec![],
+            import_prefixes: vec![],
+        };
+        let sent = sent.iter().map(|p| route(p)).collect();
+        (vec![(peer.address, peer, tx, sent)], rx)
+    }
+
+    /// A pass whose computation panics sends nothing and gives back what
+    /// each session was sent, so the next pass withdraws what the peer
+    /// still holds (a lost record left withdrawn blocks at the peer).
+    #[test]
+    fn a_failed_full_pass_keeps_what_was_sent() {
+        let status = SharedStatus::default();
+        let (w, mut rx) = work(&["10.0.0.0/26", "10.0.0.64/26"]);
+        let r = full_pass(w, &status, |_| {
+            panic!("injected: the export computation fails")
+        });
+        let kept = r.expect_err("the pass failed");
+        assert_eq!(kept.len(), 1);
+        assert_eq!(
+            kept[0]
+                .1
+                .keys()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["10.0.0.0/26", "10.0.0.64/26"]
+        );
+        assert!(rx.try_recv().is_err(), "nothing sent");
+
+        // The next pass, from the record kept, withdraws the block gone
+        // meanwhile and announces the new one.
+        let (mut w, mut rx) = work(&[]);
+        w[0].3 = kept.into_iter().next().unwrap().1;
+        let want: BTreeMap<IpNet, Route> = [route("10.0.0.0/26"), route("10.0.0.128/26")]
+            .into_iter()
+            .collect();
+        let done = full_pass(w, &status, |_| vec![want.clone()]).expect("a pass");
+        assert_eq!(done[0].1, want);
+        match rx.try_recv() {
+            Ok(Command::Withdraw(p)) => assert_eq!(p, ["10.0.0.64/26".parse::<IpNet>().unwrap()]),
+            _ => panic!("a withdrawal first"),
+        }
+        match rx.try_recv() {
+            Ok(Command::Announce(r)) => {
+                assert_eq!(
+                    r.iter().map(|r| r.prefix.to_string()).collect::<Vec<_>>(),
+                    ["10.0.0.128/26"]
+                );
+            }
+            _ => panic!("then the new block"),
         }
     }
 }

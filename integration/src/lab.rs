@@ -1215,17 +1215,8 @@ exec ip netns exec "$3" "$2/opt-cni-bin/tabby"
     /// [`RR`] on the fabric, the controller its client, configured through
     /// `tabby.v1.BgpAdmin` as an operator would.
     pub fn add_route_reflector(&mut self) -> Result<()> {
-        let (rr, f) = (self.rr(), self.fabric());
-        self.add_ns(&rr)?;
-        netns::ip(
-            &f,
-            &format!("link add v-rr type veth peer name eth0 netns {rr}"),
-        )?;
-        netns::ip(&f, "link set v-rr master br0 up")?;
-        let (len, _) = self.cfg.topology.subnet_of(RR);
-        netns::ip(&rr, &format!("addr add {RR}/{len} dev eth0"))?;
-        netns::ip(&rr, "link set eth0 up")?;
-        netns::ip(&rr, "link set lo up")?;
+        let rr = self.rr();
+        self.add_router_ns(&rr, "v-rr", RR, false)?;
         let host = CONTROLLER.split(':').next().unwrap_or_default();
         let conf = self.cfg.dir.join("gobgpd.toml");
         // Dual stack: IPv6 unicast over the same (IPv4) session.
@@ -1271,27 +1262,51 @@ exec ip netns exec "$3" "$2/opt-cni-bin/tabby"
         ];
         let log = self.cfg.dir.join("gobgpd.log");
         self.spawn("gobgpd", &rr, "/usr/bin/gobgpd", &args, &log)?;
-        let t = Instant::now();
-        while !self
-            .gobgp(&["global"])
-            .unwrap_or_default()
-            .contains("64512")
-        {
-            if t.elapsed() > Duration::from_secs(10) {
-                bail!("gobgpd did not answer; see {}", log.display());
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        wait_answer("gobgpd", &log, || {
+            self.gobgp(&["global"])
+                .unwrap_or_default()
+                .contains("64512")
+        })?;
+        self.peer_with(serde_json::json!({
+            "address": RR.to_string(),
+            "remote_asn": 64512,
+            "hold_time": 9,
+        }))
+    }
+
+    /// A router's namespace `ns` on the fabric at `ip` (and its IPv6
+    /// address in a dual-stack lab when `v6`), its fabric end `port`.
+    fn add_router_ns(&mut self, ns: &str, port: &str, ip: Ipv4Addr, v6: bool) -> Result<()> {
+        let f = self.fabric();
+        self.add_ns(ns)?;
+        netns::ip(
+            &f,
+            &format!("link add {port} type veth peer name eth0 netns {ns}"),
+        )?;
+        netns::ip(&f, &format!("link set {port} master br0 up"))?;
+        let (len, _) = self.cfg.topology.subnet_of(ip);
+        netns::ip(ns, &format!("addr add {ip}/{len} dev eth0"))?;
+        if v6 && self.cfg.dual_stack {
+            netns::ip(
+                ns,
+                &format!("addr add {}/64 dev eth0 nodad", node_ip_v6(ip)),
+            )?;
         }
+        netns::ip(ns, "link set eth0 up")?;
+        netns::ip(ns, "link set lo up")?;
+        Ok(())
+    }
+
+    /// Turns BGP on and adds `peer` (a `BgpPeer` as JSON) through
+    /// `tabby.v1.BgpAdmin`, as an operator would.
+    fn peer_with(&self, peer: serde_json::Value) -> Result<()> {
         self.grpcurl(&[
             "-d",
             r#"{"enabled":true}"#,
             "tabby.v1.BgpAdmin/SetBgpConfig",
         ])?;
-        self.grpcurl(&[
-            "-d",
-            &format!(r#"{{"peer":{{"address":"{RR}","remote_asn":64512,"hold_time":9}}}}"#),
-            "tabby.v1.BgpAdmin/AddPeer",
-        ])?;
+        let req = serde_json::json!({ "peer": peer });
+        self.grpcurl(&["-d", &req.to_string(), "tabby.v1.BgpAdmin/AddPeer"])?;
         self.save()
     }
 
@@ -1382,23 +1397,8 @@ protocol static statics {{
         node_selector: &str,
         import_prefixes: &[&str],
     ) -> Result<()> {
-        let (tor, f) = (self.tor(), self.fabric());
-        self.add_ns(&tor)?;
-        netns::ip(
-            &f,
-            &format!("link add v-tor type veth peer name eth0 netns {tor}"),
-        )?;
-        netns::ip(&f, "link set v-tor master br0 up")?;
-        let (len, _) = self.cfg.topology.subnet_of(TOR);
-        netns::ip(&tor, &format!("addr add {TOR}/{len} dev eth0"))?;
-        if self.cfg.dual_stack {
-            netns::ip(
-                &tor,
-                &format!("addr add {}/64 dev eth0 nodad", node_ip_v6(TOR)),
-            )?;
-        }
-        netns::ip(&tor, "link set eth0 up")?;
-        netns::ip(&tor, "link set lo up")?;
+        let tor = self.tor();
+        self.add_router_ns(&tor, "v-tor", TOR, true)?;
         let conf = self.cfg.dir.join("bird-tor.conf");
         fs::write(&conf, self.tor_conf(nodes, statics))?;
         let args = vec![
@@ -1412,31 +1412,18 @@ protocol static statics {{
         ];
         let log = self.cfg.dir.join("bird-tor.out");
         self.spawn("bird-tor", &tor, "/usr/sbin/bird", &args, &log)?;
-        let t = Instant::now();
-        while !self
-            .birdc(&["show", "status"])
-            .unwrap_or_default()
-            .contains("Daemon is up")
-        {
-            if t.elapsed() > Duration::from_secs(10) {
-                bail!("BIRD did not answer; see {}", log.display());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        self.grpcurl(&[
-            "-d",
-            r#"{"enabled":true}"#,
-            "tabby.v1.BgpAdmin/SetBgpConfig",
-        ])?;
-        let peer = serde_json::json!({"peer": {
+        wait_answer("BIRD", &log, || {
+            self.birdc(&["show", "status"])
+                .unwrap_or_default()
+                .contains("Daemon is up")
+        })?;
+        self.peer_with(serde_json::json!({
             "address": TOR.to_string(),
             "remote_asn": TOR_ASN,
             "hold_time": 9,
             "node_selector": node_selector,
             "import_prefixes": import_prefixes,
-        }});
-        self.grpcurl(&["-d", &peer.to_string(), "tabby.v1.BgpAdmin/AddPeer"])?;
-        self.save()
+        }))
     }
 
     /// Gives the top-of-rack router new static routes (`birdc configure`).
@@ -1682,6 +1669,18 @@ pub fn teardown_state(s: &LabState) {
     if !s.dir.as_os_str().is_empty() {
         let _ = fs::remove_dir_all(&s.dir);
     }
+}
+
+/// Waits up to 10 s until `up` says daemon `what` answers (its log: `log`).
+fn wait_answer(what: &str, log: &Path, up: impl Fn() -> bool) -> Result<()> {
+    let t = Instant::now();
+    while !up() {
+        if t.elapsed() > Duration::from_secs(10) {
+            bail!("{what} did not answer; see {}", log.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
 }
 
 fn short(node: &str) -> String {

@@ -463,8 +463,7 @@ pub async fn campaign(
                     match tokio::time::timeout(every / 2, stream.message()).await {
                         Ok(Ok(Some(r))) if r.ttl() > 0 => {
                             deadline = tokio::time::Instant::now()
-                                + Duration::from_secs(r.ttl() as u64)
-                                - every;
+                                + Duration::from_secs(r.ttl() as u64).saturating_sub(every);
                         }
                         // The lease is gone: nothing can bring it back.
                         Ok(Ok(Some(_))) => break 'stream,

@@ -333,7 +333,7 @@ async fn blocking<T: Send + 'static>(
 /// `network` only when it is exactly that network's handle for it (GC of
 /// `k8s` leaves network `k8s.v2`'s `k8s.v2.<id>` alone); one that does not
 /// is taken by its prefix, as before container ids were listed.
-pub fn gc_candidates(
+fn gc_candidates(
     network: &str,
     valid: &[pb::PodAttachment],
     held: Vec<pb::HandleEntry>,

@@ -53,15 +53,15 @@
 mod common;
 
 use anyhow::{anyhow, bail, Context, Result};
-use common::*;
+use common::{procs::*, *};
 use std::{
     collections::{HashMap, HashSet},
     fs,
     io::{BufRead, BufReader, Write},
     net::Ipv4Addr,
-    os::unix::{net::UnixStream, process::CommandExt},
+    os::unix::net::UnixStream,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::Command,
     sync::mpsc,
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -240,65 +240,6 @@ fn which(bin: &str) -> Result<PathBuf> {
 // Processes and namespaces, removed on drop (also after a panic or Ctrl-C)
 // ---------------------------------------------------------------------------
 
-/// Processes this bench started; all are killed (by pid) when dropped.
-struct Procs {
-    dir: PathBuf,
-    list: Vec<(String, Child)>,
-}
-
-impl Procs {
-    fn log(&self, role: &str) -> PathBuf {
-        self.dir.join(format!("{role}.log"))
-    }
-
-    /// Starts `bin args` inside `ns` (`ip netns exec` execs it: the child's
-    /// pid is the daemon's), output to `<role>.log`.
-    fn spawn(&mut self, role: &str, ns: &str, bin: &Path, args: &[String]) -> Result<u32> {
-        let logf = fs::File::create(self.log(role))?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns])
-            .arg(bin)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(logf.try_clone()?)
-            .stderr(logf)
-            // Own process group: a Ctrl-C on the bench does not reach them;
-            // the bench kills them itself while unwinding.
-            .process_group(0)
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let pid = child.id();
-        self.list.push((role.to_string(), child));
-        Ok(pid)
-    }
-
-    /// Fails (with the log tail) when a process has exited.
-    fn check_alive(&mut self) -> Result<()> {
-        for (role, c) in self.list.iter_mut() {
-            if let Ok(Some(st)) = c.try_wait() {
-                let log =
-                    fs::read_to_string(self.dir.join(format!("{role}.log"))).unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(15).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
-                bail!("{role} exited ({st}); log tail:\n{}", tail.join("\n"));
-            }
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for (_, c) in self.list.iter_mut() {
-            // Child::kill is kill(pid, SIGKILL) on our own unreaped child.
-            let _ = c.kill();
-        }
-        for (_, mut c) in self.list.drain(..) {
-            let _ = c.wait();
-        }
-    }
-}
-
 /// The three namespaces and the processes in them. Dropped in field order:
 /// processes, then namespaces, then the directory.
 struct Lab {
@@ -316,10 +257,7 @@ impl Lab {
             .prefix(&format!("tabby-bgp-{pfx}-"))
             .tempdir_in("/tmp")?;
         let mut lab = Lab {
-            procs: Procs {
-                dir: dir.path().to_path_buf(),
-                list: Vec::new(),
-            },
+            procs: Procs::new(dir.path()),
             nss: Namespaces::default(),
             fabric: format!("{pfx}-f"),
             ctl_ns: format!("{pfx}-c"),
@@ -353,22 +291,6 @@ impl Lab {
             )?;
         }
         Ok(lab)
-    }
-}
-
-/// Waits for `needle` in a log file.
-fn wait_log(p: &Path, needle: &str, timeout: Duration) -> Result<()> {
-    let t = Instant::now();
-    loop {
-        check_interrupted()?;
-        let s = fs::read_to_string(p).unwrap_or_default();
-        if s.contains(needle) {
-            return Ok(());
-        }
-        if t.elapsed() > timeout {
-            bail!("timed out waiting for {needle:?} in {}:\n{s}", p.display());
-        }
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -1143,6 +1065,7 @@ fn start<'a>(lab: &'a mut Lab, cfg: &'a Cfg) -> Result<Run<'a>> {
             "--api-hosts".into(),
             GOBGP_API.into(),
         ],
+        &[],
     )?;
     let rib = Rib::start(&f);
     lab.procs.check_alive()?;
@@ -1167,6 +1090,7 @@ fn start<'a>(lab: &'a mut Lab, cfg: &'a Cfg) -> Result<Run<'a>> {
             // of mTLS on the API is measured by the controller's benches.
             "--insecure".into(),
         ],
+        &[],
     )?;
     let waited = wait_log(
         &lab.procs.log("controller"),
@@ -1220,6 +1144,7 @@ fn start<'a>(lab: &'a mut Lab, cfg: &'a Cfg) -> Result<Run<'a>> {
             "-P".into(),
             dir.join("bird.pid").display().to_string(),
         ],
+        &[],
     )?;
     let birdc = loop {
         check_interrupted()?;

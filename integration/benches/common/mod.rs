@@ -11,6 +11,8 @@ use std::{
 };
 use tabby_integration::netns;
 
+pub mod procs;
+
 static INTERRUPTED: LazyLock<Arc<AtomicBool>> = LazyLock::new(Arc::default);
 
 /// Turns SIGINT/SIGTERM into a flag the measuring loops poll, so a stopped

@@ -344,14 +344,16 @@ async fn etcd_members_down_one_changes_nothing_two_make_writes_unavailable() {
     etcd.start_member(0).unwrap();
     etcd.start_member(1).unwrap();
     etcd.wait_healthy(Duration::from_secs(20)).unwrap();
-    // Service comes back: the controller leads again.
+    // Service comes back: the controller leads again. Under the full suite's
+    // load, etcd's client took over 20 s to reconnect to the restarted
+    // members once (its connect backoff), hence the wider bound.
     let t = Instant::now();
     loop {
         if assign("four").await.is_ok() {
             break;
         }
         assert!(
-            t.elapsed() < Duration::from_secs(20),
+            t.elapsed() < Duration::from_secs(45),
             "no recovery; stderr:\n{}",
             a.stderr()
         );

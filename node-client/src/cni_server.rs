@@ -325,8 +325,6 @@ async fn blocking<T: Send + 'static>(
         .unwrap_or_else(|e| Err(join_error(e)))
 }
 
-/// A blocking task that did not return: it panicked, or the runtime shut
-/// down before it ran.
 /// The handles a GC of `network` releases: those of that network that no
 /// `valid` attachment names. A handle is `<network>.<container id>` and both
 /// may contain dots, so a handle that records its container id belongs to
@@ -358,6 +356,8 @@ fn gc_candidates(
         .collect()
 }
 
+/// A blocking task that did not return: it panicked, or the runtime shut
+/// down before it ran.
 fn join_error(e: tokio::task::JoinError) -> Error {
     if e.is_panic() {
         Error::Panicked {

@@ -57,6 +57,8 @@
 //!   the figures are taken, ascending. When NODES × PODS is smaller than the
 //!   last, all are scaled down in proportion so that the last is NODES ×
 //!   PODS; the load stops at the last checkpoint.
+//! - `SCALE_KEEP_DATA`: a path to copy the stopped controller's data dir to
+//!   at the end (to profile a restart on it);
 //! - `TABBY_CONTROLLER_BIN`: the controller binary. Otherwise, in order: the
 //!   one cargo built for this bench (`CARGO_BIN_EXE_tabby-controller`,
 //!   release profile); `tabby-controller` beside the bench's own directory;
@@ -1415,6 +1417,22 @@ async fn run() -> anyhow::Result<bool> {
     tokio::task::spawn_blocking(move || c.term())
         .await
         .context("stopping the controller")?;
+    if let Ok(keep) = std::env::var("SCALE_KEEP_DATA") {
+        // A loaded store to profile a restart on, without loading it again.
+        let ok = std::process::Command::new("cp")
+            .args(["-a", "--"])
+            .arg(&data)
+            .arg(&keep)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            bail!(
+                "SCALE_KEEP_DATA: could not copy {} to {keep}",
+                data.display()
+            );
+        }
+        println!("  data dir kept as {keep}");
+    }
 
     println!();
     print_report(&cfg, &probe, &pts, base_rss_kib);

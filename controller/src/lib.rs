@@ -5,6 +5,7 @@ pub mod auth;
 pub mod bgp;
 pub mod convert;
 pub mod error;
+pub mod heavy;
 pub mod intent;
 pub mod ipam;
 pub mod metrics;

@@ -22,6 +22,7 @@
 use crate::intent::Encoded;
 use crate::{
     error::{Error, Result},
+    heavy::HeavyReads,
     intent::{IntentTracker, ResumeFrom, WatchStart},
     ipam::{IpamState, Loader},
 };
@@ -103,6 +104,7 @@ const MAX_GROUP: usize = 512;
 pub struct Ipam {
     tx: mpsc::Sender<Job>,
     view: Arc<View>,
+    heavy: HeavyReads,
 }
 
 /// Reads the published snapshots, and nothing else (metrics).
@@ -264,6 +266,8 @@ impl Ipam {
             Error::Internal("the IPAM owner must be started inside a Tokio runtime".into())
         })?;
         let state = Owned::load(&store)?;
+        let heavy = HeavyReads::start()
+            .map_err(|e| Error::Internal(format!("starting the admin read thread: {e}")))?;
         let view = Arc::new(View::default());
         view.publish(Arc::new(state.ipam.clone()), store.revision());
         let (tx, rx) = mpsc::channel::<Job>(4096);
@@ -306,7 +310,7 @@ impl Ipam {
             run(state, store, rx, dtx, before_flush, f2, v3)
         })?;
         Ok((
-            Ipam { tx, view },
+            Ipam { tx, view, heavy },
             OwnerThread {
                 thread,
                 failed: Some(frx),
@@ -406,17 +410,20 @@ impl Ipam {
     }
 
     /// Runs a read-only `f` that walks the tables (a check, a summary, the
-    /// route table) on a [`Ipam::snapshot`], on the blocking pool: neither
-    /// the owner nor the gRPC runtime waits for it.
+    /// route table) on a [`Ipam::snapshot`], on the admin read thread, at a
+    /// lower CPU priority ([`HeavyReads`]): neither the owner nor the gRPC
+    /// runtime waits for it, and pod starts get the CPU first.
     pub async fn read_heavy<T, F>(&self, f: F) -> Result<(T, u64)>
     where
         T: Send + 'static,
         F: FnOnce(&IpamState) -> T + Send + 'static,
     {
         let (snap, rev) = self.snapshot().await?;
-        let t = tokio::task::spawn_blocking(move || f(&snap))
+        let t = self
+            .heavy
+            .run(move || f(&snap))
             .await
-            .map_err(|e| Error::Internal(format!("a read failed: {e}")))?;
+            .ok_or_else(|| Error::Internal("a read failed".into()))?;
         Ok((t, rev))
     }
 }

@@ -691,11 +691,12 @@ async fn lead(
         let render: tabby_runtime::metrics::Render = std::sync::Arc::new(move || {
             let reader = reader.clone();
             Box::pin(async move {
-                tokio::task::spawn_blocking(move || {
-                    tabby_controller::metrics::metrics().render(&reader)
-                })
-                .await
-                .unwrap_or_default()
+                // A walk of the whole state, as ShowIpam's: on the admin
+                // read thread, behind pod starts.
+                reader
+                    .read_heavy(|st, rev| tabby_controller::metrics::metrics().render(st, rev))
+                    .await
+                    .unwrap_or_default()
             })
         });
         tokio::spawn(tabby_runtime::metrics::serve(l, render, async move {

@@ -1,7 +1,7 @@
 //! The controller's Prometheus metrics (`--metrics-listen`). Counters and
 //! histograms are recorded where things happen; IPAM figures are read from
 //! the published snapshot when scraped.
-use crate::owner::Reader;
+use crate::ipam::IpamState;
 use prometheus_client::{
     metrics::{
         counter::Counter,
@@ -103,9 +103,8 @@ pub fn metrics() -> &'static Metrics {
 }
 
 impl Metrics {
-    /// The metrics text, with the IPAM figures of the current snapshot.
-    pub fn render(&self, ipam: &Reader) -> String {
-        let (st, rev) = ipam.snapshot();
+    /// The metrics text, with the IPAM figures of `st` at revision `rev`.
+    pub fn render(&self, st: &IpamState, rev: u64) -> String {
         let u = st.usage(false);
         let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         self.revision.set(g(rev));

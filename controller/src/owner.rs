@@ -109,12 +109,22 @@ pub struct Ipam {
 
 /// Reads the published snapshots, and nothing else (metrics).
 #[derive(Clone)]
-pub struct Reader(Arc<View>);
+pub struct Reader {
+    view: Arc<View>,
+    heavy: HeavyReads,
+}
 
 impl Reader {
-    /// The state as of the last durable group, and its revision.
-    pub fn snapshot(&self) -> (Arc<IpamState>, u64) {
-        self.0.get()
+    /// Runs `f` on the state as of the last durable group, and its
+    /// revision, on the admin read thread (as [`Ipam::read_heavy`]);
+    /// `None` when `f` panicked.
+    pub async fn read_heavy<T, F>(&self, f: F) -> Option<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&IpamState, u64) -> T + Send + 'static,
+    {
+        let (snap, rev) = self.view.get();
+        self.heavy.run(move || f(&snap, rev)).await
     }
 }
 
@@ -381,7 +391,10 @@ impl Ipam {
     /// A handle that reads snapshots only: it does not keep the owner
     /// alive (the owner stops once every [`Ipam`] is dropped).
     pub fn reader(&self) -> Reader {
-        Reader(self.view.clone())
+        Reader {
+            view: self.view.clone(),
+            heavy: self.heavy.clone(),
+        }
     }
 
     /// The state as of the last durable group, and its revision: every
@@ -701,6 +714,36 @@ mod tests {
             .await;
         assert!(matches!(r, Err(Error::Unavailable)), "{r:?}");
         (ipam, owner, dir)
+    }
+
+    /// The walks of the whole state, the admin reads' and the metrics
+    /// scrape's, run on the admin read thread (nicer than pod starts'),
+    /// at the revision of the published state.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn heavy_reads_and_the_metrics_walk_run_on_the_admin_read_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let (ipam, owner) = Ipam::start(store).unwrap();
+        let (_, rev) = ipam
+            .call(|s| s.create_pool(pool("p", "10.0.0.0/16", 26)))
+            .await
+            .unwrap();
+        let name = || std::thread::current().name().map(String::from);
+        let (on, _) = ipam.read_heavy(move |_| name()).await.unwrap();
+        assert_eq!(on.as_deref(), Some("tabby-admin-read"), "read_heavy");
+        let (on, seen) = ipam
+            .reader()
+            .read_heavy(move |s, r| (name(), (s.pools().len(), r)))
+            .await
+            .unwrap();
+        assert_eq!(
+            on.as_deref(),
+            Some("tabby-admin-read"),
+            "Reader::read_heavy"
+        );
+        assert_eq!(seen, (1, rev));
+        drop(ipam);
+        owner.join().unwrap();
     }
 
     /// A thread that dies is reported at once to whoever watches `failed`.

@@ -3,8 +3,8 @@
 //! There is one handle per pod, and tabby-node gives each four attributes
 //! (container id, interface, namespace, pod name). As a
 //! `BTreeMap<String, String>` those are a map node and eight strings, about
-//! 900 bytes of heap per pod; packed, one buffer of the strings' length plus
-//! 16 bytes. Decoding a record packs straight from its bytes, with no map
+//! 900 bytes of heap per pod; packed, one buffer of about 100 bytes for a
+//! typical pod. Decoding a record packs straight from its bytes, with no map
 //! and no string per entry on the way. On the wire and on disk the
 //! attributes are the map they hold: the store's format is unchanged.
 use serde::{
@@ -15,10 +15,28 @@ use serde::{
 use std::{collections::BTreeMap, fmt};
 
 /// String attributes (key → value), packed into one buffer: for each key,
-/// then its value, the length (u32, little-endian) and the bytes. Keys are
-/// unique and in order, as in a `BTreeMap`. Empty: no allocation.
+/// then its value, a header and maybe bytes. The header is a LEB128 varint:
+/// odd, `2i + 1`, names [`COMMON`]`[i]` and no bytes follow; even, `2n`, is
+/// followed by the `n` bytes of the string. Keys are unique and in order, as
+/// in a `BTreeMap`. The encoding of a map is unique, so equal buffers are
+/// equal maps. Empty: no allocation.
 #[derive(Clone, Default, PartialEq, Eq, Hash)]
 pub struct Attributes(Box<[u8]>);
+
+/// Strings that nearly every pod's attributes repeat (tabby-node's keys, and
+/// the usual interface and namespaces): one byte each in memory instead of
+/// their length and bytes. Only memory holds this form (the store and the
+/// wire hold the map), so the list may change from one release to the next.
+const COMMON: [&str; 8] = [
+    "container_id",
+    "ifname",
+    "namespace",
+    "pod",
+    "reclaimed_from",
+    "eth0",
+    "default",
+    "kube-system",
+];
 
 impl Attributes {
     /// The (key, value) pairs, in key order.
@@ -35,13 +53,50 @@ impl Attributes {
     pub fn get(&self, key: &str) -> Option<&str> {
         self.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
     }
+
+    /// Bytes of heap the packed form takes (memory accounting, tests).
+    pub fn packed_len(&self) -> usize {
+        self.0.len()
+    }
 }
 
 /// Appends `s` to a packed buffer.
 fn push(buf: &mut Vec<u8>, s: &str) {
-    // Attributes come in gRPC messages, far below 4 GiB: a length fits.
-    buf.extend_from_slice(&(s.len() as u32).to_le_bytes());
-    buf.extend_from_slice(s.as_bytes());
+    let header = match COMMON.iter().position(|c| *c == s) {
+        Some(i) => 2 * i + 1,
+        None => 2 * s.len(),
+    };
+    let mut v = header;
+    while v >= 0x80 {
+        buf.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    buf.push(v as u8);
+    if header % 2 == 0 {
+        buf.extend_from_slice(s.as_bytes());
+    }
+}
+
+/// The first string packed in `b`, and the rest.
+fn pop(b: &[u8]) -> Option<(&str, &[u8])> {
+    let mut header = 0usize;
+    let mut shift = 0;
+    let mut rest = b;
+    loop {
+        let (&x, r) = rest.split_first()?;
+        rest = r;
+        header |= usize::from(x & 0x7f).checked_shl(shift)?;
+        if x & 0x80 == 0 {
+            break;
+        }
+        shift += 7;
+    }
+    if header % 2 == 1 {
+        return Some((COMMON.get(header / 2)?, rest));
+    }
+    let (s, rest) = rest.split_at_checked(header / 2)?;
+    // Only ever packed from `str`s.
+    Some((std::str::from_utf8(s).ok()?, rest))
 }
 
 impl<K: AsRef<str> + Ord, V: AsRef<str>> FromIterator<(K, V)> for Attributes {
@@ -59,7 +114,7 @@ impl<K: AsRef<str>, V: AsRef<str>> From<&BTreeMap<K, V>> for Attributes {
     fn from(m: &BTreeMap<K, V>) -> Self {
         let len = m
             .iter()
-            .map(|(k, v)| 8 + k.as_ref().len() + v.as_ref().len())
+            .map(|(k, v)| 2 + k.as_ref().len() + v.as_ref().len())
             .sum();
         let mut buf = Vec::with_capacity(len);
         for (k, v) in m {
@@ -76,11 +131,9 @@ pub struct Iter<'a>(&'a [u8]);
 
 impl<'a> Iter<'a> {
     fn next_str(&mut self) -> Option<&'a str> {
-        let (n, rest) = self.0.split_first_chunk::<4>()?;
-        let (s, rest) = rest.split_at_checked(u32::from_le_bytes(*n) as usize)?;
+        let (s, rest) = pop(self.0)?;
         self.0 = rest;
-        // Only ever packed from `str`s.
-        std::str::from_utf8(s).ok()
+        Some(s)
     }
 }
 
@@ -128,17 +181,17 @@ impl<'de> Visitor<'de> for Pack {
         // Stored maps come in key order with unique keys (they were
         // BTreeMaps); anything else is put in order through a map.
         let mut ordered = true;
-        let mut prev: Option<std::ops::Range<usize>> = None;
+        let mut prev: Option<usize> = None;
         loop {
-            let start = buf.len();
+            let key = buf.len();
             if map.next_key_seed(Append(&mut buf))?.is_none() {
                 break;
             }
-            let key = start + 4..buf.len();
-            map.next_value_seed(Append(&mut buf))?;
             if let Some(p) = prev {
-                ordered &= buf[p] < buf[key.clone()];
+                let k = |at: usize| pop(&buf[at..]).map(|(s, _)| s);
+                ordered &= k(p) < k(key);
             }
+            map.next_value_seed(Append(&mut buf))?;
             prev = Some(key);
         }
         let a = Attributes(buf.into_boxed_slice());

@@ -351,3 +351,44 @@ fn attributes_keep_the_map_format() {
     assert!(postcard::from_bytes::<Attributes>(&[1, 5, b'a']).is_err());
     assert!(postcard::from_bytes::<Attributes>(&[1, 2, 0xff, 0xfe, 0]).is_err());
 }
+
+/// A pod's attributes as tabby-node sends them pack into about the bytes of
+/// their values: the keys, the interface and the usual namespaces take one
+/// byte each. Strings of every header length, and strings near the common
+/// ones, keep their exact value.
+#[test]
+fn attributes_pack_small() {
+    let pod = |ns: &str| -> BTreeMap<String, String> {
+        [
+            ("container_id", "0123456789abcdef".repeat(4)),
+            ("ifname", "eth0".into()),
+            ("namespace", ns.into()),
+            ("pod", "web-0".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    };
+    // 1 + 2 + 64 (a header of 128 takes two bytes), 1 + 1, 1 + 1,
+    // 1 + 1 + 5; the form with u32 lengths and no common strings took 142.
+    assert_eq!(Attributes::from(&pod("default")).packed_len(), 78);
+    assert_eq!(Attributes::from(&pod("shop")).packed_len(), 82);
+    let mut m = BTreeMap::new();
+    for (i, n) in [0usize, 1, 63, 64, 127, 128, 300, 20_000]
+        .into_iter()
+        .enumerate()
+    {
+        m.insert(
+            format!("k{i:02}"),
+            "\u{e9}".repeat(n / 2) + &"x".repeat(n % 2),
+        );
+    }
+    for s in ["eth", "eth00", "Default", "pod ", "kube-system"] {
+        m.insert(format!("near {s}"), s.to_string());
+        m.insert(s.to_string(), format!("{s}!"));
+    }
+    let a = Attributes::from(&m);
+    assert!(a.iter().eq(m.iter().map(|(k, v)| (k.as_str(), v.as_str()))));
+    let back: Attributes = postcard::from_bytes(&postcard::to_allocvec(&m).unwrap()).unwrap();
+    assert_eq!(back, a);
+}

@@ -18,8 +18,10 @@
 //!    `k` is pod `j = k / NODES` of node `i = k % NODES`, handle `pod-i-j`
 //!    with `i` numbered as in the node's name), `SCALE_CONC` calls in flight
 //!    over a few HTTP/2 connections, each call as its node. Meanwhile a
-//!    prober on its own thread, runtime and connection loops GetAllocation
-//!    for the first address assigned (c=1, 1 ms pause between calls); a call
+//!    prober on its own thread (at SCHED_FIFO when allowed, so that it times
+//!    the controller's answer rather than its own wait for a CPU), runtime
+//!    and connection loops GetAllocation for the first address assigned
+//!    (c=1, 1 ms pause between calls); a call
 //!    counts towards every phase it overlaps, and each measured call waits
 //!    for a prober call begun after the previous one to finish. The worst
 //!    prober latency is printed for each load segment (with the allocation
@@ -339,6 +341,9 @@ struct Probe {
     /// The prober saw `paused`, has no call in flight and no connection.
     idle: AtomicBool,
     stop: AtomicBool,
+    /// The prober thread runs at SCHED_FIFO (root): its latency is the
+    /// controller's answer, not its own wait for a CPU behind the load.
+    realtime: AtomicBool,
     endpoint: Mutex<String>,
     /// Phase in which the last recorded call started.
     last_start: AtomicUsize,
@@ -357,6 +362,7 @@ impl Probe {
             worst: Mutex::new(vec![Worst::default()]),
             overall: Mutex::new(Worst::default()),
             over_target: AtomicU64::new(0),
+            realtime: AtomicBool::new(false),
             paused: AtomicBool::new(false),
             idle: AtomicBool::new(false),
             stop: AtomicBool::new(false),
@@ -494,6 +500,11 @@ fn start_prober(probe: Arc<Probe>, address: String, handle: String) -> std::thre
     std::thread::Builder::new()
         .name("prober".into())
         .spawn(move || {
+            // Like the convergence bench's monitors: on 2 CPUs shared with
+            // the controller and the load, a prober at normal priority also
+            // times its own wait to be scheduled.
+            let fifo = tabby_integration::rtnl::make_thread_realtime(10);
+            probe.realtime.store(fifo, Ordering::SeqCst);
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -1244,8 +1255,13 @@ fn print_report(cfg: &Cfg, probe: &Probe, pts: &[Point], base_rss_kib: u64) {
     let o = *probe.overall.lock().unwrap();
     let over = probe.over_target.load(Ordering::SeqCst);
     println!(
-        "prober, whole run: {} GetAllocation calls, worst {} at allocation {}, {over} over 10 ms \
+        "prober ({}), whole run: {} GetAllocation calls, worst {} at allocation {}, {over} over 10 ms \
          (restarts excluded): {}",
+        if probe.realtime.load(Ordering::SeqCst) {
+            "SCHED_FIFO"
+        } else {
+            "normal priority: SCHED_FIFO was refused"
+        },
         o.calls,
         fmt_val(Unit::Ms, ms(o.lat)),
         o.allocs,

@@ -73,10 +73,12 @@ struct Args {
     /// cache costs little.
     #[arg(long, env = "TABBY_STORE_CACHE_MB", default_value_t = 16)]
     store_cache_mb: u64,
-    /// gRPC worker threads; 0 means one less than the CPUs (at least 1), which
-    /// leaves a core for the IPAM owner thread that every call goes through.
-    /// With one worker the runtime uses Tokio's current-thread scheduler,
-    /// which writes the answers of one group commit to a connection together.
+    /// gRPC worker threads; 0 means one per CPU, so that a worker busy
+    /// answering a group commit's callers never holds up a cheap read (a
+    /// GetAllocation) that another worker can take. With one worker the
+    /// runtime uses Tokio's current-thread scheduler, which writes the
+    /// answers of one group commit to a connection together (less CPU per
+    /// call, but every call then queues behind the whole group's answers).
     #[arg(long, env = "TABBY_WORKER_THREADS", default_value_t = 0)]
     worker_threads: usize,
     /// Log filter (tracing EnvFilter syntax, e.g. "info,tabby_controller=debug").
@@ -360,6 +362,15 @@ async fn bootstrap(ipam: &Ipam, a: &Args) -> anyhow::Result<()> {
 /// EX_SOFTWARE: the IPAM owner failed.
 const EXIT_OWNER_FAILED: u8 = 70;
 
+/// gRPC worker threads for `--worker-threads flag` on a machine with `cpus`
+/// CPUs (None: unknown): 0 means one per CPU.
+fn worker_count(flag: usize, cpus: Option<usize>) -> usize {
+    match flag {
+        0 => cpus.unwrap_or(1).max(1),
+        n => n,
+    }
+}
+
 fn main() -> ExitCode {
     match start() {
         Ok(()) => ExitCode::SUCCESS,
@@ -396,10 +407,10 @@ fn start() -> anyhow::Result<()> {
         None => {}
     }
     tabby_runtime::init_logging(&args.log, args.log_format).context("--log")?;
-    let workers = match args.worker_threads {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1)),
-        n => n,
-    };
+    let workers = worker_count(
+        args.worker_threads,
+        std::thread::available_parallelism().ok().map(|n| n.get()),
+    );
     // Tokio's multi-thread scheduler runs a task woken by the running task
     // next (its LIFO slot), so each finished call wakes the connection task
     // and is written alone; the current-thread scheduler queues that wake
@@ -766,4 +777,20 @@ async fn lead(
     // at 550,000 allocations.
     std::mem::forget(store);
     Ok(Ended::Stopped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::worker_count;
+
+    /// One worker per CPU by default: a worker busy answering a group never
+    /// holds up a read another can take (on 2 CPUs, two workers).
+    #[test]
+    fn one_worker_per_cpu_by_default() {
+        assert_eq!(worker_count(0, Some(2)), 2);
+        assert_eq!(worker_count(0, Some(16)), 16);
+        assert_eq!(worker_count(0, None), 1);
+        assert_eq!(worker_count(1, Some(8)), 1);
+        assert_eq!(worker_count(3, Some(2)), 3);
+    }
 }

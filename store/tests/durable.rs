@@ -11,15 +11,6 @@ use std::{
 };
 use tabby_store::{Encapsulation, Mutation, Op, Pool, Store};
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
 /// Whether a tracer is attached to this process.
 fn traced() -> bool {
     std::fs::read_to_string("/proc/self/status")
@@ -45,7 +36,7 @@ fn pool(name: &str, cidr: &str) -> Pool {
 #[test]
 fn a_group_commit_ends_in_fdatasync_of_the_data_file() {
     assert!(
-        is_root(),
+        nix::unistd::geteuid().is_root(),
         "this test needs root (it attaches strace to its own process); CI runs it as root"
     );
     let dir = tempfile::tempdir().unwrap();
@@ -93,10 +84,11 @@ fn a_group_commit_ends_in_fdatasync_of_the_data_file() {
         }])
         .unwrap();
     // SIGTERM: strace detaches and writes out its log.
-    Command::new("kill")
-        .arg(strace.id().to_string())
-        .status()
-        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(strace.id()).unwrap()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
     strace.wait().unwrap();
     let trace = std::fs::read_to_string(&log).unwrap();
     assert_eq!(revs.len(), 1);

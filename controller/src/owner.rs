@@ -431,13 +431,10 @@ impl Ipam {
         T: Send + 'static,
         F: FnOnce(&IpamState) -> T + Send + 'static,
     {
-        let (snap, rev) = self.snapshot().await?;
-        let t = self
-            .heavy
-            .run(move || f(&snap))
+        self.reader()
+            .read_heavy(move |st, rev| (f(st), rev))
             .await
-            .ok_or_else(|| Error::Internal("a read failed".into()))?;
-        Ok((t, rev))
+            .ok_or_else(|| Error::Internal("a read failed".into()))
     }
 }
 

@@ -66,12 +66,11 @@ fn push(buf: &mut Vec<u8>, s: &str) {
         Some(i) => 2 * i + 1,
         None => 2 * s.len(),
     };
-    let mut v = header;
-    while v >= 0x80 {
-        buf.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    buf.push(v as u8);
+    // postcard writes an unsigned integer as exactly this varint.
+    let mut room = [0u8; 10];
+    let varint = postcard::to_slice(&(header as u64), &mut room)
+        .expect("a u64 varint takes 10 bytes at most");
+    buf.extend_from_slice(varint);
     if header % 2 == 0 {
         buf.extend_from_slice(s.as_bytes());
     }
@@ -79,18 +78,8 @@ fn push(buf: &mut Vec<u8>, s: &str) {
 
 /// The first string packed in `b`, and the rest.
 fn pop(b: &[u8]) -> Option<(&str, &[u8])> {
-    let mut header = 0usize;
-    let mut shift = 0;
-    let mut rest = b;
-    loop {
-        let (&x, r) = rest.split_first()?;
-        rest = r;
-        header |= usize::from(x & 0x7f).checked_shl(shift)?;
-        if x & 0x80 == 0 {
-            break;
-        }
-        shift += 7;
-    }
+    let (header, rest) = postcard::take_from_bytes::<u64>(b).ok()?;
+    let header = usize::try_from(header).ok()?;
     if header % 2 == 1 {
         return Some((COMMON.get(header / 2)?, rest));
     }

@@ -81,7 +81,20 @@ mod tests {
             }
             (s.id().to_string(), s.revision())
         };
-        let from = SledBackend::open(a.path(), 1 << 20)?;
+        // sled's background threads may hold the dropped store's file lock
+        // a moment longer (seen once in CI under the full suite's load).
+        let t = std::time::Instant::now();
+        let from = loop {
+            match SledBackend::open(a.path(), 1 << 20) {
+                Err(StoreError::Db(sled::Error::Io(e)))
+                    if e.to_string().contains("could not acquire lock")
+                        && t.elapsed() < std::time::Duration::from_secs(5) =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                r => break r?,
+            }
+        };
         let to = SledBackend::open(b.path(), 1 << 20)?;
         let n = copy(&from, &to, 7)?;
         assert!(n.keys >= 25, "{n:?}");

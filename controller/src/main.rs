@@ -28,12 +28,14 @@ struct Args {
     /// Address to serve gRPC on.
     #[arg(long, env = "TABBY_LISTEN", default_value = "127.0.0.1:5151")]
     listen: String,
-    /// Directory of the embedded store (sled). Created if missing.
+    /// Directory of the embedded store (a snapshot and a log). Created if
+    /// missing; a sled store left there by an older tabby is converted.
     #[arg(long, env = "TABBY_DATA_DIR", default_value = "./tabby-data")]
     data_dir: PathBuf,
-    /// Where the state lives: `sled` (embedded, one controller) or `etcd`
-    /// (several controllers, one leading; see --etcd-endpoints).
-    #[arg(long, env = "TABBY_DATASTORE", value_enum, default_value = "sled")]
+    /// Where the state lives: `embedded` (in --data-dir, one controller;
+    /// `sled` is accepted for it) or `etcd` (several controllers, one
+    /// leading; see --etcd-endpoints).
+    #[arg(long, env = "TABBY_DATASTORE", value_enum, default_value = "embedded")]
     datastore: Datastore,
     /// etcd members, comma-separated (`http://10.0.0.1:2379,...`; https
     /// with --etcd-cacert).
@@ -68,9 +70,9 @@ struct Args {
     /// Log format.
     #[arg(long, env = "TABBY_LOG_FORMAT", value_enum, default_value = "human")]
     log_format: LogFormat,
-    /// Page cache of the embedded store, in MiB. The controller keeps the
-    /// state in its own memory and reads the store at start, so a small
-    /// cache costs little.
+    /// Page cache, in MiB, for reading a sled store once while it is
+    /// converted to the embedded store (which keeps no cache: the controller
+    /// holds the state in its own memory and reads the store only at start).
     #[arg(long, env = "TABBY_STORE_CACHE_MB", default_value_t = 16)]
     store_cache_mb: u64,
     /// gRPC worker threads; 0 means one per CPU, so that a worker busy
@@ -190,9 +192,10 @@ enum Command {
     /// while it runs); the copy keeps the store's id, so node clients
     /// resume on the new controllers without a snapshot.
     Migrate {
-        /// The sled store's directory (the old --data-dir).
-        #[arg(long)]
-        from_sled: PathBuf,
+        /// The embedded store's directory (the old --data-dir). A sled store
+        /// there (older tabby) is converted first, as a start would.
+        #[arg(long, alias = "from-sled")]
+        from_dir: PathBuf,
         /// etcd members to copy into, comma-separated.
         #[arg(long, value_delimiter = ',', required = true)]
         to_etcd: Vec<String>,
@@ -204,14 +207,15 @@ enum Command {
 /// `tabby-controller migrate`: every key of the sled store into an empty
 /// etcd prefix; refused, with nothing written, when the prefix holds keys.
 fn migrate(from: &std::path::Path, endpoints: &[String], etcd: &EtcdAccess) -> anyhow::Result<()> {
-    use tabby_store::{etcd::EtcdBackend, migrate, SledBackend};
-    if !from.join("conf").exists() && !from.join("db").exists() {
-        anyhow::bail!("--from-sled {}: no sled store there", from.display());
+    use tabby_store::{etcd::EtcdBackend, migrate, LogBackend};
+    let sled = from.join("conf").exists() || from.join("db").exists();
+    if !LogBackend::exists_in(from) && !sled {
+        anyhow::bail!("--from-dir {}: no embedded store there", from.display());
     }
     let cfg = etcd.config(endpoints)?;
-    let src = SledBackend::open(from, 64 << 20).with_context(|| {
+    let src = tabby_store::open_embedded(from, 64 << 20).with_context(|| {
         format!(
-            "opening the sled store in {} (is its controller stopped?)",
+            "opening the embedded store in {} (is its controller stopped?)",
             from.display()
         )
     })?;
@@ -232,7 +236,8 @@ fn migrate(from: &std::path::Path, endpoints: &[String], etcd: &EtcdAccess) -> a
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 enum Datastore {
     /// The embedded store in --data-dir.
-    Sled,
+    #[value(alias = "sled")]
+    Embedded,
     /// etcd v3 (--etcd-endpoints), with leader election.
     Etcd,
 }
@@ -400,10 +405,10 @@ fn start() -> anyhow::Result<()> {
     match args.command.take() {
         Some(Command::Certs(c)) => return certs(c),
         Some(Command::Migrate {
-            from_sled,
+            from_dir,
             to_etcd,
             etcd,
-        }) => return migrate(&from_sled, &to_etcd, &etcd),
+        }) => return migrate(&from_dir, &to_etcd, &etcd),
         None => {}
     }
     tabby_runtime::init_logging(&args.log, args.log_format).context("--log")?;
@@ -470,7 +475,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let _ = term_tx.send(true);
     });
     match args.datastore {
-        Datastore::Sled => {
+        Datastore::Embedded => {
             std::fs::create_dir_all(&args.data_dir)
                 .with_context(|| format!("creating --data-dir {}", args.data_dir.display()))?;
             let store = Arc::new(

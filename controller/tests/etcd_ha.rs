@@ -373,20 +373,20 @@ async fn etcd_members_down_one_changes_nothing_two_make_writes_unavailable() {
     }
 }
 
-/// `tabby-controller migrate --from-sled DIR --to-etcd ...` copies a sled
-/// store into an empty etcd prefix: a controller on etcd then serves the
+/// `tabby-controller migrate --from-dir DIR --to-etcd ...` copies the
+/// embedded store into an empty etcd prefix: a controller on etcd then serves the
 /// same pools, nodes and handles, with the same store id (node clients
 /// resume without a snapshot). Into a prefix that holds keys it is refused,
 /// with nothing written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn migrate_copies_a_sled_store_into_an_empty_prefix_only() {
+async fn migrate_copies_the_embedded_store_into_an_empty_prefix_only() {
     let etcd = EtcdCluster::start(3).unwrap();
     let dir = temp_dir();
-    let sled = dir.path().join("sled");
+    let data = dir.path().join("data");
     let mut before = BTreeMap::new();
     let store_id;
     {
-        let mut c = Controller::start(&sled);
+        let mut c = Controller::start(&data);
         create_pool(&mut c.admin().await, "p", "10.0.0.0/16", 28).await;
         register(&c, "n1", 1).await;
         let mut n = c.node("n1").await;
@@ -406,8 +406,8 @@ async fn migrate_copies_a_sled_store_into_an_empty_prefix_only() {
     }
     let migrate = |prefix: &str| {
         std::process::Command::new(common::controller_bin())
-            .args(["migrate", "--from-sled"])
-            .arg(&sled)
+            .args(["migrate", "--from-dir"])
+            .arg(&data)
             .args(["--to-etcd", &etcd.endpoints_flag(), "--etcd-prefix", prefix])
             .output()
             .unwrap()

@@ -23,12 +23,14 @@
 
 mod backend;
 pub mod etcd;
+mod log;
 pub mod migrate;
 mod types;
 pub mod warm;
 
 mod attributes;
 pub use backend::{Backend, SledBackend};
+pub use log::{open_embedded, LogBackend, LogOptions};
 pub use types::*;
 
 use serde::{de::DeserializeOwned, Serialize};
@@ -46,6 +48,15 @@ pub enum StoreError {
     /// The database failed (I/O, corruption detected by sled).
     #[error("store: {0}")]
     Db(#[from] sled::Error),
+    /// A file of the embedded store could not be read or written.
+    #[error("store: {what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The system's error.
+        #[source]
+        source: std::io::Error,
+    },
     /// etcd failed or could not be reached.
     #[error("store: etcd: {0}")]
     Etcd(String),
@@ -400,23 +411,22 @@ fn op_key(op: &Op) -> Vec<u8> {
     .into_bytes()
 }
 
-/// sled's page cache when none is given: the controller keeps its own
-/// picture of the state in memory and reads the store only at start, so
-/// sled's default (1 GiB) would mostly hold a second copy. At 550,000
-/// allocations, 16 MiB against 64 MiB: about 80 MiB less RSS, and no
-/// slower a load through gRPC (the scale bench).
+/// sled's page cache while an old sled store is read to convert it (once):
+/// the embedded store itself keeps no cache.
 pub const DEFAULT_CACHE_BYTES: u64 = 16 * 1024 * 1024;
 
 impl Store {
-    /// Opens (or creates) the store in `dir`, with the default cache.
+    /// Opens (or creates) the embedded store in `dir` (see
+    /// [`open_embedded`]).
     pub fn open(dir: impl AsRef<Path>) -> Result<Store> {
         Self::open_with_cache(dir, DEFAULT_CACHE_BYTES)
     }
 
-    /// Opens (or creates) the store in `dir`; sled's page cache holds at
-    /// most about `cache_bytes`.
+    /// Opens (or creates) the embedded store in `dir`; converting an old
+    /// sled store there reads it through a page cache of about
+    /// `cache_bytes`.
     pub fn open_with_cache(dir: impl AsRef<Path>, cache_bytes: u64) -> Result<Store> {
-        Self::open_on(Box::new(SledBackend::open(dir.as_ref(), cache_bytes)?))
+        Self::open_on(Box::new(open_embedded(dir.as_ref(), cache_bytes)?))
     }
 
     /// Opens (or creates) the store on `backend`: reads the revision, the

@@ -1,5 +1,5 @@
 //! Copying a store from one backend to another (issue 16: `tabby-controller
-//! migrate --from-sled DIR --to-etcd ...`). Every key is copied as it is:
+//! migrate --from-dir DIR --to-etcd ...`). Every key is copied as it is:
 //! the store id, epochs, intent mark and change feed keep their meaning, so
 //! node clients resume on the new backend without a snapshot.
 use crate::{Backend, Result, StoreError};
@@ -16,7 +16,7 @@ pub struct Copied {
 /// Copies every key of `from` into `to`, `batch` keys per atomic batch, and
 /// makes it durable. Refused, with nothing written, when `to` holds any key:
 /// a migration never merges two stores. The target must not be in use
-/// while this runs (a sled source is locked by a running controller).
+/// while this runs (an embedded source is locked by a running controller).
 pub fn copy(from: &dyn Backend, to: &dyn Backend, batch: usize) -> Result<Copied> {
     if let Some(k) = to.first_key_outside(&[])? {
         return Err(StoreError::NotEmpty(format!(
@@ -49,7 +49,7 @@ pub fn copy(from: &dyn Backend, to: &dyn Backend, batch: usize) -> Result<Copied
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Mutation, Op, Pool, SledBackend, Store};
+    use crate::{LogBackend, Mutation, Op, Pool, Store};
 
     fn pool(name: &str, cidr: &str) -> Pool {
         Pool {
@@ -81,21 +81,8 @@ mod tests {
             }
             (s.id().to_string(), s.revision())
         };
-        // sled's background threads may hold the dropped store's file lock
-        // a moment longer (seen once in CI under the full suite's load).
-        let t = std::time::Instant::now();
-        let from = loop {
-            match SledBackend::open(a.path(), 1 << 20) {
-                Err(StoreError::Db(sled::Error::Io(e)))
-                    if e.to_string().contains("could not acquire lock")
-                        && t.elapsed() < std::time::Duration::from_secs(5) =>
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                r => break r?,
-            }
-        };
-        let to = SledBackend::open(b.path(), 1 << 20)?;
+        let from = LogBackend::open(a.path())?;
+        let to = LogBackend::open(b.path())?;
         let n = copy(&from, &to, 7)?;
         assert!(n.keys >= 25, "{n:?}");
         let again = copy(&from, &to, 7);

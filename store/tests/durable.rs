@@ -1,6 +1,7 @@
 //! A group commit on the embedded store reaches the disk, not only the page
-//! cache: after sled's flush (which ends in `sync_file_range`: no cache
-//! flush, no file size) comes an `fdatasync` of sled's data file. Seen with
+//! cache: it ends in an `fdatasync` of the log it was appended to (sled's
+//! flush, which this store replaced, ended in `sync_file_range`: no cache
+//! flush, no file size). Seen with
 //! strace attached to this test's own process, so it needs root (CI runs as
 //! root) and strace (installed by scripts/install-deps.sh). A file of its
 //! own: no other test's syscalls in the trace.
@@ -34,7 +35,7 @@ fn pool(name: &str, cidr: &str) -> Pool {
 }
 
 #[test]
-fn a_group_commit_ends_in_fdatasync_of_the_data_file() {
+fn a_group_commit_ends_in_fdatasync_of_its_log() {
     assert!(
         nix::unistd::geteuid().is_root(),
         "this test needs root (it attaches strace to its own process); CI runs it as root"
@@ -92,13 +93,26 @@ fn a_group_commit_ends_in_fdatasync_of_the_data_file() {
     strace.wait().unwrap();
     let trace = std::fs::read_to_string(&log).unwrap();
     assert_eq!(revs.len(), 1);
-    let data = format!("{}>", dir.path().join("db").display());
+    // The log the commit was appended to (the only one: no fold yet).
+    let logs: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("tabby-log-")
+        })
+        .collect();
+    assert_eq!(logs.len(), 1, "{logs:?}");
+    let data = format!("{}>", logs[0].display());
     let synced = trace
         .lines()
         .any(|l| (l.contains("fdatasync(") || l.contains("fsync(")) && l.contains(&data));
     assert!(
         synced,
         "no fdatasync/fsync of {} during the commit; strace saw:\n{trace}",
-        dir.path().join("db").display()
+        logs[0].display()
     );
 }

@@ -74,7 +74,25 @@ fn ms(d: Duration) -> String {
     format!("{:.3} ms", d.as_secs_f64() * 1e3)
 }
 
-/// Raw cost of one sled insert + flush, in a database next to `dir`.
+/// Raw cost of one commit of the embedded store (a log append and its
+/// fdatasync), in a store next to `dir`.
+fn store_commit_cost(dir: &Path) -> Pcts {
+    use tabby_store::Backend;
+    let b = tabby_store::LogBackend::open(&dir.join("store-commit-probe")).expect("open store");
+    b.loaded();
+    let mut v = Vec::with_capacity(FLUSHES);
+    for i in 0..FLUSHES as u64 {
+        let s = Instant::now();
+        b.apply(vec![(i.to_be_bytes().to_vec(), Some(vec![7u8; 64]))])
+            .expect("apply");
+        b.sync().expect("sync");
+        v.push(s.elapsed());
+    }
+    pcts(v)
+}
+
+/// Raw cost of one sled insert + flush (the embedded store before the log
+/// store), in a database next to `dir`.
 fn sled_flush_cost(dir: &Path) -> Pcts {
     let db = sled::Config::new()
         .path(dir.join("sled-flush-probe"))
@@ -328,6 +346,7 @@ async fn run() -> std::process::ExitCode {
     // a link).
     nix::unistd::sync();
     let flush = sled_flush_cost(dir.path());
+    let commit = store_commit_cost(dir.path());
 
     let mut runs: Vec<(bool, Run)> = Vec::new();
     for (k, tls) in [false, true, false, true].into_iter().enumerate() {
@@ -377,6 +396,10 @@ async fn run() -> std::process::ExitCode {
     row(
         "  the same without a per-node bound",
         quad(&flood_unbounded),
+    );
+    row(
+        &format!("store append+fdatasync, {FLUSHES}x: p50/p90/p99/max"),
+        quad(&commit),
     );
     row(
         &format!("sled insert+flush, {FLUSHES}x: p50 / p90 / p99 / max"),

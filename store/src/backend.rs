@@ -1,5 +1,6 @@
-//! Where the store's keys live: the [`Backend`] trait and its embedded
-//! implementation on sled. The store keeps the logic (revisions, intent
+//! Where the store's keys live: the [`Backend`] trait, and the sled
+//! backend that the embedded store was before [`crate::LogBackend`] (kept to
+//! read and convert a sled store left by an older tabby). The store keeps the logic (revisions, intent
 //! mark, epochs, the change feed); a backend only keeps keys and values,
 //! applies batches atomically and makes them durable.
 use crate::Result;
@@ -31,8 +32,8 @@ pub trait Backend: Send + Sync {
     fn loaded(&self) {}
 }
 
-/// The embedded default: one sled tree, flushed explicitly after each group
-/// commit.
+/// One sled tree, flushed explicitly after each group commit: what the
+/// embedded store was; now opened only to convert such a store.
 pub struct SledBackend {
     db: sled::Db,
     tree: sled::Tree,

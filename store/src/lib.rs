@@ -1,13 +1,14 @@
 //! Durable typed state of the tabby controller.
 //!
-//! Everything lives in one key space on a [`Backend`] (sled, the embedded
-//! default; or etcd, for controllers that fail over) so that a
+//! Everything lives in one key space on a [`Backend`] (the embedded
+//! default, a snapshot and a log: [`LogBackend`]; or etcd, for controllers
+//! that fail over) so that a
 //! [`Mutation`] (any mix of pools, blocks, allocations, handles, nodes and
 //! config) is applied as one atomic batch. [`Store::commit`] takes several mutations at once (group
 //! commit), gives each its own revision, writes one batch and flushes it to
 //! disk before returning: a caller may acknowledge only after that.
 //!
-//! Key layout (point reads only; sled transactions cannot scan):
+//! Key layout (the store reads keys back only when it opens):
 //! `m/rev`, `m/id` (the store's random identity), `m/intent` (revision of
 //! the last intent change, and the revision it is valid at), `m/epochs`
 //! (one per open: a random id and the revision it started at), `p/<pool>`,

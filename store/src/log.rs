@@ -487,15 +487,28 @@ impl Image {
     }
 
     fn read(dir: &Path, files: &Files, truncate: bool) -> Result<Image> {
-        let mut im = Image::default();
-        if let Some(g) = files.snap {
-            im.load_snapshot(&snap_path(dir, g))?;
-        }
-        for (i, g) in files.logs.iter().enumerate() {
-            im.load_log(&log_path(dir, *g), truncate && i + 1 == files.logs.len())?;
-        }
-        im.settle();
-        Ok(im)
+        // The snapshot and the logs are read and checked side by side: a
+        // start waits for both.
+        std::thread::scope(|sc| {
+            let snap = sc.spawn(|| -> Result<Image> {
+                let mut im = Image::default();
+                if let Some(g) = files.snap {
+                    im.load_snapshot(&snap_path(dir, g))?;
+                }
+                Ok(im)
+            });
+            let mut logs = Image::default();
+            for (i, g) in files.logs.iter().enumerate() {
+                logs.load_log(&log_path(dir, *g), truncate && i + 1 == files.logs.len())?;
+            }
+            logs.settle();
+            let mut im = snap
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p))?;
+            im.logs = logs.logs;
+            im.net = logs.net;
+            Ok(im)
+        })
     }
 
     /// Calls `f` with each live key in `[lo, hi)` and its value, in key

@@ -59,7 +59,7 @@ impl Default for LogOptions {
     fn default() -> Self {
         LogOptions {
             compact_min: 16 << 20,
-            compact_max: 64 << 20,
+            compact_max: 32 << 20,
         }
     }
 }
@@ -163,8 +163,16 @@ struct SnapWriter {
     crc: crc32fast::Hasher,
     count: u64,
     bytes: u64,
+    /// `bytes` when the file was last synced.
+    synced: u64,
     path: PathBuf,
 }
+
+/// A snapshot being written is synced every this many bytes. On ext4 a
+/// journal commit (which the log's `fdatasync` needs whenever the log grew)
+/// first writes out every dirty page of files with new blocks: a whole
+/// snapshot's worth left dirty made group commits wait up to 100 ms.
+const SNAP_SYNC_EVERY: u64 = 4 << 20;
 
 impl SnapWriter {
     fn create(path: PathBuf) -> Result<SnapWriter> {
@@ -174,6 +182,7 @@ impl SnapWriter {
             crc: crc32fast::Hasher::new(),
             count: 0,
             bytes: 0,
+            synced: 0,
             path,
         };
         w.put_raw(MAGIC)?;
@@ -200,6 +209,14 @@ impl SnapWriter {
         self.put_raw(k)?;
         self.put_raw(v)?;
         self.count += 1;
+        if self.bytes - self.synced >= SNAP_SYNC_EVERY {
+            let path = &self.path;
+            self.w
+                .flush()
+                .and_then(|_| self.w.get_ref().sync_data())
+                .map_err(io(format!("writing {}", path.display())))?;
+            self.synced = self.bytes;
+        }
         Ok(())
     }
 
@@ -875,8 +892,8 @@ impl Drop for LogBackend {
 }
 
 /// Folds snapshot `snap` and logs `snap..=upto` into snapshot `upto + 1`,
-/// then removes them. Runs at lower CPU priority: it competes with nothing
-/// that waits for it. Returns the new snapshot's size.
+/// then removes them. Runs at the lowest CPU priority: nothing waits for
+/// it. Returns the new snapshot's size.
 fn fold(dir: &Path, snap: Option<u64>, upto: u64) -> Result<u64> {
     lower_priority();
     let from = snap.unwrap_or(0);
@@ -933,10 +950,14 @@ fn fold(dir: &Path, snap: Option<u64>, upto: u64) -> Result<u64> {
     Ok(size)
 }
 
+/// The fold's nice value: the lowest. It waits for nothing but CPU left
+/// over, and must not slow the admin reads (themselves niced) or the
+/// answers.
+const FOLD_NICE: i32 = 19;
+
 fn lower_priority() {
     let tid = rustix::thread::gettid();
-    let now = rustix::process::getpriority_process(Some(tid)).unwrap_or(0);
-    if let Err(e) = rustix::process::setpriority_process(Some(tid), now.saturating_add(10)) {
+    if let Err(e) = rustix::process::setpriority_process(Some(tid), FOLD_NICE) {
         tracing::warn!(error = %e, "could not lower the store fold thread's CPU priority");
     }
 }

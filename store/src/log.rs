@@ -297,6 +297,10 @@ impl SnapReader {
         let mut h = [0u8; 8];
         self.read(&mut h)?;
         let (kl, vl) = lengths(&h);
+        // Before allocating: a damaged length must not ask for gigabytes.
+        if (kl + vl) as u64 > self.left {
+            return Err(corrupt(&self.path, "a record runs into the trailer"));
+        }
         let mut key = std::mem::take(&mut self.key);
         let mut val = std::mem::take(&mut self.val);
         key.resize(kl, 0);

@@ -209,7 +209,9 @@ enum Command {
 fn migrate(from: &std::path::Path, endpoints: &[String], etcd: &EtcdAccess) -> anyhow::Result<()> {
     use tabby_store::{etcd::EtcdBackend, migrate, LogBackend};
     let sled = from.join("conf").exists() || from.join("db").exists();
-    if !LogBackend::exists_in(from) && !sled {
+    let embedded = LogBackend::exists_in(from)
+        .with_context(|| format!("--from-dir {}: reading the directory", from.display()))?;
+    if !embedded && !sled {
         anyhow::bail!("--from-dir {}: no embedded store there", from.display());
     }
     let cfg = etcd.config(endpoints)?;

@@ -11,7 +11,8 @@
 //! Files, for generation `G`:
 //! - `tabby-snap-G`: every key and value as of the start of `tabby-log-G`,
 //!   sorted, with a checksum. Absent for generation 0 (the empty store).
-//! - `tabby-log-G`: frames `[u32 length][u32 crc32][batch]`, in commit order.
+//! - `tabby-log-G`: frames `[marker][u32 length][u32 crc32][batch]`, in
+//!   commit order.
 //!
 //! When the logs outgrow the snapshot (within [`LogOptions`]' bounds), the
 //! writer starts `tabby-log-G+1` and a background thread folds the snapshot
@@ -19,7 +20,8 @@
 //! renamed), after which the old files go. At open the newest snapshot wins
 //! and every log from its generation on is replayed; a frame cut short by a
 //! crash (never acknowledged: its `fdatasync` had not returned) is dropped
-//! from the end of the newest log.
+//! from the end of the newest log, its bytes kept in `torn-<log>-<offset>`.
+//! Damage with a whole frame after it is an error, never a shorter store.
 use crate::{
     backend::{Backend, Put, Visit},
     Result, StoreError,
@@ -39,8 +41,12 @@ const LOCK: &str = "tabby-lock";
 const MAGIC: &[u8; 8] = b"TABBYSN1";
 /// Record count (u64) and crc32 of everything before it (u32).
 const TRAILER: usize = 12;
-/// Frame header: payload length and crc32, both u32 little-endian.
-const FRAME: usize = 8;
+/// Frame header: a marker, the payload's length and its crc32, each u32
+/// little-endian. The marker lets an open tell a torn tail (no whole frame
+/// after the damage) from damage in the middle (whole frames after it)
+/// without trying every byte offset.
+const FRAME: usize = 12;
+const FRAME_MARK: [u8; 4] = *b"TBL1";
 
 /// When the log is folded into a new snapshot: once the logs since the last
 /// snapshot hold as many bytes as the snapshot, but never before
@@ -348,6 +354,59 @@ fn check_trailer(path: &Path, t: &[u8], count: u64, crc: u32) -> Result<()> {
     Ok(())
 }
 
+/// The payload length of the whole frame at `at`, or what is wrong with it.
+/// The writer never writes an empty batch: a zero length is not a frame
+/// (a crash can leave zeros where a frame was being written).
+fn frame_at(data: &[u8], at: usize) -> std::result::Result<usize, &'static str> {
+    let rest = &data[at..];
+    if rest.len() < FRAME {
+        return Err("header cut short");
+    }
+    if rest[..4] != FRAME_MARK {
+        return Err("no frame marker");
+    }
+    let len = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]) as usize;
+    let crc = u32::from_le_bytes([rest[8], rest[9], rest[10], rest[11]]);
+    if len == 0 {
+        return Err("empty frame");
+    }
+    if rest.len() - FRAME < len {
+        return Err("cut short");
+    }
+    if crc32fast::hash(&rest[FRAME..FRAME + len]) != crc {
+        return Err("checksum mismatch");
+    }
+    Ok(len)
+}
+
+/// Cuts a torn tail off the newest log at `at`, keeping its bytes aside
+/// (unless all zero) as `torn-<log>-<at>` beside it.
+fn cut_torn_tail(path: &Path, data: &[u8], at: usize) -> Result<()> {
+    let tail = &data[at..];
+    tracing::warn!(
+        file = %path.display(),
+        at,
+        dropped_bytes = tail.len(),
+        "the store's log ends in a frame cut short by a crash; it was never acknowledged, dropping it"
+    );
+    if tail.iter().any(|b| *b != 0) {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("log");
+        let kept = path.with_file_name(format!("torn-{name}-{at}"));
+        std::fs::write(&kept, tail).map_err(io(format!("writing {}", kept.display())))?;
+    }
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(io(format!("opening {}", path.display())))?;
+    f.set_len(at as u64)
+        .and_then(|_| f.sync_all())
+        .map_err(io(format!("truncating {}", path.display())))?;
+    if let Some(dir) = path.parent() {
+        sync_dir(dir)?;
+    }
+    Ok(())
+}
+
 /// What a range read calls with each key and value; `false` stops it.
 type Until<'a> = &'a mut dyn FnMut(&[u8], &[u8]) -> Result<bool>;
 
@@ -429,67 +488,57 @@ impl Image {
         Ok(())
     }
 
-    /// Reads a log and adds its entries. A frame cut short or failing its
-    /// checksum ends the log: an error unless `newest`, where it is what a
-    /// crash mid-append leaves and the file is cut back to the frames
-    /// before it.
-    fn load_log(&mut self, path: &Path, newest: bool) -> Result<()> {
+    /// Reads a log and adds its entries; returns the bytes of its whole
+    /// frames. A frame that is not whole ends the log: an error unless
+    /// `newest` and no whole frame follows it, which is what a crash
+    /// mid-append leaves (zeros, or part of a write); then the file is cut
+    /// back to the frames before it, its tail kept aside.
+    fn load_log(&mut self, path: &Path, newest: bool) -> Result<u64> {
         let data = std::fs::read(path).map_err(io(format!("reading {}", path.display())))?;
         let buf = self.logs.len();
         let mut at = 0;
         while at < data.len() {
-            let torn = |why: &str| format!("frame at byte {at}: {why}");
-            let rest = &data[at..];
-            let bad = if rest.len() < FRAME {
-                Some(torn("header cut short"))
-            } else {
-                let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-                let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
-                if rest.len() - FRAME < len {
-                    Some(torn("cut short"))
-                } else if crc32fast::hash(&rest[FRAME..FRAME + len]) != crc {
-                    Some(torn("checksum mismatch"))
-                } else {
-                    let payload = &rest[FRAME..FRAME + len];
-                    let batch: Vec<(&[u8], Option<&[u8]>)> = postcard::from_bytes(payload)
-                        .map_err(|e| corrupt(path, torn(&format!("undecodable batch: {e}"))))?;
-                    let base = data.as_ptr() as usize;
-                    let span = |s: &[u8]| Span {
-                        buf,
-                        off: s.as_ptr() as usize - base,
-                        len: s.len(),
-                    };
-                    for (k, v) in batch {
-                        self.net.push(Entry {
-                            key: span(k),
-                            val: v.map(span),
-                        });
+            let len = match frame_at(&data, at) {
+                Ok(len) => len,
+                Err(why) => {
+                    let why = format!("frame at byte {at}: {why}");
+                    if !newest {
+                        return Err(corrupt(path, why));
                     }
-                    at += FRAME + len;
-                    None
+                    if let Some(p) = (at + 1..data.len().saturating_sub(FRAME - 1))
+                        .filter(|p| data[*p..].starts_with(&FRAME_MARK))
+                        .find(|p| frame_at(&data, *p).is_ok())
+                    {
+                        return Err(corrupt(
+                            path,
+                            format!("{why}, yet a whole frame follows at byte {p}"),
+                        ));
+                    }
+                    cut_torn_tail(path, &data, at)?;
+                    break;
                 }
             };
-            if let Some(why) = bad {
-                if !newest {
-                    return Err(corrupt(path, why));
-                }
-                tracing::warn!(
-                    file = %path.display(),
-                    dropped_bytes = data.len() - at,
-                    "the store's log ends in a frame cut short by a crash; it was never acknowledged, dropping it"
-                );
-                let f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(path)
-                    .map_err(io(format!("opening {}", path.display())))?;
-                f.set_len(at as u64)
-                    .and_then(|_| f.sync_all())
-                    .map_err(io(format!("truncating {}", path.display())))?;
-                break;
+            let payload = &data[at + FRAME..at + FRAME + len];
+            let batch: Vec<(&[u8], Option<&[u8]>)> =
+                postcard::from_bytes(payload).map_err(|e| {
+                    corrupt(path, format!("frame at byte {at}: undecodable batch: {e}"))
+                })?;
+            let base = data.as_ptr() as usize;
+            let span = |s: &[u8]| Span {
+                buf,
+                off: s.as_ptr() as usize - base,
+                len: s.len(),
+            };
+            for (k, v) in batch {
+                self.net.push(Entry {
+                    key: span(k),
+                    val: v.map(span),
+                });
             }
+            at += FRAME + len;
         }
         self.logs.push(data);
-        Ok(())
+        Ok(at as u64)
     }
 
     /// Sorts the entries by key, keeping each key's last write.
@@ -507,7 +556,9 @@ impl Image {
         self.net = out;
     }
 
-    fn read(dir: &Path, files: &Files, truncate: bool) -> Result<Image> {
+    /// Reads the snapshot and logs `files` names; also returns the bytes of
+    /// whole frames in the logs.
+    fn read(dir: &Path, files: &Files, truncate: bool) -> Result<(Image, u64)> {
         // The snapshot and the logs are read and checked side by side: a
         // start waits for both.
         std::thread::scope(|sc| {
@@ -519,8 +570,10 @@ impl Image {
                 Ok(im)
             });
             let mut logs = Image::default();
+            let mut bytes = 0;
             for (i, g) in files.logs.iter().enumerate() {
-                logs.load_log(&log_path(dir, *g), truncate && i + 1 == files.logs.len())?;
+                bytes +=
+                    logs.load_log(&log_path(dir, *g), truncate && i + 1 == files.logs.len())?;
             }
             logs.settle();
             let mut im = snap
@@ -528,7 +581,7 @@ impl Image {
                 .unwrap_or_else(|p| std::panic::resume_unwind(p))?;
             im.logs = logs.logs;
             im.net = logs.net;
-            Ok(im)
+            Ok((im, bytes))
         })
     }
 
@@ -663,6 +716,10 @@ struct Writer {
     /// Set by a failed write or sync: nothing after it may be acknowledged,
     /// since the kernel may have dropped what it could not write.
     broken: Option<String>,
+    /// No fold before the logs hold this many bytes: set after a failed
+    /// fold, so that a fold that keeps failing is not tried (with a new
+    /// log) at every commit.
+    fold_after: u64,
 }
 
 /// A fold running in the background, and what it will have folded.
@@ -679,6 +736,10 @@ pub struct LogBackend {
     w: Mutex<Writer>,
     boot: Mutex<Option<Boot>>,
     fold: Mutex<Option<Fold>>,
+    /// One `fdatasync` at a time: Linux reports a writeback error once per
+    /// open file, so a sync overlapping the one that saw it could otherwise
+    /// return success for frames the kernel dropped.
+    syncing: Mutex<()>,
     /// Held (flock) while open: two controllers on one directory would
     /// interleave their logs.
     _lock: File,
@@ -696,25 +757,11 @@ impl LogBackend {
 
     /// Opens (or creates) the store in `dir`.
     pub fn open_with(dir: &Path, opts: LogOptions) -> Result<LogBackend> {
-        std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
-        let lock_path = dir.join(LOCK);
-        let lock_file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io(format!("opening {}", lock_path.display())))?;
-        rustix::fs::flock(
-            &lock_file,
-            rustix::fs::FlockOperation::NonBlockingLockExclusive,
-        )
-        .map_err(|e| StoreError::Io {
-            what: format!(
-                "locking {} (is another controller using this data directory?)",
-                lock_path.display()
-            ),
-            source: e.into(),
-        })?;
+        let lock = take_lock(dir)?;
+        Self::open_locked(dir, opts, lock)
+    }
+
+    fn open_locked(dir: &Path, opts: LogOptions, lock_file: File) -> Result<LogBackend> {
         let mut files = list(dir)?;
         for p in files.stale.drain(..) {
             std::fs::remove_file(&p).map_err(io(format!("removing {}", p.display())))?;
@@ -726,22 +773,13 @@ impl LogBackend {
             sync_dir(dir)?;
             files.logs.push(g);
         }
-        let image = Image::read(dir, &files, true)?;
+        let (image, log_bytes) = Image::read(dir, &files, true)?;
         let gen = *files.logs.last().unwrap_or(&0);
         let path = log_path(dir, gen);
         let file = std::fs::OpenOptions::new()
             .append(true)
             .open(&path)
             .map_err(io(format!("opening {}", path.display())))?;
-        let file_len = |g: u64| {
-            std::fs::metadata(log_path(dir, g))
-                .map(|m| m.len())
-                .map_err(io("reading the log's size"))
-        };
-        let mut log_bytes = 0;
-        for g in &files.logs {
-            log_bytes += file_len(*g)?;
-        }
         let snap_bytes = image.snap.len() as u64;
         Ok(LogBackend {
             dir: dir.to_path_buf(),
@@ -754,19 +792,25 @@ impl LogBackend {
                 snap_bytes,
                 log_bytes,
                 broken: None,
+                fold_after: 0,
             }),
             boot: Mutex::new(Some(Boot {
                 image,
                 since: Default::default(),
             })),
             fold: Mutex::new(None),
+            syncing: Mutex::new(()),
             _lock: lock_file,
         })
     }
 
-    /// Whether `dir` holds this store's files.
-    pub fn exists_in(dir: &Path) -> bool {
-        list(dir).is_ok_and(|f| f.snap.is_some() || !f.logs.is_empty())
+    /// Whether `dir` holds this store's files (an error when it cannot be
+    /// listed, or holds files of this store that make no sense).
+    pub fn exists_in(dir: &Path) -> Result<bool> {
+        if !dir.exists() {
+            return Ok(false);
+        }
+        list(dir).map(|f| f.snap.is_some() || !f.logs.is_empty())
     }
 
     fn writer(&self) -> Result<MutexGuard<'_, Writer>> {
@@ -800,6 +844,8 @@ impl LogBackend {
 
     /// Runs `f` on what the files hold now: the image read at open until
     /// the store is loaded, then a fresh read (rare: a migration's source).
+    /// That read holds the writer for as long as `f` runs: `f` must not
+    /// write to this store.
     fn with_image<T>(&self, f: impl FnOnce(&Boot) -> Result<T>) -> Result<T> {
         if let Some(b) = lock(&self.boot).as_ref() {
             return f(b);
@@ -809,7 +855,7 @@ impl LogBackend {
         Self::write_pending(&mut w)?;
         self.finish_fold(&mut w, true);
         let files = list(&self.dir)?;
-        let image = Image::read(&self.dir, &files, false)?;
+        let (image, _) = Image::read(&self.dir, &files, false)?;
         f(&Boot {
             image,
             since: Default::default(),
@@ -831,18 +877,24 @@ impl LogBackend {
                 w.log_bytes = w.log_bytes.saturating_sub(f.bytes);
             }
             Ok(Err(e)) => {
-                tracing::warn!(error = %e, "folding the store's log into a snapshot failed; the log keeps growing until a later fold succeeds")
+                w.fold_after = w.log_bytes + self.opts.threshold(w.snap_bytes);
+                tracing::warn!(error = %e, retry_at_log_bytes = w.fold_after, "folding the store's log into a snapshot failed; the log keeps growing until a later fold succeeds")
             }
-            Err(_) => tracing::error!("the store's fold thread panicked"),
+            Err(_) => {
+                w.fold_after = w.log_bytes + self.opts.threshold(w.snap_bytes);
+                tracing::error!("the store's fold thread panicked")
+            }
         }
     }
 
     /// Starts a new log and folds the old ones in the background, once the
     /// logs are big enough and no fold is running.
     fn maybe_fold(&self) -> Result<()> {
+        let _one = lock(&self.syncing);
         let mut w = self.writer()?;
         self.finish_fold(&mut w, false);
-        if lock(&self.fold).is_some() || w.log_bytes < self.opts.threshold(w.snap_bytes) {
+        let due = self.opts.threshold(w.snap_bytes).max(w.fold_after);
+        if lock(&self.fold).is_some() || w.log_bytes < due {
             return Ok(());
         }
         // Every frame of the old log is durable before any of the new one
@@ -857,11 +909,19 @@ impl LogBackend {
         }
         let next = w.gen + 1;
         let path = log_path(&self.dir, next);
+        // It may exist, empty, from a rotation that failed at the sync below.
         let file = std::fs::OpenOptions::new()
-            .create_new(true)
+            .create(true)
             .append(true)
             .open(&path)
             .map_err(io(format!("creating {}", path.display())))?;
+        let len = file
+            .metadata()
+            .map_err(io(format!("reading {}", path.display())))?
+            .len();
+        if len != 0 {
+            return Err(corrupt(&path, "a log not yet started holds frames"));
+        }
         // The new log's name must survive a crash before its frames count.
         sync_dir(&self.dir)?;
         let upto = w.gen;
@@ -900,16 +960,25 @@ impl Drop for LogBackend {
 /// it. Returns the new snapshot's size.
 fn fold(dir: &Path, snap: Option<u64>, upto: u64) -> Result<u64> {
     lower_priority();
+    let tmp = snap_path(dir, upto + 1).with_extension("tmp");
+    let r = fold_into(dir, snap, upto, &tmp);
+    if r.is_err() {
+        // A snapshot's worth of disk would otherwise wait for the next open.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r
+}
+
+fn fold_into(dir: &Path, snap: Option<u64>, upto: u64, tmp: &Path) -> Result<u64> {
     let from = snap.unwrap_or(0);
     let files = Files {
         snap: None,
         logs: (from..=upto).collect(),
         stale: Vec::new(),
     };
-    let logs = Image::read(dir, &files, false)?;
+    let (logs, _) = Image::read(dir, &files, false)?;
     let out = snap_path(dir, upto + 1);
-    let tmp = out.with_extension("tmp");
-    let mut w = SnapWriter::create(tmp.clone())?;
+    let mut w = SnapWriter::create(tmp.to_path_buf())?;
     let mut old = match snap {
         Some(g) => Some(SnapReader::open(snap_path(dir, g))?),
         None => None,
@@ -939,7 +1008,7 @@ fn fold(dir: &Path, snap: Option<u64>, upto: u64) -> Result<u64> {
         r.finish()?;
     }
     let size = w.finish()?;
-    std::fs::rename(&tmp, &out).map_err(io(format!("renaming {}", tmp.display())))?;
+    std::fs::rename(tmp, &out).map_err(io(format!("renaming {}", tmp.display())))?;
     sync_dir(dir)?;
     // The new snapshot counts from here; what it replaces can go.
     let mut gone: Vec<PathBuf> = (from..=upto).map(|g| log_path(dir, g)).collect();
@@ -990,6 +1059,7 @@ impl Backend for LogBackend {
                 b.since.insert(k.clone(), v.clone());
             }
         }
+        w.pending.extend_from_slice(&FRAME_MARK);
         w.pending.extend_from_slice(&len.to_le_bytes());
         w.pending
             .extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
@@ -1003,15 +1073,27 @@ impl Backend for LogBackend {
             Self::write_pending(&mut w)?;
             w.file.clone()
         };
-        // Outside the lock: the next group's frames may be written meanwhile.
-        if let Err(e) = file.sync_data() {
-            lock(&self.w).broken = Some(e.to_string());
-            return Err(StoreError::Io {
-                what: "syncing the store's log".into(),
-                source: e,
-            });
+        {
+            // Outside the writer's lock: the next group's frames may be
+            // written meanwhile. Lock order: `syncing`, then `w`.
+            let _one = lock(&self.syncing);
+            // A sync that failed meanwhile may have taken the error this one
+            // would have seen.
+            drop(self.writer()?);
+            if let Err(e) = file.sync_data() {
+                lock(&self.w).broken = Some(e.to_string());
+                return Err(StoreError::Io {
+                    what: "syncing the store's log".into(),
+                    source: e,
+                });
+            }
         }
-        self.maybe_fold()
+        // This sync's frames are durable whatever happens next: a failed
+        // rotation is reported, and tried again at a later sync.
+        if let Err(e) = self.maybe_fold() {
+            tracing::warn!(error = %e, "starting a new log for a fold failed");
+        }
+        Ok(())
     }
 
     fn scan(&self, prefix: &[u8], f: Visit<'_>) -> Result<()> {
@@ -1051,6 +1133,31 @@ impl Backend for LogBackend {
     }
 }
 
+/// Creates `dir` if needed and locks it (flock on `tabby-lock`) for as long
+/// as the returned file is open.
+fn take_lock(dir: &Path) -> Result<File> {
+    std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+    let lock_path = dir.join(LOCK);
+    let lock_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(io(format!("opening {}", lock_path.display())))?;
+    rustix::fs::flock(
+        &lock_file,
+        rustix::fs::FlockOperation::NonBlockingLockExclusive,
+    )
+    .map_err(|e| StoreError::Io {
+        what: format!(
+            "locking {} (is another controller using this data directory?)",
+            lock_path.display()
+        ),
+        source: e.into(),
+    })?;
+    Ok(lock_file)
+}
+
 /// Files of a sled store (what the embedded store was before this one).
 const SLED_FILES: [&str; 3] = ["conf", "db", "blobs"];
 /// Where a converted sled store's files are kept.
@@ -1066,10 +1173,12 @@ fn holds_sled(dir: &Path) -> bool {
 /// are no longer read (remove them once the new store has served).
 /// `sled_cache` bounds sled's page cache while it is read.
 pub fn open_embedded(dir: &Path, sled_cache: u64) -> Result<LogBackend> {
-    if !LogBackend::exists_in(dir) && holds_sled(dir) {
+    // Locked first: two starts must not convert at once.
+    let lock = take_lock(dir)?;
+    if !LogBackend::exists_in(dir)? && holds_sled(dir) {
         convert_sled(dir, sled_cache)?;
     }
-    let b = LogBackend::open(dir)?;
+    let b = LogBackend::open_locked(dir, LogOptions::default(), lock)?;
     // Also after a conversion cut short between its snapshot and the move.
     if holds_sled(dir) {
         keep_sled_aside(dir)?;

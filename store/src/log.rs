@@ -509,9 +509,18 @@ impl Image {
                         .filter(|p| data[*p..].starts_with(&FRAME_MARK))
                         .find(|p| frame_at(&data, *p).is_ok())
                     {
+                        // Frames after damage may hold acknowledged
+                        // assignments: dropping them could hand an address
+                        // out twice, so an operator decides.
                         return Err(corrupt(
                             path,
-                            format!("{why}, yet a whole frame follows at byte {p}"),
+                            format!(
+                                "{why}, yet a whole frame follows at byte {p}: damage, not a \
+                                 write cut short. Nothing was changed. If this follows a power \
+                                 loss, the frames from byte {at} on may never have been \
+                                 acknowledged: keep a copy of the file, then truncate it to \
+                                 {at} bytes to start from the frames before"
+                            ),
                         ));
                     }
                     cut_torn_tail(path, &data, at)?;

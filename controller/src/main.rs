@@ -788,7 +788,24 @@ async fn lead(
 
 #[cfg(test)]
 mod tests {
-    use super::worker_count;
+    use super::{worker_count, Args, Datastore};
+    use clap::Parser;
+
+    /// `embedded` is the default; `sled`, the name the design and older
+    /// manifests use, still selects it.
+    #[test]
+    fn the_embedded_store_answers_to_sled_too() {
+        let parse = |a: &[&str]| {
+            Args::try_parse_from([&["tabby-controller"], a].concat())
+                .map(|a| a.datastore)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(parse(&[]), Ok(Datastore::Embedded));
+        assert_eq!(parse(&["--datastore", "sled"]), Ok(Datastore::Embedded));
+        assert_eq!(parse(&["--datastore", "embedded"]), Ok(Datastore::Embedded));
+        assert_eq!(parse(&["--datastore", "etcd"]), Ok(Datastore::Etcd));
+        assert!(parse(&["--datastore", "redis"]).is_err());
+    }
 
     /// One worker per CPU by default: a worker busy answering a group never
     /// holds up a read another can take (on 2 CPUs, two workers).

@@ -116,6 +116,24 @@ impl EtcdCluster {
     /// Starts `n` members and waits until the cluster answers.
     pub fn start(n: usize) -> Result<EtcdCluster> {
         etcd_bin()?;
+        // Ports are picked free and released until etcd binds them: another
+        // process (a parallel test's client connections) can take one in
+        // between, and that member never starts (seen once in CI). A new
+        // set of ports then, said out loud; three failures fail the test.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match Self::start_once(n) {
+                Ok(c) => return Ok(c),
+                Err(e) if tries < 3 => {
+                    eprintln!("etcd cluster did not start (try {tries} of 3), again on other ports: {e:#}")
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn start_once(n: usize) -> Result<EtcdCluster> {
         let dir = tempfile::Builder::new().prefix("tabby-etcd-").tempdir()?;
         let mut members = Vec::new();
         for i in 0..n {
@@ -130,7 +148,21 @@ impl EtcdCluster {
         for i in 0..n {
             c.start_member(i)?;
         }
-        c.wait_healthy(Duration::from_secs(20))?;
+        if let Err(e) = c.wait_healthy(Duration::from_secs(20)) {
+            // The logs go with the cluster's directory: keep their ends.
+            let tails: Vec<String> = c
+                .members
+                .iter()
+                .map(|m| {
+                    let log = std::fs::read_to_string(c.dir.path().join(format!("{}.log", m.name)))
+                        .unwrap_or_default();
+                    let lines: Vec<&str> = log.lines().collect();
+                    let from = lines.len().saturating_sub(5);
+                    format!("{}: {}", m.name, lines[from..].join("\n    "))
+                })
+                .collect();
+            return Err(e.context(tails.join("\n")));
+        }
         Ok(c)
     }
 

@@ -207,11 +207,10 @@ enum Command {
 /// `tabby-controller migrate`: every key of the sled store into an empty
 /// etcd prefix; refused, with nothing written, when the prefix holds keys.
 fn migrate(from: &std::path::Path, endpoints: &[String], etcd: &EtcdAccess) -> anyhow::Result<()> {
-    use tabby_store::{etcd::EtcdBackend, migrate, LogBackend};
-    let sled = from.join("conf").exists() || from.join("db").exists();
-    let embedded = LogBackend::exists_in(from)
+    use tabby_store::{etcd::EtcdBackend, migrate};
+    let here = tabby_store::embedded_store_in(from)
         .with_context(|| format!("--from-dir {}: reading the directory", from.display()))?;
-    if !embedded && !sled {
+    if !here {
         anyhow::bail!("--from-dir {}: no embedded store there", from.display());
     }
     let cfg = etcd.config(endpoints)?;

@@ -31,7 +31,7 @@ pub mod warm;
 
 mod attributes;
 pub use backend::{Backend, SledBackend};
-pub use log::{open_embedded, LogBackend, LogOptions};
+pub use log::{embedded_store_in, open_embedded, LogBackend, LogOptions};
 pub use types::*;
 
 use serde::{de::DeserializeOwned, Serialize};

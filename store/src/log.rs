@@ -226,6 +226,18 @@ impl SnapWriter {
         Ok(())
     }
 
+    /// Finishes the snapshot and renames it to `out`, durably (the
+    /// directory too); returns its size.
+    fn publish(self, out: &Path) -> Result<u64> {
+        let tmp = self.path.clone();
+        let size = self.finish()?;
+        std::fs::rename(&tmp, out).map_err(io(format!("renaming {}", tmp.display())))?;
+        if let Some(dir) = out.parent() {
+            sync_dir(dir)?;
+        }
+        Ok(size)
+    }
+
     /// Writes the trailer and makes the file durable; returns its size.
     fn finish(mut self) -> Result<u64> {
         let mut t = [0u8; TRAILER];
@@ -442,7 +454,10 @@ impl Image {
     }
 
     fn snap_record(&self, i: usize) -> (&[u8], &[u8]) {
-        let o = self.offs[i];
+        self.snap_record_at(self.offs[i])
+    }
+
+    fn snap_record_at(&self, o: usize) -> (&[u8], &[u8]) {
         let mut h = [0u8; 8];
         h.copy_from_slice(&self.snap[o..o + 8]);
         let (kl, vl) = lengths(&h);
@@ -598,16 +613,9 @@ impl Image {
     /// order, until it returns `false`.
     fn range(&self, lo: &[u8], hi: Option<&[u8]>, f: Until<'_>) -> Result<()> {
         // Binary searches over the snapshot's records and the log's entries.
-        let (mut lo_s, mut hi_s) = (0, self.offs.len());
-        while lo_s < hi_s {
-            let mid = (lo_s + hi_s) / 2;
-            if self.snap_record(mid).0 < lo {
-                lo_s = mid + 1;
-            } else {
-                hi_s = mid;
-            }
-        }
-        let mut i = lo_s;
+        let mut i = self
+            .offs
+            .partition_point(|o| self.snap_record_at(*o).0 < lo);
         let mut j = self.net.partition_point(|e| self.bytes(e.key) < lo);
         let below = |k: &[u8]| hi.is_none_or(|h| k < h);
         loop {
@@ -1016,9 +1024,7 @@ fn fold_into(dir: &Path, snap: Option<u64>, upto: u64, tmp: &Path) -> Result<u64
         }
         r.finish()?;
     }
-    let size = w.finish()?;
-    std::fs::rename(tmp, &out).map_err(io(format!("renaming {}", tmp.display())))?;
-    sync_dir(dir)?;
+    let size = w.publish(&out)?;
     // The new snapshot counts from here; what it replaces can go.
     let mut gone: Vec<PathBuf> = (from..=upto).map(|g| log_path(dir, g)).collect();
     if let Some(g) = snap {
@@ -1176,6 +1182,12 @@ fn holds_sled(dir: &Path) -> bool {
     dir.join("conf").exists() || dir.join("db").exists()
 }
 
+/// Whether `dir` holds an embedded store: this one, or a sled store that
+/// [`open_embedded`] would convert.
+pub fn embedded_store_in(dir: &Path) -> Result<bool> {
+    Ok(LogBackend::exists_in(dir)? || holds_sled(dir))
+}
+
 /// Opens the embedded store in `dir`. A sled store found there (written by
 /// an older tabby) is converted first: every key is copied into the first
 /// snapshot, and sled's files are moved into `sled-converted/`, where they
@@ -1199,13 +1211,11 @@ fn convert_sled(dir: &Path, cache: u64) -> Result<()> {
     let sled = crate::SledBackend::open(dir, cache)?;
     let out = snap_path(dir, 1);
     let tmp = out.with_extension("tmp");
-    let mut w = SnapWriter::create(tmp.clone())?;
+    let mut w = SnapWriter::create(tmp)?;
     // sled scans in key order, as a snapshot is written.
     sled.scan(&[], &mut |k, v| w.put(k, v))?;
     let keys = w.count;
-    let bytes = w.finish()?;
-    std::fs::rename(&tmp, &out).map_err(io(format!("renaming {}", tmp.display())))?;
-    sync_dir(dir)?;
+    let bytes = w.publish(&out)?;
     tracing::info!(
         dir = %dir.display(),
         keys,

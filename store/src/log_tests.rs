@@ -34,6 +34,20 @@ fn put(k: &str, v: &str) -> Put {
     (k.as_bytes().to_vec(), Some(v.as_bytes().to_vec()))
 }
 
+/// Applies `batch` and makes it durable, as a group commit does.
+fn commit(b: &LogBackend, batch: Vec<Put>) {
+    b.apply(batch).unwrap();
+    b.sync().unwrap();
+}
+
+/// The name of the one snapshot in `dir`.
+fn snapshot_name(dir: &Path) -> String {
+    names(dir)
+        .into_iter()
+        .find(|n| n.starts_with(SNAP))
+        .unwrap()
+}
+
 fn names(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
@@ -93,8 +107,7 @@ proptest! {
                 Step::Write(batch) => {
                     let puts = to_puts(&batch);
                     apply(&mut model, &puts);
-                    b.apply(puts).unwrap();
-                    b.sync().unwrap();
+                    commit(&b, puts);
                 }
                 Step::Lost(batch) => {
                     b.apply(to_puts(&batch)).unwrap();
@@ -110,8 +123,7 @@ proptest! {
                     let newest = dir.path().join(before.last().unwrap());
                     let len = std::fs::metadata(&newest).unwrap().len();
                     let puts = to_puts(&batch);
-                    b.apply(puts.clone()).unwrap();
-                    b.sync().unwrap();
+                    commit(&b, puts.clone());
                     b.settle();
                     drop(b);
                     if logs(dir.path()) == before {
@@ -177,8 +189,7 @@ fn folds_replace_old_files_and_bound_the_log() {
     for i in 0..500u32 {
         let batch = vec![put(&format!("a/{:04}", i % 97), &format!("v{i}"))];
         apply(&mut model, &batch);
-        b.apply(batch).unwrap();
-        b.sync().unwrap();
+        commit(&b, batch);
     }
     b.settle();
     let files = names(dir.path());
@@ -202,11 +213,8 @@ fn folds_replace_old_files_and_bound_the_log() {
 fn a_frame_cut_short_at_the_end_is_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let b = LogBackend::open(dir.path()).unwrap();
-    b.apply(vec![put("a/1", "one")]).unwrap();
-    b.sync().unwrap();
-    b.apply(vec![put("a/2", "two"), put("a/3", "three")])
-        .unwrap();
-    b.sync().unwrap();
+    commit(&b, vec![put("a/1", "one")]);
+    commit(&b, vec![put("a/2", "two"), put("a/3", "three")]);
     drop(b);
     let log = log_path(dir.path(), 0);
     let full = std::fs::read(&log).unwrap();
@@ -226,8 +234,7 @@ fn a_frame_cut_short_at_the_end_is_dropped() {
     std::fs::write(&log, &flipped).unwrap();
     let b = LogBackend::open(dir.path()).unwrap();
     assert_eq!(all(&b), want);
-    b.apply(vec![put("a/4", "four")]).unwrap();
-    b.sync().unwrap();
+    commit(&b, vec![put("a/4", "four")]);
     drop(b);
     apply(&mut want, &[put("a/4", "four")]);
     assert_eq!(all(&LogBackend::open(dir.path()).unwrap()), want);
@@ -239,16 +246,11 @@ fn a_damaged_snapshot_or_older_log_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let b = LogBackend::open_with(dir.path(), TINY).unwrap();
     for i in 0..200u32 {
-        b.apply(vec![put(&format!("a/{i:04}"), "some value")])
-            .unwrap();
-        b.sync().unwrap();
+        commit(&b, vec![put(&format!("a/{i:04}"), "some value")]);
     }
     b.settle();
     drop(b);
-    let snap = names(dir.path())
-        .into_iter()
-        .find(|n| n.starts_with(SNAP))
-        .unwrap();
+    let snap = snapshot_name(dir.path());
     let path = dir.path().join(&snap);
     let good = std::fs::read(&path).unwrap();
     for at in [3, 20, good.len() / 2, good.len() - 5] {
@@ -266,8 +268,7 @@ fn a_damaged_snapshot_or_older_log_is_an_error() {
     // A log that is not the newest was complete when the next one started.
     let dir = tempfile::tempdir().unwrap();
     let b = LogBackend::open(dir.path()).unwrap();
-    b.apply(vec![put("a/1", "one")]).unwrap();
-    b.sync().unwrap();
+    commit(&b, vec![put("a/1", "one")]);
     drop(b);
     File::create(log_path(dir.path(), 1)).unwrap();
     let log0 = log_path(dir.path(), 0);
@@ -298,8 +299,7 @@ fn a_fold_cut_short_leaves_a_whole_store() {
             .collect();
         let batch = vec![put(&format!("b/{:03}", i % 50), &format!("{i}"))];
         apply(&mut model, &batch);
-        b.apply(batch).unwrap();
-        b.sync().unwrap();
+        commit(&b, batch);
         b.settle();
         let now = names(dir.path());
         let gone: Vec<_> = before.iter().filter(|(n, _)| !now.contains(n)).collect();
@@ -377,8 +377,7 @@ fn a_sled_store_is_converted_on_first_open() {
     assert_eq!(all(&b), model);
     assert!(!dir.path().join("db").exists());
     assert!(dir.path().join(SLED_KEPT).join("db").exists());
-    b.apply(vec![put("a/new", "y")]).unwrap();
-    b.sync().unwrap();
+    commit(&b, vec![put("a/new", "y")]);
     drop(b);
     apply(&mut model, &[put("a/new", "y")]);
     assert_eq!(all(&open_embedded(dir.path(), 1 << 20).unwrap()), model);
@@ -395,8 +394,7 @@ fn a_sled_store_is_converted_on_first_open() {
 fn a_tail_of_zeros_is_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let b = LogBackend::open(dir.path()).unwrap();
-    b.apply(vec![put("a/1", "one")]).unwrap();
-    b.sync().unwrap();
+    commit(&b, vec![put("a/1", "one")]);
     drop(b);
     let log = log_path(dir.path(), 0);
     let len = std::fs::metadata(&log).unwrap().len();
@@ -418,8 +416,7 @@ fn damage_before_a_whole_frame_is_an_error_not_a_shorter_store() {
     let dir = tempfile::tempdir().unwrap();
     let b = LogBackend::open(dir.path()).unwrap();
     for i in 0..10 {
-        b.apply(vec![put(&format!("a/{i}"), "v")]).unwrap();
-        b.sync().unwrap();
+        commit(&b, vec![put(&format!("a/{i}"), "v")]);
     }
     drop(b);
     let log = log_path(dir.path(), 0);
@@ -492,12 +489,13 @@ fn damaged_files_never_panic() {
     let dir = tempfile::tempdir().unwrap();
     let b = LogBackend::open_with(dir.path(), TINY).unwrap();
     for i in 0..120u32 {
-        b.apply(vec![
-            put(&format!("a/{:04}", i % 37), &format!("v{i}")),
-            (format!("b/{i}").into_bytes(), None),
-        ])
-        .unwrap();
-        b.sync().unwrap();
+        commit(
+            &b,
+            vec![
+                put(&format!("a/{:04}", i % 37), &format!("v{i}")),
+                (format!("b/{i}").into_bytes(), None),
+            ],
+        );
     }
     drop(b);
     let mut seed = 12345u64;
@@ -539,15 +537,10 @@ fn a_failing_fold_backs_off_and_cleans_up() {
     let dir = tempfile::tempdir().unwrap();
     let b = LogBackend::open_with(dir.path(), TINY).unwrap();
     for i in 0..200u32 {
-        b.apply(vec![put(&format!("a/{:04}", i % 37), &format!("v{i}"))])
-            .unwrap();
-        b.sync().unwrap();
+        commit(&b, vec![put(&format!("a/{:04}", i % 37), &format!("v{i}"))]);
     }
     b.settle();
-    let snap = names(dir.path())
-        .into_iter()
-        .find(|n| n.starts_with(SNAP))
-        .unwrap();
+    let snap = snapshot_name(dir.path());
     let p = dir.path().join(&snap);
     let mut d = std::fs::read(&p).unwrap();
     let l = d.len();
@@ -555,9 +548,7 @@ fn a_failing_fold_backs_off_and_cleans_up() {
     d[l - 1] ^= 1;
     std::fs::write(&p, &d).unwrap();
     for i in 0..200u32 {
-        b.apply(vec![put(&format!("a/{:04}", i % 37), &format!("w{i}"))])
-            .unwrap();
-        b.sync().unwrap();
+        commit(&b, vec![put(&format!("a/{:04}", i % 37), &format!("w{i}"))]);
         b.settle();
     }
     let files = names(dir.path());

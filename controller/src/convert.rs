@@ -185,7 +185,7 @@ pub(crate) fn alloc_to_pb(a: &AllocationView) -> pb::Allocation {
 /// A handle's attributes as the API carries them.
 pub(crate) fn attributes_to_pb(a: &Attributes) -> std::collections::HashMap<String, String> {
     a.iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect()
 }
 

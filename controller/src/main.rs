@@ -11,6 +11,9 @@ use tabby_controller::{
 };
 use tabby_runtime::{parse_duration, LogFormat};
 use tabby_store::{Encapsulation, Pool, Store};
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use tabby_tls::{
     issue::{issue, Kind, Validity},
     material::Files,

@@ -24,7 +24,7 @@ use crate::{
     error::{Error, Result},
     heavy::HeavyReads,
     intent::{IntentTracker, ResumeFrom, WatchStart},
-    ipam::{IpamState, Loader},
+    ipam::{IpamState, Loader, Prepared, Preparer},
 };
 use std::collections::BTreeSet;
 use std::{
@@ -57,15 +57,24 @@ impl Owned {
     /// State as `store` holds it; watchers of this store resume from its
     /// intent mark.
     fn load(store: &Store) -> Result<Owned> {
-        // Streamed: each record is placed as it is read, and reading the
-        // store (one thread) overlaps placing the records (this one).
+        // Streamed: each record is placed as it is read. Reading the store
+        // and preparing each record (one thread) overlaps placing them in
+        // the state (this one).
         let mut loader = Loader::default();
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Record>>(LOAD_QUEUE);
-        let (revision, marked) = std::thread::scope(|sc| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Prepared>>(LOAD_QUEUE);
+        let ((revision, marked), index) = std::thread::scope(|sc| {
             let reading = sc.spawn(move || {
                 let mut batch = Vec::with_capacity(LOAD_BATCH);
+                let mut prep = Preparer::default();
+                let mut indexing = None;
                 let r = store.load_each(|r| {
-                    batch.push(r);
+                    // The handles are all in: their per-node index is built
+                    // beside the reading and placing of the allocations.
+                    if indexing.is_none() && matches!(r, Record::Allocation(..)) {
+                        let ix = prep.take_index();
+                        indexing = Some(sc.spawn(move || ix.build()));
+                    }
+                    batch.push(prep.prepare(r));
                     if batch.len() == LOAD_BATCH {
                         // The receiver stops only when this thread is done.
                         let _ = tx.send(std::mem::replace(
@@ -75,7 +84,11 @@ impl Owned {
                     }
                 });
                 let _ = tx.send(batch);
-                r
+                let mut built = vec![prep.take_index().build()];
+                if let Some(t) = indexing {
+                    built.push(t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+                }
+                r.map(|r| (r, built))
             });
             for batch in rx {
                 batch.into_iter().for_each(|r| loader.take(r));
@@ -84,7 +97,7 @@ impl Owned {
                 .join()
                 .unwrap_or_else(|p| std::panic::resume_unwind(p))
         })?;
-        let ipam = loader.finish();
+        let ipam = loader.finish(index);
         let intent =
             IntentTracker::new(&ipam, revision).resumable(store.id(), store.epochs(), marked);
         Ok(Owned { ipam, intent })

@@ -12,14 +12,17 @@ use serde::{
     ser::SerializeMap,
     Deserialize, Deserializer, Serialize, Serializer,
 };
-use std::{collections::BTreeMap, fmt};
+use std::{borrow::Cow, cell::RefCell, collections::BTreeMap, fmt};
 
 /// String attributes (key → value), packed into one buffer: for each key,
 /// then its value, a header and maybe bytes. The header is a LEB128 varint:
-/// odd, `2i + 1`, names [`COMMON`]`[i]` and no bytes follow; even, `2n`, is
-/// followed by the `n` bytes of the string. Keys are unique and in order, as
-/// in a `BTreeMap`. The encoding of a map is unique, so equal buffers are
-/// equal maps. Empty: no allocation.
+/// odd, `2i + 1`, names [`COMMON`]`[i]` and no bytes follow; `4n` is
+/// followed by the `n` bytes of the string; `4n + 2` by `n` bytes that are
+/// the string's `2n` lowercase hex digits, two to a byte (a container id,
+/// 64 digits, takes 32 bytes). Keys are unique and in order, as in a
+/// `BTreeMap`. Which form a string takes depends on the string alone, so
+/// the encoding of a map is unique and equal buffers are equal maps. Empty:
+/// no allocation.
 #[derive(Clone, Default, PartialEq, Eq, Hash)]
 pub struct Attributes(Box<[u8]>);
 
@@ -50,8 +53,8 @@ impl Attributes {
     }
 
     /// The value of `key`, if set.
-    pub fn get(&self, key: &str) -> Option<&str> {
-        self.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
+    pub fn get(&self, key: &str) -> Option<Cow<'_, str>> {
+        self.iter().find(|(k, _)| k == key).map(|(_, v)| v)
     }
 
     /// Bytes of heap the packed form takes (memory accounting, tests).
@@ -60,32 +63,69 @@ impl Attributes {
     }
 }
 
+/// Shortest string packed as hex digits: shorter ones save little and
+/// would cost every reader of them a copy.
+const HEX_MIN: usize = 16;
+
+/// Whether `s` is packed two digits to a byte: an even number, at least
+/// [`HEX_MIN`], of lowercase hex digits (so it unpacks to exactly `s`).
+fn is_hex(s: &str) -> bool {
+    s.len() >= HEX_MIN
+        && s.len().is_multiple_of(2)
+        && s.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 /// Appends `s` to a packed buffer.
 fn push(buf: &mut Vec<u8>, s: &str) {
+    let hex = is_hex(s);
     let header = match COMMON.iter().position(|c| *c == s) {
         Some(i) => 2 * i + 1,
-        None => 2 * s.len(),
+        None if hex => 2 * s.len() + 2,
+        None => 4 * s.len(),
     };
     // postcard writes an unsigned integer as exactly this varint.
     let mut room = [0u8; 10];
     let varint = postcard::to_slice(&(header as u64), &mut room)
         .expect("a u64 varint takes 10 bytes at most");
     buf.extend_from_slice(varint);
-    if header % 2 == 0 {
-        buf.extend_from_slice(s.as_bytes());
+    match header % 4 {
+        0 => buf.extend_from_slice(s.as_bytes()),
+        2 => buf.extend(
+            s.as_bytes()
+                .chunks_exact(2)
+                .map(|d| nibble(d[0]) << 4 | nibble(d[1])),
+        ),
+        _ => {}
+    }
+}
+
+/// The value of one lowercase hex digit.
+fn nibble(c: u8) -> u8 {
+    match c {
+        b'0'..=b'9' => c - b'0',
+        _ => c - b'a' + 10,
     }
 }
 
 /// The first string packed in `b`, and the rest.
-fn pop(b: &[u8]) -> Option<(&str, &[u8])> {
+fn pop(b: &[u8]) -> Option<(Cow<'_, str>, &[u8])> {
     let (header, rest) = postcard::take_from_bytes::<u64>(b).ok()?;
     let header = usize::try_from(header).ok()?;
     if header % 2 == 1 {
-        return Some((COMMON.get(header / 2)?, rest));
+        return Some((Cow::Borrowed(COMMON.get(header / 2)?), rest));
     }
-    let (s, rest) = rest.split_at_checked(header / 2)?;
+    let (s, rest) = rest.split_at_checked(header / 4)?;
+    if header % 4 == 2 {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut out = String::with_capacity(2 * s.len());
+        for b in s {
+            out.push(char::from(DIGITS[usize::from(b >> 4)]));
+            out.push(char::from(DIGITS[usize::from(b & 15)]));
+        }
+        return Some((Cow::Owned(out), rest));
+    }
     // Only ever packed from `str`s.
-    Some((std::str::from_utf8(s).ok()?, rest))
+    Some((Cow::Borrowed(std::str::from_utf8(s).ok()?), rest))
 }
 
 impl<K: AsRef<str> + Ord, V: AsRef<str>> FromIterator<(K, V)> for Attributes {
@@ -119,7 +159,7 @@ impl<K: AsRef<str>, V: AsRef<str>> From<&BTreeMap<K, V>> for Attributes {
 pub struct Iter<'a>(&'a [u8]);
 
 impl<'a> Iter<'a> {
-    fn next_str(&mut self) -> Option<&'a str> {
+    fn next_str(&mut self) -> Option<Cow<'a, str>> {
         let (s, rest) = pop(self.0)?;
         self.0 = rest;
         Some(s)
@@ -127,7 +167,8 @@ impl<'a> Iter<'a> {
 }
 
 impl<'a> Iterator for Iter<'a> {
-    type Item = (&'a str, &'a str);
+    /// Hex-packed strings come back as a copy, the others borrowed.
+    type Item = (Cow<'a, str>, Cow<'a, str>);
     fn next(&mut self) -> Option<Self::Item> {
         Some((self.next_str()?, self.next_str()?))
     }
@@ -143,7 +184,7 @@ impl Serialize for Attributes {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut m = s.serialize_map(Some(self.iter().count()))?;
         for (k, v) in self.iter() {
-            m.serialize_entry(k, v)?;
+            m.serialize_entry(&*k, &*v)?;
         }
         m.end()
     }
@@ -158,6 +199,11 @@ impl<'de> Deserialize<'de> for Attributes {
 /// Packs a map as it is decoded.
 struct Pack;
 
+thread_local! {
+    /// [`Pack`]'s buffer.
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
 impl<'de> Visitor<'de> for Pack {
     type Value = Attributes;
 
@@ -166,7 +212,10 @@ impl<'de> Visitor<'de> for Pack {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Attributes, A::Error> {
-        let mut buf = Vec::new();
+        // Packed in a buffer kept per thread, then copied out once at its
+        // size: no growing and shrinking per record while a store loads.
+        let mut buf = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+        buf.clear();
         // Stored maps come in key order with unique keys (they were
         // BTreeMaps); anything else is put in order through a map.
         let mut ordered = true;
@@ -183,7 +232,8 @@ impl<'de> Visitor<'de> for Pack {
             map.next_value_seed(Append(&mut buf))?;
             prev = Some(key);
         }
-        let a = Attributes(buf.into_boxed_slice());
+        let a = Attributes(Box::from(&buf[..]));
+        SCRATCH.with(|s| *s.borrow_mut() = buf);
         Ok(if ordered { a } else { a.iter().collect() })
     }
 }

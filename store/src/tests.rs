@@ -90,7 +90,10 @@ fn commit_load_roundtrip_and_revisions() {
     assert_eq!(snap.blocks.len(), 1);
     assert_eq!(snap.allocations[&ip("10.0.0.1")].handle, "h");
     assert_eq!(snap.released[&ip("10.0.0.2")], 7);
-    assert_eq!(snap.handles["h"].attributes.get("pod"), Some("a"));
+    assert_eq!(
+        snap.handles["h"].attributes.get("pod").as_deref(),
+        Some("a")
+    );
     assert!(snap.config.strict_affinity);
 
     s.commit(&[Mutation {
@@ -321,7 +324,7 @@ fn attributes_keep_the_map_format() {
     ];
     for m in maps {
         let a = Attributes::from(&m);
-        assert!(a.iter().eq(m.iter().map(|(k, v)| (k.as_str(), v.as_str()))));
+        assert!(a.iter().eq(m.iter().map(|(k, v)| (k.into(), v.into()))));
         assert_eq!(a.is_empty(), m.is_empty());
         let bytes = postcard::to_allocvec(&m).unwrap();
         assert_eq!(
@@ -332,7 +335,7 @@ fn attributes_keep_the_map_format() {
         let back: Attributes = postcard::from_bytes(&bytes).unwrap();
         assert_eq!(back, a, "decoded from the map's bytes");
         for (k, v) in &m {
-            assert_eq!(a.get(k), Some(v.as_str()));
+            assert_eq!(a.get(k).as_deref(), Some(v.as_str()));
         }
     }
     // A map written out of order or with a repeated key (not by a
@@ -346,7 +349,10 @@ fn attributes_keep_the_map_format() {
         }
     }
     let a: Attributes = postcard::from_bytes(&bytes).unwrap();
-    assert_eq!(a.iter().collect::<Vec<_>>(), vec![("a", "2"), ("b", "3")]);
+    assert_eq!(
+        a.iter().collect::<Vec<_>>(),
+        vec![("a".into(), "2".into()), ("b".into(), "3".into())]
+    );
     // Damage is an error, not a panic.
     assert!(postcard::from_bytes::<Attributes>(&[1, 5, b'a']).is_err());
     assert!(postcard::from_bytes::<Attributes>(&[1, 2, 0xff, 0xfe, 0]).is_err());
@@ -369,10 +375,11 @@ fn attributes_pack_small() {
         .map(|(k, v)| (k.to_string(), v))
         .collect()
     };
-    // 1 + 2 + 64 (a header of 128 takes two bytes), 1 + 1, 1 + 1,
-    // 1 + 1 + 5; the form with u32 lengths and no common strings took 142.
-    assert_eq!(Attributes::from(&pod("default")).packed_len(), 78);
-    assert_eq!(Attributes::from(&pod("shop")).packed_len(), 82);
+    // 1 + 2 + 32 (the id's 64 hex digits two to a byte; a header of 130
+    // takes two bytes), 1 + 1, 1 + 1, 1 + 1 + 5; the form with u32 lengths
+    // and no common strings took 142, with the id's digits as bytes 78.
+    assert_eq!(Attributes::from(&pod("default")).packed_len(), 46);
+    assert_eq!(Attributes::from(&pod("shop")).packed_len(), 50);
     let mut m = BTreeMap::new();
     for (i, n) in [0usize, 1, 63, 64, 127, 128, 300, 20_000]
         .into_iter()
@@ -387,8 +394,24 @@ fn attributes_pack_small() {
         m.insert(format!("near {s}"), s.to_string());
         m.insert(s.to_string(), format!("{s}!"));
     }
+    // Strings at the edges of the hex form: too short, odd, upper case, a
+    // letter past f, and long ones (as keys too, so their order is checked).
+    let hex = "0123456789abcdef";
+    for s in [
+        hex[..15].to_string(),
+        hex.to_string(),
+        hex[..15].to_string() + "0a",
+        hex.to_uppercase(),
+        hex[..15].to_string() + "g",
+        "f".repeat(64),
+        "0".repeat(20_000),
+        hex.repeat(9) + "00",
+    ] {
+        m.insert(format!("hex {s}"), s.clone());
+        m.insert(s.clone(), s);
+    }
     let a = Attributes::from(&m);
-    assert!(a.iter().eq(m.iter().map(|(k, v)| (k.as_str(), v.as_str()))));
+    assert!(a.iter().eq(m.iter().map(|(k, v)| (k.into(), v.into()))));
     let back: Attributes = postcard::from_bytes(&postcard::to_allocvec(&m).unwrap()).unwrap();
     assert_eq!(back, a);
 }

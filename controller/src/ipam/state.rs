@@ -8,7 +8,11 @@ use super::{
 };
 use im::{HashMap as ImHashMap, OrdMap, OrdSet};
 use ipnet::IpNet;
-use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::IpAddr,
+    sync::Arc,
+};
 use tabby_store::{Attributes, Block, Handle, IpamConfig, Node, Pool, Record, Snapshot};
 
 /// A node or handle name as the persistent maps key it: a copy of a map
@@ -84,15 +88,23 @@ impl IpamState {
     /// allocations are placed before the handles instead of after them (the
     /// store's order), which must give the same state.
     pub(crate) fn from_snapshot_in_order(s: Snapshot, allocations_first: bool) -> IpamState {
+        let mut p = Preparer::default();
         let mut l = Loader::default();
-        l.take(Record::Config(s.config));
-        l.take(Record::Bgp(s.bgp));
-        s.pools.into_values().for_each(|p| l.take(Record::Pool(p)));
-        s.blocks
-            .into_values()
-            .for_each(|b| l.take(Record::Block(b)));
+        // As the controller's start does: the handle index is taken when the
+        // first allocation comes, and what comes after it at the end.
+        let mut early = None;
+        let mut take = |r| {
+            if early.is_none() && matches!(r, Record::Allocation(..)) {
+                early = Some(p.take_index());
+            }
+            l.take(p.prepare(r))
+        };
+        take(Record::Config(s.config));
+        take(Record::Bgp(s.bgp));
+        s.pools.into_values().for_each(|p| take(Record::Pool(p)));
+        s.blocks.into_values().for_each(|b| take(Record::Block(b)));
         for (a, seq) in s.released {
-            l.take(Record::Released(a, seq));
+            take(Record::Released(a, seq));
         }
         let handles = s.handles.into_iter().map(|(id, h)| Record::Handle(id, h));
         let allocations = s
@@ -100,12 +112,13 @@ impl IpamState {
             .into_iter()
             .map(|(a, al)| Record::Allocation(a, al));
         if allocations_first {
-            allocations.chain(handles).for_each(|r| l.take(r));
+            allocations.chain(handles).for_each(&mut take);
         } else {
-            handles.chain(allocations).for_each(|r| l.take(r));
+            handles.chain(allocations).for_each(&mut take);
         }
-        s.nodes.into_values().for_each(|n| l.take(Record::Node(n)));
-        l.finish()
+        s.nodes.into_values().for_each(|n| take(Record::Node(n)));
+        let late = p.take_index();
+        l.finish(early.into_iter().chain([late]).map(HandleIndex::build))
     }
 
     pub(super) fn index_block(&mut self, b: &Block) {
@@ -304,8 +317,8 @@ impl IpamState {
     /// Adds or replaces handle `id`, keeping the per-node index.
     pub(super) fn put_handle(&mut self, id: Name, h: Handle) {
         let node = self.node_name(&h.node);
-        // One descent of the table: the old record comes back from the insert.
         let h = Arc::new(HandleState::new(node.clone(), h));
+        // One descent of the table: the old record comes back from the insert.
         match self.handles.insert(id.clone(), h) {
             Some(old) if old.node != node => self.unindex_handle(&old.node, &id),
             Some(_) => {}
@@ -423,7 +436,7 @@ impl IpamState {
                             .handle_parts(h)
                             .and_then(|(_, a)| a.get("container_id"))
                             .unwrap_or_default();
-                        (h.to_string(), cid.to_string())
+                        (h.to_string(), cid.into_owned())
                     })
                     .collect()
             })
@@ -512,22 +525,139 @@ impl IpamState {
     }
 }
 
+/// The half of placing a record that needs none of the state, so that it can
+/// run on the thread that reads the store while [`Loader`] places the
+/// records before: one shared name per node, each handle's state built, and
+/// the index of handles per node.
+#[derive(Debug, Default)]
+pub struct Preparer {
+    /// Node names seen so far.
+    nodes: HashSet<Name>,
+    /// The handles prepared since the last [`Preparer::take_index`].
+    index: HandleIndex,
+}
+
+/// A record as [`Preparer::prepare`] makes it ready for [`Loader::take`].
+#[derive(Debug)]
+pub struct Prepared(Ready);
+
+#[derive(Debug)]
+enum Ready {
+    /// A handle (the preparer has indexed it).
+    Handle(Name, Arc<HandleState>),
+    /// The address, its handle's name (the loader shares the handle
+    /// table's copy), and its node.
+    Allocation(IpAddr, String, Name),
+    Other(Record),
+}
+
+/// The handles a [`Preparer`] indexed per node, not yet built into the
+/// state's form ([`HandleIndex::build`], on any thread).
+#[derive(Debug, Default)]
+pub struct HandleIndex {
+    handles_of: HashMap<Name, Vec<Name>>,
+    tunnel_handles: usize,
+}
+
+/// A built [`HandleIndex`], for [`Loader::finish`].
+#[derive(Debug)]
+pub struct NodeHandles {
+    node_handles: ImHashMap<Name, OrdSet<Name>>,
+    tunnel_handles: usize,
+}
+
+impl HandleIndex {
+    /// The per-node sets of handles.
+    pub fn build(self) -> NodeHandles {
+        NodeHandles {
+            node_handles: self
+                .handles_of
+                .into_iter()
+                .map(|(n, ids)| (n, ids.into_iter().collect()))
+                .collect(),
+            tunnel_handles: self.tunnel_handles,
+        }
+    }
+}
+
+impl Preparer {
+    /// Prepares one record, in the order [`Loader`] takes them. The store
+    /// gives each handle once.
+    pub fn prepare(&mut self, r: Record) -> Prepared {
+        Prepared(match r {
+            Record::Handle(id, h) => {
+                let id: Name = id.into();
+                let node = self.node(&h.node);
+                let ix = &mut self.index;
+                ix.handles_of
+                    .entry(node.clone())
+                    .or_default()
+                    .push(id.clone());
+                ix.tunnel_handles += usize::from(tunnel_handle_node(&id).is_some());
+                Ready::Handle(id, Arc::new(HandleState::new(node, h)))
+            }
+            Record::Allocation(addr, a) => Ready::Allocation(addr, a.handle, self.node(&a.node)),
+            r => Ready::Other(r),
+        })
+    }
+
+    /// The handles prepared since the last call, to be built (all handles
+    /// come before the allocations: taken when those start, it can be built
+    /// while they are placed).
+    pub fn take_index(&mut self) -> HandleIndex {
+        std::mem::take(&mut self.index)
+    }
+
+    fn node(&mut self, n: &str) -> Name {
+        if let Some(k) = self.nodes.get(n) {
+            return k.clone();
+        }
+        let k: Name = n.into();
+        self.nodes.insert(k.clone());
+        k
+    }
+}
+
 /// Builds the state record by record, in the order [`tabby_store::Store::load_each`]
 /// gives them: pools, then blocks, release marks, handles and allocations
 /// (nodes and the configuration in any order; allocations before handles
 /// also load correctly, only without sharing the handles' names, so in
-/// more memory). Nothing is collected on the
-/// way, so a start holds one copy of the state, not two. Inconsistent
-/// records are kept (so that `check` can report them), never a reason to
-/// fail start-up.
+/// more memory), each first through one [`Preparer`], whose handle indexes
+/// [`Loader::finish`] takes. Nothing is collected on the way, so a start
+/// holds one copy of the state, not two.
+/// Inconsistent records are kept (so that `check` can report them), never a
+/// reason to fail start-up.
 #[derive(Debug, Default)]
 pub struct Loader {
     st: IpamState,
+    /// The block the last allocation went into, out of the block table
+    /// while allocations in it come (they come in address order: one
+    /// search of the table per block, not per address).
+    open: Option<Arc<BlockState>>,
+    /// Addresses per node, counted here and added to the state's index at
+    /// the end (one update per node, not per address).
+    counts: HashMap<Name, NodeCounts>,
 }
 
 impl Loader {
-    /// Places one record.
-    pub fn take(&mut self, r: Record) {
+    /// Places one prepared record.
+    pub fn take(&mut self, r: Prepared) {
+        let r = match r.0 {
+            Ready::Handle(id, h) => {
+                // Indexed by the preparer; each id comes once.
+                let old = self.st.handles.insert(id, h);
+                debug_assert!(old.is_none(), "a handle came twice");
+                return;
+            }
+            Ready::Allocation(addr, handle, node) => {
+                // Handles come first (see [`Loader`]), so the slot shares
+                // the handle table's name.
+                let handle = self.st.handle_name(&handle);
+                return self.place_allocation(addr, Held { handle, node });
+            }
+            Ready::Other(r) => r,
+        };
+        self.shelve();
         let st = &mut self.st;
         match r {
             Record::Pool(p) => {
@@ -551,28 +681,13 @@ impl Loader {
                 }
                 st.release_seq = st.release_seq.max(seq);
             }
+            // Not made by the preparer; placed as it would have.
             Record::Allocation(addr, a) => {
-                // Handles come first (see [`Loader`]), so the slot shares
-                // the handle table's name.
                 let held = Held {
                     handle: st.handle_name(&a.handle),
                     node: st.node_name(&a.node),
                 };
-                let Some(b) = st.block_containing_mut(addr) else {
-                    st.orphans.insert(addr, held);
-                    return;
-                };
-                let o = ordinal_of(&b.rec.cidr, addr);
-                if let Slot::Free { seq } = b.slots[o as usize] {
-                    b.free.remove(&(seq, o));
-                }
-                let borrowed = b.rec.affinity.as_deref() != Some(a.node.as_str());
-                let node = held.node.clone();
-                b.slots[o as usize] = Slot::Used(held);
-                if borrowed {
-                    st.borrowed.insert(addr, a.node);
-                }
-                st.count_address(&node, borrowed, true);
+                self.place_allocation(addr, held);
             }
             Record::Handle(id, h) => st.put_handle(id.into(), h),
             Record::Node(n) => {
@@ -583,9 +698,65 @@ impl Loader {
         }
     }
 
-    /// The state, with the indexes that need every record.
-    pub fn finish(self) -> IpamState {
+    /// `held` holds `addr` (an allocation record).
+    fn place_allocation(&mut self, addr: IpAddr, held: Held) {
+        if !self
+            .open
+            .as_ref()
+            .is_some_and(|b| b.rec.cidr.contains(&addr))
+        {
+            self.shelve();
+            let st = &mut self.st;
+            self.open = st
+                .block_key_containing(addr)
+                .and_then(|k| st.blocks.remove(&k));
+        }
+        let Some(b) = self.open.as_mut().map(Arc::make_mut) else {
+            self.st.orphans.insert(addr, held);
+            return;
+        };
+        let o = ordinal_of(&b.rec.cidr, addr);
+        if let Slot::Free { seq } = b.slots[o as usize] {
+            b.free.remove(&(seq, o));
+        }
+        let borrowed = b.rec.affinity.as_deref() != Some(&*held.node);
+        let c = self.counts.entry(held.node.clone()).or_default();
+        c.addresses += 1;
+        if borrowed {
+            c.borrowed += 1;
+            self.st.borrowed.insert(addr, held.node.to_string());
+        }
+        b.slots[o as usize] = Slot::Used(held);
+    }
+
+    /// Puts the open block back in the block table.
+    fn shelve(&mut self) {
+        if let Some(b) = self.open.take() {
+            self.st.blocks.insert(b.rec.cidr, b);
+        }
+    }
+
+    /// The state, with the indexes that need every record: `indexes` are
+    /// everything the preparer of the records took (and built).
+    pub fn finish(mut self, indexes: impl IntoIterator<Item = NodeHandles>) -> IpamState {
+        self.shelve();
         let mut st = self.st;
+        for ix in indexes {
+            st.tunnel_handles += ix.tunnel_handles;
+            for (n, ids) in ix.node_handles {
+                match st.node_handles.get_mut(&n) {
+                    Some(set) => set.extend(ids),
+                    None => {
+                        st.node_handles.insert(n, ids);
+                    }
+                }
+            }
+        }
+        for (n, c) in self.counts {
+            let e = st.node_counts.entry(n).or_default();
+            e.addresses += c.addresses;
+            e.borrowed += c.borrowed;
+        }
         let keys: Vec<(String, FreeKey)> = st
             .blocks
             .values()

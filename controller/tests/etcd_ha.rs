@@ -24,7 +24,16 @@ use tonic::Code;
 const TTL: Duration = Duration::from_secs(2);
 
 fn start(etcd: &EtcdCluster, dir: &std::path::Path, name: &str) -> Controller {
-    let ttl = format!("{}s", TTL.as_secs());
+    start_with_ttl(etcd, dir, name, TTL)
+}
+
+fn start_with_ttl(
+    etcd: &EtcdCluster,
+    dir: &std::path::Path,
+    name: &str,
+    ttl: Duration,
+) -> Controller {
+    let ttl = format!("{}s", ttl.as_secs());
     Controller::start_bin(
         &common::controller_bin(),
         &dir.join(name),
@@ -315,7 +324,12 @@ async fn a_paused_leaders_writes_land_nowhere_and_it_stands_by() {
 async fn etcd_members_down_one_changes_nothing_two_make_writes_unavailable() {
     let mut etcd = EtcdCluster::start(3).unwrap();
     let dir = temp_dir();
-    let a = start(&etcd, dir.path(), "a");
+    // A longer lease than the takeover tests': when the member holding the
+    // keep-alive stream is the one killed, the client must reach another
+    // before the lease could lapse, and under the full suite's load it once
+    // took longer than the 0.7 s a 2 s lease leaves (the controller then
+    // stood down, correctly, and "one member down changes nothing" failed).
+    let a = start_with_ttl(&etcd, dir.path(), "a", Duration::from_secs(6));
     wait_leader([&a, &a], Duration::from_secs(10)).await;
     create_pool(&mut a.admin().await, "p", "10.0.0.0/16", 28).await;
     register(&a, "n0", 0).await;

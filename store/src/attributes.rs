@@ -47,6 +47,17 @@ impl Attributes {
         Iter(&self.0)
     }
 
+    /// How many pairs there are (counted without unpacking any string).
+    pub fn len(&self) -> usize {
+        let mut b = &self.0[..];
+        let mut strings = 0;
+        while let Some(rest) = skip(b) {
+            b = rest;
+            strings += 1;
+        }
+        strings / 2
+    }
+
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
@@ -105,6 +116,16 @@ fn nibble(c: u8) -> u8 {
         b'0'..=b'9' => c - b'0',
         _ => c - b'a' + 10,
     }
+}
+
+/// `b` after its first packed string.
+fn skip(b: &[u8]) -> Option<&[u8]> {
+    let (header, rest) = postcard::take_from_bytes::<u64>(b).ok()?;
+    let header = usize::try_from(header).ok()?;
+    if header % 2 == 1 {
+        return Some(rest);
+    }
+    Some(rest.split_at_checked(header / 4)?.1)
 }
 
 /// The first string packed in `b`, and the rest.
@@ -182,7 +203,7 @@ impl fmt::Debug for Attributes {
 
 impl Serialize for Attributes {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut m = s.serialize_map(Some(self.iter().count()))?;
+        let mut m = s.serialize_map(Some(self.len()))?;
         for (k, v) in self.iter() {
             m.serialize_entry(&*k, &*v)?;
         }
@@ -198,6 +219,9 @@ impl<'de> Deserialize<'de> for Attributes {
 
 /// Packs a map as it is decoded.
 struct Pack;
+
+/// Largest [`Pack`] buffer a thread keeps for the next map.
+const SCRATCH_KEEP: usize = 64 << 10;
 
 thread_local! {
     /// [`Pack`]'s buffer.
@@ -233,7 +257,10 @@ impl<'de> Visitor<'de> for Pack {
             prev = Some(key);
         }
         let a = Attributes(Box::from(&buf[..]));
-        SCRATCH.with(|s| *s.borrow_mut() = buf);
+        // A rare huge map does not pin its buffer's size to the thread.
+        if buf.capacity() <= SCRATCH_KEEP {
+            SCRATCH.with(|s| *s.borrow_mut() = buf);
+        }
         Ok(if ordered { a } else { a.iter().collect() })
     }
 }

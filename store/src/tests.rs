@@ -326,6 +326,7 @@ fn attributes_keep_the_map_format() {
         let a = Attributes::from(&m);
         assert!(a.iter().eq(m.iter().map(|(k, v)| (k.into(), v.into()))));
         assert_eq!(a.is_empty(), m.is_empty());
+        assert_eq!(a.len(), m.len());
         let bytes = postcard::to_allocvec(&m).unwrap();
         assert_eq!(
             postcard::to_allocvec(&a).unwrap(),
@@ -412,6 +413,7 @@ fn attributes_pack_small() {
     }
     let a = Attributes::from(&m);
     assert!(a.iter().eq(m.iter().map(|(k, v)| (k.into(), v.into()))));
+    assert_eq!(a.len(), m.len());
     let back: Attributes = postcard::from_bytes(&postcard::to_allocvec(&m).unwrap()).unwrap();
     assert_eq!(back, a);
 }

@@ -17,14 +17,23 @@ fn controller_runs_on_jemalloc_with_quick_purging() {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
-    for opt in [
-        "opt.background_thread: true",
-        "opt.dirty_decay_ms: 1000",
-        "opt.muzzy_decay_ms: 0",
+    // Lines read `  opt.dirty_decay_ms: 1000 (arenas.dirty_decay_ms: 1000)`:
+    // the name and the value as whole words (10000 is not 1000).
+    let value = |name: &str| {
+        err.lines().find_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next()? == format!("opt.{name}:")).then(|| w.next().map(str::to_string))?
+        })
+    };
+    for (name, want) in [
+        ("background_thread", "true"),
+        ("dirty_decay_ms", "1000"),
+        ("muzzy_decay_ms", "0"),
     ] {
-        assert!(
-            err.lines().any(|l| l.trim_start().starts_with(opt)),
-            "{opt} not in jemalloc's options:\n{err}"
+        assert_eq!(
+            value(name).as_deref(),
+            Some(want),
+            "jemalloc's {name}; its options:\n{err}"
         );
     }
 }

@@ -11,14 +11,16 @@ use tabby_controller::{
 };
 use tabby_runtime::{parse_duration, LogFormat};
 use tabby_store::{Encapsulation, Pool, Store};
-#[global_allocator]
-static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
 use tabby_tls::{
     issue::{issue, Kind, Validity},
     material::Files,
     Identity, Reloading, ServerMaterial,
 };
+
+/// jemalloc: its size classes and background purging keep the state's RSS
+/// near what it holds (issue 17; options in `.cargo/config.toml`).
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// tabby controller: owns IPAM and routes, serves gRPC (admin + node-facing),
 /// reflection v1/v1alpha and grpc.health.v1.

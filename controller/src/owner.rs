@@ -31,7 +31,7 @@ use std::{
     sync::{Arc, Mutex, PoisonError},
     thread,
 };
-use tabby_store::{Mutation, Op, Record, Store, StoreError, Written};
+use tabby_store::{Mutation, Op, Store, StoreError, Written};
 use tokio::sync::broadcast;
 use tokio::sync::{mpsc, oneshot};
 
@@ -70,8 +70,7 @@ impl Owned {
                 let r = store.load_each(|r| {
                     // The handles are all in: their per-node index is built
                     // beside the reading and placing of the allocations.
-                    if indexing.is_none() && matches!(r, Record::Allocation(..)) {
-                        let ix = prep.take_index();
+                    if let Some(ix) = prep.handles_done(&r) {
                         indexing = Some(sc.spawn(move || ix.build()));
                     }
                     batch.push(prep.prepare(r));

@@ -51,7 +51,7 @@ impl Attributes {
     pub fn len(&self) -> usize {
         let mut b = &self.0[..];
         let mut strings = 0;
-        while let Some(rest) = skip(b) {
+        while let Some((_, rest)) = split(b) {
             b = rest;
             strings += 1;
         }
@@ -101,52 +101,53 @@ fn push(buf: &mut Vec<u8>, s: &str) {
     buf.extend_from_slice(varint);
     match header % 4 {
         0 => buf.extend_from_slice(s.as_bytes()),
-        2 => buf.extend(
-            s.as_bytes()
-                .chunks_exact(2)
-                .map(|d| nibble(d[0]) << 4 | nibble(d[1])),
-        ),
+        2 => {
+            let at = buf.len();
+            buf.resize(at + s.len() / 2, 0);
+            hex::decode_to_slice(s, &mut buf[at..]).expect("is_hex: even-length hex digits");
+        }
         _ => {}
     }
 }
 
-/// The value of one lowercase hex digit.
-fn nibble(c: u8) -> u8 {
-    match c {
-        b'0'..=b'9' => c - b'0',
-        _ => c - b'a' + 10,
-    }
-}
-
-/// `b` after its first packed string.
-fn skip(b: &[u8]) -> Option<&[u8]> {
-    let (header, rest) = postcard::take_from_bytes::<u64>(b).ok()?;
-    let header = usize::try_from(header).ok()?;
-    if header % 2 == 1 {
-        return Some(rest);
-    }
-    Some(rest.split_at_checked(header / 4)?.1)
+/// One packed string, as its header says it is held.
+enum Packed<'a> {
+    /// [`COMMON`]`[i]`.
+    Common(&'static str),
+    /// The string's bytes.
+    Text(&'a [u8]),
+    /// Its lowercase hex digits, two to a byte.
+    Hex(&'a [u8]),
 }
 
 /// The first string packed in `b`, and the rest.
-fn pop(b: &[u8]) -> Option<(Cow<'_, str>, &[u8])> {
+fn split(b: &[u8]) -> Option<(Packed<'_>, &[u8])> {
     let (header, rest) = postcard::take_from_bytes::<u64>(b).ok()?;
     let header = usize::try_from(header).ok()?;
     if header % 2 == 1 {
-        return Some((Cow::Borrowed(COMMON.get(header / 2)?), rest));
+        return Some((Packed::Common(COMMON.get(header / 2)?), rest));
     }
     let (s, rest) = rest.split_at_checked(header / 4)?;
-    if header % 4 == 2 {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
-        let mut out = String::with_capacity(2 * s.len());
-        for b in s {
-            out.push(char::from(DIGITS[usize::from(b >> 4)]));
-            out.push(char::from(DIGITS[usize::from(b & 15)]));
-        }
-        return Some((Cow::Owned(out), rest));
-    }
-    // Only ever packed from `str`s.
-    Some((Cow::Borrowed(std::str::from_utf8(s).ok()?), rest))
+    Some((
+        if header % 4 == 2 {
+            Packed::Hex(s)
+        } else {
+            Packed::Text(s)
+        },
+        rest,
+    ))
+}
+
+/// The first string packed in `b`, unpacked, and the rest.
+fn pop(b: &[u8]) -> Option<(Cow<'_, str>, &[u8])> {
+    let (p, rest) = split(b)?;
+    let s = match p {
+        Packed::Common(s) => Cow::Borrowed(s),
+        Packed::Hex(d) => Cow::Owned(hex::encode(d)),
+        // Only ever packed from `str`s.
+        Packed::Text(t) => Cow::Borrowed(std::str::from_utf8(t).ok()?),
+    };
+    Some((s, rest))
 }
 
 impl<K: AsRef<str> + Ord, V: AsRef<str>> FromIterator<(K, V)> for Attributes {

@@ -91,11 +91,11 @@ impl IpamState {
         let mut p = Preparer::default();
         let mut l = Loader::default();
         // As the controller's start does: the handle index is taken when the
-        // first allocation comes, and what comes after it at the end.
+        // handles are in, and what comes after it at the end.
         let mut early = None;
         let mut take = |r| {
-            if early.is_none() && matches!(r, Record::Allocation(..)) {
-                early = Some(p.take_index());
+            if let Some(ix) = p.handles_done(&r) {
+                early = Some(ix);
             }
             l.take(p.prepare(r))
         };
@@ -535,6 +535,8 @@ pub struct Preparer {
     nodes: HashSet<Name>,
     /// The handles prepared since the last [`Preparer::take_index`].
     index: HandleIndex,
+    /// Whether [`Preparer::handles_done`] has handed out the index.
+    handed: bool,
 }
 
 /// A record as [`Preparer::prepare`] makes it ready for [`Loader::take`].
@@ -601,11 +603,21 @@ impl Preparer {
         })
     }
 
-    /// The handles prepared since the last call, to be built (all handles
-    /// come before the allocations: taken when those start, it can be built
-    /// while they are placed).
+    /// The handles prepared since the last call, to be built.
     pub fn take_index(&mut self) -> HandleIndex {
         std::mem::take(&mut self.index)
+    }
+
+    /// Once, when `r` (about to be prepared) is the first allocation: the
+    /// handles indexed so far. The store gives every handle before the
+    /// allocations, so the index can be built while they are placed; what
+    /// comes later is in the last [`Preparer::take_index`].
+    pub fn handles_done(&mut self, r: &Record) -> Option<HandleIndex> {
+        if self.handed || !matches!(r, Record::Allocation(..)) {
+            return None;
+        }
+        self.handed = true;
+        Some(self.take_index())
     }
 
     fn node(&mut self, n: &str) -> Name {
@@ -681,15 +693,9 @@ impl Loader {
                 }
                 st.release_seq = st.release_seq.max(seq);
             }
-            // Not made by the preparer; placed as it would have.
-            Record::Allocation(addr, a) => {
-                let held = Held {
-                    handle: st.handle_name(&a.handle),
-                    node: st.node_name(&a.node),
-                };
-                self.place_allocation(addr, held);
+            Record::Allocation(..) | Record::Handle(..) => {
+                unreachable!("the preparer makes handles and allocations ready")
             }
-            Record::Handle(id, h) => st.put_handle(id.into(), h),
             Record::Node(n) => {
                 st.nodes.insert(n.name.clone(), n);
             }

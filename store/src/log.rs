@@ -437,70 +437,225 @@ struct Entry {
     val: Option<Span>,
 }
 
-/// Everything the files hold, read once: the snapshot whole (with the
-/// offset of each record) and the logs whole (with their net effect, one
-/// entry per key, sorted). Serves the first load; dropped after it.
+/// What the files hold: the snapshot, checked and read again in pieces
+/// when asked (it is most of the store: held whole, a start would fault in
+/// and copy all of it before the first record is placed), and the logs
+/// whole (with their net effect, one entry per key, sorted). Serves the
+/// first load; dropped after it.
 #[derive(Default)]
 struct Image {
-    snap: Vec<u8>,
-    offs: Vec<usize>,
+    snap: Option<Snap>,
     logs: Vec<Vec<u8>>,
     net: Vec<Entry>,
+}
+
+/// Every this many records of a snapshot, its index keeps a key and where
+/// its record starts: a range read starts at most this many records early.
+const SNAP_MARK_EVERY: u64 = 256;
+
+/// A snapshot's read buffer, grown only for a larger record.
+const SNAP_CHUNK: usize = 1 << 20;
+
+/// A checked snapshot file, held open (a fold that replaces it meanwhile
+/// leaves this copy readable), with a sparse index of its keys.
+struct Snap {
+    file: File,
+    path: PathBuf,
+    /// The file's length.
+    len: u64,
+    /// Where the records end (the trailer follows).
+    end: u64,
+    /// (key, offset) of every [`SNAP_MARK_EVERY`]th record, from the first.
+    marks: Vec<(Box<[u8]>, u64)>,
+}
+
+/// Reads a snapshot's records in order from some record on, a chunk at a
+/// time, and checksums what it reads when asked to.
+struct SnapCursor<'a> {
+    snap: &'a Snap,
+    buf: Vec<u8>,
+    /// Where the current record starts in `buf`.
+    start: usize,
+    /// Bytes of `buf` read.
+    filled: usize,
+    /// The file offset of `buf[filled]`.
+    next_read: u64,
+    crc: Option<crc32fast::Hasher>,
+    /// The current record: key length and value length (`None`: the end).
+    cur: Option<(usize, usize)>,
+}
+
+impl<'a> SnapCursor<'a> {
+    fn at(snap: &'a Snap, off: u64, crc: Option<crc32fast::Hasher>) -> Result<SnapCursor<'a>> {
+        let mut c = SnapCursor {
+            snap,
+            buf: vec![0; SNAP_CHUNK],
+            start: 0,
+            filled: 0,
+            next_read: off,
+            crc,
+            cur: None,
+        };
+        c.load()?;
+        Ok(c)
+    }
+
+    /// The file offset of the current record.
+    fn offset(&self) -> u64 {
+        self.next_read - (self.filled - self.start) as u64
+    }
+
+    fn current(&self) -> Option<(&[u8], &[u8])> {
+        let (kl, vl) = self.cur?;
+        let k = self.start + 8;
+        Some((&self.buf[k..k + kl], &self.buf[k + kl..k + kl + vl]))
+    }
+
+    fn advance(&mut self) -> Result<()> {
+        if let Some((kl, vl)) = self.cur {
+            self.start += 8 + kl + vl;
+            self.load()?;
+        }
+        Ok(())
+    }
+
+    /// Reads the record at `start` (its header says how long it is).
+    fn load(&mut self) -> Result<()> {
+        let left = self.snap.end - self.offset();
+        if left == 0 {
+            self.cur = None;
+            return Ok(());
+        }
+        let runs_over = || corrupt(&self.snap.path, "a record runs into the trailer");
+        if left < 8 {
+            return Err(runs_over());
+        }
+        self.fill(8)?;
+        let mut h = [0u8; 8];
+        h.copy_from_slice(&self.buf[self.start..self.start + 8]);
+        let (kl, vl) = lengths(&h);
+        // Before growing the buffer: a damaged length must not ask for
+        // gigabytes.
+        if (kl as u64).saturating_add(vl as u64) > left - 8 {
+            return Err(runs_over());
+        }
+        self.fill(8 + kl + vl)?;
+        self.cur = Some((kl, vl));
+        Ok(())
+    }
+
+    /// Makes the `n` bytes from `start` on be in `buf` (`n` no more than
+    /// what is left before the trailer).
+    fn fill(&mut self, n: usize) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        if self.filled - self.start >= n {
+            return Ok(());
+        }
+        self.buf.copy_within(self.start..self.filled, 0);
+        self.filled -= self.start;
+        self.start = 0;
+        if self.buf.len() < n {
+            self.buf.resize(n, 0);
+        }
+        while self.filled < n {
+            let room = (self.buf.len() - self.filled) as u64;
+            let want = room.min(self.snap.end - self.next_read) as usize;
+            let got = if want == 0 {
+                0
+            } else {
+                self.snap
+                    .file
+                    .read_at(
+                        &mut self.buf[self.filled..self.filled + want],
+                        self.next_read,
+                    )
+                    .map_err(io(format!("reading {}", self.snap.path.display())))?
+            };
+            if got == 0 {
+                return Err(corrupt(&self.snap.path, "cut short since it was opened"));
+            }
+            if let Some(c) = &mut self.crc {
+                c.update(&self.buf[self.filled..self.filled + got]);
+            }
+            self.filled += got;
+            self.next_read += got as u64;
+        }
+        Ok(())
+    }
+}
+
+impl Snap {
+    /// Opens and checks a snapshot (magic, record bounds, key order,
+    /// checksum, count), reading it once a chunk at a time.
+    fn open(path: &Path) -> Result<Snap> {
+        use std::os::unix::fs::FileExt;
+        let file = File::open(path).map_err(io(format!("opening {}", path.display())))?;
+        let len = file
+            .metadata()
+            .map_err(io(format!("reading {}", path.display())))?
+            .len();
+        let mut magic = [0u8; 8];
+        if len < (MAGIC.len() + TRAILER) as u64
+            || file.read_exact_at(&mut magic, 0).is_err()
+            || &magic != MAGIC
+        {
+            return Err(corrupt(path, "not a tabby snapshot"));
+        }
+        let mut snap = Snap {
+            file,
+            path: path.to_path_buf(),
+            len,
+            end: len - TRAILER as u64,
+            marks: Vec::new(),
+        };
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(MAGIC);
+        let mut marks = Vec::new();
+        let mut count = 0u64;
+        let mut last: Vec<u8> = Vec::new();
+        let crc = {
+            let mut c = SnapCursor::at(&snap, MAGIC.len() as u64, Some(crc))?;
+            while let Some((k, _)) = c.current() {
+                if count > 0 && last.as_slice() >= k {
+                    return Err(corrupt(path, "keys out of order"));
+                }
+                if count.is_multiple_of(SNAP_MARK_EVERY) {
+                    marks.push((Box::from(k), c.offset()));
+                }
+                last.clear();
+                last.extend_from_slice(k);
+                count += 1;
+                c.advance()?;
+            }
+            c.crc.take().map_or(0, |h| h.finalize())
+        };
+        let mut t = [0u8; TRAILER];
+        snap.file
+            .read_exact_at(&mut t, snap.end)
+            .map_err(io(format!("reading {}", path.display())))?;
+        check_trailer(path, &t, count, crc)?;
+        snap.marks = marks;
+        Ok(snap)
+    }
+
+    /// A cursor at the first record whose key is not below `lo`.
+    fn seek(&self, lo: &[u8]) -> Result<SnapCursor<'_>> {
+        let i = self.marks.partition_point(|(k, _)| &**k <= lo);
+        let off = match i.checked_sub(1) {
+            Some(m) => self.marks[m].1,
+            None => MAGIC.len() as u64,
+        };
+        let mut c = SnapCursor::at(self, off, None)?;
+        while c.current().is_some_and(|(k, _)| k < lo) {
+            c.advance()?;
+        }
+        Ok(c)
+    }
 }
 
 impl Image {
     fn bytes(&self, s: Span) -> &[u8] {
         &self.logs[s.buf][s.off..s.off + s.len]
-    }
-
-    fn snap_record(&self, i: usize) -> (&[u8], &[u8]) {
-        self.snap_record_at(self.offs[i])
-    }
-
-    fn snap_record_at(&self, o: usize) -> (&[u8], &[u8]) {
-        let mut h = [0u8; 8];
-        h.copy_from_slice(&self.snap[o..o + 8]);
-        let (kl, vl) = lengths(&h);
-        let k = o + 8;
-        (&self.snap[k..k + kl], &self.snap[k + kl..k + kl + vl])
-    }
-
-    /// Reads and checks a snapshot, recording where each record starts.
-    fn load_snapshot(&mut self, path: &Path) -> Result<()> {
-        let snap = std::fs::read(path).map_err(io(format!("reading {}", path.display())))?;
-        if snap.len() < MAGIC.len() + TRAILER || &snap[..MAGIC.len()] != MAGIC {
-            return Err(corrupt(path, "not a tabby snapshot"));
-        }
-        let end = snap.len() - TRAILER;
-        // One allocation (records average about 100 bytes at scale): freed
-        // after the load, it goes back to the system instead of leaving a
-        // trail of smaller ones behind in the heap.
-        let mut offs = Vec::with_capacity(snap.len() / 64);
-        let mut at = MAGIC.len();
-        let mut last: Option<&[u8]> = None;
-        while at < end {
-            if end - at < 8 {
-                return Err(corrupt(path, "a record runs into the trailer"));
-            }
-            let mut h = [0u8; 8];
-            h.copy_from_slice(&snap[at..at + 8]);
-            let (kl, vl) = lengths(&h);
-            if end - at - 8 < kl + vl {
-                return Err(corrupt(path, "a record runs into the trailer"));
-            }
-            let k = &snap[at + 8..at + 8 + kl];
-            if last.is_some_and(|l| l >= k) {
-                return Err(corrupt(path, "keys out of order"));
-            }
-            last = Some(k);
-            offs.push(at);
-            at += 8 + kl + vl;
-        }
-        let crc = crc32fast::hash(&snap[..end]);
-        check_trailer(path, &snap[end..], offs.len() as u64, crc)?;
-        self.snap = snap;
-        self.offs = offs;
-        Ok(())
     }
 
     /// Reads a log and adds its entries; returns the bytes of its whole
@@ -587,11 +742,11 @@ impl Image {
         // start waits for both.
         std::thread::scope(|sc| {
             let snap = sc.spawn(|| -> Result<Image> {
-                let mut im = Image::default();
-                if let Some(g) = files.snap {
-                    im.load_snapshot(&snap_path(dir, g))?;
-                }
-                Ok(im)
+                let snap = files.snap.map(|g| Snap::open(&snap_path(dir, g)));
+                Ok(Image {
+                    snap: snap.transpose()?,
+                    ..Image::default()
+                })
             });
             let mut logs = Image::default();
             let mut bytes = 0;
@@ -612,46 +767,43 @@ impl Image {
     /// Calls `f` with each live key in `[lo, hi)` and its value, in key
     /// order, until it returns `false`.
     fn range(&self, lo: &[u8], hi: Option<&[u8]>, f: Until<'_>) -> Result<()> {
-        // Binary searches over the snapshot's records and the log's entries.
-        let mut i = self
-            .offs
-            .partition_point(|o| self.snap_record_at(*o).0 < lo);
+        // The snapshot from its index's mark, and a binary search over the
+        // log's entries.
+        let mut snap = self.snap.as_ref().map(|s| s.seek(lo)).transpose()?;
         let mut j = self.net.partition_point(|e| self.bytes(e.key) < lo);
         let below = |k: &[u8]| hi.is_none_or(|h| k < h);
         loop {
-            let s = (i < self.offs.len()).then(|| self.snap_record(i));
-            let n = self.net.get(j).map(|e| (self.bytes(e.key), e.val));
-            let (k, v) = match (s, n) {
-                (Some((sk, sv)), Some((nk, nv))) => {
-                    if sk < nk {
-                        i += 1;
-                        (sk, Some(sv))
-                    } else {
-                        if sk == nk {
-                            i += 1;
+            let (next_snap, next_net) = {
+                let s = snap.as_ref().and_then(|c| c.current());
+                let n = self.net.get(j).map(|e| (self.bytes(e.key), e.val));
+                let (k, v, steps) = match (s, n) {
+                    (Some((sk, sv)), Some((nk, nv))) => {
+                        if sk < nk {
+                            (sk, Some(sv), (true, false))
+                        } else {
+                            (nk, nv.map(|s| self.bytes(s)), (sk == nk, true))
                         }
-                        j += 1;
-                        (nk, nv.map(|s| self.bytes(s)))
                     }
-                }
-                (Some((sk, sv)), None) => {
-                    i += 1;
-                    (sk, Some(sv))
-                }
-                (None, Some((nk, nv))) => {
-                    j += 1;
-                    (nk, nv.map(|s| self.bytes(s)))
-                }
-                (None, None) => return Ok(()),
-            };
-            if !below(k) {
-                return Ok(());
-            }
-            if let Some(v) = v {
-                if !f(k, v)? {
+                    (Some((sk, sv)), None) => (sk, Some(sv), (true, false)),
+                    (None, Some((nk, nv))) => (nk, nv.map(|s| self.bytes(s)), (false, true)),
+                    (None, None) => return Ok(()),
+                };
+                if !below(k) {
                     return Ok(());
                 }
+                if let Some(v) = v {
+                    if !f(k, v)? {
+                        return Ok(());
+                    }
+                }
+                steps
+            };
+            if next_snap {
+                if let Some(c) = &mut snap {
+                    c.advance()?;
+                }
             }
+            j += usize::from(next_net);
         }
     }
 }
@@ -797,7 +949,7 @@ impl LogBackend {
             .append(true)
             .open(&path)
             .map_err(io(format!("opening {}", path.display())))?;
-        let snap_bytes = image.snap.len() as u64;
+        let snap_bytes = image.snap.as_ref().map_or(0, |s| s.len);
         Ok(LogBackend {
             dir: dir.to_path_buf(),
             opts,

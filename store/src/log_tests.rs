@@ -558,3 +558,85 @@ fn a_failing_fold_backs_off_and_cleans_up() {
     let logs = files.iter().filter(|n| n.starts_with(LOG)).count();
     assert!(logs <= 12, "{logs} logs: {files:?}");
 }
+
+/// A snapshot of many records, one of them larger than the read buffer,
+/// is read in pieces from its index's marks: every range, point read and
+/// scan starting anywhere (on a mark, between marks, before the first key,
+/// past the last) gives what the model holds, with the log's later writes
+/// laid over it.
+#[test]
+fn a_large_snapshot_is_read_from_its_marks() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut model = Model::new();
+    let opts = LogOptions {
+        compact_min: 1,
+        compact_max: 1,
+    };
+    let n = SNAP_MARK_EVERY as usize * 5 + 17;
+    let big = vec![b'x'; SNAP_CHUNK + 12_345];
+    {
+        let b = LogBackend::open_with(dir.path(), opts).unwrap();
+        let mut batch: Vec<Put> = (0..n)
+            .map(|i| put(&format!("k/{:06}", i * 2), &"v".repeat(i % 50)))
+            .collect();
+        batch.push((b"k/000101x".to_vec(), Some(big.clone())));
+        apply(&mut model, &batch);
+        commit(&b, batch);
+        b.settle();
+        assert!(names(dir.path()).iter().any(|n| n.starts_with(SNAP)));
+    }
+    // Later writes, in the log only: changes, deletes, new keys between.
+    let b = LogBackend::open_with(dir.path(), LogOptions::default()).unwrap();
+    let later: Vec<Put> = vec![
+        put("k/000000", "first, changed"),
+        (format!("k/{:06}", SNAP_MARK_EVERY * 2).into_bytes(), None),
+        put(&format!("k/{:06}", SNAP_MARK_EVERY * 2 + 1), "between"),
+        (format!("k/{:06}", (n - 1) * 2).into_bytes(), None),
+        put("k/999999", "last"),
+        put("a/0", "before all"),
+    ];
+    apply(&mut model, &later);
+    commit(&b, later);
+    drop(b);
+    let b = LogBackend::open_with(dir.path(), LogOptions::default()).unwrap();
+    assert_eq!(all(&b), model);
+    let mark = SNAP_MARK_EVERY as usize;
+    for i in [
+        0,
+        1,
+        2,
+        101,
+        mark - 1,
+        mark,
+        mark + 1,
+        2 * mark,
+        3 * mark + 7,
+        n - 1,
+        n,
+        n + 3,
+    ] {
+        for key in [format!("k/{:06}", i * 2), format!("k/{:06}", i * 2 + 1)] {
+            let key = key.into_bytes();
+            assert_eq!(b.get(&key).unwrap(), model.get(&key).cloned(), "{key:?}");
+            // A range from here to the end of its hundred.
+            let mut got = Vec::new();
+            let hi = format!("k/{:04}", i * 2 / 100 + 1).into_bytes();
+            b.with_image(|im| {
+                im.range(&key, Some(&hi), &mut |k, v| {
+                    got.push((k.to_vec(), v.to_vec()));
+                    Ok(true)
+                })
+            })
+            .unwrap();
+            let want: Vec<(Vec<u8>, Vec<u8>)> = model
+                .range(key.clone()..hi.clone())
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            assert_eq!(got, want, "from {key:?}");
+        }
+    }
+    assert_eq!(b.get(b"k/000101x").unwrap(), Some(big));
+    assert_eq!(b.get(b"").unwrap(), None);
+    assert_eq!(b.get(b"z").unwrap(), None);
+    assert_eq!(b.first_key_outside(b"k").unwrap(), Some(b"a/0".to_vec()));
+}

@@ -19,6 +19,11 @@ use tabby_store::{Attributes, Block, Handle, IpamConfig, Node, Pool, Record, Sna
 /// node (after a snapshot) copies pointers, not strings.
 pub(super) type Name = Arc<str>;
 
+/// The start's own tables (dropped once loaded) hash names half a million
+/// times: SipHash's resistance to chosen keys buys nothing there, since the
+/// keys come from the store, not from clients.
+type FastSet<T> = HashSet<T, foldhash::fast::RandomState>;
+
 /// A block's next free address, as the per-node index orders it: release
 /// seq (0: never used), ordinal, block.
 pub(super) type FreeKey = (u64, u32, IpNet);
@@ -532,7 +537,7 @@ impl IpamState {
 #[derive(Debug, Default)]
 pub struct Preparer {
     /// Node names seen so far.
-    nodes: HashSet<Name>,
+    nodes: FastSet<Name>,
     /// The handles prepared since the last [`Preparer::take_index`].
     index: HandleIndex,
     /// Whether [`Preparer::handles_done`] has handed out the index.

@@ -143,7 +143,7 @@ impl IpamState {
                     "requested address {a} is taken by handle {:?} on node {:?}",
                     al.handle, al.node
                 ))),
-                Slot::Free { .. } if self.config.strict_affinity && b.rec.affinity.as_deref() != Some(&node.name) => {
+                Slot::Free { .. } if self.config.strict_affinity && b.lends_to(&node.name) => {
                     Err(Error::FailedPrecondition(format!(
                         "requested address {a} is in block {c} of node {:?}; strict_affinity forbids borrowing it",
                         b.rec.affinity.as_deref().unwrap_or("")
@@ -275,7 +275,7 @@ impl IpamState {
             };
             b.free.remove(&(seq, ordinal));
             b.slots[ordinal as usize] = Slot::Used(held.clone());
-            let borrowed = b.rec.affinity.as_deref() != Some(node.as_str());
+            let borrowed = b.lends_to(&node);
             let addr = addr_at(&block, ordinal);
             if borrowed {
                 self.borrowed.insert(addr, node.clone());

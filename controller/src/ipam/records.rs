@@ -91,6 +91,12 @@ pub(super) struct BlockState {
 }
 
 impl BlockState {
+    /// Whether an address of this block held by `node` is borrowed: the
+    /// block is not affine to that node.
+    pub(super) fn lends_to(&self, node: &str) -> bool {
+        self.rec.affinity.as_deref() != Some(node)
+    }
+
     pub(super) fn new(rec: Block) -> BlockState {
         let n = block_len(&rec.cidr);
         BlockState {

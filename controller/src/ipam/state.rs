@@ -730,7 +730,7 @@ impl Loader {
         if let Slot::Free { seq } = b.slots[o as usize] {
             b.free.remove(&(seq, o));
         }
-        let borrowed = b.rec.affinity.as_deref() != Some(&*held.node);
+        let borrowed = b.lends_to(&held.node);
         let c = self.counts.entry(held.node.clone()).or_default();
         c.addresses += 1;
         if borrowed {

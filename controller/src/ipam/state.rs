@@ -101,6 +101,7 @@ impl IpamState {
         let mut take = |r| {
             if let Some(ix) = p.handles_done(&r) {
                 early = Some(ix);
+                p.share_handles(l.handle_names());
             }
             l.take(p.prepare(r))
         };
@@ -538,6 +539,9 @@ impl IpamState {
 pub struct Preparer {
     /// Node names seen so far.
     nodes: FastSet<Name>,
+    /// The handle table's names by address, once the loader has handed
+    /// them over ([`Preparer::share_handles`]).
+    handles: Option<HandleNames>,
     /// The handles prepared since the last [`Preparer::take_index`].
     index: HandleIndex,
     /// Whether [`Preparer::handles_done`] has handed out the index.
@@ -552,10 +556,91 @@ pub struct Prepared(Ready);
 enum Ready {
     /// A handle (the preparer has indexed it).
     Handle(Name, Arc<HandleState>),
-    /// The address, its handle's name (the loader shares the handle
-    /// table's copy), and its node.
-    Allocation(IpAddr, String, Name),
+    /// The address, its handle's name, and its node.
+    Allocation(IpAddr, HandleRef, Name),
     Other(Record),
+}
+
+/// An allocation's handle as the preparer found it.
+#[derive(Debug)]
+enum HandleRef {
+    /// The handle table's name.
+    Shared(Name),
+    /// Not found by address: the loader looks it up by name.
+    Named(String),
+}
+
+/// The names of the handles a [`Loader`] has placed, by each of their IPv4
+/// addresses in the order of the addresses' text, which is the order the
+/// store gives allocations in. The loader hands them to the [`Preparer`]
+/// once the handles are in ([`Loader::handle_names`]); an allocation then
+/// finds its handle's name by stepping along beside it (one string compared
+/// to check the match) on the reading thread, which has time to spare while
+/// allocations come, instead of the placing thread searching the handle
+/// table (a descent through 80-byte keys, most of the work of placing one).
+#[derive(Debug, Default)]
+pub struct HandleNames {
+    by_addr: Vec<(u128, Name)>,
+    /// Where the last lookup ended.
+    at: usize,
+}
+
+/// An IPv4 address's text ("10.0.12.7"), its bytes from the top and zeros
+/// after them: numbers that sort as the texts do.
+fn text_key(a: std::net::Ipv4Addr) -> u128 {
+    let mut k = 0u128;
+    let mut shift = 128;
+    let mut put = |c: u8| {
+        shift -= 8;
+        k |= u128::from(c) << shift;
+    };
+    for (i, o) in a.octets().into_iter().enumerate() {
+        if i > 0 {
+            put(b'.');
+        }
+        if o >= 100 {
+            put(b'0' + o / 100);
+        }
+        if o >= 10 {
+            put(b'0' + o / 10 % 10);
+        }
+        put(b'0' + o % 10);
+    }
+    k
+}
+
+impl HandleNames {
+    fn add(&mut self, id: &Name, h: &HandleState) {
+        for a in &h.addresses {
+            if let IpAddr::V4(v4) = a {
+                self.by_addr.push((text_key(*v4), id.clone()));
+            }
+        }
+    }
+
+    /// The name of `handle` if it lists `addr`. Quickest when asked in the
+    /// order of the addresses' text.
+    fn get(&mut self, addr: IpAddr, handle: &str) -> Option<Name> {
+        let IpAddr::V4(v4) = addr else {
+            return None;
+        };
+        let k = text_key(v4);
+        if self.by_addr.get(self.at).is_none_or(|e| e.0 > k)
+            || self.by_addr.get(self.at + 64).is_some_and(|e| e.0 < k)
+        {
+            // Out of order, or far ahead: search.
+            self.at = self.by_addr.partition_point(|e| e.0 < k);
+        }
+        while self.by_addr.get(self.at).is_some_and(|e| e.0 < k) {
+            self.at += 1;
+        }
+        // Two handles may list one address (a damaged store): each is tried.
+        self.by_addr[self.at..]
+            .iter()
+            .take_while(|e| e.0 == k)
+            .find(|e| &*e.1 == handle)
+            .map(|e| e.1.clone())
+    }
 }
 
 /// The handles a [`Preparer`] indexed per node, not yet built into the
@@ -603,9 +688,22 @@ impl Preparer {
                 ix.tunnel_handles += usize::from(tunnel_handle_node(&id).is_some());
                 Ready::Handle(id, Arc::new(HandleState::new(node, h)))
             }
-            Record::Allocation(addr, a) => Ready::Allocation(addr, a.handle, self.node(&a.node)),
+            Record::Allocation(addr, a) => {
+                let found = self.handles.as_mut().and_then(|n| n.get(addr, &a.handle));
+                let handle = match found {
+                    Some(n) => HandleRef::Shared(n),
+                    None => HandleRef::Named(a.handle),
+                };
+                Ready::Allocation(addr, handle, self.node(&a.node))
+            }
             r => Ready::Other(r),
         })
+    }
+
+    /// Takes the loader's handle names ([`Loader::handle_names`]): from
+    /// here on allocations come with their handle's name found.
+    pub fn share_handles(&mut self, names: HandleNames) {
+        self.handles = Some(names);
     }
 
     /// The handles prepared since the last call, to be built.
@@ -654,6 +752,10 @@ pub struct Loader {
     /// Addresses per node, counted here and added to the state's index at
     /// the end (one update per node, not per address).
     counts: HashMap<Name, NodeCounts>,
+    /// The names of the handles placed so far, until handed over.
+    names: HandleNames,
+    /// Whether they were.
+    names_handed: bool,
 }
 
 impl Loader {
@@ -661,6 +763,9 @@ impl Loader {
     pub fn take(&mut self, r: Prepared) {
         let r = match r.0 {
             Ready::Handle(id, h) => {
+                if !self.names_handed {
+                    self.names.add(&id, &h);
+                }
                 // Indexed by the preparer; each id comes once.
                 let old = self.st.handles.insert(id, h);
                 debug_assert!(old.is_none(), "a handle came twice");
@@ -669,7 +774,10 @@ impl Loader {
             Ready::Allocation(addr, handle, node) => {
                 // Handles come first (see [`Loader`]), so the slot shares
                 // the handle table's name.
-                let handle = self.st.handle_name(&handle);
+                let handle = match handle {
+                    HandleRef::Shared(n) => n,
+                    HandleRef::Named(h) => self.st.handle_name(&h),
+                };
                 return self.place_allocation(addr, Held { handle, node });
             }
             Ready::Other(r) => r,
@@ -707,6 +815,15 @@ impl Loader {
             Record::Config(c) => st.config = c,
             Record::Bgp(b) => st.bgp = b,
         }
+    }
+
+    /// The names of the handles placed so far, for
+    /// [`Preparer::share_handles`] (once: later handles are not in them).
+    pub fn handle_names(&mut self) -> HandleNames {
+        self.names_handed = true;
+        let mut n = std::mem::take(&mut self.names);
+        n.by_addr.sort_unstable_by_key(|e| e.0);
+        n
     }
 
     /// `held` holds `addr` (an allocation record).
@@ -777,5 +894,97 @@ impl Loader {
             st.node_free.entry(n.into()).or_default().insert(k);
         }
         st
+    }
+}
+
+#[cfg(test)]
+mod handle_names_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    #[test]
+    fn text_keys_sort_as_the_texts_do() {
+        let mut addrs: Vec<Ipv4Addr> = (0..20_000u32)
+            .map(|i| Ipv4Addr::from(i.wrapping_mul(2_654_435_761)))
+            .chain(
+                [
+                    "0.0.0.0",
+                    "255.255.255.255",
+                    "10.0.0.1",
+                    "10.0.0.10",
+                    "10.0.0.100",
+                ]
+                .map(|s| s.parse().unwrap()),
+            )
+            .collect();
+        addrs.sort_by_key(|a| a.to_string());
+        for w in addrs.windows(2) {
+            assert!(
+                text_key(w[0]) <= text_key(w[1]),
+                "{} {} ({:x} {:x})",
+                w[0],
+                w[1],
+                text_key(w[0]),
+                text_key(w[1])
+            );
+            assert_eq!(w[0] == w[1], text_key(w[0]) == text_key(w[1]));
+        }
+    }
+
+    fn handle(addrs: &[&str]) -> HandleState {
+        HandleState::new(
+            "n1".into(),
+            Handle {
+                node: "n1".into(),
+                addresses: addrs.iter().map(|a| a.parse().unwrap()).collect(),
+                attributes: Default::default(),
+            },
+        )
+    }
+
+    #[test]
+    fn an_allocation_finds_its_handle_by_address_in_any_order() {
+        let mut l = Loader::default();
+        let (a, b, c): (Name, Name, Name) = ("h-a".into(), "h-b".into(), "h-c".into());
+        l.take(Prepared(Ready::Handle(
+            a.clone(),
+            Arc::new(handle(&["10.0.0.10", "fd00::1"])),
+        )));
+        // Two handles listing one address (a damaged store).
+        l.take(Prepared(Ready::Handle(
+            b.clone(),
+            Arc::new(handle(&["10.0.0.2", "10.0.0.10"])),
+        )));
+        l.take(Prepared(Ready::Handle(
+            c.clone(),
+            Arc::new(handle(&["10.0.0.100"])),
+        )));
+        let mut n = l.handle_names();
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        // The store's order (the text's), then out of it.
+        for (addr, h, want) in [
+            ("10.0.0.10", "h-a", Some(&a)),
+            ("10.0.0.10", "h-b", Some(&b)),
+            ("10.0.0.100", "h-c", Some(&c)),
+            ("10.0.0.2", "h-b", Some(&b)),
+            ("10.0.0.10", "h-a", Some(&a)),
+            ("10.0.0.100", "h-a", None),
+            ("10.0.0.3", "h-b", None),
+            ("10.0.0.1", "h-a", None),
+            ("fd00::1", "h-a", None),
+        ] {
+            let got = n.get(ip(addr), h);
+            assert_eq!(got.as_deref(), want.map(|w| &**w), "{addr} {h}");
+            if let (Some(g), Some(w)) = (&got, want) {
+                assert!(Arc::ptr_eq(g, w), "{addr}: not the handle's own name");
+            }
+        }
+        // Handles after the hand-over are not collected.
+        l.take(Prepared(Ready::Handle(
+            "h-d".into(),
+            Arc::new(handle(&["10.0.0.4"])),
+        )));
+        assert!(l.names.by_addr.is_empty());
     }
 }

@@ -24,7 +24,7 @@ use crate::{
     error::{Error, Result},
     heavy::HeavyReads,
     intent::{IntentTracker, ResumeFrom, WatchStart},
-    ipam::{HandleNames, IpamState, Loader, Prepared, Preparer},
+    ipam::{IpamState, Loader, Prepared, Preparer},
 };
 use std::collections::BTreeSet;
 use std::{
@@ -61,9 +61,7 @@ impl Owned {
         // and preparing each record (one thread) overlaps placing them in
         // the state (this one).
         let mut loader = Loader::default();
-        let (tx, rx) = std::sync::mpsc::sync_channel::<ToLoader>(LOAD_QUEUE);
-        // The handle names go back to the reader once the handles are placed.
-        let (names_tx, names_rx) = std::sync::mpsc::sync_channel::<HandleNames>(1);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Prepared>>(LOAD_QUEUE);
         let ((revision, marked), index) = std::thread::scope(|sc| {
             let reading = sc.spawn(move || {
                 let mut batch = Vec::with_capacity(LOAD_BATCH);
@@ -71,44 +69,28 @@ impl Owned {
                 let mut indexing = None;
                 let r = store.load_each(|r| {
                     // The handles are all in: their per-node index is built
-                    // beside the reading and placing of the allocations, and
-                    // the allocations find their handles' names here.
+                    // beside the reading and placing of the allocations.
                     if let Some(ix) = prep.handles_done(&r) {
                         indexing = Some(sc.spawn(move || ix.build()));
-                        let handles = std::mem::replace(&mut batch, Vec::with_capacity(LOAD_BATCH));
-                        // The receiver stops only when this thread is done.
-                        let _ = tx.send(ToLoader::Batch(handles));
-                        let _ = tx.send(ToLoader::HandlesIn);
-                        // Without them (the loader is gone), the loader looks.
-                        if let Ok(names) = names_rx.recv() {
-                            prep.share_handles(names);
-                        }
                     }
                     batch.push(prep.prepare(r));
                     if batch.len() == LOAD_BATCH {
-                        let _ = tx.send(ToLoader::Batch(std::mem::replace(
+                        // The receiver stops only when this thread is done.
+                        let _ = tx.send(std::mem::replace(
                             &mut batch,
                             Vec::with_capacity(LOAD_BATCH),
-                        )));
+                        ));
                     }
                 });
-                let _ = tx.send(ToLoader::Batch(batch));
+                let _ = tx.send(batch);
                 let mut built = vec![prep.take_index().build()];
                 if let Some(t) = indexing {
                     built.push(t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
                 }
                 r.map(|r| (r, built))
             });
-            // Owned here: should placing panic, the reader's wait for the
-            // names ends as this is dropped.
-            let names_tx = names_tx;
-            for m in rx {
-                match m {
-                    ToLoader::Batch(b) => b.into_iter().for_each(|r| loader.take(r)),
-                    ToLoader::HandlesIn => {
-                        let _ = names_tx.send(loader.handle_names());
-                    }
-                }
+            for batch in rx {
+                batch.into_iter().for_each(|r| loader.take(r));
             }
             reading
                 .join()
@@ -119,13 +101,6 @@ impl Owned {
             IntentTracker::new(&ipam, revision).resumable(store.id(), store.epochs(), marked);
         Ok(Owned { ipam, intent })
     }
-}
-
-/// What the store reader hands the loader.
-enum ToLoader {
-    Batch(Vec<Prepared>),
-    /// Every handle was in the batches before: send their names back.
-    HandlesIn,
 }
 
 /// Records handed from the store reader to the loader at a time, and how

@@ -78,63 +78,36 @@ impl Attributes {
 /// would cost every reader of them a copy.
 const HEX_MIN: usize = 16;
 
-/// [`COMMON`]'s index of `s`, if there.
-fn common(s: &str) -> Option<usize> {
-    // A match on the string: its length first, then at most one compare.
-    Some(match s {
-        "container_id" => 0,
-        "ifname" => 1,
-        "namespace" => 2,
-        "pod" => 3,
-        "reclaimed_from" => 4,
-        "eth0" => 5,
-        "default" => 6,
-        "kube-system" => 7,
-        _ => return None,
-    })
+/// Whether `s` is packed two digits to a byte: an even number, at least
+/// [`HEX_MIN`], of lowercase hex digits (so it unpacks to exactly `s`).
+fn is_hex(s: &str) -> bool {
+    s.len() >= HEX_MIN
+        && s.len().is_multiple_of(2)
+        && s.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
 }
 
-/// Appends `v` as LEB128, the varint postcard writes for an unsigned integer.
-fn push_varint(buf: &mut Vec<u8>, mut v: usize) {
-    while v >= 0x80 {
-        buf.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    buf.push(v as u8);
-}
-
-/// A lowercase hex digit's value.
-fn nibble(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
-    }
-}
-
-/// Appends `s` to a packed buffer: as [`COMMON`]'s index, as hex digits two
-/// to a byte when it is an even number, at least [`HEX_MIN`], of lowercase
-/// hex digits (so it unpacks to exactly `s`), or as its bytes.
+/// Appends `s` to a packed buffer.
 fn push(buf: &mut Vec<u8>, s: &str) {
-    if let Some(i) = common(s) {
-        return push_varint(buf, 2 * i + 1);
-    }
-    if s.len() >= HEX_MIN && s.len().is_multiple_of(2) {
-        // Packed while checked, in one pass; undone if a digit is not one.
-        let at = buf.len();
-        push_varint(buf, 2 * s.len() + 2);
-        buf.reserve(s.len() / 2);
-        let packed = s.as_bytes().chunks_exact(2).all(|p| {
-            let byte = nibble(p[0]).zip(nibble(p[1])).map(|(h, l)| h << 4 | l);
-            byte.inspect(|b| buf.push(*b)).is_some()
-        });
-        if packed {
-            return;
+    let hex = is_hex(s);
+    let header = match COMMON.iter().position(|c| *c == s) {
+        Some(i) => 2 * i + 1,
+        None if hex => 2 * s.len() + 2,
+        None => 4 * s.len(),
+    };
+    // postcard writes an unsigned integer as exactly this varint.
+    let mut room = [0u8; 10];
+    let varint = postcard::to_slice(&(header as u64), &mut room)
+        .expect("a u64 varint takes 10 bytes at most");
+    buf.extend_from_slice(varint);
+    match header % 4 {
+        0 => buf.extend_from_slice(s.as_bytes()),
+        2 => {
+            let at = buf.len();
+            buf.resize(at + s.len() / 2, 0);
+            hex::decode_to_slice(s, &mut buf[at..]).expect("is_hex: even-length hex digits");
         }
-        buf.truncate(at);
+        _ => {}
     }
-    push_varint(buf, 4 * s.len());
-    buf.extend_from_slice(s.as_bytes());
 }
 
 /// One packed string, as its header says it is held.
@@ -319,38 +292,6 @@ impl<'de> Visitor<'de> for Append<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn common_matches_its_list() {
-        for (i, c) in COMMON.iter().enumerate() {
-            assert_eq!(common(c), Some(i), "{c}");
-            let mut buf = Vec::new();
-            push(&mut buf, c);
-            assert_eq!(buf, [2 * i as u8 + 1]);
-        }
-        assert_eq!(common("eth1"), None);
-        assert_eq!(common(""), None);
-    }
-
-    #[test]
-    fn varints_are_postcards() {
-        for v in [
-            0usize,
-            1,
-            127,
-            128,
-            255,
-            300,
-            16_383,
-            16_384,
-            1 << 28,
-            usize::MAX,
-        ] {
-            let mut buf = Vec::new();
-            push_varint(&mut buf, v);
-            assert_eq!(buf, postcard::to_stdvec(&(v as u64)).unwrap(), "{v}");
-        }
-    }
 
     #[test]
     fn a_bad_digit_late_in_a_string_leaves_it_as_text() {

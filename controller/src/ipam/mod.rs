@@ -39,7 +39,7 @@ pub use records::{
     AllocationView, AssignRequest, BlockUsage, ConfigUpdate, IpamUsage, LeakRelease, NodeDeletion,
     NodeUsage, PoolUpdate, PoolUsage, Problem, ProblemKind,
 };
-pub use state::{HandleIndex, HandleNames, IpamState, Loader, NodeHandles, Prepared, Preparer};
+pub use state::{HandleIndex, IpamState, Loader, NodeHandles, Prepared, Preparer};
 pub use tunnels::{
     tunnel_handle, tunnel_handle_node, tunnel_v6_handle, TUNNEL_HANDLE_PREFIX,
     TUNNEL_V6_HANDLE_PREFIX,

@@ -19,11 +19,6 @@ use tabby_store::{Attributes, Block, Handle, IpamConfig, Node, Pool, Record, Sna
 /// node (after a snapshot) copies pointers, not strings.
 pub(super) type Name = Arc<str>;
 
-/// The start's own tables (dropped once loaded) hash names half a million
-/// times: SipHash's resistance to chosen keys buys nothing there, since the
-/// keys come from the store, not from clients.
-type FastSet<T> = HashSet<T, foldhash::fast::RandomState>;
-
 /// A block's next free address, as the per-node index orders it: release
 /// seq (0: never used), ordinal, block.
 pub(super) type FreeKey = (u64, u32, IpNet);
@@ -101,7 +96,6 @@ impl IpamState {
         let mut take = |r| {
             if let Some(ix) = p.handles_done(&r) {
                 early = Some(ix);
-                p.share_handles(l.handle_names());
             }
             l.take(p.prepare(r))
         };
@@ -538,10 +532,9 @@ impl IpamState {
 #[derive(Debug, Default)]
 pub struct Preparer {
     /// Node names seen so far.
-    nodes: FastSet<Name>,
-    /// The handle table's names by address, once the loader has handed
-    /// them over ([`Preparer::share_handles`]).
-    handles: Option<HandleNames>,
+    nodes: HashSet<Name>,
+    /// The handles' names by address (sorted once the handles are in).
+    names: HandleNames,
     /// The handles prepared since the last [`Preparer::take_index`].
     index: HandleIndex,
     /// Whether [`Preparer::handles_done`] has handed out the index.
@@ -570,16 +563,16 @@ enum HandleRef {
     Named(String),
 }
 
-/// The names of the handles a [`Loader`] has placed, by each of their IPv4
-/// addresses in the order of the addresses' text, which is the order the
-/// store gives allocations in. The loader hands them to the [`Preparer`]
-/// once the handles are in ([`Loader::handle_names`]); an allocation then
-/// finds its handle's name by stepping along beside it (one string compared
-/// to check the match) on the reading thread, which has time to spare while
-/// allocations come, instead of the placing thread searching the handle
-/// table (a descent through 80-byte keys, most of the work of placing one).
+/// The names of the handles a [`Preparer`] prepared, by each of their IPv4
+/// addresses, sorted once the handles are in in the order of the
+/// addresses' text, which is the order the store gives allocations in. An
+/// allocation then finds its handle's name by stepping along beside it (one
+/// string compared to check the match) on the reading thread, which has
+/// time to spare while allocations come, instead of the placing thread
+/// searching the handle table (a descent through 80-byte keys, most of the
+/// work of placing one).
 #[derive(Debug, Default)]
-pub struct HandleNames {
+struct HandleNames {
     by_addr: Vec<(u128, Name)>,
     /// Where the last lookup ended.
     at: usize,
@@ -686,11 +679,16 @@ impl Preparer {
                     .or_default()
                     .push(id.clone());
                 ix.tunnel_handles += usize::from(tunnel_handle_node(&id).is_some());
-                Ready::Handle(id, Arc::new(HandleState::new(node, h)))
+                let h = HandleState::new(node, h);
+                // Handles after the allocations started are not looked up.
+                if !self.handed {
+                    self.names.add(&id, &h);
+                }
+                Ready::Handle(id, Arc::new(h))
             }
             Record::Allocation(addr, a) => {
-                let found = self.handles.as_mut().and_then(|n| n.get(addr, &a.handle));
-                let handle = match found {
+                let found = self.handed.then(|| self.names.get(addr, &a.handle));
+                let handle = match found.flatten() {
                     Some(n) => HandleRef::Shared(n),
                     None => HandleRef::Named(a.handle),
                 };
@@ -700,19 +698,14 @@ impl Preparer {
         })
     }
 
-    /// Takes the loader's handle names ([`Loader::handle_names`]): from
-    /// here on allocations come with their handle's name found.
-    pub fn share_handles(&mut self, names: HandleNames) {
-        self.handles = Some(names);
-    }
-
     /// The handles prepared since the last call, to be built.
     pub fn take_index(&mut self) -> HandleIndex {
         std::mem::take(&mut self.index)
     }
 
     /// Once, when `r` (about to be prepared) is the first allocation: the
-    /// handles indexed so far. The store gives every handle before the
+    /// handles indexed so far (and their names sorted for the allocations
+    /// to find). The store gives every handle before the
     /// allocations, so the index can be built while they are placed; what
     /// comes later is in the last [`Preparer::take_index`].
     pub fn handles_done(&mut self, r: &Record) -> Option<HandleIndex> {
@@ -720,6 +713,7 @@ impl Preparer {
             return None;
         }
         self.handed = true;
+        self.names.by_addr.sort_unstable_by_key(|e| e.0);
         Some(self.take_index())
     }
 
@@ -752,10 +746,6 @@ pub struct Loader {
     /// Addresses per node, counted here and added to the state's index at
     /// the end (one update per node, not per address).
     counts: HashMap<Name, NodeCounts>,
-    /// The names of the handles placed so far, until handed over.
-    names: HandleNames,
-    /// Whether they were.
-    names_handed: bool,
 }
 
 impl Loader {
@@ -763,9 +753,6 @@ impl Loader {
     pub fn take(&mut self, r: Prepared) {
         let r = match r.0 {
             Ready::Handle(id, h) => {
-                if !self.names_handed {
-                    self.names.add(&id, &h);
-                }
                 // Indexed by the preparer; each id comes once.
                 let old = self.st.handles.insert(id, h);
                 debug_assert!(old.is_none(), "a handle came twice");
@@ -815,15 +802,6 @@ impl Loader {
             Record::Config(c) => st.config = c,
             Record::Bgp(b) => st.bgp = b,
         }
-    }
-
-    /// The names of the handles placed so far, for
-    /// [`Preparer::share_handles`] (once: later handles are not in them).
-    pub fn handle_names(&mut self) -> HandleNames {
-        self.names_handed = true;
-        let mut n = std::mem::take(&mut self.names);
-        n.by_addr.sort_unstable_by_key(|e| e.0);
-        n
     }
 
     /// `held` holds `addr` (an allocation record).
@@ -945,22 +923,13 @@ mod handle_names_tests {
 
     #[test]
     fn an_allocation_finds_its_handle_by_address_in_any_order() {
-        let mut l = Loader::default();
+        let mut n = HandleNames::default();
         let (a, b, c): (Name, Name, Name) = ("h-a".into(), "h-b".into(), "h-c".into());
-        l.take(Prepared(Ready::Handle(
-            a.clone(),
-            Arc::new(handle(&["10.0.0.10", "fd00::1"])),
-        )));
+        n.add(&a, &handle(&["10.0.0.10", "fd00::1"]));
         // Two handles listing one address (a damaged store).
-        l.take(Prepared(Ready::Handle(
-            b.clone(),
-            Arc::new(handle(&["10.0.0.2", "10.0.0.10"])),
-        )));
-        l.take(Prepared(Ready::Handle(
-            c.clone(),
-            Arc::new(handle(&["10.0.0.100"])),
-        )));
-        let mut n = l.handle_names();
+        n.add(&b, &handle(&["10.0.0.2", "10.0.0.10"]));
+        n.add(&c, &handle(&["10.0.0.100"]));
+        n.by_addr.sort_unstable_by_key(|e| e.0);
         let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
         // The store's order (the text's), then out of it.
         for (addr, h, want) in [
@@ -980,11 +949,41 @@ mod handle_names_tests {
                 assert!(Arc::ptr_eq(g, w), "{addr}: not the handle's own name");
             }
         }
-        // Handles after the hand-over are not collected.
-        l.take(Prepared(Ready::Handle(
-            "h-d".into(),
-            Arc::new(handle(&["10.0.0.4"])),
-        )));
-        assert!(l.names.by_addr.is_empty());
+    }
+
+    #[test]
+    fn the_preparer_finds_names_once_the_handles_are_in() {
+        let mut p = Preparer::default();
+        let rec = |addrs: &[&str]| Handle {
+            node: "n1".into(),
+            addresses: addrs.iter().map(|a| a.parse().unwrap()).collect(),
+            attributes: Default::default(),
+        };
+        let Prepared(Ready::Handle(a, _)) =
+            p.prepare(Record::Handle("h-a".into(), rec(&["10.0.0.1"])))
+        else {
+            panic!("a handle");
+        };
+        let alloc = |h: &str| {
+            Record::Allocation(
+                "10.0.0.1".parse().unwrap(),
+                tabby_store::Allocation {
+                    handle: h.into(),
+                    node: "n1".into(),
+                },
+            )
+        };
+        assert!(p.handles_done(&alloc("h-a")).is_some());
+        match p.prepare(alloc("h-a")).0 {
+            Ready::Allocation(_, HandleRef::Shared(n), _) => assert!(Arc::ptr_eq(&n, &a)),
+            r => panic!("{r:?}"),
+        }
+        match p.prepare(alloc("h-x")).0 {
+            Ready::Allocation(_, HandleRef::Named(n), _) => assert_eq!(n, "h-x"),
+            r => panic!("{r:?}"),
+        }
+        // Handles after the allocations started are not collected.
+        p.prepare(Record::Handle("h-d".into(), rec(&["10.0.0.4"])));
+        assert_eq!(p.names.by_addr.len(), 1);
     }
 }
